@@ -1,0 +1,36 @@
+# make demo: fresh machine -> venv, requirements, Fashion-MNIST, train the quickstart, samples.
+# make test: the test suite (what CI runs).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+WORKDIR ?= runs/fashion_mnist
+FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test test-fast venv venv-test data clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+venv: $(BIN)/python
+	$(BIN)/python -m pip install -q -r requirements.txt
+
+venv-test: $(BIN)/python
+	$(BIN)/python -m pip install -q -r requirements-test.txt
+
+data:
+	@bash scripts/get_fashion_mnist.sh "$(FMNIST_DIR)"
+
+demo: venv data
+	$(BIN)/python main.py --config=configs/fashion_mnist.py --workdir=$(WORKDIR) --mode=train
+	$(BIN)/python main.py --config=configs/fashion_mnist.py --workdir=$(WORKDIR) --mode=sample
+	@echo "Samples: $(WORKDIR)/samples/ (PNG grid + samples.npz)"
+
+test: venv-test
+	$(BIN)/python -m pytest -q -ra tests
+
+test-fast: venv-test
+	$(BIN)/python -m pytest -q -ra -m "not slow and not multihost" tests
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

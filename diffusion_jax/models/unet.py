@@ -1,0 +1,88 @@
+"""The DDPM U-Net (Ho et al. 2020, Appendix B; PixelCNN++ backbone with attention)."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from diffusion_jax.models.layers import (AttnBlock, Downsample, ResBlock, Upsample,
+                                         default_init, group_norm, timestep_embedding, zero_init)
+
+
+class UNet(nn.Module):
+  """eps_theta(x_t, t[, y]) on NHWC images.
+
+  ch: base channels; ch_mult: multiplier per resolution level; attn_resolutions: spatial
+  sizes that get self-attention; out_channels defaults to in_channels (twice that when
+  `learned_variance`); num_classes > 0 adds a label embedding (index num_classes is the null
+  label, for classifier-free guidance). `dtype` is the compute dtype; parameters stay float32.
+  """
+  ch: int = 128
+  ch_mult: Sequence[int] = (1, 2, 2, 2)
+  num_res_blocks: int = 2
+  attn_resolutions: Sequence[int] = (16,)
+  dropout: float = 0.1
+  in_channels: int = 3
+  learned_variance: bool = False
+  num_classes: int = 0
+  dtype: Any = jnp.float32
+
+  @property
+  def out_channels(self) -> int:
+    return self.in_channels * (2 if self.learned_variance else 1)
+
+  @nn.compact
+  def __call__(self, x, t, y=None, train: bool = False):
+    b, height, width, c = x.shape
+    levels = len(self.ch_mult)
+    if c != self.in_channels:
+      raise ValueError(f"U-Net expects {self.in_channels} channels, got input {x.shape}")
+    if height % 2 ** (levels - 1) or width % 2 ** (levels - 1):
+      raise ValueError(f"image size {height}x{width} is not divisible by 2^{levels - 1} "
+                       f"(ch_mult has {levels} levels)")
+    t = jnp.broadcast_to(jnp.asarray(t), (b,))
+
+    # timestep embedding -> Dense(4ch) -> swish -> Dense(4ch)
+    temb = timestep_embedding(t, self.ch)
+    temb = nn.Dense(4 * self.ch, kernel_init=default_init, dtype=self.dtype, name="temb_dense_0")(temb)
+    temb = nn.Dense(4 * self.ch, kernel_init=default_init, dtype=self.dtype,
+                    name="temb_dense_1")(nn.swish(temb))
+    if self.num_classes:
+      if y is None:
+        y = jnp.full((b,), self.num_classes, dtype=jnp.int32)  # the null label
+      temb = temb + nn.Embed(self.num_classes + 1, 4 * self.ch, dtype=self.dtype,
+                             name="label_emb")(y)
+
+    res_block = lambda ch, name: ResBlock(ch, self.dropout, self.dtype, name=name)
+    h = nn.Conv(self.ch, (3, 3), padding="SAME", kernel_init=default_init, dtype=self.dtype,
+                name="conv_in")(x.astype(self.dtype))
+    hs = [h]
+    for i, mult in enumerate(self.ch_mult):  # down path
+      for j in range(self.num_res_blocks):
+        h = res_block(self.ch * mult, f"down_{i}_block_{j}")(h, temb, train)
+        if h.shape[1] in self.attn_resolutions:
+          h = AttnBlock(self.dtype, name=f"down_{i}_attn_{j}")(h)
+        hs.append(h)
+      if i != levels - 1:
+        h = Downsample(self.dtype, name=f"down_{i}_downsample")(h)
+        hs.append(h)
+
+    h = res_block(h.shape[-1], "mid_block_1")(h, temb, train)  # middle
+    h = AttnBlock(self.dtype, name="mid_attn")(h)
+    h = res_block(h.shape[-1], "mid_block_2")(h, temb, train)
+
+    for i, mult in reversed(list(enumerate(self.ch_mult))):  # up path, skips concatenated
+      for j in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, hs.pop()], axis=-1)
+        h = res_block(self.ch * mult, f"up_{i}_block_{j}")(h, temb, train)
+        if h.shape[1] in self.attn_resolutions:
+          h = AttnBlock(self.dtype, name=f"up_{i}_attn_{j}")(h)
+      if i != 0:
+        h = Upsample(self.dtype, name=f"up_{i}_upsample")(h)
+    assert not hs
+
+    h = nn.swish(group_norm("norm_out", self.dtype)(h))
+    h = nn.Conv(self.out_channels, (3, 3), padding="SAME", kernel_init=zero_init,
+                dtype=self.dtype, name="conv_out")(h)
+    return h.astype(jnp.float32)

@@ -1,0 +1,227 @@
+"""Samplers: each one a single lax.scan over timesteps, deterministic for a PRNG key.
+
+Every sampler takes a `GaussianDiffusion`, a `denoise_fn(x_t, t)` and the starting noise
+x_T (whose sharding over devices jit carries through the whole chain), and returns images
+on the [-1, 1] scale. Wrap them in `jax.jit` with the parameters as an argument (see
+`make_sample_fn`) so that the whole chain is one compiled program.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax.diffusion import DenoiseFn, GaussianDiffusion
+
+METHODS = ("ancestral", "ddim", "dpm_solver")
+SPACINGS = ("uniform", "quadratic", "logsnr")
+
+
+def _batch_t(t, x):
+  return jnp.full((x.shape[0],), t, dtype=jnp.int32)
+
+
+# ----------------------------------------------------------------------------- Algorithm 2
+def reverse_chain(diffusion: GaussianDiffusion, denoise_fn: DenoiseFn, x_t, key, t_start: int,
+                  clip_denoised: bool = True, record_steps: Sequence[int] = ()):
+  """Run p(x_{t-1} | x_t) from timestep `t_start` down to 0 (Algorithm 2, lines 2-5).
+
+  Returns (x_0, recorded) where `recorded` is [len(record_steps), *x.shape] holding the
+  predicted x_0 at those timesteps (progressive generation, Sec. 4.3), or None.
+  """
+  record_steps = [int(s) for s in record_steps]
+  if any(not 0 <= s <= t_start for s in record_steps):
+    raise ValueError(f"record_steps {record_steps} must lie in [0, {t_start}]")
+  slot = np.full((t_start + 1,), -1, dtype=np.int32)
+  slot[record_steps] = np.arange(len(record_steps), dtype=np.int32)
+  buf = jnp.zeros((len(record_steps),) + x_t.shape, x_t.dtype)
+
+  def body(carry, inputs):
+    x, buf = carry
+    t, k, s = inputs
+    tb = _batch_t(t, x)
+    x_prev, pred_x0 = diffusion.p_sample(denoise_fn(x, tb), x, tb,
+                                         jax.random.normal(k, x.shape, x.dtype), clip_denoised)
+    if record_steps:
+      buf = jnp.where(s >= 0, buf.at[jnp.maximum(s, 0)].set(pred_x0), buf)
+    return (x_prev, buf), None
+
+  ts = jnp.arange(t_start, -1, -1, dtype=jnp.int32)
+  keys = jax.random.split(key, t_start + 1)
+  (x0, buf), _ = jax.lax.scan(body, (x_t, buf), (ts, keys, jnp.asarray(slot)[ts]))
+  return x0, (buf if record_steps else None)
+
+
+def ancestral_sample(diffusion, denoise_fn, x_T, key, clip_denoised: bool = True):
+  """Algorithm 2 from pure noise x_T ~ N(0, I): T network evaluations."""
+  return reverse_chain(diffusion, denoise_fn, x_T, key, diffusion.num_timesteps - 1,
+                       clip_denoised)[0]
+
+
+def progressive_sample(diffusion, denoise_fn, x_T, key, record_steps: Sequence[int],
+                       clip_denoised: bool = True):
+  """Algorithm 2 that also returns x^_0 predicted at `record_steps` (Fig. 6)."""
+  return reverse_chain(diffusion, denoise_fn, x_T, key, diffusion.num_timesteps - 1,
+                       clip_denoised, record_steps)
+
+
+def interpolate(diffusion, denoise_fn, x0_a, x0_b, key, t_interp: int, lambdas: Sequence[float],
+                clip_denoised: bool = True):
+  """Interpolation in the noised space (Sec. 4.3, Fig. 8).
+
+  Encode both images with q(x_t | x_0) at t = `t_interp` (the stochastic encoder, eq. 4),
+  mix the latents (1 - lambda) x_t + lambda x_t', and decode each mix with the reverse chain.
+  Returns [B, len(lambdas), H, W, C].
+  """
+  k_a, k_b, k_rev = jax.random.split(key, 3)
+  t = _batch_t(t_interp, x0_a)
+  xt_a = diffusion.q_sample(x0_a, t, jax.random.normal(k_a, x0_a.shape, x0_a.dtype))
+  xt_b = diffusion.q_sample(x0_b, t, jax.random.normal(k_b, x0_b.shape, x0_b.dtype))
+  lam = jnp.asarray(lambdas, x0_a.dtype).reshape((1, -1) + (1,) * (x0_a.ndim - 1))
+  mixed = (1.0 - lam) * xt_a[:, None] + lam * xt_b[:, None]
+  b, n = mixed.shape[:2]
+  flat = mixed.reshape((b * n,) + x0_a.shape[1:])
+  out, _ = reverse_chain(diffusion, denoise_fn, flat, k_rev, t_interp, clip_denoised)
+  return out.reshape(mixed.shape)
+
+
+# ----------------------------------------------------------------------------- DDIM
+def ddim_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform") -> np.ndarray:
+  """The increasing subsequence tau of Song et al. (2021), Appendix D.2."""
+  if not 1 <= num_steps <= num_timesteps:
+    raise ValueError(f"num_steps={num_steps} must be in [1, {num_timesteps}]")
+  if spacing == "uniform":  # also diffusers' "leading" spacing
+    seq = np.arange(0, num_steps) * (num_timesteps // num_steps)
+  elif spacing == "quadratic":
+    seq = (np.linspace(0, np.sqrt(num_timesteps * 0.8), num_steps) ** 2).astype(np.int64)
+    if len(np.unique(seq)) != num_steps:
+      raise ValueError(f"quadratic spacing repeats timesteps at num_steps={num_steps}; "
+                       "use spacing='uniform' or fewer steps")
+  else:
+    raise ValueError(f"unknown DDIM spacing {spacing!r}; choose one of {SPACINGS}")
+  return seq.astype(np.int32)
+
+
+def _alphabar_with_end(diffusion, dtype):
+  """alphabar at index t + 1, with alphabar = 1 at t = -1 (the clean end of the chain)."""
+  return jnp.asarray(np.append(1.0, diffusion.coefs["alphas_cumprod"]), dtype)
+
+
+def ddim_step(diffusion, model_output, x_t, t, t_prev, eta, noise, clip_denoised=False):
+  """x_{t_prev} from x_t by the generalised (eta) DDIM update, Song et al. eq. 12.
+
+  t_prev = -1 means the clean end (alphabar = 1). eta = 1 with t_prev = t - 1 is the
+  ancestral step with variance beta~_t.
+  """
+  eps, x0 = diffusion.predict_eps_and_start(model_output, x_t, t, clip_denoised)
+  ab = _alphabar_with_end(diffusion, x_t.dtype)
+  shape = (-1,) + (1,) * (x_t.ndim - 1)
+  a_t, a_prev = ab[t + 1].reshape(shape), ab[t_prev + 1].reshape(shape)
+  sigma = eta * jnp.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))  # eq. 16
+  direction = jnp.sqrt(jnp.maximum(1 - a_prev - sigma ** 2, 0.0)) * eps
+  return jnp.sqrt(a_prev) * x0 + direction + sigma * noise, x0
+
+
+def ddim_sample(diffusion, denoise_fn, x_T, key, num_steps: int = 50, eta: float = 0.0,
+                spacing: str = "uniform", clip_denoised: bool = True):
+  """DDIM with `num_steps` network evaluations; eta = 0 is deterministic."""
+  seq = ddim_timesteps(diffusion.num_timesteps, num_steps, spacing)
+  ts = jnp.asarray(seq[::-1])
+  prevs = jnp.asarray(np.append(-1, seq[:-1])[::-1].astype(np.int32))
+
+  def body(x, inputs):
+    t, t_prev, k = inputs
+    tb = _batch_t(t, x)
+    x_prev, _ = ddim_step(diffusion, denoise_fn(x, tb), x, tb, _batch_t(t_prev, x), eta,
+                          jax.random.normal(k, x.shape, x.dtype), clip_denoised)
+    return x_prev, None
+
+  x0, _ = jax.lax.scan(body, x_T, (ts, prevs, jax.random.split(key, num_steps)))
+  return x0
+
+
+# ----------------------------------------------------------------------------- DPM-Solver++
+def dpm_solver_timesteps(diffusion, num_steps: int, spacing: str = "logsnr") -> np.ndarray:
+  """num_steps + 1 distinct decreasing integer timesteps from T - 1 down to 0.
+
+  "logsnr": uniform in lambda = log(alpha/sigma) (rounded to the nearest timestep), the
+  spacing DPM-Solver recommends for pixel-space models; "uniform": uniform in t.
+  """
+  T = diffusion.num_timesteps
+  if not 1 <= num_steps < T:
+    raise ValueError(f"num_steps={num_steps} must be in [1, {T - 1}]")
+  if spacing == "uniform":
+    return np.linspace(T - 1, 0, num_steps + 1).round().astype(np.int32)
+  if spacing != "logsnr":
+    raise ValueError(f"unknown DPM-Solver spacing {spacing!r}; choose 'logsnr' or 'uniform'")
+  ab = diffusion.coefs["alphas_cumprod"]
+  lam = 0.5 * (np.log(ab) - np.log1p(-ab))  # increasing as t decreases
+  grid = np.linspace(lam[-1], lam[0], num_steps + 1)
+  ts = np.abs(lam[None, :] - grid[:, None]).argmin(axis=1)
+  ts = np.minimum(ts, T - 1 - np.arange(num_steps + 1))
+  for i in range(num_steps - 1, -1, -1):  # keep them distinct near t = 0
+    ts[i] = max(ts[i], ts[i + 1] + 1)
+  return ts.astype(np.int32)
+
+
+def dpm_solver_sample(diffusion, denoise_fn, x_T, key=None, num_steps: int = 20,
+                      spacing: str = "logsnr", clip_denoised: bool = True):
+  """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in data prediction; num_steps evaluations.
+
+  Multistep second order in lambda = log(alpha_t / sigma_t) (the first step is first order),
+  integrating from t = T - 1 to t = 0; the result is x at t = 0 (sigma_0 = sqrt(beta_1)).
+  """
+  del key  # deterministic given x_T
+  ts = dpm_solver_timesteps(diffusion, num_steps, spacing)
+  ab = diffusion.coefs["alphas_cumprod"][ts]
+  alpha, sigma = np.sqrt(ab), np.sqrt(1.0 - ab)
+  lam = np.log(alpha) - np.log(sigma)
+  h = lam[1:] - lam[:-1]
+  r = np.append(1.0, h[:-1] / h[1:])  # h_{i-1} / h_i; unused on the first step
+  second = np.arange(num_steps) > 0
+  sigma_ratio = sigma[1:] / sigma[:-1]
+  phi = alpha[1:] * -np.expm1(-h)  # alpha_t (1 - e^{-h})
+  dt = x_T.dtype
+  consts = tuple(jnp.asarray(a, dt) for a in (sigma_ratio, phi, r)) + (jnp.asarray(second),)
+
+  def body(carry, inputs):
+    x, x0_prev = carry
+    t, s_ratio, ph, ri, use_second = inputs
+    tb = _batch_t(t, x)
+    _, x0 = diffusion.predict_eps_and_start(denoise_fn(x, tb), x, tb, clip_denoised)
+    d = jnp.where(use_second, (1 + 0.5 / ri) * x0 - (0.5 / ri) * x0_prev, x0)
+    return (s_ratio * x + ph * d, x0), None
+
+  (x, _), _ = jax.lax.scan(body, (x_T, jnp.zeros_like(x_T)), (jnp.asarray(ts[:-1]),) + consts)
+  return x
+
+
+# ----------------------------------------------------------------------------- one entry
+def sample(method: str, diffusion, denoise_fn, x_T, key, num_steps: int | None = None,
+           eta: float = 0.0, spacing: str | None = None, clip_denoised: bool = True):
+  """Dispatch to one sampler by name (`config.sampling.method`).
+
+  spacing=None takes each method's default: "uniform" for DDIM, "logsnr" for DPM-Solver.
+  """
+  if method == "ancestral":
+    return ancestral_sample(diffusion, denoise_fn, x_T, key, clip_denoised)
+  if method == "ddim":
+    return ddim_sample(diffusion, denoise_fn, x_T, key, num_steps or 50, eta,
+                       spacing or "uniform", clip_denoised)
+  if method == "dpm_solver":
+    return dpm_solver_sample(diffusion, denoise_fn, x_T, key, num_steps or 20,
+                             spacing or "logsnr", clip_denoised)
+  raise ValueError(f"unknown sampling method {method!r}; choose one of {METHODS}")
+
+
+def make_sample_fn(diffusion, apply_fn, method: str = "ancestral", **kwargs):
+  """jit(params, x_T, key) -> x_0: the whole chain compiled once, x_T's buffer donated.
+
+  `apply_fn(params, x, t)` is the network's forward pass in inference mode.
+  """
+  def run(params, x_T, key):
+    return sample(method, diffusion, functools.partial(apply_fn, params), x_T, key, **kwargs)
+  return jax.jit(run, donate_argnums=(1,))

@@ -1,0 +1,139 @@
+"""Parity with diffusers on shared random weights: the U-Net and one scheduler step."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from diffusion_jax import diffusion as dm  # noqa: E402
+from diffusion_jax import samplers  # noqa: E402
+from diffusion_jax.convert_diffusers import (model_config_from_diffusers,  # noqa: E402
+                                             unet_params_from_diffusers)
+from diffusion_jax.models import UNet  # noqa: E402
+
+pytestmark = pytest.mark.parity
+
+CIFAR = dict(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
+             down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+             up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+             layers_per_block=2, attention_head_dim=None, norm_eps=1e-6, downsample_padding=0,
+             flip_sin_to_cos=False, freq_shift=1)
+
+
+def randomise(module, seed=0):
+  """diffusers zero-initialises nothing we could miss; still, give every weight a scale."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for p in module.parameters():
+      p.copy_(torch.randn(p.shape, generator=g) * (0.5 / max(1, p[0].numel()) ** 0.5) + 0.01)
+  return module
+
+
+def build(cfg):
+  unet = randomise(diffusers.UNet2DModel(**cfg)).eval()
+  mcfg = model_config_from_diffusers(dict(unet.config))
+  ours = UNet(ch=mcfg["ch"], ch_mult=mcfg["ch_mult"], num_res_blocks=mcfg["num_res_blocks"],
+              attn_resolutions=mcfg["attn_resolutions"], dropout=0.0,
+              in_channels=mcfg["in_channels"], learned_variance=mcfg["learned_variance"])
+  state = {k: v.numpy() for k, v in unet.state_dict().items()}
+  return unet, ours, {"params": unet_params_from_diffusers(state, mcfg)}, mcfg
+
+
+def test_unet_matches_diffusers_in_the_ddpm_cifar_layout():
+  unet, ours, params, mcfg = build(CIFAR)
+  assert mcfg["attn_resolutions"] == (16,) and mcfg["ch_mult"] == (1, 2, 2, 2)
+  # every parameter of our model is filled, with the right shape
+  ref = jax.eval_shape(lambda: ours.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
+                                         jnp.zeros((1,))))
+  assert jax.tree.structure(ref) == jax.tree.structure(params)
+  assert jax.tree.map(lambda a, b: a.shape == b.shape, ref, params)
+  x = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+  t = np.array([10, 800])
+  with torch.no_grad():
+    want = unet(torch.from_numpy(x), torch.from_numpy(t)).sample.numpy()
+  got = ours.apply(params, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t))
+  diff = np.abs(np.asarray(got).transpose(0, 3, 1, 2) - want).max()
+  print(f"U-Net max |ours - diffusers| = {diff:.3g} (output scale {np.abs(want).max():.3g})")
+  assert diff < 1e-4
+
+
+def test_learned_variance_layout_converts():
+  cfg = dict(CIFAR, out_channels=6, block_out_channels=(32, 64), layers_per_block=1,
+             down_block_types=("AttnDownBlock2D", "DownBlock2D"),
+             up_block_types=("UpBlock2D", "AttnUpBlock2D"), sample_size=16)
+  unet, ours, params, mcfg = build(cfg)
+  assert mcfg["learned_variance"] and mcfg["attn_resolutions"] == (16,)
+  x = np.random.default_rng(1).normal(size=(1, 3, 16, 16)).astype(np.float32)
+  with torch.no_grad():
+    want = unet(torch.from_numpy(x), 5).sample.numpy()
+  got = ours.apply(params, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.array([5]))
+  assert np.abs(np.asarray(got).transpose(0, 3, 1, 2) - want).max() < 1e-4
+
+
+def test_unsupported_configs_are_refused():
+  from diffusion_jax.convert_diffusers import ConversionError
+  with pytest.raises(ConversionError, match="attention_head_dim"):
+    model_config_from_diffusers(dict(CIFAR, attention_head_dim=8))
+  with pytest.raises(ConversionError, match="flip_sin_to_cos"):
+    model_config_from_diffusers(dict(CIFAR, flip_sin_to_cos=True))
+
+
+def float64(sched):
+  """diffusers builds its coefficients in float32, which loses 1 - alphabar_t at small t; we
+  compare against its step() with the same coefficients computed in float64."""
+  betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+  sched.betas, sched.alphas = betas, 1.0 - betas
+  sched.alphas_cumprod = torch.cumprod(sched.alphas, 0)
+  if hasattr(sched, "final_alpha_cumprod"):
+    sched.final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float64)
+  return sched
+
+
+@pytest.mark.parametrize("t", [999, 500, 1, 0])
+@pytest.mark.parametrize("clip", [True, False])
+def test_ddpm_scheduler_step(t, clip):
+  sched = float64(diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                                          variance_type="fixed_small", clip_sample=clip))
+  d = dm.GaussianDiffusion(dm.get_beta_schedule("linear", 1000), var_type="fixedsmall")
+  rng = np.random.default_rng(t)
+  x = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
+  eps = rng.normal(size=x.shape).astype(np.float32)
+  g = torch.Generator().manual_seed(0)
+  noise = torch.randn(x.shape, generator=g, dtype=torch.float64).numpy().astype(np.float32)
+  torch64 = lambda a: torch.from_numpy(a.astype(np.float64))
+  want = sched.step(torch64(eps), t, torch64(x),
+                    generator=torch.Generator().manual_seed(0)).prev_sample.numpy()
+  nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1))
+  tb = jnp.full((2,), t)
+  got, _ = d.p_sample(nhwc(eps), nhwc(x), tb, nhwc(noise), clip_denoised=clip)
+  diff = np.abs(np.asarray(got).transpose(0, 3, 1, 2) - want).max()
+  print(f"DDPMScheduler.step t={t} clip={clip}: max diff {diff:.3g}")
+  assert diff < 1e-5
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("index", [0, 25, 49])
+def test_ddim_scheduler_step(eta, index):
+  sched = float64(diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                                          clip_sample=False, set_alpha_to_one=True))
+  sched.set_timesteps(50)
+  t = int(sched.timesteps[index])
+  seq = samplers.ddim_timesteps(1000, 50, "uniform")
+  np.testing.assert_array_equal(sched.timesteps.numpy(), seq[::-1])
+  t_prev = int(seq[::-1][index + 1]) if index + 1 < 50 else -1
+  d = dm.GaussianDiffusion(dm.get_beta_schedule("linear", 1000))
+  rng = np.random.default_rng(index)
+  x = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
+  eps = rng.normal(size=x.shape).astype(np.float32)
+  noise = rng.normal(size=x.shape).astype(np.float32)
+  torch64 = lambda a: torch.from_numpy(a.astype(np.float64))
+  want = sched.step(torch64(eps), t, torch64(x), eta=eta,
+                    variance_noise=torch64(noise)).prev_sample.numpy()
+  nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1))
+  got, _ = samplers.ddim_step(d, nhwc(eps), nhwc(x), jnp.full((2,), t), jnp.full((2,), t_prev),
+                              eta, nhwc(noise))
+  diff = np.abs(np.asarray(got).transpose(0, 3, 1, 2) - want).max()
+  print(f"DDIMScheduler.step t={t} eta={eta}: max diff {diff:.3g}")
+  assert diff < 1e-5

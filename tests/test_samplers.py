@@ -1,0 +1,152 @@
+"""Samplers on a toy problem whose optimal eps is known in closed form: Gaussian data."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from diffusion_jax import diffusion as dm
+from diffusion_jax import samplers
+
+MU, S = 0.3, 0.5  # data ~ N(MU, S^2) in every dimension
+SHAPE = (1024, 4, 4, 2)
+
+
+def optimal_eps(d, x, t):
+  """E[eps | x_t] for Gaussian data: sqrt(1-ab) (x - sqrt(ab) mu) / (ab s^2 + 1 - ab)."""
+  ab = jnp.asarray(d.coefs["alphas_cumprod"], jnp.float32)[t].reshape(-1, 1, 1, 1)
+  return jnp.sqrt(1 - ab) * (x - jnp.sqrt(ab) * MU) / (ab * S ** 2 + 1 - ab)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  d = dm.GaussianDiffusion(dm.get_beta_schedule("linear", 1000), var_type="fixedsmall")
+  return d, functools.partial(optimal_eps, d)
+
+
+def run(method, d, fn, key=0, **kw):
+  x_T = jax.random.normal(jax.random.PRNGKey(100 + key), SHAPE)
+  f = jax.jit(lambda x, k: samplers.sample(method, d, fn, x, k, clip_denoised=False, **kw))
+  return np.asarray(f(x_T, jax.random.PRNGKey(key)))
+
+
+CASES = {  # (sampler, relative tolerance on the std)
+    "ancestral": (dict(method="ancestral"), 0.03),
+    "ddim_eta1_all": (dict(method="ddim", num_steps=1000, eta=1.0), 0.03),
+    "ddim_eta0_all": (dict(method="ddim", num_steps=1000), 0.03),
+    "ddim_eta0_100": (dict(method="ddim", num_steps=100), 0.04),  # first order: 1/S error
+    "dpm_solver20": (dict(method="dpm_solver", num_steps=20), 0.03),
+    "dpm_solver10": (dict(method="dpm_solver", num_steps=10), 0.05),
+    "dpm_solver20_uniform": (dict(method="dpm_solver", num_steps=20, spacing="uniform"), 0.25),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_sampler_lands_on_the_data_gaussian(setup, case):
+  d, fn = setup
+  kw, rtol = CASES[case]
+  kw = dict(kw)
+  x = run(kw.pop("method"), d, fn, **kw)
+  assert x.shape == SHAPE and x.dtype == np.float32
+  np.testing.assert_allclose(x.mean(), MU, atol=0.015)
+  np.testing.assert_allclose(x.std(), S, rtol=rtol)
+
+
+@pytest.mark.parametrize("num_steps,spacing", [(10, "uniform"), (50, "uniform"),
+                                               (20, "quadratic")])
+def test_ddim_gain_has_its_closed_form(setup, num_steps, spacing):
+  """eta = 0 on Gaussian data is linear in x_T; per step the deviation from the mean scales by
+  (sqrt(a' a) s^2 + sqrt((1 - a')(1 - a))) / (a s^2 + 1 - a), a' the next alphabar."""
+  d, fn = setup
+  ab = d.coefs["alphas_cumprod"]
+  seq = samplers.ddim_timesteps(1000, num_steps, spacing)
+  a, a_next = ab[seq[::-1]], np.append(ab[seq[:-1]][::-1], 1.0)
+  gain = np.prod((np.sqrt(a_next * a) * S ** 2 + np.sqrt((1 - a_next) * (1 - a)))
+                 / (a * S ** 2 + 1 - a))
+  x_T = jax.random.normal(jax.random.PRNGKey(100), SHAPE)
+  x = run("ddim", d, fn, num_steps=num_steps, spacing=spacing)
+  np.testing.assert_allclose(x.std() / np.std(np.asarray(x_T)), gain, rtol=1e-4)
+
+
+def test_ddim_eta1_all_steps_is_the_ancestral_chain(setup):
+  """Song et al.: eta = 1 over all T steps is Algorithm 2 with sigma^2 = beta~_t."""
+  d, fn = setup
+  x = jax.random.normal(jax.random.PRNGKey(0), (8, 4, 4, 2))
+  z = jax.random.normal(jax.random.PRNGKey(1), x.shape)
+  for t in (999, 500, 1, 0):
+    tb = jnp.full((8,), t)
+    a, _ = d.p_sample(fn(x, tb), x, tb, z)
+    b, _ = samplers.ddim_step(d, fn(x, tb), x, tb, tb - 1, 1.0, z)
+    np.testing.assert_allclose(a, b, atol=2e-5)
+  anc, ddim = run("ancestral", d, fn, key=3), run("ddim", d, fn, key=4, num_steps=1000, eta=1.0)
+  np.testing.assert_allclose([anc.mean(), anc.std()], [ddim.mean(), ddim.std()], atol=0.02)
+
+
+@pytest.mark.parametrize("method", ["ancestral", "ddim", "dpm_solver"])
+def test_same_key_same_samples(setup, method):
+  d, fn = setup
+  kw = {} if method == "ancestral" else {"num_steps": 10, "eta": 1.0} if method == "ddim" else {"num_steps": 10}
+  a, b = run(method, d, fn, key=5, **kw), run(method, d, fn, key=5, **kw)
+  np.testing.assert_array_equal(a, b)
+  if method != "dpm_solver":  # deterministic given x_T
+    assert not np.array_equal(a, run(method, d, fn, key=6, **kw))
+
+
+def test_progressive_records_predicted_x0(setup):
+  d, fn = setup
+  x_T = jax.random.normal(jax.random.PRNGKey(0), (16, 4, 4, 2))
+  steps = [999, 750, 500, 250, 0]
+  x0, rec = jax.jit(lambda x, k: samplers.progressive_sample(d, fn, x, k, steps, False))(
+      x_T, jax.random.PRNGKey(1))
+  assert rec.shape == (5,) + x_T.shape
+  np.testing.assert_allclose(rec[-1], x0, atol=1e-6)  # x^_0 at t = 0 is the sample itself
+  # early predictions are the posterior mean E[x0 | x_T] ~ MU: far less spread than late ones
+  assert float(rec[0].std()) < 0.1 < float(rec[-1].std())
+  with pytest.raises(ValueError, match="record_steps"):
+    samplers.progressive_sample(d, fn, x_T, jax.random.PRNGKey(1), [1000])
+
+
+def test_interpolation(setup):
+  d, fn = setup
+  xa = jnp.full((2, 4, 4, 2), -0.5)
+  xb = jnp.full((2, 4, 4, 2), 0.8)
+  lam = [0.0, 0.5, 1.0]
+  out = jax.jit(lambda a, b, k: samplers.interpolate(d, fn, a, b, k, 10, lam, False))(
+      xa, xb, jax.random.PRNGKey(0))
+  assert out.shape == (2, 3, 4, 4, 2)
+  # t = 10 keeps the endpoints close to their sources; the middle lies between them
+  m = np.asarray(out).mean(axis=(0, 2, 3, 4))
+  assert m[0] < m[1] < m[2] and abs(m[0] + 0.5) < 0.15 and abs(m[2] - 0.8) < 0.15
+
+
+def test_timestep_grids():
+  np.testing.assert_array_equal(samplers.ddim_timesteps(1000, 10, "uniform"),
+                                np.arange(0, 1000, 100))
+  q = samplers.ddim_timesteps(1000, 10, "quadratic")
+  np.testing.assert_array_equal(q, (np.linspace(0, np.sqrt(800), 10) ** 2).astype(int))
+  d = dm.GaussianDiffusion(dm.get_beta_schedule("linear", 1000))
+  for n in (5, 20, 200, 999):
+    for spacing in ("logsnr", "uniform"):
+      ts = samplers.dpm_solver_timesteps(d, n, spacing)
+      assert ts[0] == 999 and ts[-1] == 0 and len(ts) == n + 1 and np.all(np.diff(ts) < 0)
+  with pytest.raises(ValueError, match="spacing"):
+    samplers.ddim_timesteps(1000, 10, "cubic")
+  with pytest.raises(ValueError, match="num_steps"):
+    samplers.ddim_timesteps(1000, 0)
+  with pytest.raises(ValueError, match="unknown sampling method"):
+    samplers.sample("euler", None, None, None, None)
+
+
+def test_sampling_a_sharded_batch(setup):
+  """The batch sharded over 8 devices: same numbers, and the output stays sharded."""
+  d, fn = setup
+  mesh = jax.make_mesh((jax.device_count(),), ("data",))
+  sharding = NamedSharding(mesh, P("data"))
+  x_T = jax.random.normal(jax.random.PRNGKey(0), (16, 4, 4, 2))
+  f = jax.jit(lambda x, k: samplers.ddim_sample(d, fn, x, k, 10, 1.0, clip_denoised=True))
+  ref = f(x_T, jax.random.PRNGKey(1))
+  out = f(jax.device_put(x_T, sharding), jax.random.PRNGKey(1))
+  assert out.sharding.is_equivalent_to(sharding, out.ndim)
+  np.testing.assert_allclose(out, ref, atol=1e-5)

@@ -1,0 +1,61 @@
+"""The U-Net: the paper's parameter counts, shapes, options."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from diffusion_jax.models import UNet
+
+
+def count(model, size, channels=3):
+  shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                             jnp.zeros((1, size, size, channels)), jnp.zeros((1,))))
+  return sum(x.size for x in jax.tree.leaves(shapes))
+
+
+def test_paper_parameter_counts():
+  assert count(UNet(ch_mult=(1, 2, 2, 2), dropout=0.1), 32) == 35_746_307
+  assert count(UNet(ch_mult=(1, 1, 2, 2, 4, 4), dropout=0.0), 256) == 113_673_219
+
+
+def small(**kw):
+  return UNet(**{**dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                        dropout=0.1, in_channels=1), **kw})
+
+
+def test_forward_shapes_dropout_and_zero_init():
+  m = small()
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 1))
+  t = jnp.array([3, 700])
+  params = m.init(jax.random.PRNGKey(1), x, t)
+  out = m.apply(params, x, t)
+  assert out.shape == x.shape and out.dtype == jnp.float32
+  np.testing.assert_array_equal(out, 0.0)  # conv_out starts at zero, as in the original
+  params = jax.tree.map(lambda p: p + 0.01, params)
+  a = m.apply(params, x, t)
+  b = m.apply(params, x, t, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
+  assert not np.allclose(a, b)  # dropout only in training
+  assert not np.allclose(a, m.apply(params, x, t + 1))  # depends on t
+
+
+def test_learned_variance_class_conditioning_and_bf16():
+  m = small(learned_variance=True, num_classes=10, dtype=jnp.bfloat16)
+  x = jnp.ones((2, 8, 8, 1))
+  params = m.init(jax.random.PRNGKey(0), x, jnp.zeros((2,)), jnp.array([1, 2]))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  assert params["params"]["label_emb"]["embedding"].shape == (11, 128)  # + the null label
+  params = jax.tree.map(lambda p: p + 0.01, params)
+  out = m.apply(params, x, jnp.zeros((2,)), jnp.array([1, 2]))
+  assert out.shape == (2, 8, 8, 2) and out.dtype == jnp.float32
+  null = m.apply(params, x, jnp.zeros((2,)))
+  assert not np.allclose(out, null)
+  f32 = small(learned_variance=True, num_classes=10).apply(params, x, jnp.zeros((2,)),
+                                                           jnp.array([1, 2]))
+  np.testing.assert_allclose(out, f32, atol=0.1)
+
+
+def test_shape_errors_are_clear():
+  with pytest.raises(ValueError, match="not divisible by 2"):
+    small().init(jax.random.PRNGKey(0), jnp.zeros((1, 7, 7, 1)), jnp.zeros((1,)))
+  with pytest.raises(ValueError, match="expects 1 channels"):
+    small().init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,)))
