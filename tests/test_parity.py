@@ -137,3 +137,45 @@ def test_ddim_scheduler_step(eta, index):
   diff = np.abs(np.asarray(got).transpose(0, 3, 1, 2) - want).max()
   print(f"DDIMScheduler.step t={t} eta={eta}: max diff {diff:.3g}")
   assert diff < 1e-5
+
+
+def test_import_command_then_sampler_step_equals_diffusers(tmp_path):
+  """A diffusers UNet2DModel saved to a directory, imported by our command, gives the same
+  first DDIM step as diffusers' own pipeline pieces on the same inputs."""
+  import jax
+  from helpers import tiny_config
+  from diffusion_jax.convert import import_diffusers_unet
+  from diffusion_jax.sample import restore_ema_params
+  cfg = dict(CIFAR, sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 64),
+             layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+             up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+  unet = randomise(diffusers.UNet2DModel(**cfg)).eval()
+  src = tmp_path / "ddpm-tiny"
+  unet.save_pretrained(str(src), safe_serialization=True)
+  config = tiny_config(tmp_path)
+  config.diffusion.num_timesteps = 1000
+  workdir = str(tmp_path / "imported")
+  import_diffusers_unet(str(src), config, workdir)
+  _, step, params = restore_ema_params(config, workdir)
+  assert step == 0
+  from diffusion_jax.models import build_model
+  model = build_model(config)
+  sched = float64(diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                                          clip_sample=False))
+  sched.set_timesteps(50)
+  t = int(sched.timesteps[0])
+  x = np.random.default_rng(0).normal(size=(2, 1, 16, 16)).astype(np.float32)
+  with torch.no_grad():
+    eps = unet(torch.from_numpy(x), t).sample
+  want = sched.step(eps.double(), t, torch.from_numpy(x).double()).prev_sample.numpy()
+  d = dm.GaussianDiffusion(dm.get_beta_schedule("linear", 1000))
+  xh = jnp.asarray(x.transpose(0, 2, 3, 1))
+  out = model.apply({"params": params}, xh, jnp.full((2,), t))
+  got, _ = samplers.ddim_step(d, out, xh, jnp.full((2,), t), jnp.full((2,), t - 20), 0.0,
+                              jnp.zeros_like(xh))
+  diff = np.abs(np.asarray(got).transpose(0, 3, 1, 2) - want).max()
+  print(f"imported checkpoint, first DDIM step: max diff {diff:.3g}")
+  assert diff < 1e-4
+  with pytest.raises(Exception, match="add --config.model.ch=32|does not describe"):
+    config.model.ch = 64
+    import_diffusers_unet(str(src), config, str(tmp_path / "other"))

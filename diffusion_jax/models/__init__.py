@@ -1,4 +1,18 @@
 """Models, chosen by name from `config.model.name`."""
+import jax.numpy as jnp
+
 from diffusion_jax.models.unet import UNet
 
 MODELS = {"unet": UNet}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def build_model(config):
+  """The network of `config.model`, its channels and variance output from data/diffusion."""
+  m = config.model
+  return MODELS[m.name](
+      ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
+      attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
+      in_channels=config.data.channels,
+      learned_variance=config.diffusion.var_type in ("learned", "learned_range"),
+      num_classes=m.num_classes, dtype=DTYPES[m.dtype])

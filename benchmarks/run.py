@@ -1,0 +1,251 @@
+"""Throughput of training and sampling, ours and diffusers/PyTorch's, in one process.
+
+  python benchmarks/run.py --config=configs/fashion_mnist.py
+  python benchmarks/run.py --config=configs/cifar10_ddpm.py --batch_size=128 --precision=bf16
+
+Measures, after compilation and blocking on results: training images/s (loss, grads, Adam,
+EMA), sampling images/s for one denoising step and for DDIM-50, first-step compile time, peak
+memory, FLOPs per image from XLA's cost analysis, achieved TFLOP/s and the share of the
+device's peak. The same model in PyTorch (diffusers UNet2DModel in the same layout, same
+batch, Adam, same precision; torch.compile on GPU) is measured in the same run. Writes
+benchmarks/results/<device>_<config>.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from diffusion_jax import parallel, samplers  # noqa: E402
+from diffusion_jax.train import Trainer  # noqa: E402
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config.")
+flags.DEFINE_integer("batch_size", None, "Global batch (default: config.training.batch_size).")
+flags.DEFINE_enum("precision", "fp32", ["fp32", "bf16"], "Compute precision (params stay fp32).")
+flags.DEFINE_integer("train_steps", 10, "Timed training steps.")
+flags.DEFINE_integer("ddim_steps", 50, "DDIM steps in the sampling measurement.")
+flags.DEFINE_integer("sample_repeats", 2, "Timed DDIM runs.")
+flags.DEFINE_bool("peer", True, "Also measure diffusers/PyTorch.")
+flags.DEFINE_enum("torch_compile", "auto", ["auto", "on", "off"], "auto: on GPU only.")
+flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                    "Where the JSON goes.")
+flags.mark_flags_as_required(["config"])
+
+# dense peak TFLOP/s by device kind: (bf16, fp32)
+PEAKS = {"H100": (989.0, 67.0), "H200": (989.0, 67.0), "A100": (312.0, 19.5),
+         "TPU v3": (123.0, 123.0), "TPU v4": (275.0, 275.0), "TPU v5 lite": (197.0, 197.0),
+         "TPU v5e": (197.0, 197.0), "TPU v5p": (459.0, 459.0), "TPU v5": (459.0, 459.0)}
+
+
+def peak_tflops(kind: str, precision: str):
+  for name, (bf16, fp32) in PEAKS.items():
+    if name.lower() in kind.lower():
+      return bf16 if precision == "bf16" else fp32
+  return None
+
+
+def peak_memory_bytes(device) -> int:
+  stats = device.memory_stats() if device.platform != "cpu" else None
+  if stats and "peak_bytes_in_use" in stats:
+    return int(stats["peak_bytes_in_use"])
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU: process RSS
+
+
+def timed(fn, repeats):
+  out = fn()
+  jax.block_until_ready(out)
+  t0 = time.perf_counter()
+  for _ in range(repeats):
+    out = fn()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / repeats
+
+
+def bench_ours(config, batch):
+  tr = Trainer(config)
+  state = tr.init()
+  shape = (batch, config.data.image_size, config.data.image_size, config.data.channels)
+  rng = np.random.default_rng(0)
+  host = {"image": rng.uniform(-1, 1, shape).astype(np.float32),
+          "label": np.zeros((batch,), np.int32)}
+  b = parallel.global_batch(host, tr.mesh)
+  t0 = time.perf_counter()
+  compiled = tr.step_fn.lower(state, b).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops_step = float(cost.get("flops", float("nan")))
+  state, m = tr.step_fn(state, b)
+  jax.block_until_ready(m)
+  holder = {"s": state}
+
+  def step():
+    holder["s"], metrics = tr.step_fn(holder["s"], b)
+    return metrics["loss"]
+
+  dt = timed(step, FLAGS.train_steps)
+  params = holder["s"].ema_params
+  apply = jax.jit(lambda p, x, t: tr.model.apply({"params": p}, x, t))
+  x = jax.device_put(jnp.asarray(host["image"]), parallel.batch_sharding(tr.mesh))
+  t = jnp.full((batch,), 500, jnp.int32)
+  one_dt = timed(lambda: apply(params, x, t), 5)
+  fn = jax.jit(lambda p, x, k: samplers.ddim_sample(
+      tr.diffusion, lambda xx, tt: tr.model.apply({"params": p}, xx, tt), x, k,
+      FLAGS.ddim_steps, 0.0, clip_denoised=True))
+  ddim_dt = timed(lambda: fn(params, x, jax.random.PRNGKey(0)), FLAGS.sample_repeats)
+  return {"train_img_per_s": batch / dt, "step_s": dt, "compile_s": compile_s,
+          "flops_per_train_step": flops_step, "one_step_img_per_s": batch / one_dt,
+          "sample_img_per_s": batch / ddim_dt,
+          "peak_mem_bytes": peak_memory_bytes(jax.devices()[0])}
+
+
+def diffusers_unet(config):
+  from diffusers import UNet2DModel
+  m, d = config.model, config.data
+  sizes = [d.image_size // 2 ** i for i in range(len(m.ch_mult))]
+  attn = [s in m.attn_resolutions for s in sizes]
+  return UNet2DModel(
+      sample_size=d.image_size, in_channels=d.channels, out_channels=d.channels,
+      block_out_channels=tuple(m.ch * k for k in m.ch_mult), layers_per_block=m.num_res_blocks,
+      down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+      up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+      attention_head_dim=None, norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False,
+      freq_shift=1, dropout=m.dropout)
+
+
+def bench_peer(config, batch, precision):
+  import torch
+  from diffusers import DDIMScheduler
+  dev = "cuda" if torch.cuda.is_available() else "cpu"
+  torch.manual_seed(0)
+  net = diffusers_unet(config).to(dev).to(memory_format=torch.channels_last)
+  ema = [p.detach().clone() for p in net.parameters()]
+  opt = torch.optim.Adam(net.parameters(), lr=config.training.lr)
+  use_compile = FLAGS.torch_compile == "on" or (FLAGS.torch_compile == "auto" and dev == "cuda")
+  fwd = torch.compile(net) if use_compile else net
+  amp = torch.autocast(dev, dtype=torch.bfloat16, enabled=precision == "bf16")
+  shape = (batch, config.data.channels, config.data.image_size, config.data.image_size)
+  x0 = torch.rand(shape, device=dev) * 2 - 1
+  abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, device=dev), 0)
+
+  def step():
+    t = torch.randint(0, 1000, (batch,), device=dev)
+    noise = torch.randn_like(x0)
+    a = abar[t].view(-1, 1, 1, 1)
+    with amp:
+      out = fwd(a.sqrt() * x0 + (1 - a).sqrt() * noise, t).sample
+    loss = torch.mean((out.float() - noise) ** 2)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), config.training.grad_clip)
+    opt.step()
+    with torch.no_grad():
+      torch._foreach_lerp_(ema, [p.detach() for p in net.parameters()],
+                           1 - config.training.ema_decay)
+    return loss
+
+  sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+
+  def timeit(fn, repeats):
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+      fn()
+    sync()
+    return (time.perf_counter() - t0) / repeats
+
+  t0 = time.perf_counter()
+  step()
+  sync()
+  compile_s = time.perf_counter() - t0
+  dt = timeit(step, FLAGS.train_steps)
+  net.eval()
+  sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
+
+  @torch.no_grad()
+  def one():
+    with amp:
+      return fwd(x0, torch.full((batch,), 500, device=dev)).sample
+
+  @torch.no_grad()
+  def ddim():
+    sched.set_timesteps(FLAGS.ddim_steps)
+    x = torch.randn(shape, device=dev)
+    for t in sched.timesteps:
+      with amp:
+        eps = fwd(x, t.to(dev).expand(batch)).sample
+      x = sched.step(eps.float(), t, x).prev_sample
+    return x
+
+  one_dt = timeit(one, 5)
+  ddim_dt = timeit(ddim, FLAGS.sample_repeats)
+  mem = (torch.cuda.max_memory_allocated() if dev == "cuda"
+         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+  return {"peer_train_img_per_s": batch / dt, "peer_compile_s": compile_s,
+          "peer_one_step_img_per_s": batch / one_dt, "peer_sample_img_per_s": batch / ddim_dt,
+          "peer_peak_mem_bytes": int(mem), "peer_torch_compile": use_compile,
+          "torch_version": torch.__version__,
+          "peer_threads": torch.get_num_threads() if dev == "cpu" else None}
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  batch = FLAGS.batch_size or config.training.batch_size
+  config.training.batch_size = batch
+  config.model.dtype = "bfloat16" if FLAGS.precision == "bf16" else "float32"
+  device = jax.devices()[0]
+  kind = device.device_kind if device.platform != "cpu" else f"cpu-{os.cpu_count()}cores"
+  cfg_name = os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0]
+  res = {"device": kind, "platform": device.platform, "num_devices": jax.device_count(),
+         "config": cfg_name, "batch_size": batch, "precision": FLAGS.precision,
+         "jax_version": jax.__version__, "python": platform.python_version()}
+  res.update(bench_ours(config, batch))
+  flops_img = res["flops_per_train_step"] / batch
+  res["train_flops_per_image"] = flops_img
+  res["tflops"] = res["train_img_per_s"] * flops_img / 1e12
+  peak = peak_tflops(kind, FLAGS.precision)
+  res["peak_tflops"] = peak
+  res["mfu"] = res["tflops"] / peak if peak else None
+  if FLAGS.peer:
+    res.update(bench_peer(config, batch, FLAGS.precision))
+    res["train_speedup"] = res["train_img_per_s"] / res["peer_train_img_per_s"]
+    res["sample_speedup"] = res["sample_img_per_s"] / res["peer_sample_img_per_s"]
+  os.makedirs(FLAGS.out, exist_ok=True)
+  slug = re.sub(r"[^A-Za-z0-9]+", "_", kind).strip("_").lower()
+  path = os.path.join(FLAGS.out, f"{slug}_{cfg_name}.json")
+  with open(path, "w") as f:
+    json.dump(res, f, indent=1)
+  print(markdown_row(res))
+  print(f"wrote {path}")
+
+
+def markdown_row(r) -> str:
+  fmt = lambda v, p=1: "-" if v is None else f"{v:,.{p}f}"
+  mfu = "-" if r["mfu"] is None else f"{100 * r['mfu']:.1f} %"
+  head = ("| device | config | batch | precision | train img/s (ours / diffusers) | DDIM-50 img/s "
+          "(ours / diffusers) | compile s | TFLOP/s | MFU |\n|---|---|---|---|---|---|---|---|---|")
+  row = (f"| {r['device']} | {r['config']} | {r['batch_size']} | {r['precision']} | "
+         f"{fmt(r['train_img_per_s'])} / {fmt(r.get('peer_train_img_per_s'))} | "
+         f"{fmt(r['sample_img_per_s'], 2)} / {fmt(r.get('peer_sample_img_per_s'), 2)} | "
+         f"{fmt(r['compile_s'])} | {fmt(r['tflops'], 3)} | "
+         f"{mfu} |")
+  return head + "\n" + row
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,79 @@
+"""Defaults shared by every experiment: the DDPM CIFAR-10 recipe (Ho et al. 2020, Appendix B).
+
+Each experiment file imports `get_config` from here and changes a few fields, so every
+config has the same key layout. Override any key from the command line:
+  python main.py --config=configs/cifar10_ddpm.py --config.training.batch_size=64
+"""
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+
+  c.data = data = ml_collections.ConfigDict()
+  data.name = "cifar10"            # fashion_mnist | cifar10 | celeb_a_hq | lsun_church | folder
+  data.data_dir = placeholder(str)  # None: the default place
+  data.image_size = 32
+  data.channels = 3
+  data.random_flip = True
+  data.num_threads = 4             # reader threads (grain)
+
+  c.model = model = ml_collections.ConfigDict()
+  model.name = "unet"
+  model.ch = 128
+  model.ch_mult = (1, 2, 2, 2)
+  model.num_res_blocks = 2
+  model.attn_resolutions = (16,)
+  model.dropout = 0.1
+  model.num_classes = 0            # > 0: class-conditional (label embedding + a null label)
+  model.dtype = "float32"          # compute dtype: float32 | bfloat16 (parameters stay float32)
+
+  c.diffusion = diffusion = ml_collections.ConfigDict()
+  diffusion.num_timesteps = 1000
+  diffusion.beta_schedule = "linear"  # linear | cosine | quadratic | scaled_linear
+  diffusion.beta_start = 1e-4
+  diffusion.beta_end = 0.02
+  diffusion.mean_type = "eps"      # eps | x0 | mean (Table 2)
+  diffusion.var_type = "fixedlarge"  # fixedlarge | fixedsmall | learned | learned_range
+  diffusion.loss_type = "mse"      # mse (L_simple) | kl (the true bound) | hybrid
+  diffusion.hybrid_lambda = 0.001
+
+  c.training = training = ml_collections.ConfigDict()
+  training.batch_size = 128        # global, over all devices and hosts
+  training.num_steps = 800_000
+  training.lr = 2e-4
+  training.warmup_steps = 5000
+  training.grad_clip = 1.0
+  training.ema_decay = 0.9999
+  training.grad_accum_steps = 1    # micro-batches per step (same result, less memory)
+  training.fsdp = False            # shard parameters and optimiser state over the data axis
+  training.checkpoint_every = 10_000
+  training.keep_checkpoints = 3
+  training.log_every = 100
+  training.sample_every = 20_000
+  training.num_train_samples = 64  # images in the grid written every sample_every steps
+  training.seed = 0
+
+  c.sampling = sampling = ml_collections.ConfigDict()
+  sampling.method = "ancestral"    # ancestral | ddim | dpm_solver
+  sampling.num_steps = 1000        # network evaluations for ddim / dpm_solver
+  sampling.eta = 0.0               # DDIM eta
+  sampling.spacing = placeholder(str)  # uniform | quadratic | logsnr
+  sampling.clip_denoised = True
+  sampling.num_samples = 64
+  sampling.batch_size = 256        # global; split over the devices
+  sampling.checkpoint_step = placeholder(int)  # None: newest
+  sampling.seed = 0
+  sampling.progressive_steps = (999, 900, 800, 700, 600, 500, 400, 300, 200, 100, 0)
+  sampling.interp_t = 500          # timestep of the interpolation in noised space (Fig. 8)
+  sampling.interp_lambdas = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+  sampling.figures = True          # also write the progressive and interpolation PNGs
+
+  c.eval = ev = ml_collections.ConfigDict()
+  ev.metrics = "fid,is"           # comma-separated: fid, is, nll
+  ev.num_examples = 50_000
+  ev.batch_size = 256
+  ev.split = "test"
+  ev.samples_npz = placeholder(str)
+  return c

@@ -1,0 +1,141 @@
+"""Checkpoints with Orbax: asynchronous saves, newest-first restore with fallback, preemption.
+
+Layout: <directory>/<step>/{state, meta}. Orbax writes a step to a temporary directory and
+renames it when complete, so a killed save never looks like a checkpoint. Every process of a
+multi-host job calls save and restore (Orbax coordinates them).
+"""
+from __future__ import annotations
+
+import signal
+import threading
+
+import jax
+import orbax.checkpoint as ocp
+from absl import logging
+
+
+class CheckpointError(RuntimeError):
+  pass
+
+
+def _path_str(path) -> str:
+  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+
+
+class Checkpointer:
+  """An Orbax CheckpointManager for a train state pytree plus a small JSON metadata item."""
+
+  def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
+    self.directory = directory
+    self._mngr = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save))
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._mngr.all_steps())
+
+  def latest_step(self) -> int | None:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def save(self, step: int, state, metadata: dict | None = None, force: bool = False) -> bool:
+    """Start an asynchronous save of `state` at `step`; an existing step is never overwritten."""
+    if step in self.all_steps():
+      logging.info("checkpoint %d exists; not overwriting it", step)
+      return False
+    return self._mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(metadata or {})), force=force)
+
+  def _check_fits(self, step: int, abstract_state):
+    """Stored tree structure and shapes must equal the target's: else a different config."""
+    try:
+      stored = self._mngr.item_metadata(step)["state"]
+      stored = getattr(stored, "tree", stored)
+    except Exception:  # noqa: BLE001 -- unreadable metadata: let restore report the damage
+      return
+    if stored is None:
+      return
+    want = dict(jax.tree_util.tree_flatten_with_path(abstract_state)[0])
+    have = dict(jax.tree_util.tree_flatten_with_path(
+        stored, is_leaf=lambda x: hasattr(x, "shape"))[0])
+    hint = ("this checkpoint was written with a different model config; use a fresh --workdir "
+            "or the matching config")
+    for path, leaf in want.items():
+      if path not in have:
+        raise CheckpointError(f"checkpoint {step} has no parameter {_path_str(path)}: {hint}")
+      if tuple(have[path].shape) != tuple(leaf.shape):
+        raise CheckpointError(
+            f"checkpoint {step}: {_path_str(path)} is stored with shape "
+            f"{tuple(have[path].shape)} but the config expects {tuple(leaf.shape)}: {hint}")
+    extra = [p for p in have if p not in want]
+    if extra:
+      raise CheckpointError(f"checkpoint {step} holds {_path_str(extra[0])}, unknown to the "
+                            f"config's model: {hint}")
+
+  def restore(self, abstract_state, step: int | None = None):
+    """(step, state, metadata), state placed on abstract_state's shardings.
+
+    step=None: the newest that restores; a damaged one is reported and the one before it tried.
+    """
+    steps = self.all_steps()
+    if step is not None and step not in steps:
+      raise CheckpointError(f"no checkpoint at step {step} in {self.directory}; have {steps}")
+    candidates = [step] if step is not None else steps[::-1]
+    if not candidates:
+      raise CheckpointError(f"no checkpoint in {self.directory}")
+    failures = []
+    for s in candidates:
+      self._check_fits(s, abstract_state)
+      try:
+        out = self._mngr.restore(s, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        state = out["state"]
+        jax.block_until_ready(state)
+      except Exception as e:  # noqa: BLE001 -- any damage: fall back to an older step
+        msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+        failures.append(f"step {s}: {msg}")
+        logging.warning("could not restore checkpoint %d (%s); falling back to an older one",
+                        s, msg)
+        continue
+      if failures:
+        logging.warning("restored step %d after skipping damaged checkpoints: %s", s,
+                        "; ".join(failures))
+      return s, state, dict(out["meta"] or {})
+    raise CheckpointError(f"no checkpoint in {self.directory} could be restored: "
+                          + "; ".join(failures) + ". Remove the damaged step directories or "
+                          "start a fresh --workdir")
+
+  def wait(self):
+    self._mngr.wait_until_finished()
+
+  def close(self):
+    self._mngr.wait_until_finished()
+    self._mngr.close()
+
+
+class PreemptionGuard:
+  """SIGTERM / SIGINT set `requested` instead of killing the process, so the training loop can
+  save and exit. A second SIGINT raises KeyboardInterrupt (a user can still force quit)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def _handler(self, signum, frame):
+    del frame
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    logging.warning("received %s: will save a checkpoint and stop", signal.Signals(signum).name)
+    self.requested = True
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handler)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous.clear()
+    return False

@@ -1,0 +1,89 @@
+"""Import public weights: a diffusers UNet2DModel directory -> an Orbax checkpoint in a workdir.
+
+  python -m diffusion_jax.convert --src=/path/to/ddpm-cifar10-32 \
+      --config=configs/cifar10_ddpm.py --workdir=runs/ddpm-cifar10-imported
+  python main.py --config=configs/cifar10_ddpm.py --workdir=runs/ddpm-cifar10-imported --mode=sample
+
+No network: --src is a local directory with config.json and diffusion_pytorch_model.safetensors
+(for a whole pipeline directory, its unet/ subfolder is used). The imported weights become
+both the parameters and the EMA parameters of step 0, so sample/eval use them as they are
+and train fine-tunes from them.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from diffusion_jax import checkpoints
+from diffusion_jax.convert_diffusers import ConversionError, load_diffusers_unet
+
+FLAGS = flags.FLAGS
+
+
+def config_mismatches(config, model_cfg: dict) -> list[str]:
+  """`--config.*` overrides that make `config` describe the imported network."""
+  want = {"model.ch": model_cfg["ch"], "model.ch_mult": tuple(model_cfg["ch_mult"]),
+          "model.num_res_blocks": model_cfg["num_res_blocks"],
+          "model.attn_resolutions": tuple(model_cfg["attn_resolutions"]),
+          "data.image_size": model_cfg["image_size"], "data.channels": model_cfg["in_channels"]}
+  out = []
+  for key, value in want.items():
+    section, name = key.split(".")
+    have = config[section][name]
+    if (tuple(have) if isinstance(value, tuple) else have) != value:
+      out.append(f"--config.{key}={value!r}".replace(" ", ""))
+  learned = config.diffusion.var_type in ("learned", "learned_range")
+  if learned != model_cfg["learned_variance"]:
+    out.append("--config.diffusion.var_type=" + ("learned_range" if model_cfg["learned_variance"]
+                                                 else "fixedlarge"))
+  return out
+
+
+def import_diffusers_unet(src: str, config, workdir: str) -> int:
+  """Write step 0 of `workdir/checkpoints` from the diffusers weights in `src`."""
+  from diffusion_jax.train import Trainer
+  model_cfg, params = load_diffusers_unet(src)
+  bad = config_mismatches(config, model_cfg)
+  if bad:
+    raise ConversionError("the config does not describe this network; add " + " ".join(bad))
+  trainer = Trainer(config)
+  state = trainer.init()
+  expected = jax.tree.map(lambda x: x.shape, state.params)
+  got = jax.tree.map(lambda x: x.shape, params)
+  if expected != got:
+    raise ConversionError(f"parameter shapes differ from the config's model: {got} vs {expected}")
+  placed = jax.tree.map(lambda v, ref: jax.device_put(np.asarray(v), ref.sharding), params,
+                        state.params)
+  state = state.replace(params=placed, ema_params=placed,
+                        opt_state=trainer.tx.init(placed))
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
+  if ckpt.latest_step() is not None:
+    raise ConversionError(f"{workdir} already holds checkpoints; import into a fresh --workdir")
+  ckpt.save(0, state, {"config": config.to_json_best_effort(), "imported_from": src},
+            force=True)
+  ckpt.wait()
+  ckpt.close()
+  n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  logging.info("Imported %s parameters from %s into %s (step 0)", f"{n:,}", src, workdir)
+  return n
+
+
+def main(argv):
+  del argv
+  try:
+    import_diffusers_unet(FLAGS.src, FLAGS.config, FLAGS.workdir)
+  except (ConversionError, checkpoints.CheckpointError) as e:
+    sys.exit(f"{type(e).__name__}: {e}")
+
+
+if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", None, "The experiment config of the network.")
+  flags.DEFINE_string("src", None, "Local diffusers UNet2DModel (or pipeline) directory.")
+  flags.DEFINE_string("workdir", None, "New workdir to write the checkpoint into.")
+  flags.mark_flags_as_required(["config", "src", "workdir"])
+  app.run(main)

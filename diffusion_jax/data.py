@@ -1,0 +1,221 @@
+"""Data: Fashion-MNIST (IDX files), CIFAR-10 / CelebA-HQ / LSUN (tfds data_source), image folders.
+
+Every source is random access; batches come through grain with reader threads and
+prefetching. The order is a pure function of (seed, step): epoch e is a permutation drawn from
+(seed, e); global step s takes the positions [s*B, (s+1)*B) of the endless stream of epochs and
+process p its slice [p*B/P, (p+1)*B/P) of them. A run resumed at step s therefore sees exactly
+the batches the uninterrupted run would have, on any number of hosts.
+"""
+from __future__ import annotations
+
+import functools
+import glob
+import gzip
+import os
+
+import grain
+import numpy as np
+from PIL import Image
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+                 "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+TFDS_NAMES = {"cifar10": "cifar10", "celeb_a_hq": "celeb_a_hq/256",
+              "lsun_church": "lsun/church_outdoor"}
+TFDS_SPLITS = {"cifar10": {"train": "train", "test": "test"},
+               "celeb_a_hq": {"train": "train", "test": "train"},  # CelebA-HQ has one split
+               "lsun_church": {"train": "train", "test": "validation"}}
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class DataError(RuntimeError):
+  pass
+
+
+# ----------------------------------------------------------------------------- sources
+def read_idx(path: str) -> np.ndarray:
+  """An IDX file (optionally gzip) as a uint8 array, its header checked."""
+  opener = gzip.open if path.endswith(".gz") else open
+  try:
+    with opener(path, "rb") as f:
+      raw = f.read()
+  except (OSError, EOFError) as e:
+    raise DataError(f"cannot read {path}: {e}; the file is damaged, fetch it again") from e
+  if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+    raise DataError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
+  ndim = raw[3]
+  dims = tuple(int(v) for v in np.frombuffer(raw, ">u4", ndim, 4))
+  body = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+  if body.size != int(np.prod(dims)):
+    raise DataError(f"{path} is truncated: header says {dims}, found {body.size} bytes of data")
+  return body.reshape(dims)
+
+
+class ArraySource:
+  """Random access over in-memory images [N, H, W, C] and labels [N]."""
+
+  def __init__(self, images, labels):
+    self.images, self.labels = images, labels
+
+  def __len__(self):
+    return len(self.images)
+
+  def __getitem__(self, i):
+    return {"image": self.images[i], "label": int(self.labels[i])}
+
+
+def _fit(image: np.ndarray, size: int, channels: int) -> np.ndarray:
+  """Center-crop to a square and resize (bicubic) to size x size, with `channels` channels."""
+  img = Image.fromarray(image[..., 0] if image.ndim == 3 and image.shape[-1] == 1 else image)
+  img = img.convert("L" if channels == 1 else "RGB")
+  w, h = img.size
+  if (w, h) != (size, size):
+    s = min(w, h)
+    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    if s != size:
+      img = img.resize((size, size), Image.BICUBIC)
+  out = np.asarray(img, np.uint8)
+  return out[..., None] if out.ndim == 2 else out
+
+
+class MappedSource:
+  """A source whose images are fitted to the configured size on access."""
+
+  def __init__(self, source, size: int, channels: int):
+    self.source, self.size, self.channels = source, size, channels
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    ex = self.source[int(i)]
+    return {"image": _fit(np.asarray(ex["image"]), self.size, self.channels),
+            "label": int(ex.get("label", 0))}
+
+
+class FolderSource:
+  def __init__(self, paths):
+    self.paths = paths
+
+  def __len__(self):
+    return len(self.paths)
+
+  def __getitem__(self, i):
+    with Image.open(self.paths[i]) as img:
+      return {"image": np.asarray(img.convert("RGB")), "label": 0}
+
+
+def _fashion_mnist(data_cfg, split):
+  directory = data_cfg.data_dir or FASHION_MNIST_DIR
+  files = [os.path.join(directory, f) for f in FASHION_FILES[split]]
+  missing = [f for f in files if not os.path.exists(f)]
+  if missing:
+    raise DataError(
+        f"Fashion-MNIST not found: missing {', '.join(missing)}. Get it with "
+        "`apt-get install dataset-fashion-mnist` (as root), or `bash scripts/get_fashion_mnist.sh "
+        "DIR` (downloads the four official files) and pass --config.data.data_dir=DIR")
+  images, labels = read_idx(files[0]), read_idx(files[1])
+  if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+    raise DataError(f"{files[0]} and {files[1]} do not hold matching images and labels")
+  size = data_cfg.image_size
+  if size == 32:  # the quickstart: zero-pad 28 -> 32 (2 pixels each side), no resampling
+    images = np.pad(images, ((0, 0), (2, 2), (2, 2)))
+  elif size != 28:
+    images = np.stack([_fit(im, size, 1)[..., 0] for im in images])
+  return ArraySource(images[..., None], labels)
+
+
+def _tfds(data_cfg, split):
+  import tensorflow_datasets as tfds
+  name = TFDS_NAMES[data_cfg.name]
+  tfds_split = TFDS_SPLITS[data_cfg.name].get(split, split)
+  try:
+    source = tfds.data_source(name, split=tfds_split, data_dir=data_cfg.data_dir)
+  except Exception as e:  # noqa: BLE001 -- tfds raises many kinds for a missing dataset
+    raise DataError(
+        f"tensorflow-datasets '{name}' (split {tfds_split}) is not prepared"
+        f"{' in ' + data_cfg.data_dir if data_cfg.data_dir else ''}: {type(e).__name__}: {e}. "
+        "On a machine with internet (preparation needs tensorflow) run: python -c \"import "
+        f"tensorflow_datasets as tfds; tfds.builder('{name}').download_and_prepare("
+        "file_format='array_record')\" and pass --config.data.data_dir=<its data_dir>") from e
+  return MappedSource(source, data_cfg.image_size, data_cfg.channels)
+
+
+def _folder(data_cfg, split):
+  del split
+  root = data_cfg.data_dir
+  paths = sorted(p for p in glob.glob(os.path.join(root, "**", "*"), recursive=True)
+                 if p.lower().endswith(IMAGE_EXTS))
+  if not paths:
+    raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) under data.data_dir={root!r}: put "
+                    "your images there (any size; they are center-cropped and resized)")
+  return MappedSource(FolderSource(paths), data_cfg.image_size, data_cfg.channels)
+
+
+def load_source(data_cfg, split: str = "train"):
+  """Random-access source of {"image": uint8 HWC at the configured size, "label": int}."""
+  if split not in ("train", "test"):
+    raise DataError(f"split {split!r}: use 'train' or 'test'")
+  loaders = {"fashion_mnist": _fashion_mnist, "folder": _folder}
+  source = loaders.get(data_cfg.name, _tfds)(data_cfg, split)
+  if len(source) == 0:
+    raise DataError(f"{data_cfg.name} {split} is empty")
+  shape = np.asarray(source[0]["image"]).shape
+  want = (data_cfg.image_size, data_cfg.image_size, data_cfg.channels)
+  if shape != want:
+    raise DataError(f"{data_cfg.name} images are {shape}, but config.data.image_size / channels "
+                    f"ask for {want}: set --config.data.channels={shape[-1]}")
+  return source
+
+
+# ----------------------------------------------------------------------------- order
+@functools.lru_cache(maxsize=4)
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def example_at(position: int, n: int, seed: int) -> tuple[int, bool]:
+  """(dataset index, horizontal flip) of a global stream position: a function of (seed, pos)."""
+  epoch, offset = divmod(int(position), n)
+  flip = bool(np.random.default_rng([seed, int(position), 1]).integers(2))
+  return int(_permutation(n, seed, epoch)[offset]), flip
+
+
+def to_float(image: np.ndarray, flip: bool = False) -> np.ndarray:
+  """uint8 [0, 255] -> float32 [-1, 1] (data scaling of the paper), optionally mirrored."""
+  x = image.astype(np.float32) / 127.5 - 1.0
+  return x[:, ::-1] if flip else x
+
+
+def train_batches(config, start_step: int = 0, process_index: int | None = None,
+                  process_count: int | None = None):
+  """Endless iterator of this process's share of each global batch, from `start_step` on."""
+  import jax
+  p = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  batch, seed = config.training.batch_size, config.training.seed
+  if batch % count:
+    raise DataError(f"training.batch_size={batch} does not split over {count} processes")
+  local = batch // count
+  source = load_source(config.data, "train")
+  n, flip_ok = len(source), config.data.random_flip
+
+  def load(k):  # k counts this process's examples from step 0 on
+    step, j = divmod(int(k), local)
+    index, flip = example_at(step * batch + p * local + j, n, seed)
+    ex = source[index]
+    return {"image": to_float(np.asarray(ex["image"]), flip and flip_ok),
+            "label": np.int32(ex["label"])}
+
+  ds = grain.MapDataset.range(start_step * local, 1 << 50).map(load).batch(local)
+  opts = grain.ReadOptions(num_threads=max(1, config.data.num_threads), prefetch_buffer_size=2 * local)
+  return iter(ds.to_iter_dataset(opts))
+
+
+def eval_images(config, split: str, num_examples: int, batch_size: int):
+  """float32 [-1, 1] batches of the first `num_examples` images of `split`, in order."""
+  source = load_source(config.data, split)
+  n = min(num_examples, len(source))
+  for start in range(0, n, batch_size):
+    idx = range(start, min(start + batch_size, n))
+    yield np.stack([to_float(np.asarray(source[i]["image"])) for i in idx])

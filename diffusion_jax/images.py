@@ -1,0 +1,70 @@
+"""What people look at: image grids and curves, written as PNG (Pillow, matplotlib)."""
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(x) -> np.ndarray:
+  """[-1, 1] floats -> uint8 in [0, 255] (the rounding of the original code)."""
+  return np.clip(np.round((np.asarray(x, np.float32) + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def grid(images: np.ndarray, ncols: int | None = None, pad: int = 2) -> np.ndarray:
+  """[N, H, W, C] uint8 -> one [rows*(H+pad)+pad, cols*(W+pad)+pad, C] uint8 image."""
+  n, h, w, c = images.shape
+  ncols = ncols or int(math.ceil(math.sqrt(n)))
+  nrows = int(math.ceil(n / ncols))
+  out = np.full((nrows * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, np.uint8)
+  for i, img in enumerate(images):
+    r, col = divmod(i, ncols)
+    out[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = img
+  return out
+
+
+def save_png(image: np.ndarray, path: str, min_size: int = 256) -> str:
+  """Write a uint8 HWC image; small ones are enlarged (nearest) so they can be seen."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+  scale = max(1, min_size // max(1, min(img.size)))
+  if scale > 1:
+    img = img.resize((img.size[0] * scale, img.size[1] * scale), Image.NEAREST)
+  img.save(path)
+  return path
+
+
+def save_grid(images, path: str, ncols: int | None = None) -> str:
+  """[-1, 1] float or uint8 [N, H, W, C] images -> a PNG grid."""
+  images = np.asarray(images)
+  if images.dtype != np.uint8:
+    images = to_uint8(images)
+  return save_png(grid(images, ncols), path)
+
+
+def save_curves(path: str, x: Sequence[float], curves: dict, xlabel: str, ylabel: str,
+                title: str = "", logy: bool = False) -> str:
+  """Line plot of named curves against x as a PNG."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+  for name, y in curves.items():
+    ax.plot(x, y, label=name)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  if logy:
+    ax.set_yscale("log")
+  if title:
+    ax.set_title(title)
+  if len(curves) > 1:
+    ax.legend()
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  fig.savefig(path)
+  plt.close(fig)
+  return path

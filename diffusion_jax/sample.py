@@ -1,0 +1,149 @@
+"""Sample mode: EMA parameters of a checkpoint -> samples.npz, a PNG grid, and the paper's
+progressive-generation (Fig. 6) and interpolation (Fig. 8) figures."""
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from diffusion_jax import parallel, samplers
+from diffusion_jax.images import save_grid, to_uint8
+
+
+class Sampler:
+  """The configured sampler compiled once for a fixed global batch, noise drawn on device."""
+
+  def __init__(self, config, model, diffusion, mesh, batch_size: int):
+    s, d = config.sampling, config.data
+    n_dev = mesh.shape[parallel.DATA]
+    self.batch_size = int(math.ceil(batch_size / n_dev) * n_dev)
+    self.shape = (self.batch_size, d.image_size, d.image_size, d.channels)
+    self.mesh = mesh
+    sharding = parallel.batch_sharding(mesh)
+    apply_fn = lambda params, x, t: model.apply({"params": params}, x, t)
+
+    def run(params, key):
+      noise_key, chain_key = jax.random.split(key)
+      x_T = jax.lax.with_sharding_constraint(jax.random.normal(noise_key, self.shape), sharding)
+      return samplers.sample(s.method, diffusion, functools.partial(apply_fn, params), x_T,
+                             chain_key, num_steps=s.num_steps, eta=s.eta, spacing=s.spacing,
+                             clip_denoised=s.clip_denoised)
+
+    self._run = jax.jit(run, out_shardings=sharding)
+
+  def __call__(self, params, num: int, seed: int = 0) -> np.ndarray:
+    """`num` images as uint8 NHWC, in batches; image i depends only on (seed, i // batch)."""
+    base = jax.random.PRNGKey(seed)
+    out = []
+    for i in range(int(math.ceil(num / self.batch_size))):
+      x = self._run(params, jax.random.fold_in(base, i))
+      out.append(to_uint8(parallel.to_host(x)))
+      logging.log_every_n_seconds(logging.INFO, "sampled %d / %d", 30,
+                                  min((i + 1) * self.batch_size, num), num)
+    return np.concatenate(out)[:num]
+
+
+def sample_images(config, model, diffusion, params, mesh, num: int, seed: int = 0,
+                  batch_size: int | None = None) -> np.ndarray:
+  return Sampler(config, model, diffusion, mesh, batch_size or num)(params, num, seed)
+
+
+def progressive_figure(config, model, diffusion, params, mesh, path: str, num: int = 8):
+  """Rows: samples; columns: x^_0 predicted at config.sampling.progressive_steps (Fig. 6)."""
+  s, d = config.sampling, config.data
+  n = int(math.ceil(num / mesh.shape[parallel.DATA]) * mesh.shape[parallel.DATA])
+  steps = sorted(set(int(k) for k in s.progressive_steps), reverse=True)
+  sharding = parallel.batch_sharding(mesh)
+  apply_fn = lambda params, x, t: model.apply({"params": params}, x, t)
+
+  @jax.jit
+  def run(params, key):
+    k1, k2 = jax.random.split(key)
+    x_T = jax.lax.with_sharding_constraint(
+        jax.random.normal(k1, (n, d.image_size, d.image_size, d.channels)), sharding)
+    _, rec = samplers.progressive_sample(diffusion, functools.partial(apply_fn, params), x_T, k2,
+                                         steps, s.clip_denoised)
+    return rec
+
+  rec = parallel.to_host(run(params, jax.random.PRNGKey(s.seed + 1)))  # [steps, n, H, W, C]
+  rows = np.swapaxes(rec, 0, 1)[:num].reshape((-1,) + rec.shape[2:])
+  return save_grid(rows, path, ncols=len(steps))
+
+
+def interpolation_figure(config, model, diffusion, params, mesh, path: str, x_a, x_b):
+  """Rows: pairs of source images; columns: decoded mixes along config.sampling.interp_lambdas."""
+  s = config.sampling
+  lam = tuple(float(v) for v in s.interp_lambdas)
+  apply_fn = lambda params, x, t: model.apply({"params": params}, x, t)
+
+  @jax.jit
+  def run(params, a, b, key):
+    return samplers.interpolate(diffusion, functools.partial(apply_fn, params), a, b, key,
+                                int(s.interp_t), lam, s.clip_denoised)
+
+  rep = NamedSharding(mesh, P())
+  out = run(params, jax.device_put(jnp.asarray(x_a), rep), jax.device_put(jnp.asarray(x_b), rep),
+            jax.random.PRNGKey(s.seed + 2))
+  out = parallel.to_host(out)  # [pairs, L, H, W, C]
+  # show the sources at both ends of each row
+  rows = np.concatenate([np.asarray(x_a)[:, None], out, np.asarray(x_b)[:, None]], axis=1)
+  return save_grid(rows.reshape((-1,) + rows.shape[2:]), path, ncols=len(lam) + 2)
+
+
+def restore_ema_params(config, workdir: str, step: int | None = None):
+  """(trainer, step, EMA parameters) of the newest (or the given) checkpoint in workdir."""
+  from diffusion_jax import checkpoints
+  from diffusion_jax.train import Trainer
+  trainer = Trainer(config)
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
+  if ckpt.latest_step() is None:
+    raise checkpoints.CheckpointError(
+        f"no checkpoint in {workdir}/checkpoints: train first (--mode=train with this "
+        "--workdir), or import weights with python -m diffusion_jax.convert")
+  step, state, _ = ckpt.restore(trainer.abstract_state, step)
+  ckpt.close()
+  return trainer, step, state.ema_params
+
+
+def run_sample_mode(config, workdir: str) -> str:
+  """Write workdir/samples/<step>/{samples.npz, samples.png, progressive.png, interpolation.png}."""
+  s = config.sampling
+  trainer, step, params = restore_ema_params(config, workdir, s.checkpoint_step)
+  out_dir = os.path.join(workdir, "samples", str(step))
+  os.makedirs(out_dir, exist_ok=True)
+  logging.info("Sampling %d images with %s (%s network evaluations each) from step %d",
+               s.num_samples, s.method,
+               trainer.diffusion.num_timesteps if s.method == "ancestral" else s.num_steps, step)
+  sampler = Sampler(config, trainer.model, trainer.diffusion, trainer.mesh,
+                    min(s.batch_size, s.num_samples))
+  images = sampler(params, s.num_samples, s.seed)
+  if jax.process_index() == 0:
+    np.savez(os.path.join(out_dir, "samples.npz"), arr_0=images)  # guided-diffusion format
+    logging.info("Wrote %s", save_grid(images[:100], os.path.join(out_dir, "samples.png")))
+  if s.figures:
+    path = progressive_figure(config, trainer.model, trainer.diffusion, params, trainer.mesh,
+                              os.path.join(out_dir, "progressive.png"))
+    logging.info("Wrote %s", path)
+    x_a, x_b = _interpolation_sources(config, images)
+    path = interpolation_figure(config, trainer.model, trainer.diffusion, params, trainer.mesh,
+                                os.path.join(out_dir, "interpolation.png"), x_a, x_b)
+    logging.info("Wrote %s", path)
+  return out_dir
+
+
+def _interpolation_sources(config, samples, pairs: int = 4):
+  """Test-set images when the data is at hand (as in the paper), else our own samples."""
+  from diffusion_jax import data
+  try:
+    x = next(data.eval_images(config, config.eval.split, 2 * pairs, 2 * pairs))
+  except Exception as e:  # noqa: BLE001 -- the figure must not fail for lack of data
+    logging.warning("interpolating between samples (no %s data: %s)", config.eval.split, e)
+    x = samples[: 2 * pairs].astype(np.float32) / 127.5 - 1.0
+  pairs = x.shape[0] // 2
+  return x[:pairs], x[pairs: 2 * pairs]

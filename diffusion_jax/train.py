@@ -1,0 +1,246 @@
+"""Training: the state, one compiled train step, and the loop with checkpoints and logging.
+
+The step is a pure function of (state, batch): its randomness is derived from the state's
+key folded with the step number, and the data order is a function of (seed, step), so a
+run resumed from a checkpoint continues exactly as the uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from diffusion_jax import checkpoints, data, parallel
+from diffusion_jax import diffusion as dm
+from diffusion_jax.models import build_model
+from diffusion_jax.sample import sample_images
+from diffusion_jax.images import save_curves, save_grid
+
+
+class TrainingError(RuntimeError):
+  pass
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  rng: jax.Array  # raw key data (uint32), so that checkpoints hold plain arrays
+
+
+def make_optimizer(t) -> optax.GradientTransformation:
+  """Adam with linear warmup to lr (then constant) and global-norm clipping (Appendix B)."""
+  warmup = max(int(t.warmup_steps), 1)
+  schedule = lambda step: t.lr * jnp.minimum((step + 1) / warmup, 1.0)
+  chain = [optax.clip_by_global_norm(t.grad_clip)] if t.grad_clip > 0 else []
+  return optax.chain(*chain, optax.adam(schedule))
+
+
+def init_state(config, model, tx, key) -> TrainState:
+  size, ch = config.data.image_size, config.data.channels
+  init_key, state_key = jax.random.split(key)
+  x = jnp.zeros((1, size, size, ch), jnp.float32)
+  y = jnp.zeros((1,), jnp.int32) if config.model.num_classes else None
+  params = model.init(init_key, x, jnp.zeros((1,), jnp.int32), y)["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+                    opt_state=tx.init(params), rng=jax.random.key_data(state_key))
+
+
+def loss_fn(params, model, diffusion, batch, dropout_key, train: bool = True):
+  """Mean of `diffusion.training_losses` on a batch holding image, t, noise (and label)."""
+  y = batch.get("label") if model.num_classes else None
+  denoise_fn = lambda x, tt: model.apply({"params": params}, x, tt, y, train=train,
+                                         rngs={"dropout": dropout_key})
+  return jnp.mean(diffusion.training_losses(denoise_fn, batch["image"], batch["t"],
+                                            batch["noise"]))
+
+
+def train_step(state: TrainState, batch, *, model, diffusion, tx, ema_decay: float,
+               accum_steps: int = 1):
+  """One optimiser update: grads (over micro-batches), Adam, EMA. Returns (state, metrics).
+
+  t ~ Uniform{0..T-1} and the noise are drawn for the whole batch before it is split into
+  micro-batches, so accumulation changes the memory use, not the result.
+  """
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  t_key, noise_key, dropout_key = jax.random.split(key, 3)
+  x0 = batch["image"]
+  batch = dict(batch, t=jax.random.randint(t_key, (x0.shape[0],), 0, diffusion.num_timesteps),
+               noise=jax.random.normal(noise_key, x0.shape, x0.dtype))
+  grad_fn = jax.value_and_grad(loss_fn)
+  if accum_steps == 1:
+    loss, grads = grad_fn(state.params, model, diffusion, batch, dropout_key)
+  else:  # the same batch in `accum_steps` sequential pieces, averaged
+    micro = jax.tree.map(lambda x: x.reshape((accum_steps, -1) + x.shape[1:]), batch)
+
+    def body(carry, inputs):
+      i, mb = inputs
+      l, g = grad_fn(state.params, model, diffusion, mb, jax.random.fold_in(dropout_key, i))
+      return jax.tree.map(jnp.add, carry, (l, g)), None
+
+    zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
+    (loss, grads), _ = jax.lax.scan(body, zero, (jnp.arange(accum_steps), micro))
+    loss, grads = jax.tree.map(lambda x: x / accum_steps, (loss, grads))
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = optax.incremental_update(params, state.ema_params, step_size=1.0 - ema_decay)
+  new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
+                            opt_state=opt_state)
+  return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+
+class Trainer:
+  """Everything a run needs, built once from the config: mesh, model, state shardings, step."""
+
+  def __init__(self, config, mesh=None):
+    self.config = config
+    self.mesh = mesh or parallel.make_mesh()
+    self.model = build_model(config)
+    self.diffusion = dm.from_config(config.diffusion)
+    self.tx = make_optimizer(config.training)
+    key = jax.random.PRNGKey(config.training.seed)
+    init = functools.partial(init_state, config, self.model, self.tx)
+    abstract = jax.eval_shape(init, key)
+    self.state_sharding = parallel.state_shardings(abstract, self.mesh, config.training.fsdp)
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+        self.state_sharding)
+    self._init = jax.jit(init, out_shardings=self.state_sharding)
+    self._key = key
+    batch_sharding = parallel.batch_sharding(self.mesh)
+    step = functools.partial(train_step, model=self.model, diffusion=self.diffusion, tx=self.tx,
+                             ema_decay=config.training.ema_decay,
+                             accum_steps=config.training.grad_accum_steps)
+    self.step_fn = jax.jit(step, in_shardings=(self.state_sharding, batch_sharding),
+                           out_shardings=(self.state_sharding, None), donate_argnums=(0,))
+
+  def init(self) -> TrainState:
+    return self._init(self._key)
+
+  def num_params(self) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
+
+
+def _host_log(workdir, record):
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+
+def _any_process(flag: bool) -> bool:
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils
+  return bool(np.any(multihost_utils.process_allgather(np.array(flag))))
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Train `config` in `workdir`, resuming from its newest checkpoint. Returns final metrics."""
+  t = config.training
+  trainer = Trainer(config)
+  os.makedirs(workdir, exist_ok=True)
+  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), t.keep_checkpoints)
+  if ckpt.latest_step() is not None:
+    step, state, _ = ckpt.restore(trainer.abstract_state)
+    logging.info("Resumed from checkpoint at step %d", step)
+  else:
+    state, step = trainer.init(), 0
+    logging.info("Initialised %s parameters", f"{trainer.num_params():,}")
+  if step >= t.num_steps:
+    logging.info("Already trained to step %d (num_steps=%d)", step, t.num_steps)
+    ckpt.close()
+    return {"step": step}
+
+  writer = None
+  if jax.process_index() == 0:
+    from tensorboardX import SummaryWriter
+    writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+  batches = data.train_batches(config, start_step=step)
+  meta = {"config": config.to_json_best_effort()}
+  last_saved = step if ckpt.latest_step() is not None else None
+  window_loss, window_n, t0, t_start, step0 = jnp.zeros(()), 0, time.time(), time.time(), step
+  result = {}
+  with checkpoints.PreemptionGuard() as guard:
+    while step < t.num_steps:
+      batch = parallel.global_batch(next(batches), trainer.mesh)
+      state, metrics = trainer.step_fn(state, batch)
+      step += 1
+      window_loss, window_n = window_loss + metrics["loss"], window_n + 1
+      at_log = step % t.log_every == 0 or step == t.num_steps
+      at_ckpt = step % t.checkpoint_every == 0 or step == t.num_steps
+      stop = _any_process(guard.requested) if at_log or jax.process_count() == 1 else False
+      if at_log or at_ckpt or stop:
+        loss = float(window_loss) / window_n  # host sync
+        if not math.isfinite(loss):
+          ckpt.wait()
+          raise TrainingError(
+              f"loss became {loss} between steps {step - window_n} and {step}; stopped without "
+              f"saving. The last good checkpoint (step {ckpt.latest_step()}) is untouched. "
+              "Lower --config.training.lr, keep training.grad_clip > 0, or check the data.")
+        now = time.time()
+        ips = window_n * t.batch_size / max(now - t0, 1e-9)
+        eta = (t.num_steps - step) * (now - t_start) / max(step - step0, 1)
+        logging.info("step %d/%d  loss %.5f  grad_norm %.3f  %.1f img/s  ETA %s", step,
+                     t.num_steps, loss, float(metrics["grad_norm"]), ips,
+                     time.strftime("%H:%M:%S", time.gmtime(eta)))
+        result = {"step": step, "loss": loss, "img_per_s": ips,
+                  "grad_norm": float(metrics["grad_norm"])}
+        _host_log(workdir, result)
+        if writer:
+          for k, v in result.items():
+            if k != "step":
+              writer.add_scalar(f"train/{k}", v, step)
+        window_loss, window_n, t0 = jnp.zeros(()), 0, time.time()
+      if at_ckpt or stop:
+        ckpt.save(step, state, meta)
+        last_saved = step
+      if step % t.sample_every == 0 or step == t.num_steps:
+        _write_train_samples(trainer, state, workdir, step, writer)
+      if stop:
+        logging.warning("Preemption signal: saved step %d; exiting.", step)
+        break
+  if last_saved != step:
+    ckpt.save(step, state, meta)
+  ckpt.wait()
+  ckpt.close()
+  if writer:
+    writer.close()
+  _write_loss_curve(workdir)
+  return result
+
+
+def _write_train_samples(trainer, state, workdir, step, writer):
+  """A grid of EMA samples with the configured sampler, as PNG and in TensorBoard."""
+  cfg = trainer.config
+  n = cfg.training.num_train_samples
+  images = sample_images(cfg, trainer.model, trainer.diffusion, state.ema_params, trainer.mesh,
+                         n, seed=cfg.training.seed)
+  if jax.process_index() == 0:
+    path = save_grid(images, os.path.join(workdir, "train_samples", f"step_{step:08d}.png"))
+    logging.info("EMA samples at step %d: %s", step, path)
+    if writer:
+      from diffusion_jax.images import grid
+      writer.add_image("samples", grid(images), step, dataformats="HWC")
+
+
+def _write_loss_curve(workdir):
+  path = os.path.join(workdir, "metrics.jsonl")
+  if jax.process_index() != 0 or not os.path.exists(path):
+    return
+  with open(path) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  if len(records) >= 2:
+    save_curves(os.path.join(workdir, "loss.png"), [r["step"] for r in records],
+                {"loss": [r["loss"] for r in records]}, "step", "training loss", logy=True)
