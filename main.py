@@ -26,6 +26,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = FLAGS.config
+  if FLAGS.mode != "summary":
+    if not FLAGS.workdir:
+      sys.exit(f"--workdir is required for --mode={FLAGS.mode}")
+    from diffusion_jax import parallel
+    parallel.maybe_initialize_distributed()  # before any JAX call, so devices are global
   try:
     validate_config(config, FLAGS.mode)
   except ConfigError as e:
@@ -34,12 +39,6 @@ def main(argv):
     from diffusion_jax.summary import summary_text
     print(summary_text(config))
     return
-  if not FLAGS.workdir:
-    sys.exit(f"--workdir is required for --mode={FLAGS.mode}")
-
-  from diffusion_jax import parallel
-  parallel.maybe_initialize_distributed()
-  validate_config(config, FLAGS.mode)  # again: the device count is known now
   from diffusion_jax.checkpoints import CheckpointError
   from diffusion_jax.data import DataError
   from diffusion_jax.train import TrainingError

@@ -55,21 +55,22 @@ class Checkpointer:
       return
     if stored is None:
       return
-    want = dict(jax.tree_util.tree_flatten_with_path(abstract_state)[0])
-    have = dict(jax.tree_util.tree_flatten_with_path(
-        stored, is_leaf=lambda x: hasattr(x, "shape"))[0])
+    flat = lambda tree, **kw: {_path_str(p): leaf for p, leaf in
+                               jax.tree_util.tree_flatten_with_path(tree, **kw)[0]}
+    want = flat(abstract_state)
+    have = flat(stored, is_leaf=lambda x: hasattr(x, "shape"))
     hint = ("this checkpoint was written with a different model config; use a fresh --workdir "
             "or the matching config")
     for path, leaf in want.items():
       if path not in have:
-        raise CheckpointError(f"checkpoint {step} has no parameter {_path_str(path)}: {hint}")
+        raise CheckpointError(f"checkpoint {step} has no parameter {path}: {hint}")
       if tuple(have[path].shape) != tuple(leaf.shape):
         raise CheckpointError(
-            f"checkpoint {step}: {_path_str(path)} is stored with shape "
+            f"checkpoint {step}: {path} is stored with shape "
             f"{tuple(have[path].shape)} but the config expects {tuple(leaf.shape)}: {hint}")
     extra = [p for p in have if p not in want]
     if extra:
-      raise CheckpointError(f"checkpoint {step} holds {_path_str(extra[0])}, unknown to the "
+      raise CheckpointError(f"checkpoint {step} holds {extra[0]}, unknown to the "
                             f"config's model: {hint}")
 
   def restore(self, abstract_state, step: int | None = None):

@@ -91,7 +91,7 @@ def test_config_errors_are_one_clear_line(tmp_path):
   cfg = tiny_config_file(tmp_path)
   for args, expect in ((["--config.training.batchsize=8"], 'Did you mean "batch_size"'),
                        (["--config.training.batch_size=12"], "multiple of the device count"),
-                       (["--config.data.image_size=18"], "config.data.image_size=18"),
+                       (["--config.data.image_size=15"], "config.data.image_size=15"),
                        (["--config.diffusion.var_type=learned"], "config.diffusion.loss_type")):
     code, out = finish(main_py(f"--config={cfg}", f"--workdir={tmp_path / 'w'}", *args,
                                env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}))
