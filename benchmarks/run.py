@@ -29,6 +29,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from diffusion_jax import parallel, samplers  # noqa: E402
+from diffusion_jax.models import denoiser  # noqa: E402
 from diffusion_jax.train import Trainer  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -98,13 +99,12 @@ def bench_ours(config, batch):
 
   dt = timed(step, FLAGS.train_steps)
   params = holder["s"].ema_params
-  apply = jax.jit(lambda p, x, t: tr.model.apply({"params": p}, x, t))
+  apply = jax.jit(lambda p, x, t: denoiser(tr.model, p)(x, t))
   x = jax.device_put(jnp.asarray(host["image"]), parallel.batch_sharding(tr.mesh))
   t = jnp.full((batch,), 500, jnp.int32)
   one_dt = timed(lambda: apply(params, x, t), 5)
   fn = jax.jit(lambda p, x, k: samplers.ddim_sample(
-      tr.diffusion, lambda xx, tt: tr.model.apply({"params": p}, xx, tt), x, k,
-      FLAGS.ddim_steps, 0.0, clip_denoised=True))
+      tr.diffusion, denoiser(tr.model, p), x, k, FLAGS.ddim_steps, 0.0, clip_denoised=True))
   ddim_dt = timed(lambda: fn(params, x, jax.random.PRNGKey(0)), FLAGS.sample_repeats)
   return {"train_img_per_s": batch / dt, "step_s": dt, "compile_s": compile_s,
           "flops_per_train_step": flops_step, "one_step_img_per_s": batch / one_dt,

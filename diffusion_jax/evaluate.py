@@ -12,6 +12,7 @@ from absl import logging
 
 from diffusion_jax import data, parallel
 from diffusion_jax.images import save_curves
+from diffusion_jax.models import denoiser
 from diffusion_jax.validate import parse_metrics
 
 
@@ -20,8 +21,7 @@ def make_bpd_fn(model, diffusion, mesh, clip_denoised: bool = False):
   sharding = parallel.batch_sharding(mesh)
 
   def run(params, x0, key):
-    fn = lambda x, t: model.apply({"params": params}, x, t)
-    return diffusion.calc_bpd_loop(fn, x0, key, clip_denoised)
+    return diffusion.calc_bpd_loop(denoiser(model, params), x0, key, clip_denoised)
 
   return jax.jit(run, in_shardings=(None, sharding, None))
 

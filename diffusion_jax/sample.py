@@ -2,7 +2,6 @@
 progressive-generation (Fig. 6) and interpolation (Fig. 8) figures."""
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -14,6 +13,13 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diffusion_jax import parallel, samplers
 from diffusion_jax.images import save_grid, to_uint8
+from diffusion_jax.models import denoiser
+
+
+def _per_device_multiple(n: int, mesh) -> int:
+  """n rounded up to a multiple of the mesh's device count."""
+  d = mesh.shape[parallel.DATA]
+  return int(math.ceil(n / d) * d)
 
 
 class Sampler:
@@ -21,17 +27,15 @@ class Sampler:
 
   def __init__(self, config, model, diffusion, mesh, batch_size: int):
     s, d = config.sampling, config.data
-    n_dev = mesh.shape[parallel.DATA]
-    self.batch_size = int(math.ceil(batch_size / n_dev) * n_dev)
+    self.batch_size = _per_device_multiple(batch_size, mesh)
     self.shape = (self.batch_size, d.image_size, d.image_size, d.channels)
     self.mesh = mesh
     sharding = parallel.batch_sharding(mesh)
-    apply_fn = lambda params, x, t: model.apply({"params": params}, x, t)
 
     def run(params, key):
       noise_key, chain_key = jax.random.split(key)
       x_T = jax.lax.with_sharding_constraint(jax.random.normal(noise_key, self.shape), sharding)
-      return samplers.sample(s.method, diffusion, functools.partial(apply_fn, params), x_T,
+      return samplers.sample(s.method, diffusion, denoiser(model, params), x_T,
                              chain_key, num_steps=s.num_steps, eta=s.eta, spacing=s.spacing,
                              clip_denoised=s.clip_denoised)
 
@@ -49,26 +53,20 @@ class Sampler:
     return np.concatenate(out)[:num]
 
 
-def sample_images(config, model, diffusion, params, mesh, num: int, seed: int = 0,
-                  batch_size: int | None = None) -> np.ndarray:
-  return Sampler(config, model, diffusion, mesh, batch_size or num)(params, num, seed)
-
-
 def progressive_figure(config, model, diffusion, params, mesh, path: str, num: int = 8):
   """Rows: samples; columns: x^_0 predicted at config.sampling.progressive_steps (Fig. 6)."""
   s, d = config.sampling, config.data
-  n = int(math.ceil(num / mesh.shape[parallel.DATA]) * mesh.shape[parallel.DATA])
+  n = _per_device_multiple(num, mesh)
   steps = sorted(set(int(k) for k in s.progressive_steps), reverse=True)
   sharding = parallel.batch_sharding(mesh)
-  apply_fn = lambda params, x, t: model.apply({"params": params}, x, t)
 
   @jax.jit
   def run(params, key):
     k1, k2 = jax.random.split(key)
     x_T = jax.lax.with_sharding_constraint(
         jax.random.normal(k1, (n, d.image_size, d.image_size, d.channels)), sharding)
-    _, rec = samplers.progressive_sample(diffusion, functools.partial(apply_fn, params), x_T, k2,
-                                         steps, s.clip_denoised)
+    _, rec = samplers.progressive_sample(diffusion, denoiser(model, params), x_T, k2, steps,
+                                         s.clip_denoised)
     return rec
 
   rec = parallel.to_host(run(params, jax.random.PRNGKey(s.seed + 1)))  # [steps, n, H, W, C]
@@ -80,11 +78,10 @@ def interpolation_figure(config, model, diffusion, params, mesh, path: str, x_a,
   """Rows: pairs of source images; columns: decoded mixes along config.sampling.interp_lambdas."""
   s = config.sampling
   lam = tuple(float(v) for v in s.interp_lambdas)
-  apply_fn = lambda params, x, t: model.apply({"params": params}, x, t)
 
   @jax.jit
   def run(params, a, b, key):
-    return samplers.interpolate(diffusion, functools.partial(apply_fn, params), a, b, key,
+    return samplers.interpolate(diffusion, denoiser(model, params), a, b, key,
                                 int(s.interp_t), lam, s.clip_denoised)
 
   rep = NamedSharding(mesh, P())

@@ -2,12 +2,11 @@
 
 Every sampler takes a `GaussianDiffusion`, a `denoise_fn(x_t, t)` and the starting noise
 x_T (whose sharding over devices jit carries through the whole chain), and returns images
-on the [-1, 1] scale. Wrap them in `jax.jit` with the parameters as an argument (see
-`make_sample_fn`) so that the whole chain is one compiled program.
+on the [-1, 1] scale. Wrap them in `jax.jit` with the parameters as an argument (as
+`diffusion_jax.sample.Sampler` does) so that the whole chain is one compiled program.
 """
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import jax
@@ -215,13 +214,3 @@ def sample(method: str, diffusion, denoise_fn, x_T, key, num_steps: int | None =
     return dpm_solver_sample(diffusion, denoise_fn, x_T, key, num_steps or 20,
                              spacing or "logsnr", clip_denoised)
   raise ValueError(f"unknown sampling method {method!r}; choose one of {METHODS}")
-
-
-def make_sample_fn(diffusion, apply_fn, method: str = "ancestral", **kwargs):
-  """jit(params, x_T, key) -> x_0: the whole chain compiled once, x_T's buffer donated.
-
-  `apply_fn(params, x, t)` is the network's forward pass in inference mode.
-  """
-  def run(params, x_T, key):
-    return sample(method, diffusion, functools.partial(apply_fn, params), x_T, key, **kwargs)
-  return jax.jit(run, donate_argnums=(1,))

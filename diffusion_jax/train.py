@@ -23,8 +23,8 @@ from absl import logging
 from diffusion_jax import checkpoints, data, parallel
 from diffusion_jax import diffusion as dm
 from diffusion_jax.models import build_model
-from diffusion_jax.sample import sample_images
-from diffusion_jax.images import save_curves, save_grid
+from diffusion_jax.images import grid, save_curves, save_grid
+from diffusion_jax.sample import Sampler
 
 
 class TrainingError(RuntimeError):
@@ -126,6 +126,12 @@ class Trainer:
     self.step_fn = jax.jit(step, in_shardings=(self.state_sharding, batch_sharding),
                            out_shardings=(self.state_sharding, None), donate_argnums=(0,))
 
+  @functools.cached_property
+  def sampler(self) -> Sampler:
+    """The EMA-sample grid's sampler, compiled once for the whole run."""
+    return Sampler(self.config, self.model, self.diffusion, self.mesh,
+                   self.config.training.num_train_samples)
+
   def init(self) -> TrainState:
     return self._init(self._key)
 
@@ -224,14 +230,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
 def _write_train_samples(trainer, state, workdir, step, writer):
   """A grid of EMA samples with the configured sampler, as PNG and in TensorBoard."""
   cfg = trainer.config
-  n = cfg.training.num_train_samples
-  images = sample_images(cfg, trainer.model, trainer.diffusion, state.ema_params, trainer.mesh,
-                         n, seed=cfg.training.seed)
+  images = trainer.sampler(state.ema_params, cfg.training.num_train_samples,
+                           seed=cfg.training.seed)
   if jax.process_index() == 0:
     path = save_grid(images, os.path.join(workdir, "train_samples", f"step_{step:08d}.png"))
     logging.info("EMA samples at step %d: %s", step, path)
     if writer:
-      from diffusion_jax.images import grid
       writer.add_image("samples", grid(images), step, dataformats="HWC")
 
 

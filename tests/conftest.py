@@ -4,8 +4,6 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import pytest  # noqa: E402
-
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "parity: compares with a reference implementation (torch)")

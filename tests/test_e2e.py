@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import main_py, read_metrics, tiny_config, tiny_config_file
+from helpers import main_py, read_metrics, tiny_config_file
 
 pytestmark = pytest.mark.slow
 

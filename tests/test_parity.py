@@ -142,7 +142,6 @@ def test_ddim_scheduler_step(eta, index):
 def test_import_command_then_sampler_step_equals_diffusers(tmp_path):
   """A diffusers UNet2DModel saved to a directory, imported by our command, gives the same
   first DDIM step as diffusers' own pipeline pieces on the same inputs."""
-  import jax
   from helpers import tiny_config
   from diffusion_jax.convert import import_diffusers_unet
   from diffusion_jax.sample import restore_ema_params

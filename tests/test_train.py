@@ -1,9 +1,7 @@
 """Training in-process: the step on 1 vs 8 devices, accumulation, NaN guard, NLL, sampling."""
-import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

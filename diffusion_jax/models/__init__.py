@@ -7,6 +7,11 @@ MODELS = {"unet": UNet}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def denoiser(model, params):
+  """The network in inference mode as the diffusion sees it: denoise_fn(x_t, t)."""
+  return lambda x, t: model.apply({"params": params}, x, t)
+
+
 def build_model(config):
   """The network of `config.model`, its channels and variance output from data/diffusion."""
   m = config.model
