@@ -10,6 +10,7 @@ import signal
 import threading
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
@@ -29,7 +30,11 @@ class Checkpointer:
     self.directory = directory
     self._mngr = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save))
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save),
+        # registered up front: without them a freshly opened manager (a resumed run) reads no
+        # item metadata, and the config check below would have nothing to compare
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
 
   def all_steps(self) -> list[int]:
     return sorted(self._mngr.all_steps())
@@ -47,7 +52,7 @@ class Checkpointer:
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(metadata or {})), force=force)
 
   def _check_fits(self, step: int, abstract_state):
-    """Stored tree structure and shapes must equal the target's: else a different config."""
+    """Stored tree structure, shapes and dtypes must equal the target's: else another config."""
     try:
       stored = self._mngr.item_metadata(step)["state"]
       stored = getattr(stored, "tree", stored)
@@ -68,6 +73,11 @@ class Checkpointer:
         raise CheckpointError(
             f"checkpoint {step}: {path} is stored with shape "
             f"{tuple(have[path].shape)} but the config expects {tuple(leaf.shape)}: {hint}")
+      stored_dtype = getattr(have[path], "dtype", None)
+      if stored_dtype is not None and np.dtype(stored_dtype) != np.dtype(leaf.dtype):
+        raise CheckpointError(
+            f"checkpoint {step}: {path} is stored as {np.dtype(stored_dtype)} but the config "
+            f"expects {np.dtype(leaf.dtype)}: {hint}")
     extra = [p for p in have if p not in want]
     if extra:
       raise CheckpointError(f"checkpoint {step} holds {extra[0]}, unknown to the "

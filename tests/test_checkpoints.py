@@ -63,15 +63,23 @@ def test_damaged_newest_falls_back(tmp_path):
   np.testing.assert_array_equal(got["params"]["b"], 1.0)
 
 
-def test_other_config_is_a_clear_error(tmp_path):
+@pytest.mark.parametrize("reopen", [False, True])
+def test_other_config_is_a_clear_error(tmp_path, reopen):
+  """Also through a freshly opened Checkpointer, as when a run resumes."""
   ck = Checkpointer(str(tmp_path))
   state = make_state()
   ck.save(1, state)
   ck.wait()
+  if reopen:
+    ck.close()
+    ck = Checkpointer(str(tmp_path))
+  w = abstract(state)["params"]["w"]
   target = abstract(state)
-  target["params"]["w"] = jax.ShapeDtypeStruct((8, 5), jnp.float32,
-                                               sharding=target["params"]["w"].sharding)
+  target["params"]["w"] = jax.ShapeDtypeStruct((8, 5), jnp.float32, sharding=w.sharding)
   with pytest.raises(CheckpointError, match=r"params/w is stored with shape \(8, 4\).*\(8, 5\)"):
+    ck.restore(target)
+  target["params"]["w"] = jax.ShapeDtypeStruct((8, 4), jnp.bfloat16, sharding=w.sharding)
+  with pytest.raises(CheckpointError, match=r"params/w is stored as float32.*bfloat16"):
     ck.restore(target)
 
 
