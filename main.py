@@ -3,10 +3,13 @@
   python main.py --config=configs/cifar10_ddpm.py --workdir=runs/cifar10 [--mode=train]
   python main.py --config=configs/cifar10_ddpm.py --workdir=runs/cifar10 --mode=sample \
       --config.sampling.method=ddim --config.sampling.num_steps=50
+  python main.py --config=configs/cifar10_ddpm.py --workdir=runs/cifar10 --mode=eval \
+      --config.eval.metrics=fid,is,nll
   python main.py --config=configs/cifar10_ddpm.py --mode=summary
 
 Modes: train (resumes from the newest checkpoint in --workdir), sample, eval, summary.
 """
+import logging as py_logging
 import sys
 
 from absl import app, flags, logging
@@ -22,9 +25,17 @@ flags.DEFINE_enum("mode", "train", MODES, "What to do.")
 flags.mark_flags_as_required(["config"])
 
 
+class _QuietLibraries(py_logging.Filter):
+  """Orbax logs every save and restore at INFO (a screenful each): keep its warnings only."""
+
+  def filter(self, record):
+    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   config = FLAGS.config
   if FLAGS.mode != "summary":
     if not FLAGS.workdir:
@@ -40,6 +51,7 @@ def main(argv):
     print(summary_text(config))
     return
   from diffusion_jax.checkpoints import CheckpointError
+  from diffusion_jax.convert_inception import InceptionWeightsError
   from diffusion_jax.data import DataError
   from diffusion_jax.train import TrainingError
   try:
@@ -52,7 +64,8 @@ def main(argv):
     elif FLAGS.mode == "eval":
       from diffusion_jax.evaluate import run_eval_mode
       logging.info("Results: %s", run_eval_mode(config, FLAGS.workdir))
-  except (ConfigError, DataError, CheckpointError, TrainingError) as e:
+  except (ConfigError, DataError, CheckpointError, TrainingError,
+          InceptionWeightsError) as e:
     logging.error("%s", e)
     sys.exit(f"{type(e).__name__}: {e}")
 

@@ -29,7 +29,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from diffusion_jax import parallel, samplers  # noqa: E402
-from diffusion_jax.models import denoiser  # noqa: E402
+from diffusion_jax.models import denoiser, fast_ops  # noqa: E402
 from diffusion_jax.train import Trainer  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -39,6 +39,8 @@ flags.DEFINE_enum("precision", "fp32", ["fp32", "bf16"], "Compute precision (par
 flags.DEFINE_integer("train_steps", 10, "Timed training steps.")
 flags.DEFINE_integer("ddim_steps", 50, "DDIM steps in the sampling measurement.")
 flags.DEFINE_integer("sample_repeats", 2, "Timed DDIM runs.")
+flags.DEFINE_bool("fast_conv_grad", True, "CPU: the hand-written conv kernel gradient "
+                  "(diffusion_jax/models/fast_ops.py); off = XLA's own, to measure the lever.")
 flags.DEFINE_bool("peer", True, "Also measure diffusers/PyTorch.")
 flags.DEFINE_enum("torch_compile", "auto", ["auto", "on", "off"], "auto: on GPU only.")
 flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
@@ -208,12 +210,13 @@ def main(argv):
   batch = FLAGS.batch_size or config.training.batch_size
   config.training.batch_size = batch
   config.model.dtype = "bfloat16" if FLAGS.precision == "bf16" else "float32"
+  fast_ops.FAST_KERNEL_GRAD = FLAGS.fast_conv_grad
   device = jax.devices()[0]
   kind = device.device_kind if device.platform != "cpu" else f"cpu-{os.cpu_count()}cores"
   cfg_name = os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0]
   res = {"device": kind, "platform": device.platform, "num_devices": jax.device_count(),
          "config": cfg_name, "batch_size": batch, "precision": FLAGS.precision,
-         "jax_version": jax.__version__, "python": platform.python_version()}
+         "fast_conv_grad": FLAGS.fast_conv_grad, "jax_version": jax.__version__, "python": platform.python_version()}
   res.update(bench_ours(config, batch))
   flops_img = res["flops_per_train_step"] / batch
   res["train_flops_per_image"] = flops_img

@@ -75,5 +75,10 @@ def get_config():
   ev.num_examples = 50_000
   ev.batch_size = 256
   ev.split = "test"
-  ev.samples_npz = placeholder(str)
+  ev.samples_npz = placeholder(str)  # score this uint8 NHWC npz (key arr_0) instead of sampling
+  ev.inception_path = placeholder(str)  # None: $DIFFUSION_JAX_INCEPTION or ~/.cache/diffusion_jax
+  ev.ref_stats = placeholder(str)   # npz with mu, sigma; None: computed once, cached in eval/
+  ev.ref_split = "train"            # FID reference set (the paper: the 50k training images)
+  ev.ref_num_examples = 50_000
+  ev.is_splits = 10                 # Inception Score: mean and std over 10 splits
   return c

@@ -6,6 +6,7 @@ multi-host job calls save and restore (Orbax coordinates them).
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 
@@ -27,6 +28,8 @@ class Checkpointer:
   """An Orbax CheckpointManager for a train state pytree plus a small JSON metadata item."""
 
   def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
+    # Orbax's storage layer takes absolute paths only (a relative --workdir failed every save)
+    directory = directory if "://" in directory else os.path.abspath(directory)
     self.directory = directory
     self._mngr = ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(

@@ -81,15 +81,38 @@ def write_nll_figures(nll: dict, rd: dict, prefix: str):
 
 
 def run_eval_mode(config, workdir: str) -> str:
-  """Evaluate the EMA parameters of the newest (or given) checkpoint; write eval/<step>.json."""
-  from diffusion_jax.sample import restore_ema_params
-  e = config.eval
-  trainer, step, params = restore_ema_params(config, workdir, config.sampling.checkpoint_step)
+  """Evaluate the EMA parameters of the newest (or given) checkpoint, or a given samples.npz;
+  write eval/<step>.json (eval/<npz name>.json) with the metrics and the settings used."""
+  from diffusion_jax import fid_eval
+  from diffusion_jax.sample import Sampler, restore_ema_params
+  e, s = config.eval, config.sampling
+  metrics = parse_metrics(e.metrics)
+  scored = {"fid", "is"} & set(metrics)
+  # a missing weight file is said before any sampling
+  inception = fid_eval.load_inception(config) if scored else None
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
-  result = {"step": step, "settings": {"split": e.split, "num_examples": e.num_examples,
-                                       "diffusion": config.diffusion.to_dict()}}
-  if "nll" in parse_metrics(e.metrics):
+  settings = {"metrics": list(metrics), "split": e.split, "num_examples": e.num_examples,
+              "diffusion": config.diffusion.to_dict()}
+  if e.samples_npz:  # score given images: no model needed
+    name = os.path.splitext(os.path.basename(e.samples_npz))[0]
+    result = {"samples_npz": os.path.abspath(e.samples_npz), "settings": settings}
+    result.update(fid_eval.fid_and_is(config, metrics,
+                                      fid_eval.iter_npz_images(e.samples_npz, e.batch_size),
+                                      inception, out_dir))
+    return _write_result(result, os.path.join(out_dir, f"{name}.json"))
+
+  trainer, step, params = restore_ema_params(config, workdir, s.checkpoint_step)
+  result = {"step": step, "settings": settings}
+  if scored:
+    settings["sampling"] = s.to_dict()
+    sampler = Sampler(config, trainer.model, trainer.diffusion, trainer.mesh,
+                      min(s.batch_size, e.num_examples))
+    logging.info("Scoring %d samples (%s) of step %d", e.num_examples, s.method, step)
+    result.update(fid_eval.fid_and_is(config, metrics,
+                                      sampler.batches(params, e.num_examples, s.seed),
+                                      inception, out_dir, trainer.mesh))
+  if "nll" in metrics:
     nll = nll_bits_per_dim(config, trainer.model, trainer.diffusion, params, trainer.mesh)
     rd = rate_distortion(nll)
     result.update(bits_per_dim=nll["bits_per_dim"], nll=nll, rate_distortion=rd)
@@ -98,8 +121,12 @@ def run_eval_mode(config, workdir: str) -> str:
                  rd["final_distortion_bpd"], rd["final_distortion_rmse"])
     if jax.process_index() == 0:
       write_nll_figures(nll, rd, os.path.join(out_dir, str(step)))
-  path = os.path.join(out_dir, f"{step}.json")
+  return _write_result(result, os.path.join(out_dir, f"{step}.json"))
+
+
+def _write_result(result: dict, path: str) -> str:
   if jax.process_index() == 0:
     with open(path, "w") as f:
       json.dump(result, f, indent=1)
+    logging.info("Wrote %s", path)
   return path

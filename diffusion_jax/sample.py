@@ -41,16 +41,18 @@ class Sampler:
 
     self._run = jax.jit(run, out_shardings=sharding)
 
-  def __call__(self, params, num: int, seed: int = 0) -> np.ndarray:
-    """`num` images as uint8 NHWC, in batches; image i depends only on (seed, i // batch)."""
+  def batches(self, params, num: int, seed: int = 0):
+    """`num` images as uint8 NHWC batches; image i depends only on (seed, i // batch)."""
     base = jax.random.PRNGKey(seed)
-    out = []
     for i in range(int(math.ceil(num / self.batch_size))):
       x = self._run(params, jax.random.fold_in(base, i))
-      out.append(to_uint8(parallel.to_host(x)))
+      yield to_uint8(parallel.to_host(x))[:num - i * self.batch_size]
       logging.log_every_n_seconds(logging.INFO, "sampled %d / %d", 30,
                                   min((i + 1) * self.batch_size, num), num)
-    return np.concatenate(out)[:num]
+
+  def __call__(self, params, num: int, seed: int = 0) -> np.ndarray:
+    """`num` images as one uint8 NHWC array."""
+    return np.concatenate(list(self.batches(params, num, seed)))
 
 
 def progressive_figure(config, model, diffusion, params, mesh, path: str, num: int = 8):

@@ -101,10 +101,10 @@ def validate_config(config, mode: str = "train") -> None:
   metrics = parse_metrics(e.metrics)
   _check(set(metrics) <= set(METRICS) and len(metrics) > 0, "eval.metrics", e.metrics,
          f"comma-separated names from {METRICS}")
-  if mode == "eval":  # FID/IS need the Inception network (issue 5), not shipped yet
-    _check(metrics == ("nll",), "eval.metrics", e.metrics,
-           "this version computes ('nll',) only: FID and IS need the Inception network, "
-           "which is not shipped yet; pass --config.eval.metrics=nll")
+  _check(not (e.samples_npz and "nll" in metrics), "eval.metrics", e.metrics,
+         "fid and/or is when eval.samples_npz is given (NLL needs the test set and a model)")
+  _check(e.is_splits >= 1, "eval.is_splits", e.is_splits, ">= 1")
+  _check(e.ref_num_examples >= 2, "eval.ref_num_examples", e.ref_num_examples, ">= 2")
   _check(e.num_examples >= 1, "eval.num_examples", e.num_examples, ">= 1")
   _check(e.batch_size >= 1 and e.batch_size % n_dev == 0, "eval.batch_size", e.batch_size,
          f"a positive multiple of the device count ({n_dev})")

@@ -46,6 +46,18 @@ def test_round_trip_is_exact_and_keeps_sharding(tmp_path):
     ck.restore(abstract(state), step=7)
 
 
+def test_relative_directory_saves_and_restores(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)  # `make demo` passes --workdir=runs/fashion_mnist
+  ck = Checkpointer(os.path.join("runs", "checkpoints"))
+  state = make_state(5.0)
+  assert ck.save(4, state)
+  ck.wait()
+  step, got, _ = Checkpointer(os.path.join("runs", "checkpoints")).restore(abstract(state))
+  assert step == 4
+  np.testing.assert_array_equal(got["params"]["b"], 5.0)
+  assert os.path.isdir(tmp_path / "runs" / "checkpoints" / "4")
+
+
 def test_damaged_newest_falls_back(tmp_path):
   ck = Checkpointer(str(tmp_path))
   state = make_state()

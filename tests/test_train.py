@@ -2,6 +2,7 @@
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -44,6 +45,28 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
   np.testing.assert_allclose(float(m_full["grad_norm"]), float(m_acc["grad_norm"]), rtol=1e-4)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), s_full.params,
                s_acc.params)
+
+
+def test_bfloat16_compute_keeps_float32_parameters_and_tracks_float32(tmp_path):
+  config = tiny_config(tmp_path)
+  config.model.dropout = 0.0
+  f32 = Trainer(config, mesh=parallel.make_mesh(1))
+  config.model.dtype = "bfloat16"
+  bf16 = Trainer(config, mesh=parallel.make_mesh(1))
+  s32, s16 = f32.init(), bf16.init()
+  losses = {32: [], 16: []}
+  for step in range(4):
+    b = batch_for(config, step)
+    s32, m32 = f32.step_fn(s32, parallel.global_batch(b, f32.mesh))
+    s16, m16 = bf16.step_fn(s16, parallel.global_batch(b, bf16.mesh))
+    losses[32].append(float(m32["loss"]))
+    losses[16].append(float(m16["loss"]))
+  dtypes = {a.dtype for a in jax.tree.leaves((s16.params, s16.ema_params, s16.opt_state))
+            if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating)}
+  assert dtypes == {jnp.dtype(jnp.float32)}, dtypes  # master weights and Adam moments
+  assert all(np.isfinite(losses[16]))
+  np.testing.assert_allclose(losses[16], losses[32], rtol=0.05)  # bf16 rounding, same descent
+  assert losses[16] != losses[32]  # the compute really ran in bfloat16
 
 
 def test_fsdp_shards_large_parameters(tmp_path):

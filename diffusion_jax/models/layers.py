@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.models import fast_ops
+
 Dtype = Any
 
 # The original code initialises with variance scaling (fan_avg, uniform); the layers it marks
@@ -27,7 +29,15 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0):
 
 
 def group_norm(name: str, dtype: Dtype):
-  return nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype, name=name)
+  return fast_ops.GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype, name=name)
+
+
+def conv(features: int, kernel: int, name: str, dtype: Dtype, strides: int = 1,
+         init=default_init):
+  """k x k conv, "SAME" padding (TF's: the extra row/column after), fast kernel gradient."""
+  return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding="SAME",
+                 kernel_init=init, dtype=dtype, name=name,
+                 conv_general_dilated=fast_ops.conv_general_dilated)
 
 
 class ResBlock(nn.Module):
@@ -38,16 +48,14 @@ class ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, temb, train: bool = False):
-    conv = lambda ch, k, name, init=default_init: nn.Conv(
-        ch, (k, k), padding="SAME", kernel_init=init, dtype=self.dtype, name=name)
-    h = conv(self.out_ch, 3, "conv_1")(nn.swish(group_norm("norm_1", self.dtype)(x)))
+    h = conv(self.out_ch, 3, "conv_1", self.dtype)(nn.swish(group_norm("norm_1", self.dtype)(x)))
     h = h + nn.Dense(self.out_ch, kernel_init=default_init, dtype=self.dtype,
                      name="temb_proj")(nn.swish(temb))[:, None, None, :]
     h = nn.swish(group_norm("norm_2", self.dtype)(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = conv(self.out_ch, 3, "conv_2", zero_init)(h)
+    h = conv(self.out_ch, 3, "conv_2", self.dtype, init=zero_init)(h)
     if x.shape[-1] != self.out_ch:  # "NIN" shortcut = 1x1 conv
-      x = conv(self.out_ch, 1, "nin_shortcut")(x)
+      x = conv(self.out_ch, 1, "nin_shortcut", self.dtype)(x)
     return x + h
 
 
@@ -74,8 +82,7 @@ class Downsample(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return nn.Conv(x.shape[-1], (3, 3), strides=(2, 2), padding="SAME",
-                   kernel_init=default_init, dtype=self.dtype, name="conv")(x)
+    return conv(x.shape[-1], 3, "conv", self.dtype, strides=2)(x)
 
 
 class Upsample(nn.Module):
@@ -85,5 +92,4 @@ class Upsample(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return nn.Conv(x.shape[-1], (3, 3), padding="SAME", kernel_init=default_init,
-                   dtype=self.dtype, name="conv")(x)
+    return conv(x.shape[-1], 3, "conv", self.dtype)(x)

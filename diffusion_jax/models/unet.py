@@ -6,7 +6,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from diffusion_jax.models.layers import (AttnBlock, Downsample, ResBlock, Upsample,
+from diffusion_jax.models.layers import (AttnBlock, Downsample, ResBlock, Upsample, conv,
                                          default_init, group_norm, timestep_embedding, zero_init)
 
 
@@ -55,8 +55,7 @@ class UNet(nn.Module):
                              name="label_emb")(y)
 
     res_block = lambda ch, name: ResBlock(ch, self.dropout, self.dtype, name=name)
-    h = nn.Conv(self.ch, (3, 3), padding="SAME", kernel_init=default_init, dtype=self.dtype,
-                name="conv_in")(x.astype(self.dtype))
+    h = conv(self.ch, 3, "conv_in", self.dtype)(x.astype(self.dtype))
     hs = [h]
     for i, mult in enumerate(self.ch_mult):  # down path
       for j in range(self.num_res_blocks):
@@ -83,6 +82,5 @@ class UNet(nn.Module):
     assert not hs
 
     h = nn.swish(group_norm("norm_out", self.dtype)(h))
-    h = nn.Conv(self.out_channels, (3, 3), padding="SAME", kernel_init=zero_init,
-                dtype=self.dtype, name="conv_out")(h)
+    h = conv(self.out_channels, 3, "conv_out", self.dtype, init=zero_init)(h)
     return h.astype(jnp.float32)
