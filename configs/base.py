@@ -75,6 +75,7 @@ def get_config():
   ev.num_examples = 50_000
   ev.batch_size = 256
   ev.split = "test"
+  ev.clip_denoised = True           # NLL: x^_0 clipped to [-1, 1], as the reference code evaluates
   ev.samples_npz = placeholder(str)  # score this uint8 NHWC npz (key arr_0) instead of sampling
   ev.inception_path = placeholder(str)  # None: $DIFFUSION_JAX_INCEPTION or ~/.cache/diffusion_jax
   ev.ref_stats = placeholder(str)   # npz with mu, sigma; None: computed once, cached in eval/

@@ -34,7 +34,7 @@ def nll_bits_per_dim(config, model, diffusion, params, mesh, num_examples: int |
   """
   e = config.eval
   n = num_examples or e.num_examples
-  fn = make_bpd_fn(model, diffusion, mesh)
+  fn = make_bpd_fn(model, diffusion, mesh, e.clip_denoised)
   n_dev = mesh.shape[parallel.DATA]
   sums, count, t0 = None, 0, time.time()
   key = jax.random.PRNGKey(config.training.seed + 7)
@@ -93,7 +93,7 @@ def run_eval_mode(config, workdir: str) -> str:
   out_dir = os.path.join(workdir, "eval")
   os.makedirs(out_dir, exist_ok=True)
   settings = {"metrics": list(metrics), "split": e.split, "num_examples": e.num_examples,
-              "diffusion": config.diffusion.to_dict()}
+              "clip_denoised": e.clip_denoised, "diffusion": config.diffusion.to_dict()}
   if e.samples_npz:  # score given images: no model needed
     name = os.path.splitext(os.path.basename(e.samples_npz))[0]
     result = {"samples_npz": os.path.abspath(e.samples_npz), "settings": settings}

@@ -121,6 +121,8 @@ def test_train_sample_and_nll(tmp_path):
   np.testing.assert_allclose(rd["final_rate_bpd"] + rd["final_distortion_bpd"],
                              after["bits_per_dim"], rtol=1e-5)
   assert len(after["vb_bpd"]) == 100
+  # eval.clip_denoised (the default): x^_0 stays in [-1, 1], so the RMSE is at most 255
+  assert max(rd["distortion_rmse"]) <= 255.0 and after["x0_mse"][-1] > 0.01
   out = run_sample_mode(config, workdir)
   arr = np.load(os.path.join(out, "samples.npz"))["arr_0"]
   assert arr.shape == (10, 16, 16, 1) and arr.dtype == np.uint8
