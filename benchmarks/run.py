@@ -216,7 +216,8 @@ def main(argv):
   cfg_name = os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0]
   res = {"device": kind, "platform": device.platform, "num_devices": jax.device_count(),
          "config": cfg_name, "batch_size": batch, "precision": FLAGS.precision,
-         "fast_conv_grad": FLAGS.fast_conv_grad, "jax_version": jax.__version__, "python": platform.python_version()}
+         "fast_conv_grad": FLAGS.fast_conv_grad, "jax_version": jax.__version__,
+         "python": platform.python_version()}
   res.update(bench_ours(config, batch))
   flops_img = res["flops_per_train_step"] / batch
   res["train_flops_per_image"] = flops_img

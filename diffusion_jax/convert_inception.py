@@ -38,6 +38,10 @@ class InceptionWeightsError(ValueError):
   pass
 
 
+class MissingInceptionWeights(InceptionWeightsError, FileNotFoundError):
+  """No weights file: the message says what to download and the command that converts it."""
+
+
 def default_inception_path() -> str:
   """Where the converted weights are looked for: $DIFFUSION_JAX_INCEPTION or the cache."""
   return os.path.expanduser(os.environ.get(ENV_VAR) or DEFAULT_FILE)
@@ -130,12 +134,12 @@ def load_inception_variables(path: str | None = None) -> dict:
   """The Flax variables of `FIDInceptionV3` from a file written by this module's converter.
 
   Every expected name and shape is checked; anything wrong raises one InceptionWeightsError
-  naming the file (FileNotFoundError, with what to do, when there is no file).
+  naming the file (MissingInceptionWeights, with what to do, when there is no file).
   """
   from safetensors.numpy import load_file
   path = os.path.expanduser(path or default_inception_path())
   if not os.path.isfile(path):
-    raise FileNotFoundError(missing_weights_message(path))
+    raise MissingInceptionWeights(missing_weights_message(path))
   try:
     flat = load_file(path)
   except Exception as e:  # safetensors raises its own error types for damaged files

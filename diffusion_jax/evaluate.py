@@ -40,8 +40,7 @@ def nll_bits_per_dim(config, model, diffusion, params, mesh, num_examples: int |
   key = jax.random.PRNGKey(config.training.seed + 7)
   for i, batch in enumerate(data.eval_images(config, e.split, n, e.batch_size)):
     b = batch.shape[0]
-    pad = (-b) % n_dev  # a short last batch: pad to the device count, drop the padding
-    x = np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], batch.dtype)]) if pad else batch
+    x = parallel.pad_to_multiple(batch, n_dev)  # a short last batch; the padding is dropped
     out = fn(params, parallel.global_batch({"x": x}, mesh)["x"], jax.random.fold_in(key, i))
     out = {k: parallel.to_host(v)[:b].sum(axis=0) for k, v in out.items()}
     sums = out if sums is None else {k: sums[k] + out[k] for k in out}

@@ -25,11 +25,7 @@ from diffusion_jax.inception import inception_fn
 def load_inception(config):
   """The Inception variables of config.eval.inception_path (default: the converted file's
   usual place); a missing file raises one error saying what to download and convert."""
-  path = config.eval.inception_path or convert_inception.default_inception_path()
-  if not os.path.exists(path):
-    raise convert_inception.InceptionWeightsError(
-        convert_inception.missing_weights_message(path))
-  return convert_inception.load_inception_variables(path)
+  return convert_inception.load_inception_variables(config.eval.inception_path)
 
 
 class InceptionScorer:
@@ -45,12 +41,8 @@ class InceptionScorer:
   def add(self, images_uint8: np.ndarray) -> None:
     b = images_uint8.shape[0]
     if self._mesh is not None:  # spread the batch over the devices (padded, padding dropped)
-      n_dev = self._mesh.size
-      pad = (-b) % n_dev
-      if pad:
-        images_uint8 = np.concatenate(
-            [images_uint8, np.zeros((pad,) + images_uint8.shape[1:], np.uint8)])
-      images_uint8 = jax.device_put(images_uint8, parallel.batch_sharding(self._mesh))
+      images_uint8 = jax.device_put(parallel.pad_to_multiple(images_uint8, self._mesh.size),
+                                    parallel.batch_sharding(self._mesh))
     pool3, logits = self._features(images_uint8)
     self.stats.update(np.asarray(pool3)[:b])
     self._logits.append(np.asarray(logits, np.float32)[:b])

@@ -75,6 +75,14 @@ def global_batch(local: dict, mesh) -> dict:
                       local)
 
 
+def pad_to_multiple(batch: np.ndarray, n: int) -> np.ndarray:
+  """A short batch padded with zeros to a multiple of n rows (drop them from the outputs)."""
+  pad = (-batch.shape[0]) % n
+  if not pad:
+    return batch
+  return np.concatenate([batch, np.zeros((pad,) + batch.shape[1:], batch.dtype)])
+
+
 def to_host(x) -> np.ndarray:
   """A (possibly multi-host sharded) array fully on this host, as numpy."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
