@@ -12,15 +12,19 @@ benchmarks/results/<device>_<config>.json.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
+import traceback
 import re
 import resource
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# JAX takes 75 % of GPU memory up front; leave room for PyTorch measured in the same process
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -28,9 +32,9 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from diffusion_jax import parallel, samplers  # noqa: E402
+from diffusion_jax import parallel, samplers, summary, train  # noqa: E402
 from diffusion_jax.models import denoiser, fast_ops  # noqa: E402
-from diffusion_jax.train import Trainer  # noqa: E402
+from diffusion_jax.sample import Sampler  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config.")
@@ -41,14 +45,28 @@ flags.DEFINE_integer("ddim_steps", 50, "DDIM steps in the sampling measurement."
 flags.DEFINE_integer("sample_repeats", 2, "Timed DDIM runs.")
 flags.DEFINE_bool("fast_conv_grad", True, "CPU: the hand-written conv kernel gradient "
                   "(diffusion_jax/models/fast_ops.py); off = XLA's own, to measure the lever.")
+flags.DEFINE_bool("fast_group_norm", True, "diffusion_jax's GroupNorm (off: flax's; lever).")
+flags.DEFINE_bool("compile_only", False, "Compile (filling JAX_COMPILATION_CACHE_DIR) and exit.")
 flags.DEFINE_bool("peer", True, "Also measure diffusers/PyTorch.")
+flags.DEFINE_bool("ours", True, "Measure diffusion_jax (off: the peer alone).")
+flags.DEFINE_bool("sample", True, "Also measure sampling (one step, DDIM).")
+flags.DEFINE_enum("attention", None, ["auto", "xla", "cudnn"], "model.attention override.")
+flags.DEFINE_bool("remat", None, "model.remat override.")
+flags.DEFINE_bool("donate", True, "Donate the train state's buffers to the step (lever).")
+flags.DEFINE_integer("steps_per_dispatch", 1, "Training steps per compiled call (lax.scan).")
+flags.DEFINE_enum("prng", "threefry2x32", ["threefry2x32", "rbg", "unsafe_rbg"],
+                  "jax_default_prng_impl: the dropout masks' and noise's generator (lever).")
+flags.DEFINE_integer("full_sample_batch", 0, "> 0: time the configured sampler (ancestral, "
+                     "1000 steps) on one batch of this size; extrapolate to 50,000 images.")
+flags.DEFINE_string("tag", "", "Suffix of the result file (lever runs).")
 flags.DEFINE_enum("torch_compile", "auto", ["auto", "on", "off"], "auto: on GPU only.")
 flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                     "Where the JSON goes.")
 flags.mark_flags_as_required(["config"])
 
-# dense peak TFLOP/s by device kind: (bf16, fp32)
-PEAKS = {"H100": (989.0, 67.0), "H200": (989.0, 67.0), "A100": (312.0, 19.5),
+# dense peak TFLOP/s by device kind: (bf16, fp32 as XLA runs it). On GPU, fp32 convs and matmuls
+# run on TF32 tensor cores (JAX's default precision); TPUs take bf16 passes for fp32 by default.
+PEAKS = {"H100": (989.0, 494.7), "H200": (989.0, 494.7), "A100": (312.0, 156.0),
          "TPU v3": (123.0, 123.0), "TPU v4": (275.0, 275.0), "TPU v5 lite": (197.0, 197.0),
          "TPU v5e": (197.0, 197.0), "TPU v5p": (459.0, 459.0), "TPU v5": (459.0, 459.0)}
 
@@ -77,41 +95,104 @@ def timed(fn, repeats):
   return (time.perf_counter() - t0) / repeats
 
 
+def _train_fn(tr, k: int):
+  """The jitted step, or k steps per call (lax.scan over a [k, B, ...] batch)."""
+  donate = (0,) if FLAGS.donate else ()
+  if k == 1 and FLAGS.donate:
+    return tr.step_fn
+  step = functools.partial(train.train_step, model=tr.model, diffusion=tr.diffusion, tx=tr.tx,
+                           ema_decay=tr.config.training.ema_decay,
+                           accum_steps=tr.config.training.grad_accum_steps)
+  if k == 1:
+    return jax.jit(step, donate_argnums=donate)
+  return jax.jit(lambda st, bs: jax.lax.scan(step, st, bs), donate_argnums=donate)
+
+
 def bench_ours(config, batch):
-  tr = Trainer(config)
+  tr = train.Trainer(config)
   state = tr.init()
+  k = FLAGS.steps_per_dispatch
   shape = (batch, config.data.image_size, config.data.image_size, config.data.channels)
   rng = np.random.default_rng(0)
   host = {"image": rng.uniform(-1, 1, shape).astype(np.float32),
           "label": np.zeros((batch,), np.int32)}
   b = parallel.global_batch(host, tr.mesh)
+  if k > 1:  # the same batch k times: the data pipeline is not what is measured
+    b = jax.tree.map(lambda x: jnp.broadcast_to(x, (k,) + x.shape), b)
   t0 = time.perf_counter()
-  compiled = tr.step_fn.lower(state, b).compile()
+  fn = _train_fn(tr, k).lower(state, b).compile()
   compile_s = time.perf_counter() - t0
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  flops_step = float(cost.get("flops", float("nan")))
-  state, m = tr.step_fn(state, b)
+  flops_step = _step_flops(tr, state, jax.tree.map(lambda x: x[0], b) if k > 1 else b)
+  if FLAGS.compile_only:
+    _compile_sampling(tr, state.ema_params, host)
+    return {"compile_s": compile_s}
+  state, m = fn(state, b)
   jax.block_until_ready(m)
   holder = {"s": state}
 
   def step():
-    holder["s"], metrics = tr.step_fn(holder["s"], b)
+    holder["s"], metrics = fn(holder["s"], b)
     return metrics["loss"]
 
-  dt = timed(step, FLAGS.train_steps)
+  dt = timed(step, max(FLAGS.train_steps // k, 1)) / k
+  res = {"train_img_per_s": batch / dt, "step_s": dt, "compile_s": compile_s,
+         "flops_per_train_step": flops_step,
+         "peak_mem_bytes": peak_memory_bytes(jax.devices()[0])}
   params = holder["s"].ema_params
+  if FLAGS.sample:
+    apply, ddim, x, t = _sampling_fns(tr, host)
+    one_dt = timed(lambda: apply(params, x, t), 5)
+    ddim_dt = timed(lambda: ddim(params, x, jax.random.PRNGKey(0)), FLAGS.sample_repeats)
+    res.update(one_step_img_per_s=batch / one_dt, sample_img_per_s=batch / ddim_dt)
+  if FLAGS.full_sample_batch:
+    res.update(bench_full_sampling(config, tr, params, FLAGS.full_sample_batch))
+  return res
+
+
+def _step_flops(tr, state, batch) -> float:
+  fast = fast_ops.FAST_KERNEL_GRAD
+  fast_ops.FAST_KERNEL_GRAD = False  # its backward is not in the jaxpr; the FLOPs are the same
+  try:
+    return summary.matmul_flops(tr.step_fn, state, batch)
+  finally:
+    fast_ops.FAST_KERNEL_GRAD = fast
+
+
+def _sampling_fns(tr, host):
+  """One denoising step and DDIM, jitted, with their inputs."""
   apply = jax.jit(lambda p, x, t: denoiser(tr.model, p)(x, t))
-  x = jax.device_put(jnp.asarray(host["image"]), parallel.batch_sharding(tr.mesh))
-  t = jnp.full((batch,), 500, jnp.int32)
-  one_dt = timed(lambda: apply(params, x, t), 5)
-  fn = jax.jit(lambda p, x, k: samplers.ddim_sample(
+  ddim = jax.jit(lambda p, x, k: samplers.ddim_sample(
       tr.diffusion, denoiser(tr.model, p), x, k, FLAGS.ddim_steps, 0.0, clip_denoised=True))
-  ddim_dt = timed(lambda: fn(params, x, jax.random.PRNGKey(0)), FLAGS.sample_repeats)
-  return {"train_img_per_s": batch / dt, "step_s": dt, "compile_s": compile_s,
-          "flops_per_train_step": flops_step, "one_step_img_per_s": batch / one_dt,
-          "sample_img_per_s": batch / ddim_dt,
-          "peak_mem_bytes": peak_memory_bytes(jax.devices()[0])}
+  x = jax.device_put(jnp.asarray(host["image"]), parallel.batch_sharding(tr.mesh))
+  return apply, ddim, x, jnp.full((x.shape[0],), 500, jnp.int32)
+
+
+def _compile_sampling(tr, params, host):
+  if FLAGS.sample:
+    apply, ddim, x, t = _sampling_fns(tr, host)
+    apply.lower(params, x, t).compile()
+    ddim.lower(params, x, jax.random.PRNGKey(0)).compile()
+  if FLAGS.full_sample_batch:
+    Sampler(tr.config, tr.model, tr.diffusion, tr.mesh, FLAGS.full_sample_batch)._run.lower(
+        params, jax.random.PRNGKey(0)).compile()
+
+
+def bench_full_sampling(config, tr, params, n: int):
+  """The sample mode's own compiled sampler (config.sampling: 1000 ancestral steps) on n images."""
+  sampler = Sampler(config, tr.model, tr.diffusion, tr.mesh, n)
+  key = jax.random.PRNGKey(0)
+  t0 = time.perf_counter()
+  run = sampler._run.lower(params, key).compile()
+  compile_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  x = jax.block_until_ready(run(params, key))
+  dt = time.perf_counter() - t0
+  steps = tr.diffusion.num_timesteps if config.sampling.method == "ancestral" else (
+      config.sampling.num_steps)
+  return {"full_sample_batch": n, "full_sample_steps": steps, "full_sample_s": dt,
+          "full_sample_compile_s": compile_s, "full_sample_finite": bool(np.isfinite(x).all()),
+          "sample_50k_minutes": 50_000 / n * dt / 60,
+          "network_img_per_s_in_sampling": n * steps / dt}
 
 
 def diffusers_unet(config):
@@ -132,6 +213,9 @@ def bench_peer(config, batch, precision):
   import torch
   from diffusers import DDIMScheduler
   dev = "cuda" if torch.cuda.is_available() else "cpu"
+  # as XLA on GPU: tf32 tensor cores for float32 matmuls and convs; cuDNN picks its fastest
+  torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+  torch.backends.cudnn.benchmark = True
   torch.manual_seed(0)
   net = diffusers_unet(config).to(dev).to(memory_format=torch.channels_last)
   ema = [p.detach().clone() for p in net.parameters()]
@@ -175,6 +259,14 @@ def bench_peer(config, batch, precision):
   sync()
   compile_s = time.perf_counter() - t0
   dt = timeit(step, FLAGS.train_steps)
+  res = {"peer_train_img_per_s": batch / dt, "peer_compile_s": compile_s,
+         "peer_torch_compile": use_compile, "torch_version": torch.__version__,
+         "peer_threads": torch.get_num_threads() if dev == "cpu" else None}
+  mem = lambda: (torch.cuda.max_memory_allocated() if dev == "cuda"
+                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+  res["peer_peak_mem_bytes"] = int(mem())
+  if not FLAGS.sample:
+    return res
   net.eval()
   sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
 
@@ -195,13 +287,7 @@ def bench_peer(config, batch, precision):
 
   one_dt = timeit(one, 5)
   ddim_dt = timeit(ddim, FLAGS.sample_repeats)
-  mem = (torch.cuda.max_memory_allocated() if dev == "cuda"
-         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-  return {"peer_train_img_per_s": batch / dt, "peer_compile_s": compile_s,
-          "peer_one_step_img_per_s": batch / one_dt, "peer_sample_img_per_s": batch / ddim_dt,
-          "peer_peak_mem_bytes": int(mem), "peer_torch_compile": use_compile,
-          "torch_version": torch.__version__,
-          "peer_threads": torch.get_num_threads() if dev == "cpu" else None}
+  return dict(res, peer_one_step_img_per_s=batch / one_dt, peer_sample_img_per_s=batch / ddim_dt)
 
 
 def main(argv):
@@ -210,32 +296,72 @@ def main(argv):
   batch = FLAGS.batch_size or config.training.batch_size
   config.training.batch_size = batch
   config.model.dtype = "bfloat16" if FLAGS.precision == "bf16" else "float32"
+  if FLAGS.attention is not None:
+    config.model.attention = FLAGS.attention
+  if FLAGS.remat is not None:
+    config.model.remat = FLAGS.remat
+  jax.config.update("jax_default_prng_impl", FLAGS.prng)
   fast_ops.FAST_KERNEL_GRAD = FLAGS.fast_conv_grad
+  fast_ops.FAST_GROUP_NORM = FLAGS.fast_group_norm
   device = jax.devices()[0]
   kind = device.device_kind if device.platform != "cpu" else f"cpu-{os.cpu_count()}cores"
   cfg_name = os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0]
   res = {"device": kind, "platform": device.platform, "num_devices": jax.device_count(),
          "config": cfg_name, "batch_size": batch, "precision": FLAGS.precision,
-         "fast_conv_grad": FLAGS.fast_conv_grad, "jax_version": jax.__version__,
+         "attention": config.model.attention, "remat": config.model.remat,
+         "donate": FLAGS.donate, "steps_per_dispatch": FLAGS.steps_per_dispatch,
+         "prng": FLAGS.prng, "fast_conv_grad": FLAGS.fast_conv_grad,
+         "fast_group_norm": FLAGS.fast_group_norm,
+         "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_version": jax.__version__,
          "python": platform.python_version()}
-  res.update(bench_ours(config, batch))
-  flops_img = res["flops_per_train_step"] / batch
-  res["train_flops_per_image"] = flops_img
-  res["tflops"] = res["train_img_per_s"] * flops_img / 1e12
-  peak = peak_tflops(kind, FLAGS.precision)
-  res["peak_tflops"] = peak
-  res["mfu"] = res["tflops"] / peak if peak else None
-  if FLAGS.peer:
-    res.update(bench_peer(config, batch, FLAGS.precision))
-    res["train_speedup"] = res["train_img_per_s"] / res["peer_train_img_per_s"]
-    res["sample_speedup"] = res["sample_img_per_s"] / res["peer_sample_img_per_s"]
-  os.makedirs(FLAGS.out, exist_ok=True)
   slug = re.sub(r"[^A-Za-z0-9]+", "_", kind).strip("_").lower()
-  path = os.path.join(FLAGS.out, f"{slug}_{cfg_name}.json")
+  path = os.path.join(FLAGS.out, f"{slug}_{cfg_name}{'_' + FLAGS.tag if FLAGS.tag else ''}.json")
+  os.makedirs(FLAGS.out, exist_ok=True)
+  if FLAGS.compile_only:
+    print(f"compiled in {bench_ours(config, batch)['compile_s']:.1f} s")
+    return
+  if FLAGS.ours:
+    res.update(bench_ours(config, batch))
+    flops_img = res["flops_per_train_step"] / batch
+    res["train_flops_per_image"] = flops_img
+    res["tflops"] = res["train_img_per_s"] * flops_img / 1e12
+    peak = peak_tflops(kind, FLAGS.precision)
+    res["peak_tflops"] = peak
+    res["mfu"] = res["tflops"] / peak if peak else None
+    _write(path, res)  # kept even if the peer fails below
+  if FLAGS.peer:
+    try:
+      res.update(bench_peer(config, batch, FLAGS.precision))
+    except Exception:  # noqa: BLE001 -- record why, keep our figures
+      res["peer_error"] = traceback.format_exc(limit=3)
+      print(res["peer_error"], file=sys.stderr)
+    if FLAGS.ours and "peer_train_img_per_s" in res:
+      res["train_speedup"] = res["train_img_per_s"] / res["peer_train_img_per_s"]
+      if "sample_img_per_s" in res:
+        res["sample_speedup"] = res["sample_img_per_s"] / res["peer_sample_img_per_s"]
+  _write(path, res)
+  if FLAGS.ours:
+    print(markdown_row(res))
+  print(f"wrote {path}")
+  print(summary_line(res))
+
+
+def summary_line(r) -> str:
+  """One line per run, for lever tables."""
+  get = lambda k, scale=1.0, p=1: "-" if r.get(k) is None else f"{r[k] * scale:,.{p}f}"
+  return (f"RESULT {r['config']} b{r['batch_size']} {r['precision']} {FLAGS.tag or 'default'}: "
+          f"train {get('train_img_per_s')} img/s (peer {get('peer_train_img_per_s')}), "
+          f"one-step {get('one_step_img_per_s')} (peer {get('peer_one_step_img_per_s')}), "
+          f"DDIM {get('sample_img_per_s', p=2)} (peer {get('peer_sample_img_per_s', p=2)}), "
+          f"compile {get('compile_s')} s, mem {get('peak_mem_bytes', 1e-9, 2)} GB "
+          f"(peer {get('peer_peak_mem_bytes', 1e-9, 2)}), {get('tflops', p=1)} TFLOP/s, "
+          f"MFU {get('mfu', 100)} %, 50k x 1000 steps {get('sample_50k_minutes')} min"
+          + (" PEER ERROR" if "peer_error" in r else ""))
+
+
+def _write(path, res):
   with open(path, "w") as f:
     json.dump(res, f, indent=1)
-  print(markdown_row(res))
-  print(f"wrote {path}")
 
 
 def markdown_row(r) -> str:
@@ -245,7 +371,7 @@ def markdown_row(r) -> str:
           "(ours / diffusers) | compile s | TFLOP/s | MFU |\n|---|---|---|---|---|---|---|---|---|")
   row = (f"| {r['device']} | {r['config']} | {r['batch_size']} | {r['precision']} | "
          f"{fmt(r['train_img_per_s'])} / {fmt(r.get('peer_train_img_per_s'))} | "
-         f"{fmt(r['sample_img_per_s'], 2)} / {fmt(r.get('peer_sample_img_per_s'), 2)} | "
+         f"{fmt(r.get('sample_img_per_s'), 2)} / {fmt(r.get('peer_sample_img_per_s'), 2)} | "
          f"{fmt(r['compile_s'])} | {fmt(r['tflops'], 3)} | "
          f"{mfu} |")
   return head + "\n" + row

@@ -28,6 +28,8 @@ def get_config():
   model.dropout = 0.1
   model.num_classes = 0            # > 0: class-conditional (label embedding + a null label)
   model.dtype = "float32"          # compute dtype: float32 | bfloat16 (parameters stay float32)
+  model.attention = "auto"         # auto | xla | cudnn (flash attention on GPU, bf16 only)
+  model.remat = False              # recompute activations in the backward pass (less memory)
 
   c.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.num_timesteps = 1000

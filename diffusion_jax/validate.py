@@ -6,7 +6,7 @@ import jax
 
 from diffusion_jax import diffusion as dm
 from diffusion_jax import samplers
-from diffusion_jax.models import DTYPES, MODELS
+from diffusion_jax.models import ATTENTION, DTYPES, MODELS
 
 DATASETS = ("fashion_mnist", "cifar10", "celeb_a_hq", "lsun_church", "folder")
 METRICS = ("fid", "is", "nll")
@@ -40,6 +40,10 @@ def validate_config(config, mode: str = "train") -> None:
 
   _check(m.name in MODELS, "model.name", m.name, f"one of {tuple(MODELS)}")
   _check(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {tuple(DTYPES)}")
+  _check(m.attention in ATTENTION, "model.attention", m.attention, f"one of {ATTENTION}")
+  _check(m.attention != "cudnn" or (m.dtype == "bfloat16" and jax.default_backend() == "gpu"),
+         "model.attention", m.attention, "'cudnn' needs model.dtype='bfloat16' on a GPU; "
+         "'auto' picks it where it applies")
   _check(len(m.ch_mult) >= 1 and all(k >= 1 for k in m.ch_mult), "model.ch_mult", m.ch_mult,
          "a non-empty tuple of positive multipliers")
   for k in m.ch_mult:

@@ -59,3 +59,49 @@ def test_shape_errors_are_clear():
     small().init(jax.random.PRNGKey(0), jnp.zeros((1, 7, 7, 1)), jnp.zeros((1,)))
   with pytest.raises(ValueError, match="expects 1 channels"):
     small().init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,)))
+
+
+def test_remat_same_parameters_outputs_and_gradients():
+  """remat trades memory for compute: the same parameter tree, outputs and gradients (with
+  the same dropout masks), and the backward pass really recomputes (more convs in the HLO)."""
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 1))
+  t = jnp.array([3, 700])
+  plain, remat = small(), small(remat=True)
+  params = jax.jit(plain.init)(jax.random.PRNGKey(1), x, t)
+  assert jax.tree.structure(jax.eval_shape(remat.init, jax.random.PRNGKey(1), x, t)) == \
+      jax.tree.structure(params)
+  params = jax.tree.map(lambda p: p + 0.01, params)
+
+  def lowered(m):
+    loss = lambda p: jnp.sum(m.apply(p, x, t, train=True,
+                                     rngs={"dropout": jax.random.PRNGKey(2)}) ** 2)
+    return jax.jit(jax.value_and_grad(loss)).lower(params)
+
+  a, b = lowered(plain), lowered(remat)
+  convs = lambda low: low.as_text().count("stablehlo.convolution")
+  assert convs(b) > convs(a)
+  (la, ga), (lb, gb) = a.compile()(params), b.compile()(params)
+  np.testing.assert_allclose(la, lb, rtol=1e-5)
+  jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-6), ga, gb)
+
+
+def test_attention_implementations_agree():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 1))
+  t = jnp.array([3, 700])
+  params = jax.tree.map(lambda p: p + 0.01, jax.jit(small().init)(jax.random.PRNGKey(1), x, t))
+  apply = lambda impl: jax.jit(small(attention=impl).apply)(params, x, t)
+  np.testing.assert_allclose(apply("xla"), apply("auto"), atol=1e-6)
+  with pytest.raises(Exception):  # cuDNN flash attention needs a GPU
+    apply("cudnn")
+
+
+def test_attention_choice_is_validated_before_anything_compiles():
+  from configs.cifar10_ddpm import get_config
+  from diffusion_jax.validate import ConfigError, validate_config
+  config = get_config()
+  config.model.attention = "flash"
+  with pytest.raises(ConfigError, match="model.attention='flash'.*auto"):
+    validate_config(config)
+  config.model.attention = "cudnn"  # this CPU has no cuDNN
+  with pytest.raises(ConfigError, match="bfloat16' on a GPU"):
+    validate_config(config)

@@ -5,6 +5,7 @@ from diffusion_jax.models.unet import UNet
 
 MODELS = {"unet": UNet}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+ATTENTION = ("auto", "xla", "cudnn")
 
 
 def denoiser(model, params):
@@ -20,4 +21,4 @@ def build_model(config):
       attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
       in_channels=config.data.channels,
       learned_variance=config.diffusion.var_type in ("learned", "learned_range"),
-      num_classes=m.num_classes, dtype=DTYPES[m.dtype])
+      num_classes=m.num_classes, dtype=DTYPES[m.dtype], attention=m.attention, remat=m.remat)

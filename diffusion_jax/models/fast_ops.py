@@ -26,6 +26,8 @@ from jax import lax
 _NHWC = ("NHWC", "HWIO", "NHWC")
 # Off: XLA's own kernel gradient everywhere (benchmarks/run.py --nofast_conv_grad measures the lever)
 FAST_KERNEL_GRAD = True
+# Off: flax's GroupNorm (benchmarks/run.py --nofast_group_norm measures the lever)
+FAST_GROUP_NORM = True
 # below this many output channels the per-tap products are too thin to beat XLA (conv_out: 1 or 3)
 _MIN_FEATURES = 8
 

@@ -29,7 +29,8 @@ def timestep_embedding(t, dim: int, max_period: float = 10000.0):
 
 
 def group_norm(name: str, dtype: Dtype):
-  return fast_ops.GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype, name=name)
+  cls = fast_ops.GroupNorm if fast_ops.FAST_GROUP_NORM else nn.GroupNorm
+  return cls(num_groups=32, epsilon=1e-6, dtype=dtype, name=name)
 
 
 def conv(features: int, kernel: int, name: str, dtype: Dtype, strides: int = 1,
@@ -60,8 +61,12 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-  """Single-head self-attention over the H*W positions, residual (Appendix B)."""
+  """Single-head self-attention over the H*W positions, residual (Appendix B).
+
+  implementation: None lets JAX choose; "cudnn" (GPU flash attention, bf16/fp16) or "xla".
+  """
   dtype: Dtype = jnp.float32
+  implementation: str | None = None
 
   @nn.compact
   def __call__(self, x):
@@ -70,8 +75,7 @@ class AttnBlock(nn.Module):
     dense = lambda name, init=default_init: nn.Dense(c, kernel_init=init, dtype=self.dtype,
                                                      name=name)
     q, k, v = dense("q")(h), dense("k")(h), dense("v")(h)
-    # fused attention: cuDNN flash attention on GPU, XLA elsewhere; scale 1/sqrt(c)
-    h = jax.nn.dot_product_attention(q, k, v)
+    h = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)  # 1/sqrt(c)
     h = dense("proj_out", zero_init)(h).reshape(b, hgt, wid, c)
     return x + h
 
