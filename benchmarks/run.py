@@ -46,7 +46,6 @@ flags.DEFINE_integer("sample_repeats", 2, "Timed DDIM runs.")
 flags.DEFINE_bool("fast_conv_grad", True, "CPU: the hand-written conv kernel gradient "
                   "(diffusion_jax/models/fast_ops.py); off = XLA's own, to measure the lever.")
 flags.DEFINE_bool("fast_group_norm", True, "diffusion_jax's GroupNorm (off: flax's; lever).")
-flags.DEFINE_bool("compile_only", False, "Compile (filling JAX_COMPILATION_CACHE_DIR) and exit.")
 flags.DEFINE_bool("peer", True, "Also measure diffusers/PyTorch.")
 flags.DEFINE_bool("ours", True, "Measure diffusion_jax (off: the peer alone).")
 flags.DEFINE_bool("sample", True, "Also measure sampling (one step, DDIM).")
@@ -123,9 +122,6 @@ def bench_ours(config, batch):
   fn = _train_fn(tr, k).lower(state, b).compile()
   compile_s = time.perf_counter() - t0
   flops_step = _step_flops(tr, state, jax.tree.map(lambda x: x[0], b) if k > 1 else b)
-  if FLAGS.compile_only:
-    _compile_sampling(tr, state.ema_params, host)
-    return {"compile_s": compile_s}
   state, m = fn(state, b)
   jax.block_until_ready(m)
   holder = {"s": state}
@@ -165,16 +161,6 @@ def _sampling_fns(tr, host):
       tr.diffusion, denoiser(tr.model, p), x, k, FLAGS.ddim_steps, 0.0, clip_denoised=True))
   x = jax.device_put(jnp.asarray(host["image"]), parallel.batch_sharding(tr.mesh))
   return apply, ddim, x, jnp.full((x.shape[0],), 500, jnp.int32)
-
-
-def _compile_sampling(tr, params, host):
-  if FLAGS.sample:
-    apply, ddim, x, t = _sampling_fns(tr, host)
-    apply.lower(params, x, t).compile()
-    ddim.lower(params, x, jax.random.PRNGKey(0)).compile()
-  if FLAGS.full_sample_batch:
-    Sampler(tr.config, tr.model, tr.diffusion, tr.mesh, FLAGS.full_sample_batch)._run.lower(
-        params, jax.random.PRNGKey(0)).compile()
 
 
 def bench_full_sampling(config, tr, params, n: int):
@@ -317,9 +303,6 @@ def main(argv):
   slug = re.sub(r"[^A-Za-z0-9]+", "_", kind).strip("_").lower()
   path = os.path.join(FLAGS.out, f"{slug}_{cfg_name}{'_' + FLAGS.tag if FLAGS.tag else ''}.json")
   os.makedirs(FLAGS.out, exist_ok=True)
-  if FLAGS.compile_only:
-    print(f"compiled in {bench_ours(config, batch)['compile_s']:.1f} s")
-    return
   if FLAGS.ours:
     res.update(bench_ours(config, batch))
     flops_img = res["flops_per_train_step"] / batch
