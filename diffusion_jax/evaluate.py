@@ -41,7 +41,8 @@ def nll_bits_per_dim(config, model, diffusion, params, mesh, num_examples: int |
   for i, batch in enumerate(data.eval_images(config, e.split, n, e.batch_size)):
     b = batch.shape[0]
     x = parallel.pad_to_multiple(batch, n_dev)  # a short last batch; the padding is dropped
-    out = fn(params, parallel.global_batch({"x": x}, mesh)["x"], jax.random.fold_in(key, i))
+    # every process reads the same images: split them over all devices, none twice
+    out = fn(params, parallel.replicated_to_global(x, mesh), jax.random.fold_in(key, i))
     out = {k: parallel.to_host(v)[:b].sum(axis=0) for k, v in out.items()}
     sums = out if sums is None else {k: sums[k] + out[k] for k in out}
     count += b

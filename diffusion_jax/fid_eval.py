@@ -33,19 +33,19 @@ class InceptionScorer:
 
   def __init__(self, variables, mesh=None):
     self._features = inception_fn(variables)
-    self._mesh = mesh if mesh is not None and jax.process_count() == 1 else None
+    self._mesh = mesh
     self.stats = fid.FeatureStats()
     self._logits: list[np.ndarray] = []
     self._t0 = time.time()
 
   def add(self, images_uint8: np.ndarray) -> None:
     b = images_uint8.shape[0]
-    if self._mesh is not None:  # spread the batch over the devices (padded, padding dropped)
-      images_uint8 = jax.device_put(parallel.pad_to_multiple(images_uint8, self._mesh.size),
-                                    parallel.batch_sharding(self._mesh))
-    pool3, logits = self._features(images_uint8)
-    self.stats.update(np.asarray(pool3)[:b])
-    self._logits.append(np.asarray(logits, np.float32)[:b])
+    if self._mesh is not None:  # every process holds the batch: split it over all devices
+      images_uint8 = parallel.replicated_to_global(
+          parallel.pad_to_multiple(images_uint8, self._mesh.size), self._mesh)
+    pool3, logits = (parallel.to_host(y)[:b] for y in self._features(images_uint8))
+    self.stats.update(pool3)
+    self._logits.append(logits.astype(np.float32))
     logging.log_every_n_seconds(logging.INFO, "Inception: %d images (%.1f img/s)", 30,
                                 self.stats.count, self.stats.count / (time.time() - self._t0))
 

@@ -75,6 +75,15 @@ def global_batch(local: dict, mesh) -> dict:
                       local)
 
 
+def replicated_to_global(x, mesh) -> jax.Array:
+  """An array that every process holds whole (the same rows everywhere, e.g. evaluation
+  images) -> one global array split over the data axis: each device gets its own rows, so
+  all devices of all hosts share the work and none repeats another's. Rows: a multiple of
+  the device count (`pad_to_multiple`)."""
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, batch_sharding(mesh), lambda index: x[index])
+
+
 def pad_to_multiple(batch: np.ndarray, n: int) -> np.ndarray:
   """A short batch padded with zeros to a multiple of n rows (drop them from the outputs)."""
   pad = (-batch.shape[0]) % n
