@@ -19,7 +19,7 @@ class UNet(nn.Module):
   label, for classifier-free guidance). `dtype` is the compute dtype; parameters stay float32.
   attention: "auto" | "xla" | "cudnn" (jax.nn.dot_product_attention's implementation).
   remat: recompute each block's activations in the backward pass instead of keeping them
-  (less memory for the 256x256 models, ~1/3 more compute).
+  (less memory for the 256x256 models, for one more forward pass of each block).
   """
   ch: int = 128
   ch_mult: Sequence[int] = (1, 2, 2, 2)
