@@ -12,7 +12,6 @@ benchmarks/results/<device>_<config>.json.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import platform
@@ -32,7 +31,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from diffusion_jax import parallel, samplers, summary, train  # noqa: E402
+from diffusion_jax import parallel, samplers, summary, train, xla_options  # noqa: E402
 from diffusion_jax.models import denoiser, fast_ops  # noqa: E402
 from diffusion_jax.sample import Sampler  # noqa: E402
 
@@ -43,8 +42,8 @@ flags.DEFINE_enum("precision", "fp32", ["fp32", "bf16"], "Compute precision (par
 flags.DEFINE_integer("train_steps", 10, "Timed training steps.")
 flags.DEFINE_integer("ddim_steps", 50, "DDIM steps in the sampling measurement.")
 flags.DEFINE_integer("sample_repeats", 2, "Timed DDIM runs.")
-flags.DEFINE_bool("fast_conv_grad", True, "CPU: the hand-written conv kernel gradient "
-                  "(diffusion_jax/models/fast_ops.py); off = XLA's own, to measure the lever.")
+flags.DEFINE_bool("xla_options", True, "diffusion_jax/xla_options.py's compiler options (CPU: "
+                  "Eigen convolutions and matmuls); off = XLA's defaults, to measure the lever.")
 flags.DEFINE_bool("fast_group_norm", True, "diffusion_jax's GroupNorm (off: flax's; lever).")
 flags.DEFINE_bool("peer", True, "Also measure diffusers/PyTorch.")
 flags.DEFINE_bool("ours", True, "Measure diffusion_jax (off: the peer alone).")
@@ -99,12 +98,10 @@ def _train_fn(tr, k: int):
   donate = (0,) if FLAGS.donate else ()
   if k == 1 and FLAGS.donate:
     return tr.step_fn
-  step = functools.partial(train.train_step, model=tr.model, diffusion=tr.diffusion, tx=tr.tx,
-                           ema_decay=tr.config.training.ema_decay,
-                           accum_steps=tr.config.training.grad_accum_steps)
+  step = tr.train_step
   if k == 1:
-    return jax.jit(step, donate_argnums=donate)
-  return jax.jit(lambda st, bs: jax.lax.scan(step, st, bs), donate_argnums=donate)
+    return xla_options.jit(step, donate_argnums=donate)
+  return xla_options.jit(lambda st, bs: jax.lax.scan(step, st, bs), donate_argnums=donate)
 
 
 def bench_ours(config, batch):
@@ -121,7 +118,8 @@ def bench_ours(config, batch):
   t0 = time.perf_counter()
   fn = _train_fn(tr, k).lower(state, b).compile()
   compile_s = time.perf_counter() - t0
-  flops_step = _step_flops(tr, state, jax.tree.map(lambda x: x[0], b) if k > 1 else b)
+  flops_step = summary.matmul_flops(tr.train_step, state,
+                                    jax.tree.map(lambda x: x[0], b) if k > 1 else b)
   state, m = fn(state, b)
   jax.block_until_ready(m)
   holder = {"s": state}
@@ -145,19 +143,10 @@ def bench_ours(config, batch):
   return res
 
 
-def _step_flops(tr, state, batch) -> float:
-  fast = fast_ops.FAST_KERNEL_GRAD
-  fast_ops.FAST_KERNEL_GRAD = False  # its backward is not in the jaxpr; the FLOPs are the same
-  try:
-    return summary.matmul_flops(tr.step_fn, state, batch)
-  finally:
-    fast_ops.FAST_KERNEL_GRAD = fast
-
-
 def _sampling_fns(tr, host):
   """One denoising step and DDIM, jitted, with their inputs."""
-  apply = jax.jit(lambda p, x, t: denoiser(tr.model, p)(x, t))
-  ddim = jax.jit(lambda p, x, k: samplers.ddim_sample(
+  apply = xla_options.jit(lambda p, x, t: denoiser(tr.model, p)(x, t))
+  ddim = xla_options.jit(lambda p, x, k: samplers.ddim_sample(
       tr.diffusion, denoiser(tr.model, p), x, k, FLAGS.ddim_steps, 0.0, clip_denoised=True))
   x = jax.device_put(jnp.asarray(host["image"]), parallel.batch_sharding(tr.mesh))
   return apply, ddim, x, jnp.full((x.shape[0],), 500, jnp.int32)
@@ -287,7 +276,7 @@ def main(argv):
   if FLAGS.remat is not None:
     config.model.remat = FLAGS.remat
   jax.config.update("jax_default_prng_impl", FLAGS.prng)
-  fast_ops.FAST_KERNEL_GRAD = FLAGS.fast_conv_grad
+  xla_options.ENABLED = FLAGS.xla_options
   fast_ops.FAST_GROUP_NORM = FLAGS.fast_group_norm
   device = jax.devices()[0]
   kind = device.device_kind if device.platform != "cpu" else f"cpu-{os.cpu_count()}cores"
@@ -296,7 +285,7 @@ def main(argv):
          "config": cfg_name, "batch_size": batch, "precision": FLAGS.precision,
          "attention": config.model.attention, "remat": config.model.remat,
          "donate": FLAGS.donate, "steps_per_dispatch": FLAGS.steps_per_dispatch,
-         "prng": FLAGS.prng, "fast_conv_grad": FLAGS.fast_conv_grad,
+         "prng": FLAGS.prng, "xla_options": xla_options.compiler_options(),
          "fast_group_norm": FLAGS.fast_group_norm,
          "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_version": jax.__version__,
          "python": platform.python_version()}

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from diffusion_jax import data, parallel
+from diffusion_jax import data, parallel, xla_options
 from diffusion_jax.images import save_curves
 from diffusion_jax.models import denoiser
 from diffusion_jax.validate import parse_metrics
@@ -23,7 +23,7 @@ def make_bpd_fn(model, diffusion, mesh, clip_denoised: bool = False):
   def run(params, x0, key):
     return diffusion.calc_bpd_loop(denoiser(model, params), x0, key, clip_denoised)
 
-  return jax.jit(run, in_shardings=(None, sharding, None))
+  return xla_options.jit(run, in_shardings=(None, sharding, None))
 
 
 def nll_bits_per_dim(config, model, diffusion, params, mesh, num_examples: int | None = None):

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
+from diffusion_jax import xla_options
+
 INPUT_SIZE = 299
 NUM_CLASSES = 1008
 FEATURE_DIM = 2048
@@ -216,7 +218,11 @@ def variable_shapes() -> dict[str, tuple[int, ...]]:
   return {name: tuple(s.shape) for name, s in flat.items()}
 
 
-@jax.jit
+@functools.cache
+def _compiled_features():
+  return xla_options.jit(_features_from_uint8)
+
+
 def _features_from_uint8(variables, images_uint8):
   out = FIDInceptionV3().apply(variables, images_uint8.astype(jnp.float32) / 255.0)
   return out["pool3"], out["logits_unbiased"]
@@ -239,6 +245,6 @@ def inception_fn(variables) -> Callable[[Any], tuple[jax.Array, jax.Array]]:
                        f"{images.dtype} {tuple(images.shape)}")
     if images.shape[-1] == 1:
       images = jnp.repeat(jnp.asarray(images), 3, axis=-1)
-    return _features_from_uint8(variables, images)
+    return _compiled_features()(variables, images)
 
   return features

@@ -11,7 +11,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from diffusion_jax import parallel, samplers
+from diffusion_jax import parallel, samplers, xla_options
 from diffusion_jax.images import save_grid, to_uint8
 from diffusion_jax.models import denoiser
 
@@ -39,7 +39,7 @@ class Sampler:
                              chain_key, num_steps=s.num_steps, eta=s.eta, spacing=s.spacing,
                              clip_denoised=s.clip_denoised)
 
-    self._run = jax.jit(run, out_shardings=sharding)
+    self._run = xla_options.jit(run, out_shardings=sharding)
 
   def batches(self, params, num: int, seed: int = 0):
     """`num` images as uint8 NHWC batches; image i depends only on (seed, i // batch)."""
@@ -62,7 +62,7 @@ def progressive_figure(config, model, diffusion, params, mesh, path: str, num: i
   steps = sorted(set(int(k) for k in s.progressive_steps), reverse=True)
   sharding = parallel.batch_sharding(mesh)
 
-  @jax.jit
+  @xla_options.jit
   def run(params, key):
     k1, k2 = jax.random.split(key)
     x_T = jax.lax.with_sharding_constraint(
@@ -81,7 +81,7 @@ def interpolation_figure(config, model, diffusion, params, mesh, path: str, x_a,
   s = config.sampling
   lam = tuple(float(v) for v in s.interp_lambdas)
 
-  @jax.jit
+  @xla_options.jit
   def run(params, a, b, key):
     return samplers.interpolate(diffusion, denoiser(model, params), a, b, key,
                                 int(s.interp_t), lam, s.clip_denoised)

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from diffusion_jax import checkpoints, data, parallel
+from diffusion_jax import checkpoints, data, parallel, xla_options
 from diffusion_jax import diffusion as dm
 from diffusion_jax.models import build_model
 from diffusion_jax.images import grid, save_curves, save_grid
@@ -117,14 +117,16 @@ class Trainer:
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
         self.state_sharding)
-    self._init = jax.jit(init, out_shardings=self.state_sharding)
+    self._init = xla_options.jit(init, out_shardings=self.state_sharding)
     self._key = key
     batch_sharding = parallel.batch_sharding(self.mesh)
     step = functools.partial(train_step, model=self.model, diffusion=self.diffusion, tx=self.tx,
                              ema_decay=config.training.ema_decay,
                              accum_steps=config.training.grad_accum_steps)
-    self.step_fn = jax.jit(step, in_shardings=(self.state_sharding, batch_sharding),
-                           out_shardings=(self.state_sharding, None), donate_argnums=(0,))
+    self.train_step = step  # unjitted: to trace, scan or call inside another jit
+    self.step_fn = xla_options.jit(step, in_shardings=(self.state_sharding, batch_sharding),
+                                   out_shardings=(self.state_sharding, None),
+                                   donate_argnums=(0,))
 
   @functools.cached_property
   def sampler(self) -> Sampler:

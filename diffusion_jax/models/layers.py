@@ -35,10 +35,9 @@ def group_norm(name: str, dtype: Dtype):
 
 def conv(features: int, kernel: int, name: str, dtype: Dtype, strides: int = 1,
          init=default_init):
-  """k x k conv, "SAME" padding (TF's: the extra row/column after), fast kernel gradient."""
+  """k x k conv, "SAME" padding (TF's: the extra row/column after)."""
   return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding="SAME",
-                 kernel_init=init, dtype=dtype, name=name,
-                 conv_general_dilated=fast_ops.conv_general_dilated)
+                 kernel_init=init, dtype=dtype, name=name)
 
 
 class ResBlock(nn.Module):
