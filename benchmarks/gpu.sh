@@ -3,18 +3,28 @@
 #   bash benchmarks/gpu.sh env        # the card, the versions
 #   bash benchmarks/gpu.sh profile    # where the bf16 step's time goes (+ optimised HLO)
 #   bash benchmarks/gpu.sh headline   # cifar10_ddpm b128 bf16, ours and diffusers+torch.compile
+#   bash benchmarks/gpu.sh sampling   # the 1000-step sampler alone at SAMPLE_BATCH (2048) images
 #   bash benchmarks/gpu.sh levers     # each lever alone (fp32, attention, prng, dispatch, remat..)
 #   bash benchmarks/gpu.sh collect    # the lever runs' JSON as one file
-# Results go to $OUT (or benchmarks/results). Packages missing on the machine can sit as
-# wheels in .whl/ (installed to /tmp/site first).
+# LEVERS="args;args;..." picks the lever runs (run.py arguments; leading VAR=value words are
+# set in the run's environment, e.g. XLA_FLAGS=...); TAGS="a b" runs only those --tag=s.
+# Results go to $OUT (or benchmarks/results).
+# Packages missing on the machine can sit as wheels in .whl/ (installed to /tmp/site first);
+# .whl/fallback/ holds the versions we test with, installed only if ours do not import.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
 PY=${PY:-python3}
+install() { $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site "$@"; }
 if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
+  install .whl/*.whl || exit 1
+  if ! PYTHONPATH=/tmp/site $PY -c "from diffusion_jax import train, sample" 2>/dev/null \
+      && ls .whl/fallback/*.whl >/dev/null 2>&1; then
+    echo "installing .whl/fallback/ (the machine's packages did not import diffusion_jax)"
+    install .whl/fallback/*.whl || exit 1
+  fi
 fi
 [ -d /tmp/site ] && export PYTHONPATH=/tmp/site
 CFG=configs/cifar10_ddpm.py
@@ -25,26 +35,41 @@ for stage in "$@"; do
   case $stage in
     env)
       nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.limit --format=csv
-      $PY -c "import jax, flax, optax, torch, diffusers; print('jax', jax.__version__, 'flax', \
-flax.__version__, 'optax', optax.__version__, 'torch', torch.__version__, 'diffusers', \
-diffusers.__version__, jax.devices())" 2>&1 | tail -1 ;;
+      $PY -c "import jax, flax, optax, orbax.checkpoint as oc, torch; print('jax', jax.__version__, \
+'flax', flax.__version__, 'optax', optax.__version__, 'orbax', oc.__version__, 'torch', \
+torch.__version__, jax.devices())" 2>&1 | tail -1
+      $PY -c "import diffusers; print('diffusers', diffusers.__version__)" 2>&1 | tail -1 ;;
     profile)
       timeout 170 $PY benchmarks/profile_step.py --config=$CFG --batch_size=128 --precision=bf16 \
         --hlo_out="$OUT" 2>&1 | grep -v "^[IW][0-9]" | tail -60 ;;
     headline)
       timeout 420 $RUN --precision=bf16 --full_sample_batch=1024 2>&1 | grep -v "^[IW][0-9]" \
         | tail -25 ;;
+    sampling)  # the sample mode's compiled 1000-step sampler, no training compiled
+      N=${SAMPLE_BATCH:-2048}
+      timeout 300 $PY benchmarks/run.py --config=$CFG --precision=bf16 --notrain --nosample \
+        --nopeer --batch_size=$N --full_sample_batch=$N --tag=sample$N --out=$OUT 2>&1 \
+        | grep -E "^RESULT|Error|error:" | tail -3 ;;
     levers)  # each lever alone against the headline's bf16 default, most telling first;
       # each run compiles its own step (~70 s on an H100), so a 10-minute slot holds ~5
       C10="--config=$CFG --batch_size=128 --precision=bf16 --nosample"
       C256="--config=configs/celebahq256_ddpm.py --batch_size=64 --precision=bf16 --nosample"
-      LEVERS=(${LEVERS:-"$C10 --precision=fp32 --tag=fp32" "$C10 --prng=rbg --tag=prng_rbg"
-        "$C10 --attention=cudnn --tag=attn_cudnn" "$C10 --nofast_group_norm --tag=flax_groupnorm"
-        "$C10 --steps_per_dispatch=4 --tag=dispatch4" "$C10 --batch_size=256 --tag=b256"
-        "$C10 --nodonate --tag=nodonate" "$C256 --tag=noremat_256" "$C256 --remat --tag=remat_256"})
-      for args in "${LEVERS[@]}"; do
-        timeout 110 $PY benchmarks/run.py $args --nopeer --train_steps=20 --out=/tmp/levers 2>&1 \
-          | grep -E "^RESULT|Error|error:" | tail -3
+      DEFAULT="$C10 --precision=fp32 --tag=fp32; $C10 --prng=rbg --tag=prng_rbg;
+        $C10 --attention=cudnn --tag=attn_cudnn; $C10 --nofast_group_norm --tag=flax_groupnorm;
+        XLA_FLAGS=--xla_gpu_experimental_enable_conv_fusion=true $C10 --tag=xla_conv_fusion;
+        $C10 --steps_per_dispatch=4 --tag=dispatch4; $C10 --nodonate --tag=nodonate;
+        $C10 --batch_size=256 --tag=b256; $C256 --remat --tag=remat_256; $C256 --tag=noremat_256"
+      IFS=';' read -rd '' -a list <<< "${LEVERS:-$DEFAULT}"
+      for lever in "${list[@]}"; do
+        envs=(); args=()
+        for w in $lever; do
+          if [[ $w =~ ^[A-Z_]+= ]]; then envs+=("$w"); else args+=("$w"); fi
+        done
+        tag=$(grep -o -- "--tag=[a-z0-9_]*" <<< "$lever" | cut -d= -f2)
+        [[ -n "${TAGS:-}" && " $TAGS " != *" $tag "* ]] && continue
+        echo "--- ${envs[*]} ${args[*]}"
+        timeout ${LEVER_TIMEOUT:-110} env "${envs[@]}" $PY benchmarks/run.py "${args[@]}" --nopeer \
+          --train_steps=20 --out=/tmp/levers 2>&1 | grep -E "^RESULT|Error|error:" | tail -3
         bash "$0" collect > /dev/null
       done ;;
     collect)  # the lever runs' JSON, one file

@@ -48,6 +48,7 @@ flags.DEFINE_bool("fast_group_norm", True, "diffusion_jax's GroupNorm (off: flax
 flags.DEFINE_bool("peer", True, "Also measure diffusers/PyTorch.")
 flags.DEFINE_bool("ours", True, "Measure diffusion_jax (off: the peer alone).")
 flags.DEFINE_bool("sample", True, "Also measure sampling (one step, DDIM).")
+flags.DEFINE_bool("train", True, "Measure training (off: sampling alone, from initial params).")
 flags.DEFINE_enum("attention", None, ["auto", "xla", "cudnn"], "model.attention override.")
 flags.DEFINE_bool("remat", None, "model.remat override.")
 flags.DEFINE_bool("donate", True, "Donate the train state's buffers to the step (lever).")
@@ -107,11 +108,33 @@ def _train_fn(tr, k: int):
 def bench_ours(config, batch):
   tr = train.Trainer(config)
   state = tr.init()
-  k = FLAGS.steps_per_dispatch
+  host = _host_batch(config, batch)
+  res = {}
+  if FLAGS.train:
+    res, state = bench_training(tr, state, host)
+  params = state.ema_params
+  if FLAGS.sample:
+    apply, ddim, x, t = _sampling_fns(tr, host)
+    one_dt = timed(lambda: apply(params, x, t), 5)
+    ddim_dt = timed(lambda: ddim(params, x, jax.random.PRNGKey(0)), FLAGS.sample_repeats)
+    res.update(one_step_img_per_s=batch / one_dt, sample_img_per_s=batch / ddim_dt)
+  if FLAGS.full_sample_batch:
+    res.update(bench_full_sampling(config, tr, params, FLAGS.full_sample_batch))
+  if not FLAGS.train:
+    res["peak_mem_bytes"] = peak_memory_bytes(jax.devices()[0])
+  return res
+
+
+def _host_batch(config, batch):
   shape = (batch, config.data.image_size, config.data.image_size, config.data.channels)
-  rng = np.random.default_rng(0)
-  host = {"image": rng.uniform(-1, 1, shape).astype(np.float32),
+  return {"image": np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32),
           "label": np.zeros((batch,), np.int32)}
+
+
+def bench_training(tr, state, host):
+  """Images/s of the real train step (after compiling it), its FLOPs and peak memory."""
+  k = FLAGS.steps_per_dispatch
+  batch = host["image"].shape[0]
   b = parallel.global_batch(host, tr.mesh)
   if k > 1:  # the same batch k times: the data pipeline is not what is measured
     b = jax.tree.map(lambda x: jnp.broadcast_to(x, (k,) + x.shape), b)
@@ -131,16 +154,9 @@ def bench_ours(config, batch):
   dt = timed(step, max(FLAGS.train_steps // k, 1)) / k
   res = {"train_img_per_s": batch / dt, "step_s": dt, "compile_s": compile_s,
          "flops_per_train_step": flops_step,
-         "peak_mem_bytes": peak_memory_bytes(jax.devices()[0])}
-  params = holder["s"].ema_params
-  if FLAGS.sample:
-    apply, ddim, x, t = _sampling_fns(tr, host)
-    one_dt = timed(lambda: apply(params, x, t), 5)
-    ddim_dt = timed(lambda: ddim(params, x, jax.random.PRNGKey(0)), FLAGS.sample_repeats)
-    res.update(one_step_img_per_s=batch / one_dt, sample_img_per_s=batch / ddim_dt)
-  if FLAGS.full_sample_batch:
-    res.update(bench_full_sampling(config, tr, params, FLAGS.full_sample_batch))
-  return res
+         "peak_mem_bytes": peak_memory_bytes(jax.devices()[0]),
+         "final_loss": float(np.mean(step()))}  # finite and ~1 on noise data: it computed
+  return res, holder["s"]
 
 
 def _sampling_fns(tr, host):
@@ -288,18 +304,19 @@ def main(argv):
          "prng": FLAGS.prng, "xla_options": xla_options.compiler_options(),
          "fast_group_norm": FLAGS.fast_group_norm,
          "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_version": jax.__version__,
-         "python": platform.python_version()}
+         "python": platform.python_version(), "tag": FLAGS.tag}
   slug = re.sub(r"[^A-Za-z0-9]+", "_", kind).strip("_").lower()
   path = os.path.join(FLAGS.out, f"{slug}_{cfg_name}{'_' + FLAGS.tag if FLAGS.tag else ''}.json")
   os.makedirs(FLAGS.out, exist_ok=True)
   if FLAGS.ours:
     res.update(bench_ours(config, batch))
-    flops_img = res["flops_per_train_step"] / batch
-    res["train_flops_per_image"] = flops_img
-    res["tflops"] = res["train_img_per_s"] * flops_img / 1e12
     peak = peak_tflops(kind, FLAGS.precision)
     res["peak_tflops"] = peak
-    res["mfu"] = res["tflops"] / peak if peak else None
+    if FLAGS.train:
+      flops_img = res["flops_per_train_step"] / batch
+      res["train_flops_per_image"] = flops_img
+      res["tflops"] = res["train_img_per_s"] * flops_img / 1e12
+      res["mfu"] = res["tflops"] / peak if peak else None
     _write(path, res)  # kept even if the peer fails below
   if FLAGS.peer:
     try:
@@ -307,12 +324,12 @@ def main(argv):
     except Exception:  # noqa: BLE001 -- record why, keep our figures
       res["peer_error"] = traceback.format_exc(limit=3)
       print(res["peer_error"], file=sys.stderr)
-    if FLAGS.ours and "peer_train_img_per_s" in res:
+    if "train_img_per_s" in res and "peer_train_img_per_s" in res:
       res["train_speedup"] = res["train_img_per_s"] / res["peer_train_img_per_s"]
       if "sample_img_per_s" in res:
         res["sample_speedup"] = res["sample_img_per_s"] / res["peer_sample_img_per_s"]
   _write(path, res)
-  if FLAGS.ours:
+  if FLAGS.ours and FLAGS.train:
     print(markdown_row(res))
   print(f"wrote {path}")
   print(summary_line(res))
