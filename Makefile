@@ -26,11 +26,14 @@ demo: venv data
 	$(BIN)/python main.py --config=configs/fashion_mnist.py --workdir=$(WORKDIR) --mode=sample
 	@echo "Samples: $(WORKDIR)/samples/ (PNG grid + samples.npz)"
 
+# pytest's XLA:CPU buffers on huge pages, as main.py's (diffusion_jax/huge_pages.py); yours wins
+TUNABLES := GLIBC_TUNABLES=$${GLIBC_TUNABLES-glibc.malloc.hugetlb=1}
+
 test: venv-test
-	$(BIN)/python -m pytest -q -ra tests
+	$(TUNABLES) $(BIN)/python -m pytest -q -ra tests
 
 test-fast: venv-test
-	$(BIN)/python -m pytest -q -ra -m "not slow and not multihost" tests
+	$(TUNABLES) $(BIN)/python -m pytest -q -ra -m "not slow and not multihost" tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

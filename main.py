@@ -12,10 +12,14 @@ Modes: train (resumes from the newest checkpoint in --workdir), sample, eval, su
 import logging as py_logging
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from diffusion_jax import huge_pages
 
-from diffusion_jax.validate import MODES, ConfigError, validate_config
+huge_pages.reexec_if_useful()  # first: XLA:CPU's buffers on huge pages (~12 % faster on CPU)
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from diffusion_jax.validate import MODES, ConfigError, validate_config  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",

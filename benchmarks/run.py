@@ -22,6 +22,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from diffusion_jax import huge_pages  # noqa: E402
+
+huge_pages.reexec_if_useful()  # as main.py: both frameworks then run with malloc on huge pages
 # JAX takes 75 % of GPU memory up front; leave room for PyTorch measured in the same process
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
 
@@ -304,7 +307,8 @@ def main(argv):
          "prng": FLAGS.prng, "xla_options": xla_options.compiler_options(),
          "fast_group_norm": FLAGS.fast_group_norm,
          "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_version": jax.__version__,
-         "python": platform.python_version(), "tag": FLAGS.tag}
+         "python": platform.python_version(), "tag": FLAGS.tag,
+         "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
   slug = re.sub(r"[^A-Za-z0-9]+", "_", kind).strip("_").lower()
   path = os.path.join(FLAGS.out, f"{slug}_{cfg_name}{'_' + FLAGS.tag if FLAGS.tag else ''}.json")
   os.makedirs(FLAGS.out, exist_ok=True)
