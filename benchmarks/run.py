@@ -99,13 +99,10 @@ def timed(fn, repeats):
 
 def _train_fn(tr, k: int):
   """The jitted step, or k steps per call (lax.scan over a [k, B, ...] batch)."""
-  donate = (0,) if FLAGS.donate else ()
-  if k == 1 and FLAGS.donate:
-    return tr.step_fn
-  step = tr.train_step
   if k == 1:
-    return xla_options.jit(step, donate_argnums=donate)
-  return xla_options.jit(lambda st, bs: jax.lax.scan(step, st, bs), donate_argnums=donate)
+    return tr.step_fn if FLAGS.donate else tr.jit_step(donate=False)
+  return xla_options.jit(lambda st, bs: jax.lax.scan(tr.train_step, st, bs),
+                         donate_argnums=(0,) if FLAGS.donate else ())
 
 
 def bench_ours(config, batch):

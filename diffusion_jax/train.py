@@ -119,14 +119,17 @@ class Trainer:
         self.state_sharding)
     self._init = xla_options.jit(init, out_shardings=self.state_sharding)
     self._key = key
-    batch_sharding = parallel.batch_sharding(self.mesh)
-    step = functools.partial(train_step, model=self.model, diffusion=self.diffusion, tx=self.tx,
-                             ema_decay=config.training.ema_decay,
-                             accum_steps=config.training.grad_accum_steps)
-    self.train_step = step  # unjitted: to trace, scan or call inside another jit
-    self.step_fn = xla_options.jit(step, in_shardings=(self.state_sharding, batch_sharding),
-                                   out_shardings=(self.state_sharding, None),
-                                   donate_argnums=(0,))
+    # unjitted: to trace, scan or call inside another jit
+    self.train_step = functools.partial(
+        train_step, model=self.model, diffusion=self.diffusion, tx=self.tx,
+        ema_decay=config.training.ema_decay, accum_steps=config.training.grad_accum_steps)
+    self.step_fn = self.jit_step()
+
+  def jit_step(self, donate: bool = True):
+    """The compiled step on the mesh; donate=False keeps the input state alive (a lever)."""
+    return xla_options.jit(
+        self.train_step, in_shardings=(self.state_sharding, parallel.batch_sharding(self.mesh)),
+        out_shardings=(self.state_sharding, None), donate_argnums=(0,) if donate else ())
 
   @functools.cached_property
   def sampler(self) -> Sampler:
