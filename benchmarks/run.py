@@ -99,10 +99,7 @@ def timed(fn, repeats):
 
 def _train_fn(tr, k: int):
   """The jitted step, or k steps per call (lax.scan over a [k, B, ...] batch)."""
-  if k == 1:
-    return tr.step_fn if FLAGS.donate else tr.jit_step(donate=False)
-  return xla_options.jit(lambda st, bs: jax.lax.scan(tr.train_step, st, bs),
-                         donate_argnums=(0,) if FLAGS.donate else ())
+  return tr.step_fn if k == 1 and FLAGS.donate else tr.jit_step(FLAGS.donate, k)
 
 
 def bench_ours(config, batch):
@@ -135,9 +132,9 @@ def bench_training(tr, state, host):
   """Images/s of the real train step (after compiling it), its FLOPs and peak memory."""
   k = FLAGS.steps_per_dispatch
   batch = host["image"].shape[0]
-  b = parallel.global_batch(host, tr.mesh)
-  if k > 1:  # the same batch k times: the data pipeline is not what is measured
-    b = jax.tree.map(lambda x: jnp.broadcast_to(x, (k,) + x.shape), b)
+  # k > 1: the same batch k times (the data pipeline is not what is measured)
+  b = (parallel.global_batch(parallel.stack_batches([host] * k), tr.mesh, stacked=True) if k > 1
+       else parallel.global_batch(host, tr.mesh))
   t0 = time.perf_counter()
   fn = _train_fn(tr, k).lower(state, b).compile()
   compile_s = time.perf_counter() - t0

@@ -49,6 +49,7 @@ def get_config():
   training.grad_clip = 1.0
   training.ema_decay = 0.9999
   training.grad_accum_steps = 1    # micro-batches per step (same result, less memory)
+  training.steps_per_dispatch = 1  # optimiser steps per compiled call (lax.scan; same result)
   training.fsdp = False            # shard parameters and optimiser state over the data axis
   training.checkpoint_every = 10_000
   training.keep_checkpoints = 3

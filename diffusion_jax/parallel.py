@@ -68,11 +68,24 @@ def state_shardings(abstract_state, mesh, fsdp: bool):
       lambda x: NamedSharding(mesh, fsdp_spec(x.shape, n) if fsdp else P()), abstract_state)
 
 
-def global_batch(local: dict, mesh) -> dict:
-  """This process's share of the batch -> global arrays sharded over the data axis."""
-  sharding = batch_sharding(mesh)
+def stacked_batch_sharding(mesh) -> NamedSharding:
+  """[steps, batch, ...]: several steps' batches, each split over the data axis."""
+  return NamedSharding(mesh, P(None, DATA))
+
+
+def global_batch(local: dict, mesh, stacked: bool = False) -> dict:
+  """This process's share of the batch -> global arrays sharded over the data axis.
+
+  stacked: `local` holds several steps' batches along a leading axis ([steps, batch, ...]).
+  """
+  sharding = stacked_batch_sharding(mesh) if stacked else batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
                       local)
+
+
+def stack_batches(batches: list[dict]) -> dict:
+  """Host batches of consecutive steps -> one [steps, batch, ...] batch (`global_batch`)."""
+  return {k: np.stack([np.asarray(b[k]) for b in batches]) for k in batches[0]}
 
 
 def replicated_to_global(x, mesh) -> jax.Array:

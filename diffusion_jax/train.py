@@ -91,7 +91,8 @@ def train_step(state: TrainState, batch, *, model, diffusion, tx, ema_decay: flo
       return jax.tree.map(jnp.add, carry, (l, g)), None
 
     zero = (jnp.zeros(()), jax.tree.map(jnp.zeros_like, state.params))
-    (loss, grads), _ = jax.lax.scan(body, zero, (jnp.arange(accum_steps), micro))
+    (loss, grads), _ = jax.lax.scan(body, zero, (jnp.arange(accum_steps), micro),
+                                    unroll=xla_options.scan_unroll())
     loss, grads = jax.tree.map(lambda x: x / accum_steps, (loss, grads))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -99,6 +100,12 @@ def train_step(state: TrainState, batch, *, model, diffusion, tx, ema_decay: flo
   new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
                             opt_state=opt_state)
   return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+
+def scan_steps(step_fn, state: TrainState, batches):
+  """`step_fn` once per leading slice of `batches` ([k, B, ...]) in one lax.scan: k optimiser
+  steps per compiled call, the same updates as k calls. Metrics come back stacked, [k]."""
+  return jax.lax.scan(step_fn, state, batches, unroll=xla_options.scan_unroll())
 
 
 class Trainer:
@@ -123,13 +130,43 @@ class Trainer:
     self.train_step = functools.partial(
         train_step, model=self.model, diffusion=self.diffusion, tx=self.tx,
         ema_decay=config.training.ema_decay, accum_steps=config.training.grad_accum_steps)
+    self.steps_per_dispatch = int(config.training.steps_per_dispatch)
     self.step_fn = self.jit_step()
 
-  def jit_step(self, donate: bool = True):
-    """The compiled step on the mesh; donate=False keeps the input state alive (a lever)."""
+  def jit_step(self, donate: bool = True, steps: int = 1):
+    """The compiled step on the mesh; steps > 1: that many steps per call over a stacked
+    [steps, B, ...] batch (`scan_steps`). donate=False keeps the input state alive (a lever)."""
+    fn, batch_sharding = self.train_step, parallel.batch_sharding(self.mesh)
+    if steps > 1:
+      fn = functools.partial(scan_steps, self.train_step)
+      batch_sharding = parallel.stacked_batch_sharding(self.mesh)
     return xla_options.jit(
-        self.train_step, in_shardings=(self.state_sharding, parallel.batch_sharding(self.mesh)),
+        fn, in_shardings=(self.state_sharding, batch_sharding),
         out_shardings=(self.state_sharding, None), donate_argnums=(0,) if donate else ())
+
+  @functools.cached_property
+  def multi_step_fn(self):
+    """`steps_per_dispatch` steps per compiled call; compiled on first use."""
+    return self.jit_step(steps=self.steps_per_dispatch)
+
+  def steps_to_dispatch(self, step: int) -> int:
+    """steps_per_dispatch, or 1 where a log, checkpoint, sample or the end would fall inside
+    the next call (so every event still happens at its exact step)."""
+    t, k = self.config.training, self.steps_per_dispatch
+    if k == 1 or step + k > t.num_steps:
+      return 1
+    inside = lambda every: (step + k - 1) // every > step // every
+    return 1 if any(inside(e) for e in (t.log_every, t.checkpoint_every, t.sample_every)) else k
+
+  def run_steps(self, state: TrainState, host_batches: list[dict]):
+    """len(host_batches) steps (1 or steps_per_dispatch) -> (state, metrics of the last step,
+    summed loss)."""
+    if len(host_batches) == 1:
+      state, metrics = self.step_fn(state, parallel.global_batch(host_batches[0], self.mesh))
+      return state, metrics, metrics["loss"]
+    batch = parallel.global_batch(parallel.stack_batches(host_batches), self.mesh, stacked=True)
+    state, metrics = self.multi_step_fn(state, batch)
+    return state, jax.tree.map(lambda m: m[-1], metrics), jnp.sum(metrics["loss"])
 
   @functools.cached_property
   def sampler(self) -> Sampler:
@@ -179,16 +216,21 @@ def train_and_evaluate(config, workdir: str) -> dict:
     from tensorboardX import SummaryWriter
     writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
   batches = data.train_batches(config, start_step=step)
+  k = trainer.steps_per_dispatch
+  if k > 1 and any(e % k for e in (t.log_every, t.checkpoint_every, t.sample_every)):
+    logging.warning("training.steps_per_dispatch=%d does not divide log_every, checkpoint_every "
+                    "and sample_every: steps around those events run one per call (a second "
+                    "compile)", k)
   meta = {"config": config.to_json_best_effort()}
   last_saved = step if ckpt.latest_step() is not None else None
   window_loss, window_n, t0, t_start, step0 = jnp.zeros(()), 0, time.time(), time.time(), step
   result = {}
   with checkpoints.PreemptionGuard() as guard:
     while step < t.num_steps:
-      batch = parallel.global_batch(next(batches), trainer.mesh)
-      state, metrics = trainer.step_fn(state, batch)
-      step += 1
-      window_loss, window_n = window_loss + metrics["loss"], window_n + 1
+      n = trainer.steps_to_dispatch(step)
+      state, metrics, loss_sum = trainer.run_steps(state, [next(batches) for _ in range(n)])
+      step += n
+      window_loss, window_n = window_loss + loss_sum, window_n + n
       at_log = step % t.log_every == 0 or step == t.num_steps
       at_ckpt = step % t.checkpoint_every == 0 or step == t.num_steps
       stop = _any_process(guard.requested) if at_log or jax.process_count() == 1 else False

@@ -84,7 +84,8 @@ def validate_config(config, mode: str = "train") -> None:
   _check(t.warmup_steps >= 0, "training.warmup_steps", t.warmup_steps, ">= 0")
   _check(t.grad_clip >= 0, "training.grad_clip", t.grad_clip, ">= 0 (0 disables clipping)")
   _check(0.0 <= t.ema_decay < 1.0, "training.ema_decay", t.ema_decay, "in [0, 1)")
-  for key in ("num_steps", "checkpoint_every", "log_every", "sample_every", "keep_checkpoints"):
+  for key in ("num_steps", "checkpoint_every", "log_every", "sample_every", "keep_checkpoints",
+              "steps_per_dispatch"):
     _check(t[key] >= 1, f"training.{key}", t[key], ">= 1")
 
   _check(s.method in samplers.METHODS, "sampling.method", s.method, f"one of {samplers.METHODS}")

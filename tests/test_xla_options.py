@@ -48,3 +48,35 @@ def test_disabled_gives_xla_defaults(monkeypatch):
 def test_an_option_this_jaxlib_lacks_falls_back_with_a_warning(caplog):
   assert xla_options._supported((("xla_cpu_no_such_option", "1"),)) is None
   assert "rejects the XLA:CPU options" in caplog.text
+
+
+def _loops_with_convolutions(compiled_text: str) -> list:
+  """Bodies of the while loops in compiled HLO that run a convolution themselves."""
+  bodies = {}
+  for m in re.finditer(r"\n(%[\w.\-]+) \([^\n]*\{\n(.*?)\n\}", compiled_text, re.S):
+    bodies[m.group(1)] = m.group(2)
+  loops = re.findall(r"while\(.*?body=(%[\w.\-]+)", compiled_text)
+  return [b for b in loops if "convolution(" in bodies.get(b, "")]
+
+
+def test_gradient_loops_are_unrolled_on_cpu(tmp_path):
+  """XLA:CPU runs a conv kernel-gradient inside a while loop ~40x slower, so the train step's
+  loops (gradient accumulation, several steps per call) must not leave one there."""
+  from diffusion_jax import parallel
+  from diffusion_jax.train import Trainer
+  from helpers import tiny_config
+  config = tiny_config(tmp_path)
+  config.model.ch_mult, config.model.attn_resolutions = (1,), ()
+  config.training.grad_accum_steps = config.training.steps_per_dispatch = 2
+  tr = Trainer(config, mesh=parallel.make_mesh(1))
+  image = jax.ShapeDtypeStruct((2, 16, 16, 16, 1), jnp.float32)
+  batch = {"image": image, "label": jax.ShapeDtypeStruct((2, 16), jnp.int32)}
+  text = tr.multi_step_fn.lower(tr.abstract_state, batch).compile().as_text()
+  assert "convolution(" in text and not _loops_with_convolutions(text)
+  # the check itself: a rolled loop over a conv gradient is found
+  conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  rolled = jax.jit(lambda w, xs: lax.scan(
+      lambda c, x: (c + jax.grad(lambda w: jnp.sum(jnp.sin(conv(x, w))))(w), None), w, xs)[0])
+  w, xs = jnp.ones((3, 3, 4, 4)), jnp.ones((2, 1, 8, 8, 4))
+  assert _loops_with_convolutions(rolled.lower(w, xs).compile().as_text())
