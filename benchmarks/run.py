@@ -7,7 +7,8 @@ Measures, after compilation and blocking on results: training images/s (loss, gr
 EMA), sampling images/s for one denoising step and for DDIM-50, first-step compile time, peak
 memory, FLOPs per image from XLA's cost analysis, achieved TFLOP/s and the share of the
 device's peak. The same model in PyTorch (diffusers UNet2DModel in the same layout, same
-batch, Adam, same precision; torch.compile on GPU) is measured in the same run. Writes
+batch, Adam, same precision; torch.compile where it works: GPU, and CPU with a C++ compiler)
+is measured in the same run. Writes
 benchmarks/results/<device>_<config>.json.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import platform
 import traceback
 import re
 import resource
+import shutil
 import sys
 import time
 
@@ -61,7 +63,8 @@ flags.DEFINE_enum("prng", "threefry2x32", ["threefry2x32", "rbg", "unsafe_rbg"],
 flags.DEFINE_integer("full_sample_batch", 0, "> 0: time the configured sampler (ancestral, "
                      "1000 steps) on one batch of this size; extrapolate to 50,000 images.")
 flags.DEFINE_string("tag", "", "Suffix of the result file (lever runs).")
-flags.DEFINE_enum("torch_compile", "auto", ["auto", "on", "off"], "auto: on GPU only.")
+flags.DEFINE_enum("torch_compile", "auto", ["auto", "on", "off"],
+                  "auto: on GPU, and on CPU where a C++ compiler is found (inductor needs one).")
 flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                     "Where the JSON goes.")
 flags.mark_flags_as_required(["config"])
@@ -208,7 +211,8 @@ def bench_peer(config, batch, precision):
   net = diffusers_unet(config).to(dev).to(memory_format=torch.channels_last)
   ema = [p.detach().clone() for p in net.parameters()]
   opt = torch.optim.Adam(net.parameters(), lr=config.training.lr)
-  use_compile = FLAGS.torch_compile == "on" or (FLAGS.torch_compile == "auto" and dev == "cuda")
+  use_compile = FLAGS.torch_compile == "on" or (
+      FLAGS.torch_compile == "auto" and (dev == "cuda" or shutil.which("c++") is not None))
   fwd = torch.compile(net) if use_compile else net
   amp = torch.autocast(dev, dtype=torch.bfloat16, enabled=precision == "bf16")
   shape = (batch, config.data.channels, config.data.image_size, config.data.image_size)
