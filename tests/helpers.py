@@ -82,6 +82,12 @@ def tiny_config(tmp_path, **kw):
   return mod.get_config()
 
 
+def small_graph(config):
+  """A config with one U-Net level and no attention: the same train step, less to compile."""
+  config.model.ch_mult, config.model.attn_resolutions = (1,), ()
+  return config
+
+
 def main_py(*args, env=None, **kw):
   """Start main.py in a subprocess (returns the Popen)."""
   e = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")

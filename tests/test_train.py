@@ -8,7 +8,7 @@ import pytest
 
 from diffusion_jax import checkpoints, data, parallel
 from diffusion_jax.train import Trainer, TrainingError, train_and_evaluate
-from helpers import tiny_config
+from helpers import small_graph, tiny_config
 
 
 def batch_for(config, step=0):
@@ -47,18 +47,11 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
                s_acc.params)
 
 
-def small_graph(config):
-  """The tiny config with one U-Net level and no attention: the same step, less to compile."""
-  config.model.ch_mult, config.model.attn_resolutions = (1,), ()
-  return config
-
-
 def test_steps_per_dispatch_gives_the_single_steps_and_keeps_every_event(tmp_path):
   """4 steps per compiled call over 8 steps: logs (every 4), the checkpoint and the sample grid
   (step 8) where one step per call puts them, and the same parameters and losses."""
   from helpers import read_metrics
-  config = tiny_config(tmp_path, num_steps=8, checkpoint_every=8)
-  config.model.ch_mult, config.model.attn_resolutions = (1,), ()  # less to compile
+  config = small_graph(tiny_config(tmp_path, num_steps=8, checkpoint_every=8))
   config.training.log_every, config.training.sample_every = 4, 8
   config.training.steps_per_dispatch = 4
   tr = Trainer(config)

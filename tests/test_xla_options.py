@@ -19,9 +19,12 @@ def _ynn_fused_ops(compiled_text: str) -> set:
   return ops
 
 
+def _conv(x, k):
+  return lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 def _conv_dot_reduce(x, k, w):
-  y = lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  return jnp.sum(y, axis=(1, 2)) @ w
+  return jnp.sum(_conv(x, k), axis=(1, 2)) @ w
 
 
 def test_cpu_convolutions_and_matmuls_leave_ynnpack():
@@ -64,9 +67,8 @@ def test_gradient_loops_are_unrolled_on_cpu(tmp_path):
   loops (gradient accumulation, several steps per call) must not leave one there."""
   from diffusion_jax import parallel
   from diffusion_jax.train import Trainer
-  from helpers import tiny_config
-  config = tiny_config(tmp_path)
-  config.model.ch_mult, config.model.attn_resolutions = (1,), ()
+  from helpers import small_graph, tiny_config
+  config = small_graph(tiny_config(tmp_path))
   config.training.grad_accum_steps = config.training.steps_per_dispatch = 2
   tr = Trainer(config, mesh=parallel.make_mesh(1))
   image = jax.ShapeDtypeStruct((2, 16, 16, 16, 1), jnp.float32)
@@ -74,9 +76,7 @@ def test_gradient_loops_are_unrolled_on_cpu(tmp_path):
   text = tr.multi_step_fn.lower(tr.abstract_state, batch).compile().as_text()
   assert "convolution(" in text and not _loops_with_convolutions(text)
   # the check itself: a rolled loop over a conv gradient is found
-  conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME",
-                                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
   rolled = jax.jit(lambda w, xs: lax.scan(
-      lambda c, x: (c + jax.grad(lambda w: jnp.sum(jnp.sin(conv(x, w))))(w), None), w, xs)[0])
+      lambda c, x: (c + jax.grad(lambda w: jnp.sum(jnp.sin(_conv(x, w))))(w), None), w, xs)[0])
   w, xs = jnp.ones((3, 3, 4, 4)), jnp.ones((2, 1, 8, 8, 4))
   assert _loops_with_convolutions(rolled.lower(w, xs).compile().as_text())
