@@ -8,8 +8,8 @@ EMA), sampling images/s for one denoising step and for DDIM-50, first-step compi
 memory, FLOPs per image from XLA's cost analysis, achieved TFLOP/s and the share of the
 device's peak. The same model in PyTorch (diffusers UNet2DModel in the same layout, same
 batch, Adam, same precision; torch.compile where it works: GPU, and CPU with a C++ compiler)
-is measured in the same run. Writes
-benchmarks/results/<device>_<config>.json.
+is measured in the same run, the two taking turns (benchmarks/timing.py: rounds in ABBA order,
+medians; on CPU each side's own peak RSS). Writes benchmarks/results/<device>_<config>.json.
 """
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ import os
 import platform
 import traceback
 import re
-import resource
 import shutil
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import timing  # noqa: E402
 from diffusion_jax import huge_pages  # noqa: E402
 
 huge_pages.reexec_if_useful()  # as main.py: both frameworks then run with malloc on huge pages
@@ -44,9 +44,11 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config.")
 flags.DEFINE_integer("batch_size", None, "Global batch (default: config.training.batch_size).")
 flags.DEFINE_enum("precision", "fp32", ["fp32", "bf16"], "Compute precision (params stay fp32).")
-flags.DEFINE_integer("train_steps", 10, "Timed training steps.")
+flags.DEFINE_integer("train_steps", 10, "Timed training steps per round.")
 flags.DEFINE_integer("ddim_steps", 50, "DDIM steps in the sampling measurement.")
-flags.DEFINE_integer("sample_repeats", 2, "Timed DDIM runs.")
+flags.DEFINE_integer("sample_repeats", 2, "Timed DDIM runs per round.")
+flags.DEFINE_integer("rounds", 3, "Timing rounds; ours and the peer take turns (ABBA), and "
+                     "each figure is the median round: the machine's drift falls on both.")
 flags.DEFINE_bool("xla_options", True, "diffusion_jax/xla_options.py's compiler options (CPU: "
                   "Eigen convolutions and matmuls); off = XLA's defaults, to measure the lever.")
 flags.DEFINE_bool("fast_group_norm", True, "diffusion_jax's GroupNorm (off: flax's; lever).")
@@ -83,46 +85,39 @@ def peak_tflops(kind: str, precision: str):
   return None
 
 
-def peak_memory_bytes(device) -> int:
+def device_peak_bytes(device) -> int | None:
+  """The device allocator's peak (GPU/TPU); None on CPU, where RSS is measured instead."""
   stats = device.memory_stats() if device.platform != "cpu" else None
-  if stats and "peak_bytes_in_use" in stats:
-    return int(stats["peak_bytes_in_use"])
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU: process RSS
-
-
-def timed(fn, repeats):
-  out = fn()
-  jax.block_until_ready(out)
-  t0 = time.perf_counter()
-  for _ in range(repeats):
-    out = fn()
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t0) / repeats
-
-
-def _train_fn(tr, k: int):
-  """The jitted step, or k steps per call (lax.scan over a [k, B, ...] batch)."""
-  return tr.step_fn if k == 1 and FLAGS.donate else tr.jit_step(FLAGS.donate, k)
+  return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
 
 
 def bench_ours(config, batch):
-  tr = train.Trainer(config)
-  state = tr.init()
-  host = _host_batch(config, batch)
-  res = {}
-  if FLAGS.train:
-    res, state = bench_training(tr, state, host)
-  params = state.ema_params
-  if FLAGS.sample:
-    apply, ddim, x, t = _sampling_fns(tr, host)
-    one_dt = timed(lambda: apply(params, x, t), 5)
-    ddim_dt = timed(lambda: ddim(params, x, jax.random.PRNGKey(0)), FLAGS.sample_repeats)
-    res.update(one_step_img_per_s=batch / one_dt, sample_img_per_s=batch / ddim_dt)
-  if FLAGS.full_sample_batch:
-    res.update(bench_full_sampling(config, tr, params, FLAGS.full_sample_batch))
-  if not FLAGS.train:
-    res["peak_mem_bytes"] = peak_memory_bytes(jax.devices()[0])
-  return res
+  """Figures that need no timing (compile time, FLOPs, memory) and the timers of the others.
+
+  Everything is compiled and run once here; main() times the sides in interleaved rounds.
+  """
+  device = jax.devices()[0]
+  res, timers = {}, {}
+  with timing.PeakRSS() as rss:
+    tr = train.Trainer(config)
+    state = tr.init()
+    host = _host_batch(config, batch)
+    # a copy: the train timer donates the state's buffers, its EMA parameters included
+    params = jax.tree.map(jnp.copy, state.ema_params)
+    if FLAGS.train:
+      res, timers["train"] = training_timer(tr, state, host)
+    if FLAGS.sample:
+      apply, ddim, x, t = _sampling_fns(tr, host)
+      timers["one_step"] = timing.Timer(lambda: apply(params, x, t), 5, jax.block_until_ready)
+      timers["ddim"] = timing.Timer(lambda: ddim(params, x, jax.random.PRNGKey(0)),
+                                    FLAGS.sample_repeats, jax.block_until_ready)
+    for name, timer in timers.items():
+      if name != "train":  # training_timer ran its first step
+        timer.warm()
+    if FLAGS.full_sample_batch:
+      res.update(bench_full_sampling(config, tr, params, FLAGS.full_sample_batch))
+  res["peak_mem_bytes"] = device_peak_bytes(device) or rss.bytes
+  return res, timers
 
 
 def _host_batch(config, batch):
@@ -131,10 +126,14 @@ def _host_batch(config, batch):
           "label": np.zeros((batch,), np.int32)}
 
 
-def bench_training(tr, state, host):
-  """Images/s of the real train step (after compiling it), its FLOPs and peak memory."""
+def _train_fn(tr, k: int):
+  """The jitted step, or k steps per call (lax.scan over a [k, B, ...] batch)."""
+  return tr.step_fn if k == 1 and FLAGS.donate else tr.jit_step(FLAGS.donate, k)
+
+
+def training_timer(tr, state, host):
+  """The real train step compiled and run once, its FLOPs, and its timer (seconds per step)."""
   k = FLAGS.steps_per_dispatch
-  batch = host["image"].shape[0]
   # k > 1: the same batch k times (the data pipeline is not what is measured)
   b = (parallel.global_batch(parallel.stack_batches([host] * k), tr.mesh, stacked=True) if k > 1
        else parallel.global_batch(host, tr.mesh))
@@ -143,20 +142,15 @@ def bench_training(tr, state, host):
   compile_s = time.perf_counter() - t0
   flops_step = summary.matmul_flops(tr.train_step, state,
                                     jax.tree.map(lambda x: x[0], b) if k > 1 else b)
-  state, m = fn(state, b)
-  jax.block_until_ready(m)
   holder = {"s": state}
 
   def step():
     holder["s"], metrics = fn(holder["s"], b)
     return metrics["loss"]
 
-  dt = timed(step, max(FLAGS.train_steps // k, 1)) / k
-  res = {"train_img_per_s": batch / dt, "step_s": dt, "compile_s": compile_s,
-         "flops_per_train_step": flops_step,
-         "peak_mem_bytes": peak_memory_bytes(jax.devices()[0]),
-         "final_loss": float(np.mean(step()))}  # finite and ~1 on noise data: it computed
-  return res, holder["s"]
+  timer = timing.Timer(step, max(FLAGS.train_steps // k, 1), jax.block_until_ready, k)
+  timer.warm()
+  return {"compile_s": compile_s, "flops_per_train_step": flops_step}, timer
 
 
 def _sampling_fns(tr, host):
@@ -201,9 +195,18 @@ def diffusers_unet(config):
 
 
 def bench_peer(config, batch, precision):
+  """bench_ours for diffusers/PyTorch: its untimed figures and its timers."""
   import torch
   from diffusers import DDIMScheduler
   dev = "cuda" if torch.cuda.is_available() else "cpu"
+  with timing.PeakRSS() as rss:
+    res, timers = _peer(torch, DDIMScheduler, dev, config, batch, precision)
+  res["peer_peak_mem_bytes"] = int(torch.cuda.max_memory_allocated()) if dev == "cuda" else (
+      rss.bytes)
+  return res, timers
+
+
+def _peer(torch, DDIMScheduler, dev, config, batch, precision):  # noqa: N803 - a class
   # as XLA on GPU: tf32 tensor cores for float32 matmuls and convs; cuDNN picks its fastest
   torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
   torch.backends.cudnn.benchmark = True
@@ -235,40 +238,30 @@ def bench_peer(config, batch, precision):
                            1 - config.training.ema_decay)
     return loss
 
-  sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
-
-  def timeit(fn, repeats):
-    fn()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-      fn()
-    sync()
-    return (time.perf_counter() - t0) / repeats
-
+  sync = (lambda out: torch.cuda.synchronize()) if dev == "cuda" else (lambda out: out)
+  timers = {"train": timing.Timer(step, FLAGS.train_steps, sync)}
   t0 = time.perf_counter()
-  step()
-  sync()
-  compile_s = time.perf_counter() - t0
-  dt = timeit(step, FLAGS.train_steps)
-  res = {"peer_train_img_per_s": batch / dt, "peer_compile_s": compile_s,
-         "peer_torch_compile": use_compile, "torch_version": torch.__version__,
+  timers["train"].warm()
+  res = {"peer_compile_s": time.perf_counter() - t0, "peer_torch_compile": use_compile,
+         "torch_version": torch.__version__,
          "peer_threads": torch.get_num_threads() if dev == "cpu" else None}
-  mem = lambda: (torch.cuda.max_memory_allocated() if dev == "cuda"
-                 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-  res["peer_peak_mem_bytes"] = int(mem())
   if not FLAGS.sample:
-    return res
-  net.eval()
+    return res, timers
   sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
+
+  def train_step():  # the timers take turns: back to train mode after sampling's eval
+    net.train()
+    return step()
 
   @torch.no_grad()
   def one():
+    net.eval()
     with amp:
       return fwd(x0, torch.full((batch,), 500, device=dev)).sample
 
   @torch.no_grad()
   def ddim():
+    net.eval()
     sched.set_timesteps(FLAGS.ddim_steps)
     x = torch.randn(shape, device=dev)
     for t in sched.timesteps:
@@ -277,9 +270,12 @@ def bench_peer(config, batch, precision):
       x = sched.step(eps.float(), t, x).prev_sample
     return x
 
-  one_dt = timeit(one, 5)
-  ddim_dt = timeit(ddim, FLAGS.sample_repeats)
-  return dict(res, peer_one_step_img_per_s=batch / one_dt, peer_sample_img_per_s=batch / ddim_dt)
+  timers = {"train": timing.Timer(train_step, FLAGS.train_steps, sync),
+            "one_step": timing.Timer(one, 5, sync),
+            "ddim": timing.Timer(ddim, FLAGS.sample_repeats, sync)}
+  for timer in timers.values():  # torch.compile's eval-mode graphs; train mode is cached
+    timer.warm()
+  return res, timers
 
 
 def main(argv):
@@ -310,31 +306,60 @@ def main(argv):
   slug = re.sub(r"[^A-Za-z0-9]+", "_", kind).strip("_").lower()
   path = os.path.join(FLAGS.out, f"{slug}_{cfg_name}{'_' + FLAGS.tag if FLAGS.tag else ''}.json")
   os.makedirs(FLAGS.out, exist_ok=True)
+  sides = {}
   if FLAGS.ours:
-    res.update(bench_ours(config, batch))
-    peak = peak_tflops(kind, FLAGS.precision)
-    res["peak_tflops"] = peak
-    if FLAGS.train:
-      flops_img = res["flops_per_train_step"] / batch
-      res["train_flops_per_image"] = flops_img
-      res["tflops"] = res["train_img_per_s"] * flops_img / 1e12
-      res["mfu"] = res["tflops"] / peak if peak else None
-    _write(path, res)  # kept even if the peer fails below
+    ours, sides["ours"] = bench_ours(config, batch)
+    res.update(ours)
   if FLAGS.peer:
     try:
-      res.update(bench_peer(config, batch, FLAGS.precision))
+      peer, sides["peer"] = bench_peer(config, batch, FLAGS.precision)
+      res.update(peer)
     except Exception:  # noqa: BLE001 -- record why, keep our figures
       res["peer_error"] = traceback.format_exc(limit=3)
       print(res["peer_error"], file=sys.stderr)
-    if "train_img_per_s" in res and "peer_train_img_per_s" in res:
-      res["train_speedup"] = res["train_img_per_s"] / res["peer_train_img_per_s"]
-      if "sample_img_per_s" in res:
-        res["sample_speedup"] = res["sample_img_per_s"] / res["peer_sample_img_per_s"]
+  res.update(timed_rounds(sides, batch))
+  if FLAGS.ours and FLAGS.train:
+    res["final_loss"] = float(np.mean(sides["ours"]["train"].fn()))  # ~1 on noise: it computed
+    peak = peak_tflops(kind, FLAGS.precision)
+    res["peak_tflops"] = peak
+    flops_img = res["flops_per_train_step"] / batch
+    res["train_flops_per_image"] = flops_img
+    res["tflops"] = res["train_img_per_s"] * flops_img / 1e12
+    res["mfu"] = res["tflops"] / peak if peak else None
+  if "train_img_per_s" in res and "peer_train_img_per_s" in res:
+    res["train_speedup"] = res["train_img_per_s"] / res["peer_train_img_per_s"]
+  if "sample_img_per_s" in res and "peer_sample_img_per_s" in res:
+    res["sample_speedup"] = res["sample_img_per_s"] / res["peer_sample_img_per_s"]
   _write(path, res)
   if FLAGS.ours and FLAGS.train:
     print(markdown_row(res))
   print(f"wrote {path}")
   print(summary_line(res))
+
+
+# result keys of each timer's images/s, by side
+RESULT_KEYS = {"train": "train_img_per_s", "one_step": "one_step_img_per_s",
+               "ddim": "sample_img_per_s"}
+
+
+def timed_rounds(sides: dict, batch: int) -> dict:
+  """Images/s of every timer, the sides taking turns (timing.interleave), and each round's."""
+  res = {"rounds": FLAGS.rounds, "round_img_per_s": {}}
+  for name, key in RESULT_KEYS.items():
+    timers = {side: t[name] for side, t in sides.items() if name in t}
+    if not timers:
+      continue
+    medians, samples = timing.interleave(timers, FLAGS.rounds)
+    for side, seconds in medians.items():
+      res[("peer_" if side == "peer" else "") + key] = batch / seconds
+    res["round_img_per_s"][name] = {side: [round(batch / s, 3) for s in ss]
+                                    for side, ss in samples.items()}
+    print(f"{name}: " + ", ".join(f"{side} {batch / s:,.2f} img/s"
+                                  for side, s in medians.items()) + f" (median of {FLAGS.rounds})",
+          flush=True)
+  if "train_img_per_s" in res:
+    res["step_s"] = batch / res["train_img_per_s"]
+  return res
 
 
 def summary_line(r) -> str:
