@@ -108,6 +108,11 @@ def scan_steps(step_fn, state: TrainState, batches):
   return jax.lax.scan(step_fn, state, batches, unroll=xla_options.scan_unroll())
 
 
+def event_periods(t) -> tuple[int, int, int]:
+  """The periods, in steps, of the loop's events: log, checkpoint, sample grid."""
+  return t.log_every, t.checkpoint_every, t.sample_every
+
+
 class Trainer:
   """Everything a run needs, built once from the config: mesh, model, state shardings, step."""
 
@@ -156,7 +161,7 @@ class Trainer:
     if k == 1 or step + k > t.num_steps:
       return 1
     inside = lambda every: (step + k - 1) // every > step // every
-    return 1 if any(inside(e) for e in (t.log_every, t.checkpoint_every, t.sample_every)) else k
+    return 1 if any(inside(e) for e in event_periods(t)) else k
 
   def run_steps(self, state: TrainState, host_batches: list[dict]):
     """len(host_batches) steps (1 or steps_per_dispatch) -> (state, metrics of the last step,
@@ -217,7 +222,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
   batches = data.train_batches(config, start_step=step)
   k = trainer.steps_per_dispatch
-  if k > 1 and any(e % k for e in (t.log_every, t.checkpoint_every, t.sample_every)):
+  if k > 1 and any(e % k for e in event_periods(t)):
     logging.warning("training.steps_per_dispatch=%d does not divide log_every, checkpoint_every "
                     "and sample_every: steps around those events run one per call (a second "
                     "compile)", k)
