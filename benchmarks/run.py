@@ -9,7 +9,8 @@ memory, FLOPs per image from XLA's cost analysis, achieved TFLOP/s and the share
 device's peak. The same model in PyTorch (diffusers UNet2DModel in the same layout, same
 batch, Adam, same precision; torch.compile where it works: GPU, and CPU with a C++ compiler)
 is measured in the same run, the two taking turns (benchmarks/timing.py: rounds in ABBA order,
-medians; on CPU each side's own peak RSS). Writes benchmarks/results/<device>_<config>.json.
+medians; on CPU each side's own peak RSS). Writes benchmarks/results/<device>_<config>.json
+(first with one round of ours alone, marked provisional, in case the peer takes the process down).
 """
 from __future__ import annotations
 
@@ -310,6 +311,8 @@ def main(argv):
   if FLAGS.ours:
     ours, sides["ours"] = bench_ours(config, batch)
     res.update(ours)
+    if FLAGS.peer:  # ours alone, one round, kept on disk in case the peer takes the process down
+      _write(path, dict(res, **timed_rounds(sides, batch, 1), provisional=True))
   if FLAGS.peer:
     try:
       peer, sides["peer"] = bench_peer(config, batch, FLAGS.precision)
@@ -317,7 +320,7 @@ def main(argv):
     except Exception:  # noqa: BLE001 -- record why, keep our figures
       res["peer_error"] = traceback.format_exc(limit=3)
       print(res["peer_error"], file=sys.stderr)
-  res.update(timed_rounds(sides, batch))
+  res.update(timed_rounds(sides, batch, FLAGS.rounds))
   if FLAGS.ours and FLAGS.train:
     res["final_loss"] = float(np.mean(sides["ours"]["train"].fn()))  # ~1 on noise: it computed
     peak = peak_tflops(kind, FLAGS.precision)
@@ -342,20 +345,20 @@ RESULT_KEYS = {"train": "train_img_per_s", "one_step": "one_step_img_per_s",
                "ddim": "sample_img_per_s"}
 
 
-def timed_rounds(sides: dict, batch: int) -> dict:
+def timed_rounds(sides: dict, batch: int, rounds: int) -> dict:
   """Images/s of every timer, the sides taking turns (timing.interleave), and each round's."""
-  res = {"rounds": FLAGS.rounds, "round_img_per_s": {}}
+  res = {"rounds": rounds, "round_img_per_s": {}}
   for name, key in RESULT_KEYS.items():
     timers = {side: t[name] for side, t in sides.items() if name in t}
     if not timers:
       continue
-    medians, samples = timing.interleave(timers, FLAGS.rounds)
+    medians, samples = timing.interleave(timers, rounds)
     for side, seconds in medians.items():
       res[("peer_" if side == "peer" else "") + key] = batch / seconds
     res["round_img_per_s"][name] = {side: [round(batch / s, 3) for s in ss]
                                     for side, ss in samples.items()}
     print(f"{name}: " + ", ".join(f"{side} {batch / s:,.2f} img/s"
-                                  for side, s in medians.items()) + f" (median of {FLAGS.rounds})",
+                                  for side, s in medians.items()) + f" (median of {rounds})",
           flush=True)
   if "train_img_per_s" in res:
     res["step_s"] = batch / res["train_img_per_s"]
