@@ -53,6 +53,8 @@ flags.DEFINE_integer("rounds", 3, "Timing rounds; ours and the peer take turns (
 flags.DEFINE_bool("xla_options", True, "diffusion_jax/xla_options.py's compiler options (CPU: "
                   "Eigen convolutions and matmuls); off = XLA's defaults, to measure the lever.")
 flags.DEFINE_bool("fast_group_norm", True, "diffusion_jax's GroupNorm (off: flax's; lever).")
+flags.DEFINE_enum("gn_swish_vjp", "off", ["off", "on", "cpu"], "swish(GroupNorm) with its own "
+                  "backward (fast_ops.group_norm_swish): off = autodiff (default), on, CPU only.")
 flags.DEFINE_bool("peer", True, "Also measure diffusers/PyTorch.")
 flags.DEFINE_bool("ours", True, "Measure diffusion_jax (off: the peer alone).")
 flags.DEFINE_bool("sample", True, "Also measure sampling (one step, DDIM).")
@@ -292,6 +294,7 @@ def main(argv):
   jax.config.update("jax_default_prng_impl", FLAGS.prng)
   xla_options.ENABLED = FLAGS.xla_options
   fast_ops.FAST_GROUP_NORM = FLAGS.fast_group_norm
+  fast_ops.SWISH_VJP = FLAGS.gn_swish_vjp
   device = jax.devices()[0]
   kind = device.device_kind if device.platform != "cpu" else f"cpu-{os.cpu_count()}cores"
   cfg_name = os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0]
@@ -300,7 +303,7 @@ def main(argv):
          "attention": config.model.attention, "remat": config.model.remat,
          "donate": FLAGS.donate, "steps_per_dispatch": FLAGS.steps_per_dispatch,
          "prng": FLAGS.prng, "xla_options": xla_options.compiler_options(),
-         "fast_group_norm": FLAGS.fast_group_norm,
+         "fast_group_norm": FLAGS.fast_group_norm, "gn_swish_vjp": FLAGS.gn_swish_vjp,
          "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_version": jax.__version__,
          "python": platform.python_version(), "tag": FLAGS.tag,
          "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}

@@ -37,3 +37,43 @@ def test_group_norm_matches_flax(dtype):
 def test_group_norm_rejects_channels_not_divisible_by_groups():
   with pytest.raises(ValueError, match="not divisible by 32 groups"):
     fast_ops.GroupNorm(32).init(jax.random.PRNGKey(0), jnp.ones((1, 4, 4, 48)))
+
+
+@pytest.mark.parametrize("swish_vjp", ["on", "off"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_group_norm_swish_matches_flax_then_swish(monkeypatch, swish_vjp, dtype):
+  """GroupNorm(swish=True), with group_norm_swish's hand-written backward or autodiff."""
+  monkeypatch.setattr(fast_ops, "SWISH_VJP", swish_vjp)
+  x = (jax.random.normal(jax.random.PRNGKey(0), (2, 6, 10, 64)) * 3 + 1).astype(dtype)
+  fused = fast_ops.GroupNorm(32, 1e-6, dtype, swish=True)
+  params = fused.init(jax.random.PRNGKey(1), x)
+  params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.PRNGKey(2), p.shape), params)
+
+  class StockThenSwish(nn.Module):  # the reference in float32 (bf16 autodiff rounds more)
+    @nn.compact
+    def __call__(self, x):
+      return nn.swish(nn.GroupNorm(32, epsilon=1e-6, name="norm")(x.astype(jnp.float32)))
+
+  stock_params = {"params": {"norm": params["params"]}}
+  y1, y2 = StockThenSwish().apply(stock_params, x), fused.apply(params, x)
+  assert y2.dtype == dtype
+  tol = 1e-5 if dtype == jnp.float32 else 5e-2
+  np.testing.assert_allclose(np.float32(y1), np.float32(y2), atol=tol * 10, rtol=tol)
+  (_, (g1, gx1)), (_, (g2, gx2)) = (_loss_and_grads(StockThenSwish(), stock_params, x),
+                                    _loss_and_grads(fused, params, x))
+  assert gx2.dtype == dtype
+  # bf16: the output's rounding perturbs every gradient; 3 % of each gradient's largest entry
+  close = (lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)) if (
+      dtype == jnp.float32) else (lambda a, b: np.testing.assert_allclose(
+          np.float32(a), b, atol=0.03 * np.abs(b).max()))
+  for name in ("scale", "bias"):
+    close(g2["params"][name], g1["params"]["norm"][name])
+  close(gx2, np.float32(gx1))
+
+
+def test_group_norm_swish_uses_its_own_backward_where_asked(monkeypatch):
+  monkeypatch.setattr(fast_ops, "SWISH_VJP", "cpu")
+  x = jnp.ones((1, 4, 4, 32))
+  params = fast_ops.GroupNorm(32, swish=True).init(jax.random.PRNGKey(0), x)
+  jaxpr = str(jax.make_jaxpr(lambda p, x: fast_ops.GroupNorm(32, swish=True).apply(p, x))(params, x))
+  assert "custom_vjp_call" in jaxpr

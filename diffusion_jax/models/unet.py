@@ -91,6 +91,6 @@ class UNet(nn.Module):
         h = Upsample(self.dtype, name=f"up_{i}_upsample")(h)
     assert not hs
 
-    h = nn.swish(group_norm("norm_out", self.dtype)(h))
+    h = group_norm("norm_out", self.dtype, swish=True)(h)
     h = conv(self.out_channels, 3, "conv_out", self.dtype, init=zero_init)(h)
     return h.astype(jnp.float32)
