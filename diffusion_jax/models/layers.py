@@ -51,7 +51,8 @@ class ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, temb, train: bool = False):
-    h = conv(self.out_ch, 3, "conv_1", self.dtype)(group_norm("norm_1", self.dtype, True)(x))
+    h = group_norm("norm_1", self.dtype, swish=True)(x)
+    h = conv(self.out_ch, 3, "conv_1", self.dtype)(h)
     h = h + nn.Dense(self.out_ch, kernel_init=default_init, dtype=self.dtype,
                      name="temb_proj")(nn.swish(temb))[:, None, None, :]
     h = group_norm("norm_2", self.dtype, swish=True)(h)
