@@ -111,11 +111,9 @@ def main(argv):
       best = min(ms["torch_nchw"], ms["torch_nhwc"])
       print(f"| {r['shape']} | {op} | {ms['xla']:.2f} | {ms['torch_nchw']:.2f} | "
             f"{ms['torch_nhwc']:.2f} | {best / ms['xla']:.2f}x |")
-  device = jax.devices()[0]
-  kind = device.device_kind if device.platform != "cpu" else f"cpu-{os.cpu_count()}cores"
-  cfg = os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0]
-  path = os.path.join(FLAGS.out, f"{kind.replace('-', '_').replace(' ', '_').lower()}_{cfg}"
-                      "_conv_layers.json")
+  kind = timing.device_kind(jax.devices()[0])
+  cfg = timing.config_name(FLAGS["config"].config_filename)
+  path = timing.result_path(FLAGS.out, kind, cfg, "conv_layers")
   os.makedirs(FLAGS.out, exist_ok=True)
   with open(path, "w") as f:
     json.dump({"device": kind, "config": cfg, "jax_version": jax.__version__,

@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import traceback
-import re
 import shutil
 import sys
 import time
@@ -114,9 +113,8 @@ def bench_ours(config, batch):
       timers["one_step"] = timing.Timer(lambda: apply(params, x, t), 5, jax.block_until_ready)
       timers["ddim"] = timing.Timer(lambda: ddim(params, x, jax.random.PRNGKey(0)),
                                     FLAGS.sample_repeats, jax.block_until_ready)
-    for name, timer in timers.items():
-      if name != "train":  # training_timer ran its first step
-        timer.warm()
+      timers["one_step"].warm()
+      timers["ddim"].warm()
     if FLAGS.full_sample_batch:
       res.update(bench_full_sampling(config, tr, params, FLAGS.full_sample_batch))
   res["peak_mem_bytes"] = device_peak_bytes(device) or rss.bytes
@@ -241,8 +239,12 @@ def _peer(torch, DDIMScheduler, dev, config, batch, precision):  # noqa: N803 - 
                            1 - config.training.ema_decay)
     return loss
 
+  def train_step():  # the timers take turns: back to train mode after sampling's eval
+    net.train()
+    return step()
+
   sync = (lambda out: torch.cuda.synchronize()) if dev == "cuda" else (lambda out: out)
-  timers = {"train": timing.Timer(step, FLAGS.train_steps, sync)}
+  timers = {"train": timing.Timer(train_step, FLAGS.train_steps, sync)}
   t0 = time.perf_counter()
   timers["train"].warm()
   res = {"peer_compile_s": time.perf_counter() - t0, "peer_torch_compile": use_compile,
@@ -251,10 +253,6 @@ def _peer(torch, DDIMScheduler, dev, config, batch, precision):  # noqa: N803 - 
   if not FLAGS.sample:
     return res, timers
   sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
-
-  def train_step():  # the timers take turns: back to train mode after sampling's eval
-    net.train()
-    return step()
 
   @torch.no_grad()
   def one():
@@ -273,9 +271,8 @@ def _peer(torch, DDIMScheduler, dev, config, batch, precision):  # noqa: N803 - 
       x = sched.step(eps.float(), t, x).prev_sample
     return x
 
-  timers = {"train": timing.Timer(train_step, FLAGS.train_steps, sync),
-            "one_step": timing.Timer(one, 5, sync),
-            "ddim": timing.Timer(ddim, FLAGS.sample_repeats, sync)}
+  timers.update(one_step=timing.Timer(one, 5, sync),
+                ddim=timing.Timer(ddim, FLAGS.sample_repeats, sync))
   for timer in timers.values():  # torch.compile's eval-mode graphs; train mode is cached
     timer.warm()
   return res, timers
@@ -296,8 +293,8 @@ def main(argv):
   fast_ops.FAST_GROUP_NORM = FLAGS.fast_group_norm
   fast_ops.SWISH_VJP = FLAGS.gn_swish_vjp
   device = jax.devices()[0]
-  kind = device.device_kind if device.platform != "cpu" else f"cpu-{os.cpu_count()}cores"
-  cfg_name = os.path.splitext(os.path.basename(FLAGS["config"].config_filename))[0]
+  kind = timing.device_kind(device)
+  cfg_name = timing.config_name(FLAGS["config"].config_filename)
   res = {"device": kind, "platform": device.platform, "num_devices": jax.device_count(),
          "config": cfg_name, "batch_size": batch, "precision": FLAGS.precision,
          "attention": config.model.attention, "remat": config.model.remat,
@@ -307,8 +304,7 @@ def main(argv):
          "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_version": jax.__version__,
          "python": platform.python_version(), "tag": FLAGS.tag,
          "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
-  slug = re.sub(r"[^A-Za-z0-9]+", "_", kind).strip("_").lower()
-  path = os.path.join(FLAGS.out, f"{slug}_{cfg_name}{'_' + FLAGS.tag if FLAGS.tag else ''}.json")
+  path = timing.result_path(FLAGS.out, kind, cfg_name, FLAGS.tag)
   os.makedirs(FLAGS.out, exist_ok=True)
   sides = {}
   if FLAGS.ours:

@@ -5,10 +5,13 @@ timing one framework and then the other puts the drift into their ratio. `interl
 sides' timers in turn, reversing the order every other round (A B, B A, ...), and keeps each
 side's median. On CPU both sides live in one process, whose lifetime peak RSS would charge the
 second side for the first's memory; `PeakRSS` measures the growth during one side's phase.
+`device_kind`, `config_name` and `result_path` name the benchmarks' result files alike.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import resource
 import sys
 import time
@@ -88,3 +91,19 @@ class PeakRSS:
     else:
       self.bytes = max(peak_kb - self.start_kb, 0) * 1024
     return False
+
+
+def device_kind(device) -> str:
+  """A jax device's kind ("NVIDIA H100 80GB HBM3"), or "cpu-<cores>cores"."""
+  return device.device_kind if device.platform != "cpu" else f"cpu-{os.cpu_count()}cores"
+
+
+def config_name(config_filename: str) -> str:
+  """configs/fashion_mnist.py -> fashion_mnist."""
+  return os.path.splitext(os.path.basename(config_filename))[0]
+
+
+def result_path(out_dir: str, kind: str, config: str, suffix: str = "") -> str:
+  """<out_dir>/<device slug>_<config>[_<suffix>].json."""
+  slug = re.sub(r"[^A-Za-z0-9]+", "_", kind).strip("_").lower()
+  return os.path.join(out_dir, f"{slug}_{config}{'_' + suffix if suffix else ''}.json")

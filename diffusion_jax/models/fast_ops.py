@@ -34,13 +34,18 @@ def _use_swish_vjp() -> bool:
   return SWISH_VJP == "on" or (SWISH_VJP == "cpu" and jax.default_backend() == "cpu")
 
 
+def _group_mean(per_channel_sums, num_groups: int, x):
+  """[B, C] sums over x's spatial positions -> [B, G] means over each group's elements."""
+  n = x.shape[-1] // num_groups * math.prod(x.shape[1:-1])
+  return per_channel_sums.reshape(x.shape[0], num_groups, -1).sum(-1) / n
+
+
 def _stats(xf, num_groups: int, epsilon: float):
   """Per-(example, group) mean and 1/std of float32 NHWC x, from per-channel sums: [B, G]."""
   axes = tuple(range(1, xf.ndim - 1))
-  n = xf.shape[-1] // num_groups * math.prod(xf.shape[1:-1])
-  group = lambda s: s.reshape(s.shape[0], num_groups, -1).sum(-1) / n
-  mean = group(jnp.sum(xf, axes))
-  var = jnp.maximum(group(jnp.sum(lax.square(xf), axes)) - lax.square(mean), 0.0)
+  mean = _group_mean(jnp.sum(xf, axes), num_groups, xf)
+  var = jnp.maximum(_group_mean(jnp.sum(lax.square(xf), axes), num_groups, xf)
+                    - lax.square(mean), 0.0)
   return mean, lax.rsqrt(var + epsilon)
 
 
@@ -86,8 +91,7 @@ def _gns_bwd(num_groups, epsilon, res, g):
   sum_dz, sum_dzx = jnp.sum(dz, axes), jnp.sum(dz * xf, axes)  # [B, C]
   mean_c, inv_c = _per_channel(mean, c), _per_channel(inv, c)
   sum_dz_xhat = inv_c * (sum_dzx - mean_c * sum_dz)  # per channel: sum dz * xhat
-  n = c // num_groups * math.prod(x.shape[1:-1])
-  group_mean = lambda s: _per_channel(s.reshape(s.shape[0], num_groups, -1).sum(-1) / n, c)
+  group_mean = lambda s: _per_channel(_group_mean(s, num_groups, x), c)
   m1 = group_mean(scale * sum_dz)          # mean_g(dz * scale)
   m2 = group_mean(scale * sum_dz_xhat)     # mean_g(dz * scale * xhat)
   # dx = inv*scale*dz - inv*m1 - inv^2*m2*(x - mean): one x*a + dz*b + c pass
