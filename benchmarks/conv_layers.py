@@ -6,7 +6,8 @@ Convolutions are ~80 % of the U-Net's forward pass on CPU (GroupNorm's statistic
 ~5 %: measured by removing each), so the model can only be as fast as the convolution kernels
 the framework calls. For each 3x3 convolution shape of the config's U-Net at its training batch,
 times the forward pass and the kernel gradient, XLA:CPU (Eigen, this library's compiler options)
-against torch (oneDNN, NCHW and channels-last), plus a 2048^3 matmul as each side's peak; the
+against torch (oneDNN, NCHW and channels-last) and, where it builds, oneDNN called from XLA
+(models/onednn_conv.py, model.conv='onednn'), plus a 2048^3 matmul as each side's peak; the
 sides take turns (timing.interleave). Prints a table, writes
 benchmarks/results/<device>_<config>_conv_layers.json.
 """
@@ -27,6 +28,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from benchmarks import timing  # noqa: E402
 from diffusion_jax import xla_options  # noqa: E402
+from diffusion_jax.models import onednn_conv  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config.")
@@ -48,13 +50,13 @@ def conv_shapes(config) -> list[tuple[int, int, int, int]]:
   return list(dict.fromkeys(shapes))
 
 
-def jax_timers(n, size, cin, cout, reps):
+def jax_timers(n, size, cin, cout, reps, conv_general_dilated=lax.conv_general_dilated):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(n, size, size, cin)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(3, 3, cin, cout)) / np.sqrt(9 * cin), jnp.float32)
   g = jnp.asarray(rng.normal(size=(n, size, size, cout)), jnp.float32)
-  conv = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME",
-                                               dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  conv = lambda x, w: conv_general_dilated(x, w, (1, 1), "SAME",
+                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
   fwd = xla_options.jit(conv)
   kernel_grad = xla_options.jit(lambda x, w, g: jax.vjp(lambda w: conv(x, w), w)[1](g)[0])
   block = jax.block_until_ready
@@ -78,11 +80,16 @@ def main(argv):
   import torch
   config = FLAGS.config
   rows, reps = [], FLAGS.repeats
+  onednn = not onednn_conv.unavailable_reason()
+  if not onednn:
+    print(f"no oneDNN-in-XLA column: {onednn_conv.unavailable_reason()}")
   for n, size, cin, cout in conv_shapes(config):
     flops = 2 * n * size * size * 9 * cin * cout
     sides = {"xla": jax_timers(n, size, cin, cout, reps),
              "torch_nchw": torch_timers(torch, n, size, cin, cout, reps, False),
              "torch_nhwc": torch_timers(torch, n, size, cin, cout, reps, True)}
+    if onednn:
+      sides["xla_onednn"] = jax_timers(n, size, cin, cout, reps, onednn_conv.conv_general_dilated)
     row = {"shape": [n, size, size, cin, cout], "gflop": flops / 1e9}
     for op in ("forward", "kernel_grad"):
       timers = {side: t[op] for side, t in sides.items()}
@@ -103,13 +110,15 @@ def main(argv):
   peak = {side: 2 * 2048**3 / s / 1e9 for side, s in medians.items()}
   print(f"2048^3 matmul GFLOP/s: XLA {peak['xla']:.1f}, torch {peak['torch']:.1f} "
         f"({torch.get_num_threads()} threads)")
-  print("| shape [B,H,W,Cin,Cout] | op | XLA ms | torch NCHW ms | torch NHWC ms | XLA speed / best torch's |")
-  print("|---|---|---|---|---|---|")
+  print("| shape [B,H,W,Cin,Cout] | op | XLA ms | oneDNN in XLA ms | torch NCHW ms | "
+        "torch NHWC ms | XLA speed / best torch's |")
+  print("|---|---|---|---|---|---|---|")
   for r in rows:
     for op in ("forward", "kernel_grad"):
       ms = {side: v["ms"] for side, v in r[op].items()}
       best = min(ms["torch_nchw"], ms["torch_nhwc"])
-      print(f"| {r['shape']} | {op} | {ms['xla']:.2f} | {ms['torch_nchw']:.2f} | "
+      in_xla = f"{ms['xla_onednn']:.2f}" if "xla_onednn" in ms else "-"
+      print(f"| {r['shape']} | {op} | {ms['xla']:.2f} | {in_xla} | {ms['torch_nchw']:.2f} | "
             f"{ms['torch_nhwc']:.2f} | {best / ms['xla']:.2f}x |")
   kind = timing.device_kind(jax.devices()[0])
   cfg = timing.config_name(FLAGS["config"].config_filename)
@@ -118,6 +127,7 @@ def main(argv):
   with open(path, "w") as f:
     json.dump({"device": kind, "config": cfg, "jax_version": jax.__version__,
                "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
+               "onednn_in_xla": onednn_conv.implementation() if onednn else None,
                "matmul_2048_gflop_per_s": peak, "layers": rows}, f, indent=1)
   print(f"wrote {path}")
 

@@ -37,7 +37,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from diffusion_jax import parallel, samplers, summary, train, xla_options  # noqa: E402
-from diffusion_jax.models import denoiser, fast_ops  # noqa: E402
+from diffusion_jax.models import DTYPES, denoiser, fast_ops, onednn_conv  # noqa: E402
 from diffusion_jax.sample import Sampler  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -60,6 +60,7 @@ flags.DEFINE_bool("sample", True, "Also measure sampling (one step, DDIM).")
 flags.DEFINE_bool("train", True, "Measure training (off: sampling alone, from initial params).")
 flags.DEFINE_enum("attention", None, ["auto", "xla", "cudnn"], "model.attention override.")
 flags.DEFINE_bool("remat", None, "model.remat override.")
+flags.DEFINE_enum("conv", None, ["auto", "xla", "onednn"], "model.conv override.")
 flags.DEFINE_bool("donate", True, "Donate the train state's buffers to the step (lever).")
 flags.DEFINE_integer("steps_per_dispatch", 1, "Training steps per compiled call (lax.scan).")
 flags.DEFINE_enum("prng", "threefry2x32", ["threefry2x32", "rbg", "unsafe_rbg"],
@@ -278,6 +279,13 @@ def _peer(torch, DDIMScheduler, dev, config, batch, precision):  # noqa: N803 - 
   return res, timers
 
 
+def conv_kernels(config) -> str:
+  """Whose convolutions model.conv resolved to here, e.g. 'onednn (brgconv:avx2)' or 'xla'."""
+  if onednn_conv.use_onednn(config.model.conv, DTYPES[config.model.dtype]):
+    return f"onednn ({onednn_conv.implementation()})"
+  return "xla"
+
+
 def main(argv):
   del argv
   config = FLAGS.config
@@ -288,6 +296,8 @@ def main(argv):
     config.model.attention = FLAGS.attention
   if FLAGS.remat is not None:
     config.model.remat = FLAGS.remat
+  if FLAGS.conv is not None:
+    config.model.conv = FLAGS.conv
   jax.config.update("jax_default_prng_impl", FLAGS.prng)
   xla_options.ENABLED = FLAGS.xla_options
   fast_ops.FAST_GROUP_NORM = FLAGS.fast_group_norm
@@ -298,6 +308,7 @@ def main(argv):
   res = {"device": kind, "platform": device.platform, "num_devices": jax.device_count(),
          "config": cfg_name, "batch_size": batch, "precision": FLAGS.precision,
          "attention": config.model.attention, "remat": config.model.remat,
+         "conv": config.model.conv, "conv_kernels": conv_kernels(config),
          "donate": FLAGS.donate, "steps_per_dispatch": FLAGS.steps_per_dispatch,
          "prng": FLAGS.prng, "xla_options": xla_options.compiler_options(),
          "fast_group_norm": FLAGS.fast_group_norm, "gn_swish_vjp": FLAGS.gn_swish_vjp,

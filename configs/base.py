@@ -30,6 +30,7 @@ def get_config():
   model.dtype = "float32"          # compute dtype: float32 | bfloat16 (parameters stay float32)
   model.attention = "auto"         # auto | xla | cudnn (flash attention on GPU, bf16 only)
   model.remat = False              # recompute activations in the backward pass (less memory)
+  model.conv = "auto"              # auto | xla | onednn: oneDNN's CPU kernels (onednn_conv.py)
 
   c.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.num_timesteps = 1000

@@ -6,12 +6,12 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax.models import build_model
+from diffusion_jax.models import build_model, onednn_conv
 
 
 def matmul_flops(fn, *args) -> float:
-  """2 x the multiply-adds of every convolution and dot in fn's jaxpr (a backward pass
-  included, scan bodies times their length): what MFU counts, the same on every backend.
+  """2 x the multiply-adds of every convolution (oneDNN's included) and dot in fn's jaxpr (a
+  backward pass included, scan bodies times their length): what MFU counts, on every backend.
   (XLA's compiled cost analysis leaves cuDNN's convolutions out on GPU.) `args` may be
   jax.ShapeDtypeStruct: nothing is computed."""
   def count(jaxpr) -> float:
@@ -21,7 +21,13 @@ def matmul_flops(fn, *args) -> float:
       if name == "conv_general_dilated":
         rhs, spec = eqn.invars[1].aval, eqn.params["dimension_numbers"].rhs_spec
         window = np.prod([rhs.shape[d] for d in spec[2:]])
-        total += 2.0 * np.prod(out.shape) * rhs.shape[spec[1]] * window  # in features per group
+        # in features per group; an input gradient of a strided conv dilates its input with
+        # zeros (lhs_dilation): only 1 in prod(lhs_dilation) of its products is real
+        total += (2.0 * np.prod(out.shape) * rhs.shape[spec[1]] * window
+                  / np.prod(eqn.params["lhs_dilation"]))
+      elif name == "ffi_call" and eqn.params["target_name"] in onednn_conv.TARGETS.values():
+        total += onednn_conv.flops(eqn.params["target_name"], [v.aval for v in eqn.invars],
+                                   eqn.params["result_avals"])
       elif name == "dot_general":
         (lhs_contract, _), _ = eqn.params["dimension_numbers"]
         lhs = eqn.invars[0].aval

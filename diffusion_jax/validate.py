@@ -6,7 +6,7 @@ import jax
 
 from diffusion_jax import diffusion as dm
 from diffusion_jax import samplers
-from diffusion_jax.models import ATTENTION, DTYPES, MODELS
+from diffusion_jax.models import ATTENTION, DTYPES, MODELS, onednn_conv
 
 DATASETS = ("fashion_mnist", "cifar10", "celeb_a_hq", "lsun_church", "folder")
 METRICS = ("fid", "is", "nll")
@@ -44,6 +44,13 @@ def validate_config(config, mode: str = "train") -> None:
   _check(m.attention != "cudnn" or (m.dtype == "bfloat16" and jax.default_backend() == "gpu"),
          "model.attention", m.attention, "'cudnn' needs model.dtype='bfloat16' on a GPU; "
          "'auto' picks it where it applies")
+  _check(m.conv in onednn_conv.MODES, "model.conv", m.conv, f"one of {onednn_conv.MODES}")
+  if m.conv == "onednn":
+    _check(jax.default_backend() == "cpu" and m.dtype == "float32" and n_dev == 1, "model.conv",
+           m.conv, "oneDNN convolutions are float32 on a single CPU device; 'auto' picks them "
+           "where they apply")
+    _check(not onednn_conv.unavailable_reason(), "model.conv", m.conv,
+           onednn_conv.unavailable_reason())
   _check(len(m.ch_mult) >= 1 and all(k >= 1 for k in m.ch_mult), "model.ch_mult", m.ch_mult,
          "a non-empty tuple of positive multipliers")
   for k in m.ch_mult:

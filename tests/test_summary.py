@@ -28,6 +28,9 @@ def test_backward_pass_is_twice_the_forward_and_scan_counts_every_step():
   assert matmul_flops(jax.grad(loss, argnums=(0, 1)), X, K) == 3 * CONV
   # kernel gradient only (no input gradient), inside a pjit
   assert matmul_flops(jax.jit(jax.grad(loss, argnums=1)), X, K) == 2 * CONV
+  # a strided conv's input gradient (an lhs-dilated conv) is counted without the zeros
+  strided = lambda x, k: jnp.sum(conv(x, k, (2, 2)) ** 2)
+  assert matmul_flops(jax.grad(strided, argnums=(0, 1)), X, K) == 3 * CONV / 4
   steps = lambda x, k: lax.scan(lambda c, _: (conv(c, k[..., :4]), None), x, None, length=5)[0]
   assert matmul_flops(steps, X, K) == 5 * CONV / 4
 

@@ -21,4 +21,5 @@ def build_model(config):
       attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
       in_channels=config.data.channels,
       learned_variance=config.diffusion.var_type in ("learned", "learned_range"),
-      num_classes=m.num_classes, dtype=DTYPES[m.dtype], attention=m.attention, remat=m.remat)
+      num_classes=m.num_classes, dtype=DTYPES[m.dtype], attention=m.attention, remat=m.remat,
+      conv=m.get("conv", "auto"))

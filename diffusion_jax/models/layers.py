@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.models import fast_ops
+from diffusion_jax.models import fast_ops, onednn_conv
 
 Dtype = Any
 
@@ -37,10 +37,11 @@ def group_norm(name: str, dtype: Dtype, swish: bool = False):
 
 
 def conv(features: int, kernel: int, name: str, dtype: Dtype, strides: int = 1,
-         init=default_init):
-  """k x k conv, "SAME" padding (TF's: the extra row/column after)."""
+         init=default_init, onednn: bool = False):
+  """k x k conv, "SAME" padding (TF's: the extra row/column after); oneDNN's kernels if asked."""
   return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding="SAME",
-                 kernel_init=init, dtype=dtype, name=name)
+                 kernel_init=init, dtype=dtype, name=name,
+                 conv_general_dilated=onednn_conv.conv_general_dilated if onednn else None)
 
 
 class ResBlock(nn.Module):
@@ -48,18 +49,19 @@ class ResBlock(nn.Module):
   out_ch: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  onednn: bool = False  # convolutions through onednn_conv (CPU, float32)
 
   @nn.compact
   def __call__(self, x, temb, train: bool = False):
     h = group_norm("norm_1", self.dtype, swish=True)(x)
-    h = conv(self.out_ch, 3, "conv_1", self.dtype)(h)
+    h = conv(self.out_ch, 3, "conv_1", self.dtype, onednn=self.onednn)(h)
     h = h + nn.Dense(self.out_ch, kernel_init=default_init, dtype=self.dtype,
                      name="temb_proj")(nn.swish(temb))[:, None, None, :]
     h = group_norm("norm_2", self.dtype, swish=True)(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = conv(self.out_ch, 3, "conv_2", self.dtype, init=zero_init)(h)
+    h = conv(self.out_ch, 3, "conv_2", self.dtype, init=zero_init, onednn=self.onednn)(h)
     if x.shape[-1] != self.out_ch:  # "NIN" shortcut = 1x1 conv
-      x = conv(self.out_ch, 1, "nin_shortcut", self.dtype)(x)
+      x = conv(self.out_ch, 1, "nin_shortcut", self.dtype, onednn=self.onednn)(x)
     return x + h
 
 
@@ -86,17 +88,19 @@ class AttnBlock(nn.Module):
 class Downsample(nn.Module):
   """Stride-2 3x3 conv (TF "SAME" padding: one row/column after)."""
   dtype: Dtype = jnp.float32
+  onednn: bool = False
 
   @nn.compact
   def __call__(self, x):
-    return conv(x.shape[-1], 3, "conv", self.dtype, strides=2)(x)
+    return conv(x.shape[-1], 3, "conv", self.dtype, strides=2, onednn=self.onednn)(x)
 
 
 class Upsample(nn.Module):
   """Nearest-neighbour x2, then a 3x3 conv."""
   dtype: Dtype = jnp.float32
+  onednn: bool = False
 
   @nn.compact
   def __call__(self, x):
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return conv(x.shape[-1], 3, "conv", self.dtype)(x)
+    return conv(x.shape[-1], 3, "conv", self.dtype, onednn=self.onednn)(x)

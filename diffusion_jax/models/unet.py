@@ -6,6 +6,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from diffusion_jax.models import onednn_conv
 from diffusion_jax.models.layers import (AttnBlock, Downsample, ResBlock, Upsample, conv,
                                          default_init, group_norm, timestep_embedding, zero_init)
 
@@ -18,6 +19,8 @@ class UNet(nn.Module):
   `learned_variance`); num_classes > 0 adds a label embedding (index num_classes is the null
   label, for classifier-free guidance). `dtype` is the compute dtype; parameters stay float32.
   attention: "auto" | "xla" | "cudnn" (jax.nn.dot_product_attention's implementation).
+  conv: "auto" | "xla" | "onednn" -- whose convolution kernels run (models/onednn_conv.py;
+  "auto": oneDNN's for float32 on a single CPU device where they are installed, else XLA's).
   remat: recompute each block's activations in the backward pass instead of keeping them
   (less memory for the 256x256 models, for one more forward pass of each block).
   """
@@ -32,6 +35,7 @@ class UNet(nn.Module):
   dtype: Any = jnp.float32
   attention: str = "auto"
   remat: bool = False
+  conv: str = "auto"
 
   @property
   def out_channels(self) -> int:
@@ -63,9 +67,10 @@ class UNet(nn.Module):
     block_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
     attn_cls = nn.remat(AttnBlock) if self.remat else AttnBlock
     impl = None if self.attention == "auto" else self.attention
-    res_block = lambda ch, name: block_cls(ch, self.dropout, self.dtype, name=name)
+    onednn = onednn_conv.use_onednn(self.conv, self.dtype)
+    res_block = lambda ch, name: block_cls(ch, self.dropout, self.dtype, onednn, name=name)
     attn_block = lambda name: attn_cls(self.dtype, impl, name=name)
-    h = conv(self.ch, 3, "conv_in", self.dtype)(x.astype(self.dtype))
+    h = conv(self.ch, 3, "conv_in", self.dtype, onednn=onednn)(x.astype(self.dtype))
     hs = [h]
     for i, mult in enumerate(self.ch_mult):  # down path
       for j in range(self.num_res_blocks):
@@ -74,7 +79,7 @@ class UNet(nn.Module):
           h = attn_block(f"down_{i}_attn_{j}")(h)
         hs.append(h)
       if i != levels - 1:
-        h = Downsample(self.dtype, name=f"down_{i}_downsample")(h)
+        h = Downsample(self.dtype, onednn, name=f"down_{i}_downsample")(h)
         hs.append(h)
 
     h = res_block(h.shape[-1], "mid_block_1")(h, temb, train)  # middle
@@ -88,9 +93,9 @@ class UNet(nn.Module):
         if h.shape[1] in self.attn_resolutions:
           h = attn_block(f"up_{i}_attn_{j}")(h)
       if i != 0:
-        h = Upsample(self.dtype, name=f"up_{i}_upsample")(h)
+        h = Upsample(self.dtype, onednn, name=f"up_{i}_upsample")(h)
     assert not hs
 
     h = group_norm("norm_out", self.dtype, swish=True)(h)
-    h = conv(self.out_channels, 3, "conv_out", self.dtype, init=zero_init)(h)
+    h = conv(self.out_channels, 3, "conv_out", self.dtype, init=zero_init, onednn=onednn)(h)
     return h.astype(jnp.float32)
