@@ -58,6 +58,7 @@ torch.__version__, jax.devices())" 2>&1 | tail -1
         $C10 --attention=cudnn --tag=attn_cudnn; $C10 --nofast_group_norm --tag=flax_groupnorm;
         XLA_FLAGS=--xla_gpu_experimental_enable_conv_fusion=true $C10 --tag=xla_conv_fusion;
         $C10 --steps_per_dispatch=4 --tag=dispatch4; $C10 --nodonate --tag=nodonate;
+        $C10 --upsample_conv=subpixel --tag=subpixel;
         $C10 --gn_swish_vjp=on --tag=gn_swish_vjp;
         $C10 --batch_size=256 --tag=b256; $C256 --remat --tag=remat_256; $C256 --tag=noremat_256"
       IFS=';' read -rd '' -a list <<< "${LEVERS:-$DEFAULT}"

@@ -52,6 +52,8 @@ flags.DEFINE_integer("rounds", 3, "Timing rounds; ours and the peer take turns (
 flags.DEFINE_bool("xla_options", True, "diffusion_jax/xla_options.py's compiler options (CPU: "
                   "Eigen convolutions and matmuls); off = XLA's defaults, to measure the lever.")
 flags.DEFINE_bool("fast_group_norm", True, "diffusion_jax's GroupNorm (off: flax's; lever).")
+flags.DEFINE_bool("native_group_norm", True, "GroupNorm by csrc/group_norm.cc where the CPU "
+                  "kernels run (model.conv; off: XLA's; lever).")
 flags.DEFINE_enum("gn_swish_vjp", "off", ["off", "on", "cpu"], "swish(GroupNorm) with its own "
                   "backward (fast_ops.group_norm_swish): off = autodiff (default), on, CPU only.")
 flags.DEFINE_bool("peer", True, "Also measure diffusers/PyTorch.")
@@ -61,6 +63,8 @@ flags.DEFINE_bool("train", True, "Measure training (off: sampling alone, from in
 flags.DEFINE_enum("attention", None, ["auto", "xla", "cudnn"], "model.attention override.")
 flags.DEFINE_bool("remat", None, "model.remat override.")
 flags.DEFINE_enum("conv", None, ["auto", "xla", "onednn"], "model.conv override.")
+flags.DEFINE_enum("upsample_conv", None, ["auto", "subpixel", "resize"],
+                  "model.upsample_conv override.")
 flags.DEFINE_bool("donate", True, "Donate the train state's buffers to the step (lever).")
 flags.DEFINE_integer("steps_per_dispatch", 1, "Training steps per compiled call (lax.scan).")
 flags.DEFINE_enum("prng", "threefry2x32", ["threefry2x32", "rbg", "unsafe_rbg"],
@@ -298,10 +302,13 @@ def main(argv):
     config.model.remat = FLAGS.remat
   if FLAGS.conv is not None:
     config.model.conv = FLAGS.conv
+  if FLAGS.upsample_conv is not None:
+    config.model.upsample_conv = FLAGS.upsample_conv
   jax.config.update("jax_default_prng_impl", FLAGS.prng)
   xla_options.ENABLED = FLAGS.xla_options
   fast_ops.FAST_GROUP_NORM = FLAGS.fast_group_norm
   fast_ops.SWISH_VJP = FLAGS.gn_swish_vjp
+  fast_ops.NATIVE_GROUP_NORM = FLAGS.native_group_norm
   device = jax.devices()[0]
   kind = timing.device_kind(device)
   cfg_name = timing.config_name(FLAGS["config"].config_filename)
@@ -309,9 +316,11 @@ def main(argv):
          "config": cfg_name, "batch_size": batch, "precision": FLAGS.precision,
          "attention": config.model.attention, "remat": config.model.remat,
          "conv": config.model.conv, "conv_kernels": conv_kernels(config),
+         "upsample_conv": config.model.upsample_conv,
          "donate": FLAGS.donate, "steps_per_dispatch": FLAGS.steps_per_dispatch,
          "prng": FLAGS.prng, "xla_options": xla_options.compiler_options(),
          "fast_group_norm": FLAGS.fast_group_norm, "gn_swish_vjp": FLAGS.gn_swish_vjp,
+         "native_group_norm": FLAGS.native_group_norm,
          "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_version": jax.__version__,
          "python": platform.python_version(), "tag": FLAGS.tag,
          "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}

@@ -30,7 +30,8 @@ def get_config():
   model.dtype = "float32"          # compute dtype: float32 | bfloat16 (parameters stay float32)
   model.attention = "auto"         # auto | xla | cudnn (flash attention on GPU, bf16 only)
   model.remat = False              # recompute activations in the backward pass (less memory)
-  model.conv = "auto"              # auto | xla | onednn: oneDNN's CPU kernels (onednn_conv.py)
+  model.conv = "auto"              # auto | xla | onednn: CPU kernels (onednn_conv.py, GroupNorm)
+  model.upsample_conv = "auto"     # auto | subpixel | resize: layers.Upsample (auto: CPU subpixel)
 
   c.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.num_timesteps = 1000

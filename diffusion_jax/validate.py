@@ -6,7 +6,7 @@ import jax
 
 from diffusion_jax import diffusion as dm
 from diffusion_jax import samplers
-from diffusion_jax.models import ATTENTION, DTYPES, MODELS, onednn_conv
+from diffusion_jax.models import ATTENTION, DTYPES, MODELS, UPSAMPLE_CONV, onednn_conv
 
 DATASETS = ("fashion_mnist", "cifar10", "celeb_a_hq", "lsun_church", "folder")
 METRICS = ("fid", "is", "nll")
@@ -51,6 +51,9 @@ def validate_config(config, mode: str = "train") -> None:
            "where they apply")
     _check(not onednn_conv.unavailable_reason(), "model.conv", m.conv,
            onednn_conv.unavailable_reason())
+  upsample_conv = m.get("upsample_conv", "auto")
+  _check(upsample_conv in UPSAMPLE_CONV, "model.upsample_conv", upsample_conv,
+         f"one of {UPSAMPLE_CONV}")
   _check(len(m.ch_mult) >= 1 and all(k >= 1 for k in m.ch_mult), "model.ch_mult", m.ch_mult,
          "a non-empty tuple of positive multipliers")
   for k in m.ch_mult:

@@ -1,4 +1,7 @@
 """The speed-written GroupNorm gives flax's values and gradients."""
+import platform
+import sys
+
 import chex
 import flax.linen as nn
 import jax
@@ -77,3 +80,45 @@ def test_group_norm_swish_uses_its_own_backward_where_asked(monkeypatch):
   params = fast_ops.GroupNorm(32, swish=True).init(jax.random.PRNGKey(0), x)
   jaxpr = str(jax.make_jaxpr(lambda p, x: fast_ops.GroupNorm(32, swish=True).apply(p, x))(params, x))
   assert "custom_vjp_call" in jaxpr
+
+
+native = pytest.mark.skipif(
+    not (sys.platform == "linux" and platform.machine() == "x86_64"),
+    reason="built with the oneDNN convolutions (pip packages for Linux x86-64)")
+
+
+@native
+@pytest.mark.parametrize("swish", [True, False])
+@pytest.mark.parametrize("shape", [(3, 5, 7, 64), (2, 4, 4, 96), (2, 9, 32), (1, 1, 1, 64)])
+def test_native_group_norm_matches_flax(swish, shape):
+  """csrc/group_norm.cc: values and the gradients of x, scale and bias against flax's GroupNorm
+  (then swish), for odd spatial sizes, 2 and 3 channels per group, rank 3, a single pixel."""
+  x = jax.random.normal(jax.random.PRNGKey(0), shape) * 3 + 1
+  c = shape[-1]
+  scale = 1 + 0.5 * jax.random.normal(jax.random.PRNGKey(1), (c,))
+  bias = jax.random.normal(jax.random.PRNGKey(2), (c,))
+  stock = nn.GroupNorm(32, epsilon=1e-6)
+  ref = lambda x, s, b: (nn.swish if swish else (lambda v: v))(
+      stock.apply({"params": {"scale": s, "bias": b}}, x))
+  got = lambda x, s, b: fast_ops.native_group_norm(x, s, b, 32, 1e-6, swish)
+  np.testing.assert_allclose(jax.jit(got)(x, scale, bias), ref(x, scale, bias),
+                             rtol=1e-5, atol=1e-5)
+  dy = jax.random.normal(jax.random.PRNGKey(3), shape)
+  grads = [jax.jit(jax.vjp(f, x, scale, bias)[1])(dy) for f in (ref, got)]
+  for want, have in zip(*grads):
+    np.testing.assert_allclose(have, want, rtol=1e-4, atol=1e-4 * max(1.0, float(jnp.abs(want).max())))
+
+
+@native
+def test_native_group_norm_is_one_custom_call_each_way_and_propagates_nan():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 64))
+  norm = fast_ops.GroupNorm(32, 1e-6, swish=True, native=True)
+  params = norm.init(jax.random.PRNGKey(1), x)
+  hlo = jax.jit(jax.grad(lambda p, x: norm.apply(p, x).sum(), argnums=(0, 1))).lower(
+      params, x).as_text()
+  assert hlo.count('@GroupNormForward') == 1 and hlo.count('@GroupNormBackward') == 1
+  y = norm.apply(params, x.at[0, 1, 2, 1].set(jnp.nan))  # channel 1: group 0 (channels 0, 1)
+  assert np.isnan(y[0, ..., :2]).all() and np.isfinite(y[1]).all()  # group 0 of example 0 only
+  assert np.isnan(y[0, ..., 2:]).sum() == 0
+  bf16 = fast_ops.GroupNorm(32, 1e-6, jnp.bfloat16, swish=True, native=True)  # float32 only
+  assert "GroupNorm" not in jax.jit(bf16.apply).lower(params, x.astype(jnp.bfloat16)).as_text()

@@ -143,7 +143,7 @@ def test_build_says_what_is_missing(tmp_path, monkeypatch):
   monkeypatch.delenv("CXX")
   broken = tmp_path / "broken.cc"
   broken.write_text("this is not C++\n")
-  monkeypatch.setattr(onednn_conv, "SOURCE", broken)
+  monkeypatch.setattr(onednn_conv, "SOURCES", (onednn_conv.SOURCES[0], broken))
   with pytest.raises(onednn_conv.OnednnUnavailable, match="(?s)broken.cc failed.*model.conv='xla'"):
     onednn_conv.build()
   assert not list(tmp_path.glob("*.so"))  # nothing half-built is left to load
@@ -155,11 +155,14 @@ def test_build_says_what_is_missing(tmp_path, monkeypatch):
 
 
 def test_flop_count_sees_onednn_convs():
-  """MFU's FLOPs (summary.matmul_flops) are the same whichever kernels run."""
+  """MFU's FLOPs (summary.matmul_flops) are the same whichever kernels run. (With "SAME"
+  convolutions: XLA's input gradient of the subpixel upsample's padded 2x2 conv also counts its
+  products with the padding, oneDNN's handler counts a forward's worth.)"""
   x, t = jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32), jax.ShapeDtypeStruct((2,), jnp.int32)
   counts = []
   for conv in ("xla", "onednn"):
-    model = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), conv=conv)
+    model = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), conv=conv,
+                 upsample_conv="resize")
     params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape),
                                                jnp.zeros(t.shape, jnp.int32)))
     step = jax.grad(lambda p, x, t: model.apply(p, x, t).sum(), argnums=(0, 1))

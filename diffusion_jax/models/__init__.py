@@ -1,7 +1,7 @@
 """Models, chosen by name from `config.model.name`."""
 import jax.numpy as jnp
 
-from diffusion_jax.models.unet import UNet
+from diffusion_jax.models.unet import UPSAMPLE_CONV, UNet
 
 MODELS = {"unet": UNet}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -22,4 +22,4 @@ def build_model(config):
       in_channels=config.data.channels,
       learned_variance=config.diffusion.var_type in ("learned", "learned_range"),
       num_classes=m.num_classes, dtype=DTYPES[m.dtype], attention=m.attention, remat=m.remat,
-      conv=m.get("conv", "auto"))
+      conv=m.get("conv", "auto"), upsample_conv=m.get("upsample_conv", "auto"))

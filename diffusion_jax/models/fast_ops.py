@@ -12,6 +12,13 @@ per-channel sums of dy and dy*x, one elementwise pass for dx, only x saved for i
 by default: on the Fashion-MNIST train step (2 cores, interleaved A/B, medians of 10-14 rounds)
 it measured 45.7 -> 46.5 and 54.1 -> 53.8 images/s, i.e. nothing; GPU not yet measured
 (`benchmarks/run.py --gn_swish_vjp=on`).
+
+`GroupNorm(native=True)` (float32, where the U-Net runs the CPU kernels: `model.conv`) is
+`native_group_norm`: csrc/group_norm.cc's forward and backward, built and loaded with the oneDNN
+convolutions (onednn_conv.load). A custom call is also a fusion barrier: XLA:CPU had fused the
+GroupNorm backwards of consecutive blocks, through the residual sums, into fusions that
+recomputed them once per consumer. Train step 1,011 -> 910 ms (interleaved A/B, 8 rounds,
+medians; `--nonative_group_norm` measures it).
 """
 from __future__ import annotations
 
@@ -22,10 +29,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 # Off: flax's GroupNorm (benchmarks/run.py --nofast_group_norm measures the lever)
 FAST_GROUP_NORM = True
+# Off: XLA's GroupNorm also where the CPU kernels run (benchmarks/run.py --nonative_group_norm)
+NATIVE_GROUP_NORM = True
 # group_norm_swish's backward: "on" (every backend), "cpu" (CPU only) or "off" (autodiff)
 SWISH_VJP = "off"
 
@@ -104,16 +114,54 @@ def _gns_bwd(num_groups, epsilon, res, g):
 group_norm_swish.defvjp(_gns_fwd, _gns_bwd)
 
 
+def _native_call(target: str, outs, *args, **attrs):
+  from diffusion_jax.models import onednn_conv  # the library that holds the handlers
+  onednn_conv.load()
+  return jax.ffi.ffi_call(onednn_conv.GROUP_NORM_TARGETS[target],
+                          [jax.ShapeDtypeStruct(s, jnp.float32) for s in outs],
+                          vmap_method="sequential")(*args, **attrs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def native_group_norm(x, scale, bias, num_groups: int, epsilon: float, swish: bool):
+  """[swish](GroupNorm(x)) of float32 channels-last x by csrc/group_norm.cc on the CPU: a
+  fusion-free kernel for each direction (two passes over x forward; two over x and dy back)."""
+  return _native_fwd(x, scale, bias, num_groups, epsilon, swish)[0]
+
+
+def _native_fwd(x, scale, bias, num_groups, epsilon, swish):
+  stats = (x.shape[0], num_groups)
+  y, mean, inv = _native_call("forward", (x.shape, stats, stats), x, scale, bias,
+                              groups=np.int64(num_groups), epsilon=np.float32(epsilon),
+                              swish=bool(swish))
+  return y, (x, scale, bias, mean, inv)
+
+
+def _native_bwd(num_groups, epsilon, swish, res, g):
+  del epsilon
+  x, scale, bias, mean, inv = res
+  per_example = (x.shape[0], x.shape[-1])
+  dx, dscale, dbias = _native_call("backward", (x.shape, per_example, per_example), x, scale,
+                                   bias, mean, inv, g, groups=np.int64(num_groups),
+                                   swish=bool(swish))
+  return dx, jnp.sum(dscale, 0), jnp.sum(dbias, 0)
+
+
+native_group_norm.defvjp(_native_fwd, _native_bwd)
+
+
 class GroupNorm(nn.Module):
   """Group normalisation over NHWC (Wu & He 2018), parameters as flax's GroupNorm.
 
   swish=True returns swish(GroupNorm(x)) (through `group_norm_swish` where SWISH_VJP says).
+  native=True (float32): `native_group_norm`, csrc/group_norm.cc's CPU kernels.
   """
   num_groups: int = 32
   epsilon: float = 1e-6
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   swish: bool = False
+  native: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -123,6 +171,8 @@ class GroupNorm(nn.Module):
     scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
     dtype = self.dtype or x.dtype
+    if NATIVE_GROUP_NORM and self.native and x.dtype == jnp.dtype(dtype) == jnp.float32:
+      return native_group_norm(x, scale, bias, self.num_groups, self.epsilon, self.swish)
     if self.swish and _use_swish_vjp():
       return group_norm_swish(x, scale, bias, self.num_groups, self.epsilon).astype(dtype)
     xf = x.astype(jnp.float32)
