@@ -4,6 +4,8 @@
 
 Prints the wall time per step, the time the device was busy, the top kernels (ms per step, share)
 and the same grouped into convolutions/matmuls, attention, XLA fusions, copies and the rest.
+On CPU the kernels are XLA:CPU's thunks (the events of its Eigen worker threads), custom calls
+named by their target (e.g. OnednnConvBackwardWeights, GroupNormForward).
 `--hlo_out=DIR` also writes the optimised HLO of the step (to read the fusion decisions).
 """
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import collections
 import glob
 import os
+import re
 import sys
 import tempfile
 import time
@@ -35,6 +38,7 @@ flags.mark_flags_as_required(["config"])
 
 GROUPS = (  # first match wins; lower-case substrings of kernel or HLO op names
     ("attention", ("flash", "fmha", "attention", "cudnn$fmha", "sdpa")),
+    ("group norm (native)", ("groupnorm",)),
     ("conv/matmul", ("conv", "xmma", "gemm", "cutlass", "sm90_", "sm80_", "dot", "wgmma",
                      "cublas", "implicit", "winograd", "nchw", "nhwc")),
     ("copy/transpose", ("copy", "memcpy", "memset", "transpose", "dynamic-update-slice")),
@@ -51,21 +55,23 @@ def group_of(name: str) -> str:
   return "other"
 
 
-def device_events(xplane_path: str):
-  """(name, hlo_op, duration_ns) of every kernel on the accelerator planes."""
+def device_events(xplane_path: str, hlo_text: str = ""):
+  """(name, hlo_op, duration_ns) of every kernel on the accelerator planes; on CPU, of every
+  thunk XLA:CPU ran (custom calls named by their target, from the optimised HLO)."""
   from jax.profiler import ProfileData
   pd = ProfileData.from_file(xplane_path)
-  out = []
+  out, thunks = [], []
   for plane in pd.planes:
-    if not plane.name.startswith("/device:"):
-      continue
     for line in plane.lines:
-      if "stream" not in line.name.lower():
-        continue
-      for ev in line.events:
-        stats = dict(ev.stats)
-        out.append((ev.name, str(stats.get("hlo_op", "")), float(ev.duration_ns)))
-  return out
+      if plane.name.startswith("/device:") and "stream" in line.name.lower():
+        for ev in line.events:
+          out.append((ev.name, str(dict(ev.stats).get("hlo_op", "")), float(ev.duration_ns)))
+      elif plane.name.startswith("/host:") and "XLAEigen" in line.name:
+        thunks += [ev for ev in line.events if not ev.name.startswith(("ThunkExecutor", "end:"))]
+  if out:
+    return out
+  target = dict(re.findall(r"%([\w.\-]+) = [^\n]*custom_call_target=\"(\w+)\"", hlo_text))
+  return [(target.get(ev.name, ev.name), ev.name, float(ev.duration_ns)) for ev in thunks]
 
 
 def main(argv):
@@ -95,7 +101,8 @@ def main(argv):
       state, m = tr.step_fn(state, b)
     jax.block_until_ready(m)
   wall = (time.perf_counter() - t0) / FLAGS.steps
-  events = device_events(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0])
+  events = device_events(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True)[0],
+                         compiled.as_text())
   if not events:
     print(f"no device kernels in the trace (platform {jax.default_backend()}); wall "
           f"{wall * 1e3:.2f} ms/step")
