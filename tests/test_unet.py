@@ -148,7 +148,7 @@ def test_upsample_conv_choices_agree_with_fewer_flops():
   from diffusion_jax import summary
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 1))
   t = jnp.array([3, 700])
-  models = {k: small(ch_mult=(1, 2, 2), dropout=0.0, upsample_conv=k)
+  models = {k: small(attn_resolutions=(), dropout=0.0, upsample_conv=k)
             for k in ("resize", "subpixel")}
   params = jax.jit(models["resize"].init)(jax.random.PRNGKey(1), x, t)
   assert jax.tree.structure(jax.eval_shape(models["subpixel"].init, jax.random.PRNGKey(1), x, t)
@@ -159,10 +159,10 @@ def test_upsample_conv_choices_agree_with_fewer_flops():
   np.testing.assert_allclose(lb, la, rtol=1e-5)
   jax.tree.map(lambda u, v: np.testing.assert_allclose(v, u, rtol=1e-4, atol=1e-5), ga, gb)
   flops = {k: summary.matmul_flops(m.apply, params, x, t) for k, m in models.items()}
-  # the two up-path convs (64 ch, 4x4 -> 8x8 and 2x2 -> 4x4): 9 taps per output pixel
-  # become 4 taps on the padded (h + 1) x (w + 1) low-resolution grid, with 4x the channels
-  resize = 2 * 9 * 64 * 64 * (2 * 8 * 8 + 2 * 4 * 4)
-  subpixel = 2 * 4 * 64 * 4 * 64 * (2 * 5 * 5 + 2 * 3 * 3)
+  # the up-path conv (64 ch, 4x4 -> 8x8, batch 2): 9 taps per output pixel become 4 taps on
+  # the padded (h + 1) x (w + 1) low-resolution grid, with 4x the channels
+  resize = 2 * 9 * 64 * 64 * 2 * 8 * 8
+  subpixel = 2 * 4 * 64 * 4 * 64 * 2 * 5 * 5
   assert flops["resize"] - flops["subpixel"] == resize - subpixel
   with pytest.raises(ValueError, match="upsample_conv='nearest'.*subpixel"):
     small(upsample_conv="nearest").init(jax.random.PRNGKey(1), x, t)

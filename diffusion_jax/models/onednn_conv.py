@@ -103,7 +103,8 @@ def build() -> Path:
     logging.info("building the oneDNN convolution: %s", " ".join(command))
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
-      raise OnednnUnavailable(f"building {', '.join(s.name for s in SOURCES)} failed ({' '.join(command)}):\n"
+      names = ", ".join(s.name for s in SOURCES)
+      raise OnednnUnavailable(f"building {names} failed ({' '.join(command)}):\n"
                               f"{done.stderr[-2000:]}\nset model.conv='xla' to go on without it")
     os.replace(partial, library)  # atomic: a concurrent process sees all of it or nothing
   return library
