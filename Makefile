@@ -26,14 +26,18 @@ demo: venv data
 	$(BIN)/python main.py --config=configs/fashion_mnist.py --workdir=$(WORKDIR) --mode=sample
 	@echo "Samples: $(WORKDIR)/samples/ (PNG grid + samples.npz)"
 
-# pytest's XLA:CPU buffers on huge pages, as main.py's (diffusion_jax/huge_pages.py); yours wins
-TUNABLES := GLIBC_TUNABLES=$${GLIBC_TUNABLES-glibc.malloc.hugetlb=1}
+# pytest's XLA:CPU buffers on huge pages, as main.py's (diffusion_jax/huge_pages.py); yours wins.
+# .pyc files are written: the tests start ~25 Python processes, and without them each one
+# compiles the sources of jax, flax and torch again (~4 s apiece).
+TEST_ENV := GLIBC_TUNABLES=$${GLIBC_TUNABLES-glibc.malloc.hugetlb=1} PYTHONDONTWRITEBYTECODE=
+# two pytest workers (pytest-xdist): much of a test is single-threaded tracing and compiling
+PYTEST := $(BIN)/python -m pytest -q -ra -n $${PYTEST_WORKERS-2}
 
 test: venv-test
-	$(TUNABLES) $(BIN)/python -m pytest -q -ra tests
+	$(TEST_ENV) $(PYTEST) tests
 
 test-fast: venv-test
-	$(TUNABLES) $(BIN)/python -m pytest -q -ra -m "not slow and not multihost" tests
+	$(TEST_ENV) $(PYTEST) -m "not slow and not multihost" tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

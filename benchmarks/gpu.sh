@@ -45,11 +45,12 @@ torch.__version__, jax.devices())" 2>&1 | tail -1
     headline)
       timeout 420 $RUN --precision=bf16 --full_sample_batch=1024 2>&1 | grep -v "^[IW][0-9]" \
         | tail -25 ;;
-    sampling)  # the sample mode's compiled 1000-step sampler, no training compiled
+    sampling)  # the sample mode's compiled 1000-step sampler, no training compiled;
+      # SAMPLE_ARGS adds run.py arguments, e.g. "--upsample_conv=subpixel --tag=sample_subpixel"
       N=${SAMPLE_BATCH:-2048}
       timeout 300 $PY benchmarks/run.py --config=$CFG --precision=bf16 --notrain --nosample \
-        --nopeer --batch_size=$N --full_sample_batch=$N --tag=sample$N --out=$OUT 2>&1 \
-        | grep -E "^RESULT|Error|error:" | tail -3 ;;
+        --nopeer --batch_size=$N --full_sample_batch=$N --tag=sample$N ${SAMPLE_ARGS:-} \
+        --out=$OUT 2>&1 | grep -E "^RESULT|Error|error:" | tail -3 ;;
     levers)  # each lever alone against the headline's bf16 default, most telling first;
       # each run compiles its own step (~70 s on an H100), so a 10-minute slot holds ~5
       C10="--config=$CFG --batch_size=128 --precision=bf16 --nosample"

@@ -1,5 +1,7 @@
 """Training in-process: the step on 1 vs 8 devices, accumulation, NaN guard, NLL, sampling."""
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +10,7 @@ import pytest
 
 from diffusion_jax import checkpoints, data, parallel
 from diffusion_jax.train import Trainer, TrainingError, train_and_evaluate
-from helpers import small_graph, tiny_config
+from helpers import REPO, small_graph, tiny_config
 
 
 def batch_for(config, step=0):
@@ -165,3 +167,24 @@ def test_train_sample_and_nll(tmp_path):
     assert os.path.getsize(os.path.join(out, name)) > 0
   assert os.path.exists(os.path.join(workdir, "loss.png"))
   assert os.path.exists(os.path.join(workdir, "train_samples", "step_00000030.png"))
+
+
+def test_tensorboard_events_are_written_without_loading_torch(tmp_path):
+  """tensorboardX imports torch where it is installed (seconds, ~0.6 GB); the trainer's writer
+  keeps it out and leaves torch importable."""
+  code = f"""
+import importlib.util, sys
+from diffusion_jax.train import summary_writer
+writer = summary_writer({str(tmp_path)!r})
+writer.add_scalar("train/loss", 0.25, 7)
+writer.close()
+assert "torch" not in sys.modules, "loading tensorboardX loaded torch"
+if importlib.util.find_spec("torch") is not None:
+  import torch
+  assert torch.ones(2).sum().item() == 2.0
+"""
+  run = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert run.returncode == 0, run.stderr
+  events = [f for f in os.listdir(tmp_path) if f.startswith("events.out.tfevents")]
+  assert len(events) == 1 and b"train/loss" in (tmp_path / events[0]).read_bytes()

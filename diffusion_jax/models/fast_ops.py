@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from diffusion_jax.models import onednn_conv  # the library that holds the native handlers
+
 # Off: flax's GroupNorm (benchmarks/run.py --nofast_group_norm measures the lever)
 FAST_GROUP_NORM = True
 # Off: XLA's GroupNorm also where the CPU kernels run (benchmarks/run.py --nonative_group_norm)
@@ -115,7 +117,6 @@ group_norm_swish.defvjp(_gns_fwd, _gns_bwd)
 
 
 def _native_call(target: str, outs, *args, **attrs):
-  from diffusion_jax.models import onednn_conv  # the library that holds the handlers
   onednn_conv.load()
   return jax.ffi.ffi_call(onednn_conv.GROUP_NORM_TARGETS[target],
                           [jax.ShapeDtypeStruct(s, jnp.float32) for s in outs],

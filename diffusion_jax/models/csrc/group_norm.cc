@@ -145,22 +145,28 @@ void BackwardExample(const float* __restrict x, const float* __restrict gamma,
   }
 }
 
+// Runs fn(n, scratch) for every example n, split statically over the OpenMP threads; each
+// thread has its own scratch of `floats` floats.
+template <typename Fn>
+void ForEachExample(int64_t examples, int64_t floats, Fn fn) {
+#pragma omp parallel
+  {
+    std::vector<float> scratch(floats);
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < examples; ++n) fn(n, scratch.data());
+  }
+}
+
 ffi::Error Forward(F32 x, F32 scale, F32 bias, ffi::Result<F32> y, ffi::Result<F32> mean,
                    ffi::Result<F32> rstd, int64_t groups, float epsilon, bool swish) {
   const Shape sh = ShapeOf(x.dimensions(), groups);
   const int64_t size = sh.s * sh.c;
-#pragma omp parallel
-  {
-    std::vector<float> scratch(4 * sh.c);
-    float* w = scratch.data();
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < sh.n; ++n) {
-      auto run = swish ? ForwardExample<true> : ForwardExample<false>;
-      run(x.typed_data() + n * size, scale.typed_data(), bias.typed_data(),
-          y->typed_data() + n * size, mean->typed_data() + n * sh.g,
-          rstd->typed_data() + n * sh.g, sh, epsilon, w, w + sh.c, w + 2 * sh.c, w + 3 * sh.c);
-    }
-  }
+  const auto run = swish ? ForwardExample<true> : ForwardExample<false>;
+  ForEachExample(sh.n, 4 * sh.c, [&](int64_t n, float* w) {
+    run(x.typed_data() + n * size, scale.typed_data(), bias.typed_data(),
+        y->typed_data() + n * size, mean->typed_data() + n * sh.g,
+        rstd->typed_data() + n * sh.g, sh, epsilon, w, w + sh.c, w + 2 * sh.c, w + 3 * sh.c);
+  });
   return ffi::Error::Success();
 }
 
@@ -168,20 +174,14 @@ ffi::Error Backward(F32 x, F32 scale, F32 bias, F32 mean, F32 rstd, F32 dy, ffi:
                     ffi::Result<F32> dscale, ffi::Result<F32> dbias, int64_t groups, bool swish) {
   const Shape sh = ShapeOf(x.dimensions(), groups);
   const int64_t size = sh.s * sh.c;
-#pragma omp parallel
-  {
-    std::vector<float> scratch(6 * sh.c);
-    float* w = scratch.data();
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < sh.n; ++n) {
-      auto run = swish ? BackwardExample<true> : BackwardExample<false>;
-      run(x.typed_data() + n * size, scale.typed_data(), bias.typed_data(),
-          mean.typed_data() + n * sh.g, rstd.typed_data() + n * sh.g, dy.typed_data() + n * size,
-          dx->typed_data() + n * size, dscale->typed_data() + n * sh.c,
-          dbias->typed_data() + n * sh.c, sh, w, w + sh.c, w + 2 * sh.c, w + 3 * sh.c,
-          w + 4 * sh.c, w + 5 * sh.c);
-    }
-  }
+  const auto run = swish ? BackwardExample<true> : BackwardExample<false>;
+  ForEachExample(sh.n, 6 * sh.c, [&](int64_t n, float* w) {
+    run(x.typed_data() + n * size, scale.typed_data(), bias.typed_data(),
+        mean.typed_data() + n * sh.g, rstd.typed_data() + n * sh.g, dy.typed_data() + n * size,
+        dx->typed_data() + n * size, dscale->typed_data() + n * sh.c,
+        dbias->typed_data() + n * sh.c, sh, w, w + sh.c, w + 2 * sh.c, w + 3 * sh.c,
+        w + 4 * sh.c, w + 5 * sh.c);
+  });
   return ffi::Error::Success();
 }
 
