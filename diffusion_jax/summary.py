@@ -42,7 +42,7 @@ def matmul_flops(fn, *args) -> float:
 def forward_flops(config, batch: int = 1) -> float:
   """FLOPs of one forward pass on `batch` images (convolutions and matmuls) of the network as
   the paper defines it: upsampling counted as nearest x2 + 3x3 conv, whichever
-  `model.upsample_conv` computes it (subpixel does 2.25x fewer of those FLOPs)."""
+  `model.upsample_conv` computes it (subpixel does fewer of those FLOPs)."""
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.model.upsample_conv = "resize"

@@ -100,11 +100,12 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
   """Nearest-neighbour x2, then a 3x3 conv ("resize-conv").
 
-  subpixel: the same function in 2.25x fewer FLOPs. Each output pixel of phase (a, b) (its row
-  and column parity) sees only a 2x2 neighbourhood of the low-resolution input, so the 3x3
-  kernel folds into four 2x2 kernels (`subpixel_kernel`), run as one 2x2 convolution with 4x the
-  output channels on the input padded by one, whose phases interleave into the 2x output.
-  Same parameters (`conv/kernel` [3, 3, C, C], `conv/bias`); equal up to float rounding.
+  subpixel: the same function in fewer FLOPs. Each output pixel of phase (a, b) (its row and
+  column parity) sees only a 2x2 neighbourhood of the low-resolution input, so the 3x3 kernel
+  folds into four 2x2 kernels (`subpixel_kernel`), run as one 2x2 convolution with 4x the
+  output channels on the input padded by one, whose phases interleave into the 2x output:
+  2.25 (h / (h + 1))^2 times fewer FLOPs for an h x h input. Same parameters (`conv/kernel`
+  [3, 3, C, C], `conv/bias`); equal up to float rounding.
   """
   dtype: Dtype = jnp.float32
   onednn: bool = False

@@ -27,7 +27,7 @@ class UNet(nn.Module):
   "auto": oneDNN's for float32 on a single CPU device where they are installed, else XLA's);
   with oneDNN's, GroupNorm runs csrc/group_norm.cc's kernels (fast_ops.native_group_norm).
   upsample_conv: "auto" | "subpixel" | "resize" -- how the up path's nearest-x2 + 3x3 conv is
-  computed (layers.Upsample: "subpixel" is the same function in 2.25x fewer FLOPs; "auto" picks
+  computed (layers.Upsample: "subpixel" is the same function in fewer FLOPs; "auto" picks
   it on CPU, where it was measured faster).
   remat: recompute each block's activations in the backward pass instead of keeping them
   (less memory for the 256x256 models, for one more forward pass of each block).
