@@ -146,6 +146,7 @@ def training_timer(tr, state, host):
   t0 = time.perf_counter()
   fn = _train_fn(tr, k).lower(state, b).compile()
   compile_s = time.perf_counter() - t0
+  mem = fn.memory_analysis()  # XLA's buffer assignment: what the step needs beyond its inputs
   flops_step = summary.matmul_flops(tr.train_step, state,
                                     jax.tree.map(lambda x: x[0], b) if k > 1 else b)
   holder = {"s": state}
@@ -156,7 +157,9 @@ def training_timer(tr, state, host):
 
   timer = timing.Timer(step, max(FLAGS.train_steps // k, 1), jax.block_until_ready, k)
   timer.warm()
-  return {"compile_s": compile_s, "flops_per_train_step": flops_step}, timer
+  return {"compile_s": compile_s, "flops_per_train_step": flops_step,
+          "train_temp_bytes": getattr(mem, "temp_size_in_bytes", None),
+          "train_compiled_peak_bytes": getattr(mem, "peak_memory_in_bytes", None)}, timer
 
 
 def _sampling_fns(tr, host):
@@ -392,7 +395,8 @@ def summary_line(r) -> str:
           f"one-step {get('one_step_img_per_s')} (peer {get('peer_one_step_img_per_s')}), "
           f"DDIM {get('sample_img_per_s', p=2)} (peer {get('peer_sample_img_per_s', p=2)}), "
           f"compile {get('compile_s')} s, mem {get('peak_mem_bytes', 1e-9, 2)} GB "
-          f"(peer {get('peer_peak_mem_bytes', 1e-9, 2)}), {get('tflops', p=1)} TFLOP/s, "
+          f"(peer {get('peer_peak_mem_bytes', 1e-9, 2)}), step temp "
+          f"{get('train_temp_bytes', 1e-9, 2)} GB, {get('tflops', p=1)} TFLOP/s, "
           f"MFU {get('mfu', 100)} %, 50k x 1000 steps {get('sample_50k_minutes')} min"
           + (" PEER ERROR" if "peer_error" in r else ""))
 

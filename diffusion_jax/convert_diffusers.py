@@ -29,14 +29,21 @@ class ConversionError(ValueError):
   pass
 
 
-def model_config_from_diffusers(cfg: Mapping[str, Any]) -> dict:
-  """Our `config.model` fields for a diffusers UNet2DModel config.json."""
-  if cfg.get("_class_name", "UNet2DModel") != "UNet2DModel":
-    raise ConversionError(f"expected a UNet2DModel config, got {cfg.get('_class_name')!r}")
-  for key, want in REQUIRED.items():
+def check_diffusers_config(cfg: Mapping[str, Any], class_name: str,
+                           required: Mapping[str, Any], ours: str) -> None:
+  """Refuse a config.json of another class, or with a value that `ours` hard-codes otherwise."""
+  if cfg.get("_class_name", class_name) != class_name:
+    raise ConversionError(f"expected the config.json of a {class_name}, got "
+                          f"{cfg.get('_class_name')!r}")
+  for key, want in required.items():
     if key in cfg and cfg[key] != want:
       raise ConversionError(f"diffusers config {key}={cfg[key]!r} is not supported "
-                            f"by the DDPM U-Net (needs {want!r})")
+                            f"by {ours} (needs {want!r})")
+
+
+def model_config_from_diffusers(cfg: Mapping[str, Any]) -> dict:
+  """Our `config.model` fields for a diffusers UNet2DModel config.json."""
+  check_diffusers_config(cfg, "UNet2DModel", REQUIRED, "the DDPM U-Net")
   if abs(float(cfg.get("norm_eps", 1e-6)) - 1e-6) > 1e-12:
     raise ConversionError(f"norm_eps={cfg['norm_eps']} is not supported (needs 1e-6)")
   boc = list(cfg["block_out_channels"])
@@ -93,29 +100,38 @@ def _target(key: str, levels: int) -> tuple[list[str], str]:
   return [f"{side}_{level}_{kind[:-len('rs')]}", "conv"], leaf
 
 
+def put_torch_tensor(params: dict, path: list[str], leaf: str, key: str, value) -> None:
+  """Store one torch parameter (`leaf` "weight"/"bias" of module `key`) at `path` of a Flax
+  tree: conv OIHW -> HWIO kernel, linear (out, in) -> (in, out), norm weight -> scale. The
+  attention projections (q, k, v, proj_out) are Dense in ours, 1x1 convs in some checkpoints."""
+  value = np.asarray(value, dtype=np.float32)
+  if leaf == "weight" and value.ndim == 4:
+    name, value = "kernel", value.transpose(2, 3, 1, 0)
+    if path[-1] in ("q", "k", "v", "proj_out") and "attn" in path[-2]:
+      if value.shape[:2] != (1, 1):
+        raise ConversionError(f"{key!r}: attention projection with shape {value.shape}")
+      value = value[0, 0]
+  elif leaf == "weight" and value.ndim == 2:
+    name, value = "kernel", value.T
+  elif leaf == "weight" and value.ndim == 1:
+    name = "scale"
+  elif leaf == "bias":
+    name = "bias"
+  else:
+    raise ConversionError(f"cannot map {key!r} with shape {value.shape}")
+  node = params
+  for p in path:
+    node = node.setdefault(p, {})
+  node[name] = value
+
+
 def unet_params_from_diffusers(state: Mapping[str, np.ndarray], model_cfg: Mapping[str, Any]):
   """Flax parameter tree of `UNet` from a diffusers state dict (numpy arrays)."""
   levels = len(model_cfg["ch_mult"])
   params: dict = {}
   for key, value in state.items():
-    value = np.asarray(value, dtype=np.float32)
     path, leaf = _target(key, levels)
-    if leaf == "weight" and value.ndim == 4:  # conv OIHW -> HWIO
-      name, value = "kernel", value.transpose(2, 3, 1, 0)
-    elif leaf == "weight" and value.ndim == 2:  # linear (out, in) -> (in, out)
-      name, value = "kernel", value.T
-    elif leaf == "weight" and value.ndim == 1:  # GroupNorm
-      name = "scale"
-    elif leaf == "bias":
-      name = "bias"
-    else:
-      raise ConversionError(f"cannot map {key!r} with shape {value.shape}")
-    node = params
-    for p in path:
-      node = node.setdefault(p, {})
-    if path[-1].split("_")[0] in ("q", "k", "v") and value.ndim == 4:
-      value = value[0, 0]  # attention stored as 1x1 convs in some old checkpoints
-    node[name] = value
+    put_torch_tensor(params, path, leaf, key, value)
   return params
 
 

@@ -79,7 +79,7 @@ def torch_name(flax_name: str) -> tuple[str, tuple[int, ...] | None]:
   return f"{module}.{leaf}", None  # BatchNorm's beta, the fc bias
 
 
-def _problems(shapes: Mapping[str, tuple], found: Mapping[str, tuple],
+def shape_problems(shapes: Mapping[str, tuple], found: Mapping[str, tuple],
               unexpected: list[str]) -> list[str]:
   """Missing names, wrong shapes and unexpected names, one line each (at most 10 of a kind)."""
   missing = [name for name in shapes if name not in found]
@@ -109,15 +109,16 @@ def torch_state_dict_to_flax(state_dict: Mapping[str, Any]) -> dict:
     flat[name] = np.ascontiguousarray(value)
   unexpected = sorted(k for k in state_dict
                       if k not in used and not k.endswith(IGNORED_TORCH_SUFFIXES))
-  problems = _problems(shapes, found, unexpected)
+  problems = shape_problems(shapes, found, unexpected)
   if problems:
     raise InceptionWeightsError("this is not pytorch-fid's FID Inception state dict (names in "
                                 "the Flax layout): " + "; ".join(problems))
   return traverse_util.unflatten_dict(flat, sep="/")
 
 
-def save_safetensors(variables, path: str) -> None:
-  """Write the variables as one flat float32 safetensors file (atomically)."""
+def save_safetensors(variables, path: str, metadata: Mapping[str, str] | None = None) -> None:
+  """Write the variables as one flat float32 safetensors file (atomically); keys are the Flax
+  paths joined with '/'."""
   from safetensors.numpy import save_file
   flat = traverse_util.flatten_dict(variables, sep="/")
   tensors = {name: np.ascontiguousarray(np.asarray(v, dtype=np.float32))
@@ -125,8 +126,8 @@ def save_safetensors(variables, path: str) -> None:
   path = os.path.expanduser(path)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp"
-  save_file(tensors, tmp, metadata={"format": "diffusion_jax.inception.FIDInceptionV3",
-                                    "source": FID_WEIGHTS_URL})
+  save_file(tensors, tmp, metadata=dict(metadata or {
+      "format": "diffusion_jax.inception.FIDInceptionV3", "source": FID_WEIGHTS_URL}))
   os.replace(tmp, path)
 
 
@@ -147,7 +148,7 @@ def load_inception_variables(path: str | None = None) -> dict:
                                 f"Re-create it. {conversion_instructions(path)}") from e
   shapes = variable_shapes()
   unexpected = sorted(k for k in flat if k not in shapes)
-  problems = _problems(shapes, {k: v.shape for k, v in flat.items()}, unexpected)
+  problems = shape_problems(shapes, {k: v.shape for k, v in flat.items()}, unexpected)
   problems += [f"{k} is {v.dtype}, expected float32" for k, v in flat.items()
                if k in shapes and v.dtype != np.float32][:10]
   if problems:

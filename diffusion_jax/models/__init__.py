@@ -1,7 +1,8 @@
 """Models, chosen by name from `config.model.name`."""
 import jax.numpy as jnp
 
-from diffusion_jax.models.unet import UPSAMPLE_CONV, UNet
+from diffusion_jax.models.layers import UPSAMPLE_CONV
+from diffusion_jax.models.unet import UNet
 
 MODELS = {"unet": UNet}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

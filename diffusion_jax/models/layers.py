@@ -46,18 +46,22 @@ def conv(features: int, kernel: int, name: str, dtype: Dtype, strides: int = 1,
 
 
 class ResBlock(nn.Module):
-  """GroupNorm, swish, conv; + Dense(swish(temb)); GroupNorm, swish, dropout, conv; + skip."""
+  """GroupNorm, swish, conv; + Dense(swish(temb)); GroupNorm, swish, dropout, conv; + skip.
+
+  temb=None (the autoencoder's blocks): no timestep projection.
+  """
   out_ch: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   onednn: bool = False  # the CPU kernels: onednn_conv's convolutions, native GroupNorm
 
   @nn.compact
-  def __call__(self, x, temb, train: bool = False):
+  def __call__(self, x, temb=None, train: bool = False):
     h = group_norm("norm_1", self.dtype, swish=True, native=self.onednn)(x)
     h = conv(self.out_ch, 3, "conv_1", self.dtype, onednn=self.onednn)(h)
-    h = h + nn.Dense(self.out_ch, kernel_init=default_init, dtype=self.dtype,
-                     name="temb_proj")(nn.swish(temb))[:, None, None, :]
+    if temb is not None:
+      h = h + nn.Dense(self.out_ch, kernel_init=default_init, dtype=self.dtype,
+                       name="temb_proj")(nn.swish(temb))[:, None, None, :]
     h = group_norm("norm_2", self.dtype, swish=True, native=self.onednn)(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = conv(self.out_ch, 3, "conv_2", self.dtype, init=zero_init, onednn=self.onednn)(h)
@@ -95,6 +99,18 @@ class Downsample(nn.Module):
   @nn.compact
   def __call__(self, x):
     return conv(x.shape[-1], 3, "conv", self.dtype, strides=2, onednn=self.onednn)(x)
+
+
+UPSAMPLE_CONV = ("auto", "subpixel", "resize")
+
+
+def use_subpixel(upsample_conv: str) -> bool:
+  """Whether `Upsample` runs as a subpixel conv: "auto" picks it on CPU, where it measured
+  faster (not yet measured on GPU)."""
+  if upsample_conv not in UPSAMPLE_CONV:
+    raise ValueError(f"model.upsample_conv={upsample_conv!r}: expected one of {UPSAMPLE_CONV}")
+  return upsample_conv == "subpixel" or (upsample_conv == "auto"
+                                         and jax.default_backend() == "cpu")
 
 
 class Upsample(nn.Module):

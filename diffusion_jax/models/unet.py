@@ -4,15 +4,12 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from diffusion_jax.models import onednn_conv
 from diffusion_jax.models.layers import (AttnBlock, Downsample, ResBlock, Upsample, conv,
-                                         default_init, group_norm, timestep_embedding, zero_init)
-
-
-UPSAMPLE_CONV = ("auto", "subpixel", "resize")
+                                         default_init, group_norm, timestep_embedding,
+                                         use_subpixel, zero_init)
 
 
 class UNet(nn.Module):
@@ -77,11 +74,7 @@ class UNet(nn.Module):
     attn_cls = nn.remat(AttnBlock) if self.remat else AttnBlock
     impl = None if self.attention == "auto" else self.attention
     onednn = onednn_conv.use_onednn(self.conv, self.dtype)
-    if self.upsample_conv not in UPSAMPLE_CONV:
-      raise ValueError(f"model.upsample_conv={self.upsample_conv!r}: expected one of "
-                       f"{UPSAMPLE_CONV}")
-    subpixel = self.upsample_conv == "subpixel" or (
-        self.upsample_conv == "auto" and jax.default_backend() == "cpu")
+    subpixel = use_subpixel(self.upsample_conv)
     res_block = lambda ch, name: block_cls(ch, self.dropout, self.dtype, onednn, name=name)
     attn_block = lambda name: attn_cls(self.dtype, impl, onednn, name=name)
     h = conv(self.ch, 3, "conv_in", self.dtype, onednn=onednn)(x.astype(self.dtype))

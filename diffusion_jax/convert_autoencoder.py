@@ -1,0 +1,184 @@
+"""Public KL autoencoder weights -> `models.autoencoder.AutoencoderKL` parameters.
+
+Two namings, both read as safetensors with numpy (no torch):
+- diffusers `AutoencoderKL` (a directory with config.json + diffusion_pytorch_model.safetensors,
+  or a pipeline directory with vae/): stabilityai/sd-vae-ft-mse, the SD/SDXL/SD3/FLUX VAEs;
+- CompVis `ldm` (`encoder.down.0.block.0.norm1.weight`, ...): the kl-f4/kl-f8 first stages, the
+  original sd-vae-ft-mse-840000-ema-pruned file, or a whole LDM/SD checkpoint, whose
+  `first_stage_model.` (or `vae.`) part is taken; an autoencoder's own training checkpoint
+  also holds `loss.*` (LPIPS, discriminator), which is left out.
+The network's shape (channels, levels, blocks, attention, latent width) is read from the
+parameters themselves; diffusers' config.json adds the latent scaling (scaling_factor,
+shift_factor) and is checked for what our network hard-codes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Mapping
+
+import numpy as np
+
+from diffusion_jax.convert_diffusers import (ATTN_RENAMES, RESNET_RENAMES, ConversionError,
+                                             check_diffusers_config, put_torch_tensor)
+
+LDM_PREFIXES = ("first_stage_model.", "vae.")
+LDM_RENAMES = {"norm1": "norm_1", "conv1": "conv_1", "norm2": "norm_2", "conv2": "conv_2",
+               "nin_shortcut": "nin_shortcut"}
+# what our network hard-codes, and the diffusers config values that agree with it
+REQUIRED = {"act_fn": "silu", "norm_num_groups": 32}
+DIFFUSERS_BLOCKS = {"DownEncoderBlock2D", "AttnDownEncoderBlock2D", "UpDecoderBlock2D",
+                    "AttnUpDecoderBlock2D"}
+
+
+def _diffusers_target(key: str, levels: int) -> tuple[list[str], str]:
+  """diffusers AutoencoderKL key -> (our module path, torch leaf name)."""
+  mod, leaf = key.rsplit(".", 1)
+  if mod in ("quant_conv", "post_quant_conv"):
+    return [mod], leaf
+  m = re.fullmatch(r"(encoder|decoder)\.(.+)", mod)
+  if not m:
+    raise ConversionError(f"unexpected parameter {key!r} in the diffusers autoencoder")
+  half, rest = m.groups()
+  fixed = {"conv_in": "conv_in", "conv_out": "conv_out", "conv_norm_out": "norm_out"}
+  if rest in fixed:
+    return [half, fixed[rest]], leaf
+  m = re.fullmatch(r"mid_block\.resnets\.([01])\.(\w+)", rest)
+  if m:
+    return [half, f"mid_block_{int(m.group(1)) + 1}", RESNET_RENAMES[m.group(2)]], leaf
+  m = re.fullmatch(r"mid_block\.attentions\.0\.(.+)", rest)
+  if m and m.group(1) in ATTN_RENAMES:
+    return [half, "mid_attn", ATTN_RENAMES[m.group(1)]], leaf
+  m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)"
+                   r"\.(\d+)\.(.+)", rest)
+  if not m or m.group(5) not in {**RESNET_RENAMES, **ATTN_RENAMES, "conv": 0}:
+    raise ConversionError(f"unexpected parameter {key!r} in the diffusers autoencoder")
+  side, block, kind, j, name = m.groups()
+  level = int(block) if side == "down" else levels - 1 - int(block)
+  if kind == "resnets":
+    return [half, f"{side}_{level}_block_{j}", RESNET_RENAMES[name]], leaf
+  if kind == "attentions":
+    return [half, f"{side}_{level}_attn_{j}", ATTN_RENAMES[name]], leaf
+  return [half, f"{side}_{level}_{kind[:-len('rs')]}", "conv"], leaf
+
+
+def _ldm_target(key: str) -> tuple[list[str], str]:
+  """CompVis ldm key -> (our module path, torch leaf name)."""
+  mod, leaf = key.rsplit(".", 1)
+  if mod in ("quant_conv", "post_quant_conv"):
+    return [mod], leaf
+  m = re.fullmatch(r"(encoder|decoder)\.(conv_in|conv_out|norm_out)", mod)
+  if m:
+    return [m.group(1), m.group(2)], leaf
+  m = re.fullmatch(r"(encoder|decoder)\.mid\.(block_[12])\.(\w+)", mod)
+  if m and m.group(3) in LDM_RENAMES:
+    return [m.group(1), f"mid_{m.group(2)}", LDM_RENAMES[m.group(3)]], leaf
+  m = re.fullmatch(r"(encoder|decoder)\.mid\.attn_1\.(norm|q|k|v|proj_out)", mod)
+  if m:
+    return [m.group(1), "mid_attn", m.group(2)], leaf
+  m = re.fullmatch(r"(encoder|decoder)\.(down|up)\.(\d+)\.(block|attn)\.(\d+)\.(\w+)", mod)
+  if m:
+    half, side, level, kind, j, name = m.groups()
+    renames = LDM_RENAMES if kind == "block" else {n: n for n in ("norm", "q", "k", "v",
+                                                                  "proj_out")}
+    if name in renames:
+      return [half, f"{side}_{level}_{kind}_{j}", renames[name]], leaf
+  m = re.fullmatch(r"(encoder|decoder)\.(down|up)\.(\d+)\.(downsample|upsample)\.conv", mod)
+  if m:
+    return [m.group(1), f"{m.group(2)}_{m.group(3)}_{m.group(4)}", "conv"], leaf
+  raise ConversionError(f"unexpected parameter {key!r} in the ldm autoencoder")
+
+
+def autoencoder_state(state: Mapping[str, Any]) -> tuple[dict, str]:
+  """The autoencoder's own entries of a state dict, and their naming ("diffusers" or "ldm")."""
+  keys = list(state)
+  for prefix in LDM_PREFIXES:
+    if any(k.startswith(prefix) for k in keys):
+      state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+      break
+  state = {k: v for k, v in state.items() if not k.startswith("loss.")}
+  if not any(k.startswith(("encoder.", "decoder.")) for k in state):
+    raise ConversionError("no autoencoder parameters (encoder.*/decoder.*, or under "
+                          f"{' / '.join(LDM_PREFIXES)}) in this file")
+  naming = "diffusers" if any(".down_blocks." in k or ".mid_block." in k for k in state) else (
+      "ldm")
+  return state, naming
+
+
+def autoencoder_params(state: Mapping[str, Any]) -> dict:
+  """Flax parameter tree of `AutoencoderKL` from a state dict in either naming."""
+  state, naming = autoencoder_state(state)
+  levels = 1 + max([int(m.group(1)) for k in state
+                    if (m := re.match(r"encoder\.down(?:_blocks)?\.(\d+)\.", k))], default=0)
+  params: dict = {}
+  for key, value in state.items():
+    path, leaf = (_diffusers_target(key, levels) if naming == "diffusers" else _ldm_target(key))
+    put_torch_tensor(params, path, leaf, key, value)
+  return params
+
+
+def autoencoder_config_from_params(params: Mapping[str, Any]) -> dict:
+  """`AutoencoderKL` fields that describe this parameter tree (read from its shapes)."""
+  enc, dec = params["encoder"], params["decoder"]
+  try:
+    ch = enc["conv_in"]["kernel"].shape[-1]
+    levels = 1 + max(int(k.split("_")[1]) for k in enc if k.startswith("down_"))
+    ch_mult = tuple(enc[f"down_{i}_block_0"]["conv_1"]["kernel"].shape[-1] // ch
+                    for i in range(levels))
+    num_res_blocks = sum(1 for k in enc if re.fullmatch(r"down_0_block_\d+", k))
+    attn_levels = tuple(i for i in range(levels) if f"down_{i}_attn_0" in enc)
+    z2 = enc["conv_out"]["kernel"].shape[-1]
+  except (KeyError, ValueError) as e:
+    raise ConversionError(f"the encoder lacks a parameter of the kl autoencoder layout ({e})")
+  if z2 % 2:
+    raise ConversionError(f"the encoder's output has {z2} channels: not a KL autoencoder's mean "
+                          "and log-variance (a VQ model's first stage is not supported)")
+  quant = "quant_conv" in params
+  post = "post_quant_conv" in params
+  embed = params["quant_conv"]["kernel"].shape[-1] // 2 if quant else z2 // 2
+  return {"ch": ch, "ch_mult": ch_mult, "num_res_blocks": num_res_blocks,
+          "attn_levels": attn_levels, "mid_attn": "mid_attn" in enc,
+          "in_channels": enc["conv_in"]["kernel"].shape[-2],
+          "out_channels": dec["conv_out"]["kernel"].shape[-1], "z_channels": z2 // 2,
+          "embed_dim": embed, "use_quant_conv": quant, "use_post_quant_conv": post}
+
+
+def latent_scaling_from_diffusers(cfg: Mapping[str, Any]) -> dict:
+  """Refuse what our network cannot be; return the latent scaling the config records."""
+  check_diffusers_config(cfg, "AutoencoderKL", REQUIRED, "the KL autoencoder")
+  blocks = set(cfg.get("down_block_types", ())) | set(cfg.get("up_block_types", ()))
+  if blocks - DIFFUSERS_BLOCKS:
+    raise ConversionError(f"block types {sorted(blocks - DIFFUSERS_BLOCKS)} are not supported")
+  return {"scale_factor": float(cfg.get("scaling_factor") or 0.18215),
+          "shift_factor": float(cfg.get("shift_factor") or 0.0)}
+
+
+def load_autoencoder(src: str) -> tuple[dict, dict, dict]:
+  """(AutoencoderKL fields, parameters, latent scaling) from a diffusers directory or one
+  .safetensors file (either naming). A file without config.json gets Stable Diffusion's
+  scale_factor 0.18215; an LDM trained here records its own."""
+  from safetensors.numpy import load_file
+  scaling = {"scale_factor": 0.18215, "shift_factor": 0.0}
+  if os.path.isdir(src):
+    vae_dir = os.path.join(src, "vae") if os.path.isdir(os.path.join(src, "vae")) else src
+    cfg_path = os.path.join(vae_dir, "config.json")
+    weights = os.path.join(vae_dir, "diffusion_pytorch_model.safetensors")
+    for path in (cfg_path, weights):
+      if not os.path.exists(path):
+        raise ConversionError(f"{path} not found: point at a diffusers AutoencoderKL directory "
+                              "(config.json + diffusion_pytorch_model.safetensors) or at one "
+                              ".safetensors file")
+    with open(cfg_path) as f:
+      scaling = latent_scaling_from_diffusers(json.load(f))
+  elif src.endswith(".safetensors") and os.path.isfile(src):
+    weights = src
+  else:
+    raise ConversionError(f"{src!r} is neither a diffusers directory nor a .safetensors file "
+                          "(a .ckpt pickle can be re-saved with safetensors.torch.save_file)")
+  try:
+    state = load_file(weights)
+  except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types
+    raise ConversionError(f"cannot read {weights}: {e}") from e
+  params = autoencoder_params(state)
+  return autoencoder_config_from_params(params), params, scaling

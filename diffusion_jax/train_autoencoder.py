@@ -1,0 +1,155 @@
+"""One compiled training step of the KL autoencoder and its PatchGAN (autoencoder_loss.py).
+
+Both updates happen in one step, as CompVis' two optimizer_idx passes do: the autoencoder
+(Adam, betas (0.5, 0.9)) on nll + w_kl kl + lambda f g, then the discriminator on f times its
+loss of D(x) against the reconstruction the autoencoder's update saw, held fixed (theirs
+recomputes it after that update: one Adam step apart, for one more forward pass). Before
+disc_start (f = 0) a `lax.cond` runs neither the discriminator nor the adaptive weight, which
+is most of a run in the paper's recipe (the discriminator starts at step 50,001). The step is
+a pure function of (state, batch): the posterior noise comes from the state's key folded with
+the step number.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from diffusion_jax import autoencoder_loss as L
+
+
+@dataclass(frozen=True)
+class LossConfig:
+  kl_weight: float = 1e-6
+  perceptual_weight: float = 1.0
+  logvar: float = 0.0
+  disc_start: int = 50_001
+  disc_factor: float = 1.0
+  disc_weight: float = 0.5
+  disc_loss: str = "hinge"
+
+
+@flax.struct.dataclass
+class AutoencoderState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  disc_params: Any
+  disc_stats: Any  # the discriminator's BatchNorm running statistics
+  disc_opt_state: Any
+  rng: jax.Array  # raw key data (uint32)
+
+
+def make_optimizer(lr: float) -> optax.GradientTransformation:
+  """Adam(lr, b1=0.5, b2=0.9), the LDM autoencoder's and its discriminator's."""
+  return optax.adam(lr, b1=0.5, b2=0.9)
+
+
+def init_state(key, x, autoencoder, discriminator, tx, disc_tx) -> AutoencoderState:
+  """Parameters of both networks for images shaped like x ([1, H, W, C])."""
+  ae_key, d_key, state_key = jax.random.split(key, 3)
+  params = autoencoder.init(ae_key, x)["params"]
+  d_vars = discriminator.init(d_key, x, train=False)
+  return AutoencoderState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=tx.init(params), disc_params=d_vars["params"],
+                          disc_stats=d_vars["batch_stats"],
+                          disc_opt_state=disc_tx.init(d_vars["params"]),
+                          rng=jax.random.key_data(state_key))
+
+
+def _with_last_kernel(params, kernel):
+  dec = dict(params["decoder"], conv_out=dict(params["decoder"]["conv_out"], kernel=kernel))
+  return dict(params, decoder=dec)
+
+
+def train_step(state: AutoencoderState, batch, *, autoencoder, discriminator,
+               perceptual: Callable | None, tx, disc_tx, loss: LossConfig):
+  """One update of both networks. perceptual(x, x_rec) -> [B] (LPIPS), or None.
+
+  Returns (state, metrics): loss, nll, rec_l1, kl, g_loss, d_weight, disc_factor, d_loss,
+  logits_real, logits_fake.
+  """
+  x = batch["image"]
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  factor = L.disc_factor(state.step, loss.disc_start, loss.disc_factor)
+  d_vars = {"params": state.disc_params, "batch_stats": state.disc_stats}
+
+  def parts(params, with_gan: bool):
+    rec, mean, logvar = autoencoder.apply({"params": params}, x, key, train=True)
+    p = perceptual(x, rec) if perceptual is not None and loss.perceptual_weight > 0 else None
+    nll = L.nll_loss(x, rec, p, loss.logvar, loss.perceptual_weight)
+    g = jnp.zeros(())
+    if with_gan:  # the discriminator in training mode, as theirs (its statistics not kept)
+      logits, _ = discriminator.apply(d_vars, rec, train=True, mutable=["batch_stats"])
+      g = -jnp.mean(logits)
+    aux = {"nll": nll, "kl": L.kl_loss(mean, logvar), "g_loss": g,
+           "rec_l1": jnp.mean(jnp.abs(x - rec))}
+    return nll, g, aux, rec
+
+  def generator(with_gan: bool):
+    def run(params):
+      d_weight = jnp.zeros(())
+      if with_gan:
+        last = params["decoder"]["conv_out"]["kernel"]
+        part = lambda i: jax.grad(lambda k: parts(_with_last_kernel(params, k), True)[i])(last)
+        d_weight = L.adaptive_weight(part(0), part(1), loss.disc_weight)
+
+      def total(p):
+        nll, g, aux, rec = parts(p, with_gan)
+        return nll + loss.kl_weight * aux["kl"] + d_weight * factor * g, (aux, rec)
+
+      (value, (aux, rec)), grads = jax.value_and_grad(total, has_aux=True)(params)
+      return value, dict(aux, d_weight=d_weight), rec, grads
+    return run
+
+  value, aux, rec, grads = jax.lax.cond(factor > 0, generator(True), generator(False),
+                                        state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+
+  rec = jax.lax.stop_gradient(rec)
+  d_loss_fn = L.D_LOSSES[loss.disc_loss]
+
+  def disc_update(_):
+    def objective(dp):
+      real, upd = discriminator.apply({"params": dp, "batch_stats": state.disc_stats}, x,
+                                      train=True, mutable=["batch_stats"])
+      fake, upd = discriminator.apply({"params": dp, "batch_stats": upd["batch_stats"]}, rec,
+                                      train=True, mutable=["batch_stats"])
+      return factor * d_loss_fn(real, fake), (upd["batch_stats"], jnp.mean(real),
+                                              jnp.mean(fake))
+    (d_loss, (stats, real, fake)), d_grads = jax.value_and_grad(objective, has_aux=True)(
+        state.disc_params)
+    d_updates, d_opt = disc_tx.update(d_grads, state.disc_opt_state, state.disc_params)
+    return (optax.apply_updates(state.disc_params, d_updates), stats, d_opt,
+            {"d_loss": d_loss, "logits_real": real, "logits_fake": fake})
+
+  def disc_idle(_):
+    zero = jnp.zeros(())
+    return (state.disc_params, state.disc_stats, state.disc_opt_state,
+            {"d_loss": zero, "logits_real": zero, "logits_fake": zero})
+
+  disc_params, disc_stats, disc_opt, d_metrics = jax.lax.cond(factor > 0, disc_update,
+                                                              disc_idle, None)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                            disc_params=disc_params, disc_stats=disc_stats,
+                            disc_opt_state=disc_opt)
+  metrics = dict(aux, **d_metrics, loss=value, disc_factor=factor,
+                 grad_norm=optax.tree.norm(grads))
+  return new_state, metrics
+
+
+def lpips_perceptual(lpips_params, dtype=jnp.float32) -> Callable:
+  """perceptual(x, x_rec) from LPIPS weights; grey images are compared as RGB."""
+  from diffusion_jax.lpips import LPIPS
+  net = LPIPS(dtype)
+
+  def perceptual(x, x_rec):
+    if x.shape[-1] == 1:
+      x, x_rec = jnp.repeat(x, 3, axis=-1), jnp.repeat(x_rec, 3, axis=-1)
+    return net.apply({"params": lpips_params}, x, x_rec)
+  return perceptual
