@@ -34,11 +34,6 @@ def vanilla_d_loss(logits_real, logits_fake):
 D_LOSSES = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
 
 
-def disc_factor(step, disc_start: int, factor: float = 1.0):
-  """The GAN terms' weight: 0 before disc_start (taming's adopt_weight), `factor` from it on."""
-  return jnp.where(step >= disc_start, factor, 0.0)
-
-
 def nll_loss(x, x_rec, perceptual, logvar=0.0, perceptual_weight: float = 1.0):
   """sum over pixels of (|x - x^| + w_p LPIPS) / exp(logvar) + logvar, averaged over the batch.
 

@@ -1,4 +1,4 @@
-"""The KL autoencoder's objective against its closed forms, the PatchGAN, and the train step:
+"""The KL autoencoder's objective against its closed forms, the PatchGAN, and the train steps:
 the discriminator idle before disc_start, the adaptive weight equal to its definition after,
 and a few steps that fit a batch."""
 import functools
@@ -19,7 +19,9 @@ def test_discriminator_losses_match_their_formulas():
   np.testing.assert_allclose(L.hinge_d_loss(real, fake), 0.5 * (2.5 / 3 + 2.5 / 3), rtol=1e-6)
   want = 0.5 * (np.mean(np.log1p(np.exp(-np.array(real)))) + np.mean(np.log1p(np.exp(fake))))
   np.testing.assert_allclose(L.vanilla_d_loss(real, fake), want, rtol=1e-6)
-  np.testing.assert_allclose([L.disc_factor(s, 10, 0.7) for s in (0, 9, 10, 11)], [0, 0, 0.7, 0.7])
+  cfg = T.LossConfig(disc_start=10, disc_factor=0.7)
+  assert [T.uses_gan(s, cfg) for s in (0, 9, 10, 11)] == [False, False, True, True]
+  assert not T.uses_gan(10, T.LossConfig(disc_start=10, disc_factor=0.0))
 
 
 def test_nll_adds_lpips_to_every_pixel_and_weights_by_logvar():
@@ -62,15 +64,17 @@ def _mse_perceptual(x, r):  # a stand-in perceptual distance, [B]
 
 
 def test_train_step_idle_discriminator_then_adaptive_gan_then_fits_a_batch():
-  """One compiled step (both lax.cond branches), the discriminator starting at step 5."""
+  """The two compiled steps (without and with the GAN), the discriminator starting at 5."""
   ae = AutoencoderKL(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=2, embed_dim=2)
   disc = PatchDiscriminator(ndf=8, n_layers=2)
   tx, dtx = T.make_optimizer(1e-3), T.make_optimizer(1e-3)
   cfg = T.LossConfig(disc_start=5, kl_weight=1e-3)
   x = jax.random.uniform(jax.random.PRNGKey(0), (4, 16, 16, 3), minval=-1, maxval=1)
   state0 = T.init_state(jax.random.PRNGKey(1), x[:1], ae, disc, tx, dtx)
-  step = jax.jit(functools.partial(T.train_step, autoencoder=ae, discriminator=disc,
-                                   perceptual=_mse_perceptual, tx=tx, disc_tx=dtx, loss=cfg))
+  steps = {gan: jax.jit(functools.partial(
+      T.train_step, autoencoder=ae, discriminator=disc, perceptual=_mse_perceptual, tx=tx,
+      disc_tx=dtx, loss=cfg, gan=gan)) for gan in (False, True)}
+  step = lambda state, batch: steps[T.uses_gan(int(state.step), cfg)](state, batch)
 
   # before disc_start: no discriminator, no adaptive weight; the autoencoder alone trains
   new, m = step(state0, {"image": x})
