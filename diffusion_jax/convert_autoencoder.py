@@ -6,7 +6,7 @@ Two namings, both read as safetensors with numpy (no torch):
 - CompVis `ldm` (`encoder.down.0.block.0.norm1.weight`, ...): the kl-f4/kl-f8 first stages, the
   original sd-vae-ft-mse-840000-ema-pruned file, or a whole LDM/SD checkpoint, whose
   `first_stage_model.` (or `vae.`) part is taken; an autoencoder's own training checkpoint
-  also holds `loss.*` (LPIPS, discriminator), which is left out.
+  also holds `loss.*` (LPIPS, discriminator) and `model_ema.*`, which are left out.
 The network's shape (channels, levels, blocks, attention, latent width) is read from the
 parameters themselves; diffusers' config.json adds the latent scaling (scaling_factor,
 shift_factor) and is checked for what our network hard-codes.
@@ -97,7 +97,8 @@ def autoencoder_state(state: Mapping[str, Any]) -> tuple[dict, str]:
     if any(k.startswith(prefix) for k in keys):
       state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
       break
-  state = {k: v for k, v in state.items() if not k.startswith("loss.")}
+  # an autoencoder's training checkpoint: LPIPS and discriminator; EMA bookkeeping
+  state = {k: v for k, v in state.items() if not k.startswith(("loss.", "model_ema."))}
   if not any(k.startswith(("encoder.", "decoder.")) for k in state):
     raise ConversionError("no autoencoder parameters (encoder.*/decoder.*, or under "
                           f"{' / '.join(LDM_PREFIXES)}) in this file")

@@ -80,7 +80,7 @@ def torch_name(flax_name: str) -> tuple[str, tuple[int, ...] | None]:
 
 
 def shape_problems(shapes: Mapping[str, tuple], found: Mapping[str, tuple],
-              unexpected: list[str]) -> list[str]:
+                   unexpected: list[str]) -> list[str]:
   """Missing names, wrong shapes and unexpected names, one line each (at most 10 of a kind)."""
   missing = [name for name in shapes if name not in found]
   wrong = [f"{name} has shape {found[name]}, expected {shapes[name]}" for name in shapes

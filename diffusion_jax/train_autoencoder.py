@@ -36,6 +36,13 @@ class LossConfig:
   disc_weight: float = 0.5
   disc_loss: str = "hinge"
 
+  def __post_init__(self):
+    if self.disc_loss not in L.D_LOSSES:
+      raise ValueError(f"disc_loss={self.disc_loss!r}: expected one of {tuple(L.D_LOSSES)}")
+    for name in ("kl_weight", "perceptual_weight", "disc_factor", "disc_weight", "disc_start"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
+
 
 @flax.struct.dataclass
 class AutoencoderState:

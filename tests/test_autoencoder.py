@@ -172,7 +172,8 @@ def test_ldm_checkpoint_converts_like_diffusers_own_converter():
                                                                   jnp.zeros((1, 16, 16, 3))))
   rng = np.random.default_rng(0)
   ckpt = {"model.diffusion_model.out.2.weight": np.zeros((3, 4, 3, 3), np.float32),
-          "first_stage_model.loss.logvar": np.zeros((), np.float32)}
+          "first_stage_model.loss.logvar": np.zeros((), np.float32),
+          "first_stage_model.model_ema.decay": np.zeros((), np.float32)}
   for path, leaf in jax.tree_util.tree_flatten_with_path(shapes["params"])[0]:
     names = tuple(p.key for p in path)
     shape = leaf.shape

@@ -6,6 +6,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from diffusion_jax import autoencoder_loss as L
 from diffusion_jax import train_autoencoder as T
@@ -22,6 +23,10 @@ def test_discriminator_losses_match_their_formulas():
   cfg = T.LossConfig(disc_start=10, disc_factor=0.7)
   assert [T.uses_gan(s, cfg) for s in (0, 9, 10, 11)] == [False, False, True, True]
   assert not T.uses_gan(10, T.LossConfig(disc_start=10, disc_factor=0.0))
+  with pytest.raises(ValueError, match="disc_loss='wgan': expected one of"):
+    T.LossConfig(disc_loss="wgan")
+  with pytest.raises(ValueError, match="kl_weight=-1"):
+    T.LossConfig(kl_weight=-1)
 
 
 def test_nll_adds_lpips_to_every_pixel_and_weights_by_logvar():
