@@ -45,14 +45,16 @@ def _diffusers_target(key: str, levels: int) -> tuple[list[str], str]:
   if rest in fixed:
     return [half, fixed[rest]], leaf
   m = re.fullmatch(r"mid_block\.resnets\.([01])\.(\w+)", rest)
-  if m:
+  if m and m.group(2) in RESNET_RENAMES:
     return [half, f"mid_block_{int(m.group(1)) + 1}", RESNET_RENAMES[m.group(2)]], leaf
   m = re.fullmatch(r"mid_block\.attentions\.0\.(.+)", rest)
   if m and m.group(1) in ATTN_RENAMES:
     return [half, "mid_attn", ATTN_RENAMES[m.group(1)]], leaf
   m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)"
                    r"\.(\d+)\.(.+)", rest)
-  if not m or m.group(5) not in {**RESNET_RENAMES, **ATTN_RENAMES, "conv": 0}:
+  allowed = {"resnets": RESNET_RENAMES, "attentions": ATTN_RENAMES, "downsamplers": {"conv": 0},
+             "upsamplers": {"conv": 0}}
+  if not m or m.group(5) not in allowed[m.group(3)]:
     raise ConversionError(f"unexpected parameter {key!r} in the diffusers autoencoder")
   side, block, kind, j, name = m.groups()
   level = int(block) if side == "down" else levels - 1 - int(block)
@@ -99,6 +101,9 @@ def autoencoder_state(state: Mapping[str, Any]) -> tuple[dict, str]:
       break
   # an autoencoder's training checkpoint: LPIPS and discriminator; EMA bookkeeping
   state = {k: v for k, v in state.items() if not k.startswith(("loss.", "model_ema."))}
+  if any(k.startswith("quantize.") for k in state):
+    raise ConversionError("this is a VQ first stage (quantize.* codebook): only KL "
+                          "autoencoders are supported")
   if not any(k.startswith(("encoder.", "decoder.")) for k in state):
     raise ConversionError("no autoencoder parameters (encoder.*/decoder.*, or under "
                           f"{' / '.join(LDM_PREFIXES)}) in this file")
@@ -121,6 +126,9 @@ def autoencoder_params(state: Mapping[str, Any]) -> dict:
 
 def autoencoder_config_from_params(params: Mapping[str, Any]) -> dict:
   """`AutoencoderKL` fields that describe this parameter tree (read from its shapes)."""
+  if "encoder" not in params or "decoder" not in params:
+    raise ConversionError("the file holds only part of an autoencoder (needs both encoder.* "
+                          "and decoder.*)")
   enc, dec = params["encoder"], params["decoder"]
   try:
     ch = enc["conv_in"]["kernel"].shape[-1]
@@ -135,6 +143,11 @@ def autoencoder_config_from_params(params: Mapping[str, Any]) -> dict:
   if z2 % 2:
     raise ConversionError(f"the encoder's output has {z2} channels: not a KL autoencoder's mean "
                           "and log-variance (a VQ model's first stage is not supported)")
+  dec_attn = tuple(i for i in range(levels) if f"up_{i}_attn_0" in dec)
+  if dec_attn != attn_levels or ("mid_attn" in dec) != ("mid_attn" in enc):
+    raise ConversionError(f"attention at levels {attn_levels} of the encoder but {dec_attn} of "
+                          "the decoder (or in one middle block only): our network puts it in "
+                          "the same places in both halves")
   quant = "quant_conv" in params
   post = "post_quant_conv" in params
   embed = params["quant_conv"]["kernel"].shape[-1] // 2 if quant else z2 // 2
@@ -155,12 +168,48 @@ def latent_scaling_from_diffusers(cfg: Mapping[str, Any]) -> dict:
           "shift_factor": float(cfg.get("shift_factor") or 0.0)}
 
 
+def check_params(config: Mapping[str, Any], params: Mapping[str, Any]) -> None:
+  """Every parameter of `AutoencoderKL(**config)` present with its shape, and nothing else."""
+  import jax
+  import jax.numpy as jnp
+  from flax import traverse_util
+
+  from diffusion_jax.convert_inception import shape_problems
+  from diffusion_jax.models.autoencoder import AutoencoderKL
+  f = 2 ** (len(config["ch_mult"]) - 1)
+  x = jnp.zeros((1, f, f, config["in_channels"]))
+  want = jax.eval_shape(lambda: AutoencoderKL(**config).init(jax.random.PRNGKey(0), x))
+  want = {k: v.shape for k, v in traverse_util.flatten_dict(want["params"], sep="/").items()}
+  got = {k: v.shape for k, v in traverse_util.flatten_dict(params, sep="/").items()}
+  problems = shape_problems(want, got, sorted(k for k in got if k not in want))
+  if problems:
+    raise ConversionError("the weights do not form one KL autoencoder (names in our layout): "
+                          + "; ".join(problems))
+
+
+def _read_safetensors(path: str) -> dict:
+  """name -> array; bfloat16 files (which safetensors' numpy reader refuses) via its flax one."""
+  from safetensors import SafetensorError
+  from safetensors.numpy import load_file
+  try:
+    return dict(load_file(path))
+  except (SafetensorError, OSError, ValueError, KeyError) as e:
+    try:
+      from safetensors.flax import load_file as load_jax
+      return {k: np.asarray(v, np.float32) for k, v in load_jax(path).items()}
+    except Exception:  # noqa: BLE001 -- report the first reader's error
+      raise ConversionError(f"cannot read {path}: {e!r}; is it a complete safetensors "
+                            "file?") from e
+
+
 def load_autoencoder(src: str) -> tuple[dict, dict, dict]:
   """(AutoencoderKL fields, parameters, latent scaling) from a diffusers directory or one
-  .safetensors file (either naming). A file without config.json gets Stable Diffusion's
-  scale_factor 0.18215; an LDM trained here records its own."""
-  from safetensors.numpy import load_file
-  scaling = {"scale_factor": 0.18215, "shift_factor": 0.0}
+  .safetensors file (either naming), every parameter checked against the network.
+
+  The scaling is {"scale_factor", "shift_factor"} from diffusers' config.json; a single file
+  records none: scale_factor is then None (take the model's published one, e.g. 0.18215 for
+  SD 1.x, 0.13025 for SDXL, or 1 / std of its latents on your data, as LDM does)."""
+  scaling = {"scale_factor": None, "shift_factor": 0.0}
   if os.path.isdir(src):
     vae_dir = os.path.join(src, "vae") if os.path.isdir(os.path.join(src, "vae")) else src
     cfg_path = os.path.join(vae_dir, "config.json")
@@ -171,15 +220,24 @@ def load_autoencoder(src: str) -> tuple[dict, dict, dict]:
                               "(config.json + diffusion_pytorch_model.safetensors) or at one "
                               ".safetensors file")
     with open(cfg_path) as f:
-      scaling = latent_scaling_from_diffusers(json.load(f))
+      diffusers_cfg = json.load(f)
+    scaling = latent_scaling_from_diffusers(diffusers_cfg)
   elif src.endswith(".safetensors") and os.path.isfile(src):
-    weights = src
+    weights, diffusers_cfg = src, {}
   else:
-    raise ConversionError(f"{src!r} is neither a diffusers directory nor a .safetensors file "
-                          "(a .ckpt pickle can be re-saved with safetensors.torch.save_file)")
-  try:
-    state = load_file(weights)
-  except Exception as e:  # noqa: BLE001 -- safetensors raises its own error types
-    raise ConversionError(f"cannot read {weights}: {e}") from e
-  params = autoencoder_params(state)
-  return autoencoder_config_from_params(params), params, scaling
+    raise ConversionError(
+        f"{src!r} is neither a diffusers directory nor a .safetensors file. A .ckpt can be "
+        "re-saved once with torch: sd = torch.load(p, map_location='cpu', weights_only=True); "
+        "sd = sd.get('state_dict', sd); safetensors.torch.save_file({k: v.contiguous() for k, "
+        "v in sd.items() if hasattr(v, 'contiguous')}, 'model.safetensors')")
+  params = autoencoder_params(_read_safetensors(weights))
+  config = autoencoder_config_from_params(params)
+  check_params(config, params)
+  said = {"block_out_channels": [config["ch"] * k for k in config["ch_mult"]],
+          "layers_per_block": config["num_res_blocks"], "latent_channels": config["embed_dim"]}
+  for key, value in said.items():
+    if key in diffusers_cfg and list(np.atleast_1d(diffusers_cfg[key])) != list(
+        np.atleast_1d(value)):
+      raise ConversionError(f"config.json says {key}={diffusers_cfg[key]} but the weights "
+                            f"have {value}: the directory mixes two models")
+  return config, params, scaling

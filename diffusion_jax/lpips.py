@@ -87,8 +87,9 @@ def default_lpips_path() -> str:
 
 
 def conversion_instructions(path: str) -> str:
-  return ("Convert torchvision's VGG16 weights (vgg16-397923af.pth) and the lpips package's "
-          "lin layers (lpips/weights/v0.1/vgg.pth) once, with torch installed:\n"
+  return ("Convert torchvision's VGG16 weights (https://download.pytorch.org/models/"
+          "vgg16-397923af.pth) and the lpips package's lin layers (lpips/weights/v0.1/vgg.pth, "
+          "inside `pip install lpips`) once, with torch installed:\n"
           "  python -m diffusion_jax.convert_lpips --src=vgg16-397923af.pth,"
           f"$(python -c 'import lpips, os; print(os.path.dirname(lpips.__file__))')"
           f"/weights/v0.1/vgg.pth --dst={path}\n(${ENV_VAR} chooses another location; an LDM "

@@ -12,6 +12,12 @@ is static, so there are two compiled steps and the loop picks one by the step nu
 whose convolutions inside a conditional take a slow path (2.9 s vs 0.37 s a step for a small
 autoencoder). The step is a pure function of (state, batch): the posterior noise comes from
 the state's key folded with the step number.
+
+Other differences from CompVis' (PyTorch Lightning 1.4, one global_step per batch, which
+disc_start counts): the discriminator's Adam starts fresh at disc_start, where theirs has
+taken ~50k zero-gradient steps (its first updates ~1.6x larger under betas (0.5, 0.9)); the
+BatchNorm statistics of the generator pass's D(x^) are not kept; LPIPS's lin layers run
+without their Dropout(0.5) (same expectation, less variance).
 """
 from __future__ import annotations
 
@@ -96,7 +102,8 @@ def train_step(state: AutoencoderState, batch, *, autoencoder, discriminator,
   d_vars = {"params": state.disc_params, "batch_stats": state.disc_stats}
 
   def parts(params):
-    rec, mean, logvar = autoencoder.apply({"params": params}, x, key, train=True)
+    rec, mean, logvar = autoencoder.apply({"params": params}, x, key, train=True,
+                                          rngs={"dropout": jax.random.fold_in(key, 1)})
     p = perceptual(x, rec) if perceptual is not None and loss.perceptual_weight > 0 else None
     nll = L.nll_loss(x, rec, p, loss.logvar, loss.perceptual_weight)
     g = jnp.zeros(())

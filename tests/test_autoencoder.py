@@ -207,8 +207,22 @@ def test_load_autoencoder_reads_a_diffusers_directory_and_a_single_file(tmp_path
   state = {k: v.numpy() for k, v in vae.state_dict().items()}
   save_file(state, str(tmp_path / "vae.safetensors"))
   config2, params2, scaling2 = load_autoencoder(str(tmp_path / "vae.safetensors"))
-  assert config2 == config and scaling2["scale_factor"] == 0.18215
+  assert config2 == config and scaling2["scale_factor"] is None  # a file records no scaling
   jax.tree.map(np.testing.assert_array_equal, params, params2)
+  # every parameter is checked against the network it describes
+  partial = {k: v for k, v in state.items() if "decoder.up_blocks.0.resnets.1" not in k}
+  save_file(partial, str(tmp_path / "partial.safetensors"))
+  with pytest.raises(ConversionError, match="missing: decoder/up_0_block_1/conv_1/bias"):
+    load_autoencoder(str(tmp_path / "partial.safetensors"))
+  save_file({**state, "quantize.embedding.weight": np.zeros((8, 4), np.float32)},
+            str(tmp_path / "vq.safetensors"))
+  with pytest.raises(ConversionError, match="VQ first stage"):
+    load_autoencoder(str(tmp_path / "vq.safetensors"))
+  cfg_path = tmp_path / "vae" / "config.json"
+  cfg_path.write_text(cfg_path.read_text().replace('"layers_per_block": 1',
+                                                   '"layers_per_block": 2'))
+  with pytest.raises(ConversionError, match="layers_per_block=2 but the weights have 1"):
+    load_autoencoder(str(tmp_path))
   with pytest.raises(ConversionError, match="neither a diffusers directory"):
     load_autoencoder(str(tmp_path / "missing.ckpt"))
   (tmp_path / "empty").mkdir()

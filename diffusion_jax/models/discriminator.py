@@ -5,8 +5,9 @@ taming-transformers and CompVis latent-diffusion): one real/fake logit per overl
 conv4x4/2 (ndf) -> LeakyReLU(0.2) -> [conv4x4/2 (no bias) -> BatchNorm -> LeakyReLU] x
 (n_layers - 1) -> conv4x4/1 (8 ndf at most) -> BatchNorm -> LeakyReLU -> conv4x4/1 (1 channel);
 every conv pads by 1. Initialised as theirs: conv weights N(0, 0.02), BatchNorm scales
-N(1, 0.02). BatchNorm uses the statistics of each call's batch in training (torch's momentum
-0.1 = flax's 0.9), the running ones in evaluation.
+N(1, 0.02); the two conv biases start at 0 (torch's default draws them from U(+-1/sqrt(fan_in))).
+BatchNorm uses the statistics of each call's batch in training (torch's momentum 0.1 = flax's
+0.9; flax's running variance is the biased estimate), the running ones in evaluation.
 """
 from __future__ import annotations
 
