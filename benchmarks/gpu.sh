@@ -4,6 +4,8 @@
 #   bash benchmarks/gpu.sh profile    # where the bf16 step's time goes (+ optimised HLO)
 #   bash benchmarks/gpu.sh headline   # cifar10_ddpm b128 bf16, ours and diffusers+torch.compile
 #   bash benchmarks/gpu.sh sampling   # the 1000-step sampler alone at SAMPLE_BATCH (2048) images
+#   bash benchmarks/gpu.sh forward    # the sampler's network: upsample variants x batches, A/B
+#   bash benchmarks/gpu.sh best_sampling  # the 1000-step sampler, forward's fastest variant
 #   bash benchmarks/gpu.sh levers     # each lever alone (fp32, attention, prng, dispatch, remat..)
 #   bash benchmarks/gpu.sh collect    # the lever runs' JSON as one file
 # LEVERS="args;args;..." picks the lever runs (run.py arguments; leading VAR=value words are
@@ -27,7 +29,7 @@ if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site ]; then
   fi
 fi
 [ -d /tmp/site ] && export PYTHONPATH=/tmp/site
-CFG=configs/cifar10_ddpm.py
+CFG=${CFG:-configs/cifar10_ddpm.py}
 RUN="$PY benchmarks/run.py --config=$CFG --batch_size=128 --out=$OUT"
 
 for stage in "$@"; do
@@ -51,6 +53,16 @@ torch.__version__, jax.devices())" 2>&1 | tail -1
       timeout 300 $PY benchmarks/run.py --config=$CFG --precision=bf16 --notrain --nosample \
         --nopeer --batch_size=$N --full_sample_batch=$N --tag=sample$N ${SAMPLE_ARGS:-} \
         --out=$OUT 2>&1 | grep -E "^RESULT|Error|error:" | tail -3 ;;
+    forward)  # FORWARD_VARIANTS="upsample_conv:batch,..." (benchmarks/forward_ab.py)
+      timeout 240 $PY benchmarks/forward_ab.py --config=$CFG --precision=bf16 --calls=5 \
+        --variants=${FORWARD_VARIANTS:-resize:2048,subpixel:2048,resize:4096,subpixel:4096} \
+        --rounds=4 --out=$OUT 2>&1 | grep -E "^RESULT|^BEST|Error|error:" | tee /tmp/forward.log ;;
+    best_sampling)
+      read -r U B < <(grep ^BEST /tmp/forward.log 2>/dev/null | cut -d' ' -f2-)
+      if [ -z "${B:-}" ]; then echo "no BEST line in /tmp/forward.log: run the forward stage first"
+      else
+        SAMPLE_BATCH=$B SAMPLE_ARGS="--upsample_conv=$U --tag=sample${B}_$U" bash "$0" sampling
+      fi ;;
     levers)  # each lever alone against the headline's bf16 default, most telling first;
       # each run compiles its own step (~70 s on an H100), so a 10-minute slot holds ~5
       C10="--config=$CFG --batch_size=128 --precision=bf16 --nosample"

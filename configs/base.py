@@ -31,7 +31,7 @@ def get_config():
   model.attention = "auto"         # auto | xla | cudnn (flash attention on GPU, bf16 only)
   model.remat = False              # recompute activations in the backward pass (less memory)
   model.conv = "auto"              # auto | xla | onednn: CPU kernels (onednn_conv.py, GroupNorm)
-  model.upsample_conv = "auto"     # auto | subpixel | resize: layers.Upsample (auto: CPU subpixel)
+  model.upsample_conv = "auto"     # auto | subpixel | resize (auto: subpixel on CPU and GPU)
 
   c.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.num_timesteps = 1000

@@ -49,8 +49,10 @@ def test_conv_matches_xla_values_and_gradients(x_shape, w_shape, strides, paddin
   (v1, (gx1, gw1)) = _value_and_grads(onednn_conv.conv_general_dilated, x, w, strides, padding)
   (v2, (gx2, gw2)) = _value_and_grads(lax.conv_general_dilated, x, w, strides, padding)
   np.testing.assert_allclose(v1, v2, rtol=1e-5)
-  np.testing.assert_allclose(gx1, gx2, rtol=1e-4, atol=1e-6)
-  np.testing.assert_allclose(gw1, gw2, rtol=1e-4, atol=1e-6)
+  # y's float32 rounding (~1e-6 of |y| ~ 4) reaches the gradients through cos(y) in the
+  # cotangent and sums over the kernel: ~5e-6 on entries of up to ~1, seen on an AMD EPYC
+  np.testing.assert_allclose(gx1, gx2, rtol=1e-4, atol=2e-5)
+  np.testing.assert_allclose(gw1, gw2, rtol=1e-4, atol=2e-5)
 
 
 def _hlo(fn, *args):
