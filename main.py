@@ -8,6 +8,8 @@
   python main.py --config=configs/cifar10_ddpm.py --mode=summary
 
 Modes: train (resumes from the newest checkpoint in --workdir), sample, eval, summary.
+A config with stage="autoencoder" (configs/fashion_mnist_kl.py) trains, evaluates and summarises
+latent diffusion's first stage instead.
 """
 import logging as py_logging
 import sys
@@ -57,6 +59,7 @@ def main(argv):
   from diffusion_jax.checkpoints import CheckpointError
   from diffusion_jax.convert_inception import InceptionWeightsError
   from diffusion_jax.data import DataError
+  from diffusion_jax.lpips import LPIPSWeightsError
   from diffusion_jax.train import TrainingError
   try:
     if FLAGS.mode == "train":
@@ -69,7 +72,7 @@ def main(argv):
       from diffusion_jax.evaluate import run_eval_mode
       logging.info("Results: %s", run_eval_mode(config, FLAGS.workdir))
   except (ConfigError, DataError, CheckpointError, TrainingError,
-          InceptionWeightsError) as e:
+          InceptionWeightsError, LPIPSWeightsError) as e:
     logging.error("%s", e)
     sys.exit(f"{type(e).__name__}: {e}")
 

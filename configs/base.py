@@ -33,6 +33,37 @@ def get_config():
   model.conv = "auto"              # auto | xla | onednn: CPU kernels (onednn_conv.py, GroupNorm)
   model.upsample_conv = "auto"     # auto | subpixel | resize (auto: subpixel on CPU and GPU)
 
+  # what --mode=train trains: "diffusion" (model + diffusion), or "autoencoder": latent
+  # diffusion's first stage (Rombach et al. 2022, Sec. 3.1), c.autoencoder below; the model.*
+  # compute options (dtype, attention, remat, conv, upsample_conv) apply to it too
+  c.stage = "diffusion"
+
+  c.autoencoder = ae = ml_collections.ConfigDict()  # the KL autoencoder, models/autoencoder.py
+  ae.ch = 128                      # kl-f8 (Stable Diffusion's VAE) layout
+  ae.ch_mult = (1, 2, 4, 4)        # downsampling factor f = 2^(len - 1)
+  ae.num_res_blocks = 2
+  ae.attn_levels = ()              # levels (0: full size) with attention; the middle has it
+  ae.z_channels = 4                # latent channels
+  ae.dropout = 0.0
+  ae.lr = 4.5e-4                   # Adam(0.5, 0.9) for both networks (LDM: 4.5e-6 x batch 96)
+  ae.disc_ndf = 64                 # PatchGAN width and strided layers (70x70 patches with 3)
+  ae.disc_layers = 3
+  ae.lpips_path = placeholder(str)  # None: $DIFFUSION_JAX_LPIPS or ~/.cache/diffusion_jax
+  ae.loss = loss = ml_collections.ConfigDict()  # train_autoencoder.LossConfig
+  loss.kl_weight = 1e-6
+  loss.perceptual_weight = 1.0     # LPIPS added per pixel to |x - x^|; 0: L1 alone
+  loss.logvar = 0.0
+  loss.disc_start = 50_001         # step of the first GAN update
+  loss.disc_factor = 1.0
+  loss.disc_weight = 0.5           # times the adaptive weight ||grad nll|| / ||grad g||
+  loss.disc_loss = "hinge"         # hinge | vanilla
+
+  # latent diffusion (latent.py): the model diffuses a frozen autoencoder's latents
+  c.latent = lt = ml_collections.ConfigDict()
+  lt.autoencoder = placeholder(str)  # None: pixels; an autoencoder run's workdir (its layout:
+  #   c.autoencoder), or public weights: a diffusers directory or one .safetensors file
+  lt.scale_factor = placeholder(float)  # None: published with the weights, else 1/std(z)
+
   c.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.num_timesteps = 1000
   diffusion.beta_schedule = "linear"  # linear | cosine | quadratic | scaled_linear

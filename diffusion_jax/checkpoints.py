@@ -153,3 +153,17 @@ class PreemptionGuard:
       signal.signal(sig, handler)
     self._previous.clear()
     return False
+
+
+def restore_trained(workdir: str, abstract_state, step: int | None = None,
+                    hint: str = "train first (--mode=train with this config and --workdir)"):
+  """(step, state, metadata) of the newest (or the given) checkpoint of a run in workdir; a
+  workdir without one gets a CheckpointError that says how to make one."""
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  try:
+    if ckpt.latest_step() is None:
+      raise CheckpointError(f"no checkpoint in {workdir}/checkpoints: {hint}")
+    step, state, meta = ckpt.restore(abstract_state, step)
+  finally:
+    ckpt.close()
+  return step, state, meta

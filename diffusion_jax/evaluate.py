@@ -83,6 +83,9 @@ def write_nll_figures(nll: dict, rd: dict, prefix: str):
 def run_eval_mode(config, workdir: str) -> str:
   """Evaluate the EMA parameters of the newest (or given) checkpoint, or a given samples.npz;
   write eval/<step>.json (eval/<npz name>.json) with the metrics and the settings used."""
+  if config.get("stage", "diffusion") == "autoencoder":
+    from diffusion_jax.evaluate_autoencoder import run_autoencoder_eval
+    return run_autoencoder_eval(config, workdir)
   from diffusion_jax import fid_eval
   from diffusion_jax.sample import Sampler, restore_ema_params
   e, s = config.eval, config.sampling
@@ -107,7 +110,7 @@ def run_eval_mode(config, workdir: str) -> str:
   if scored:
     settings["sampling"] = s.to_dict()
     sampler = Sampler(config, trainer.model, trainer.diffusion, trainer.mesh,
-                      min(s.batch_size, e.num_examples))
+                      min(s.batch_size, e.num_examples), trainer.first_stage)
     logging.info("Scoring %d samples (%s) of step %d", e.num_examples, s.method, step)
     result.update(fid_eval.fid_and_is(config, metrics,
                                       sampler.batches(params, e.num_examples, s.seed),

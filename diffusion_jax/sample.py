@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diffusion_jax import parallel, samplers, xla_options
 from diffusion_jax.images import save_grid, to_uint8
+from diffusion_jax.latent import SCALE_KEY, model_input_shape
 from diffusion_jax.models import denoiser
 
 
@@ -23,29 +24,42 @@ def _per_device_multiple(n: int, mesh) -> int:
 
 
 class Sampler:
-  """The configured sampler compiled once for a fixed global batch, noise drawn on device."""
+  """The configured sampler compiled once for a fixed global batch, noise drawn on device.
+  With a first stage (latent diffusion) it samples latents and decodes them in the same
+  program; `_run(params, key, first_stage_args())`."""
 
-  def __init__(self, config, model, diffusion, mesh, batch_size: int):
-    s, d = config.sampling, config.data
+  def __init__(self, config, model, diffusion, mesh, batch_size: int, first_stage=None):
+    s = config.sampling
+    size, channels = model_input_shape(config)
     self.batch_size = _per_device_multiple(batch_size, mesh)
-    self.shape = (self.batch_size, d.image_size, d.image_size, d.channels)
-    self.mesh = mesh
+    self.shape = (self.batch_size, size, size, channels)
+    self.mesh, self.first_stage = mesh, first_stage
     sharding = parallel.batch_sharding(mesh)
 
-    def run(params, key):
+    def run(params, key, first_stage_args):
       noise_key, chain_key = jax.random.split(key)
       x_T = jax.lax.with_sharding_constraint(jax.random.normal(noise_key, self.shape), sharding)
-      return samplers.sample(s.method, diffusion, denoiser(model, params), x_T,
-                             chain_key, num_steps=s.num_steps, eta=s.eta, spacing=s.spacing,
-                             clip_denoised=s.clip_denoised)
+      x = samplers.sample(s.method, diffusion, denoiser(model, params), x_T,
+                          chain_key, num_steps=s.num_steps, eta=s.eta, spacing=s.spacing,
+                          clip_denoised=s.clip_denoised)
+      if first_stage_args is not None:
+        x = first_stage.decode_latents(*first_stage_args, x)
+      return x
 
     self._run = xla_options.jit(run, out_shardings=sharding)
+
+  def first_stage_args(self):
+    """The decoder's weights and scaling as arguments of `_run` (None in pixel space)."""
+    if self.first_stage is None:
+      return None
+    scale, shift = self.first_stage.scaling()
+    return self.first_stage.params, jnp.float32(scale), jnp.float32(shift)
 
   def batches(self, params, num: int, seed: int = 0):
     """`num` images as uint8 NHWC batches; image i depends only on (seed, i // batch)."""
     base = jax.random.PRNGKey(seed)
     for i in range(int(math.ceil(num / self.batch_size))):
-      x = self._run(params, jax.random.fold_in(base, i))
+      x = self._run(params, jax.random.fold_in(base, i), self.first_stage_args())
       yield to_uint8(parallel.to_host(x))[:num - i * self.batch_size]
       logging.log_every_n_seconds(logging.INFO, "sampled %d / %d", 30,
                                   min((i + 1) * self.batch_size, num), num)
@@ -100,13 +114,10 @@ def restore_ema_params(config, workdir: str, step: int | None = None):
   from diffusion_jax import checkpoints
   from diffusion_jax.train import Trainer
   trainer = Trainer(config)
-  ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"))
-  if ckpt.latest_step() is None:
-    raise checkpoints.CheckpointError(
-        f"no checkpoint in {workdir}/checkpoints: train first (--mode=train with this "
-        "--workdir), or import weights with python -m diffusion_jax.convert")
-  step, state, _ = ckpt.restore(trainer.abstract_state, step)
-  ckpt.close()
+  step, state, meta = checkpoints.restore_trained(
+      workdir, trainer.abstract_state, step, "train first (--mode=train with this "
+      "--workdir), or import weights with python -m diffusion_jax.convert")
+  trainer.use_latent_scale(meta)
   return trainer, step, state.ema_params
 
 
@@ -120,12 +131,14 @@ def run_sample_mode(config, workdir: str) -> str:
                s.num_samples, s.method,
                trainer.diffusion.num_timesteps if s.method == "ancestral" else s.num_steps, step)
   sampler = Sampler(config, trainer.model, trainer.diffusion, trainer.mesh,
-                    min(s.batch_size, s.num_samples))
+                    min(s.batch_size, s.num_samples), trainer.first_stage)
   images = sampler(params, s.num_samples, s.seed)
   if jax.process_index() == 0:
     np.savez(os.path.join(out_dir, "samples.npz"), arr_0=images)  # guided-diffusion format
     logging.info("Wrote %s", save_grid(images[:100], os.path.join(out_dir, "samples.png")))
-  if s.figures:
+  if s.figures and trainer.first_stage is not None:
+    logging.info("progressive and interpolation figures: not yet drawn for latent diffusion")
+  elif s.figures:
     path = progressive_figure(config, trainer.model, trainer.diffusion, params, trainer.mesh,
                               os.path.join(out_dir, "progressive.png"))
     logging.info("Wrote %s", path)

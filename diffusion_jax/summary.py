@@ -39,6 +39,24 @@ def matmul_flops(fn, *args) -> float:
   return count(jax.make_jaxpr(fn)(*args).jaxpr)
 
 
+def _network(config):
+  """(model, abstract inputs of one image) of the network the config trains: the denoiser
+  (x, t) of images or latents or, with stage "autoencoder", the autoencoder (x; encode and
+  decode the mean)."""
+  from diffusion_jax.latent import model_input_shape
+  from diffusion_jax.models import build_autoencoder
+  image = lambda size, ch: jax.ShapeDtypeStruct((1, size, size, ch), jnp.float32)
+  if config.get("stage", "diffusion") == "autoencoder":
+    return build_autoencoder(config), (image(config.data.image_size, config.data.channels),)
+  return build_model(config), (image(*model_input_shape(config)),
+                               jax.ShapeDtypeStruct((1,), jnp.int32))
+
+
+def _abstract_params(model, inputs):
+  return jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), *(jnp.zeros(a.shape, a.dtype) for a in inputs)))
+
+
 def forward_flops(config, batch: int = 1) -> float:
   """FLOPs of one forward pass on `batch` images (convolutions and matmuls) of the network as
   the paper defines it: upsampling counted as nearest x2 + 3x3 conv, whichever
@@ -46,20 +64,14 @@ def forward_flops(config, batch: int = 1) -> float:
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.model.upsample_conv = "resize"
-  model = build_model(config)
-  size, ch = config.data.image_size, config.data.channels
-  x = jax.ShapeDtypeStruct((batch, size, size, ch), jnp.float32)
-  t = jax.ShapeDtypeStruct((batch,), jnp.int32)
-  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(x.shape),
-                                             jnp.zeros(t.shape, jnp.int32)))
-  return matmul_flops(model.apply, params, x, t)
+  model, inputs = _network(config)
+  params = _abstract_params(model, inputs)
+  inputs = [jax.ShapeDtypeStruct((batch,) + a.shape[1:], a.dtype) for a in inputs]
+  return matmul_flops(model.apply, params, *inputs)
 
 
 def parameter_table(config) -> tuple[list[tuple[str, int]], int]:
-  model = build_model(config)
-  size, ch = config.data.image_size, config.data.channels
-  params = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, ch)),
-                                             jnp.zeros((1,), jnp.int32)))["params"]
+  params = _abstract_params(*_network(config))["params"]
   rows = [(name, sum(int(np.prod(x.shape)) for x in jax.tree.leaves(sub)))
           for name, sub in params.items()]
   return rows, sum(n for _, n in rows)
@@ -70,8 +82,11 @@ def summary_text(config) -> str:
   width = max(len(n) for n, _ in rows)
   lines = [f"{'module':<{width}}  {'parameters':>12}", "-" * (width + 14)]
   lines += [f"{name:<{width}}  {n:>12,}" for name, n in rows]
+  from diffusion_jax.latent import latent_shape
   flops = forward_flops(config)
+  lat = config.get("stage", "diffusion") == "diffusion" and latent_shape(config)
+  size, what = (lat[0], "latent") if lat else (config.data.image_size, "image")
   lines += ["-" * (width + 14), f"{'total':<{width}}  {total:>12,}",
-            f"forward pass, one {config.data.image_size}x{config.data.image_size} image: "
+            f"forward pass, one {size}x{size} {what}: "
             f"{flops / 1e9:.2f} GFLOP (2 x multiply-adds of its convolutions and matmuls)"]
   return "\n".join(lines)

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from diffusion_jax import checkpoints, data, parallel, xla_options
+from diffusion_jax import checkpoints, data, latent, parallel, xla_options
 from diffusion_jax import diffusion as dm
 from diffusion_jax.models import build_model
 from diffusion_jax.images import grid, save_curves, save_grid
@@ -50,7 +50,7 @@ def make_optimizer(t) -> optax.GradientTransformation:
 
 
 def init_state(config, model, tx, key) -> TrainState:
-  size, ch = config.data.image_size, config.data.channels
+  size, ch = latent.model_input_shape(config)
   init_key, state_key = jax.random.split(key)
   x = jnp.zeros((1, size, size, ch), jnp.float32)
   y = jnp.zeros((1,), jnp.int32) if config.model.num_classes else None
@@ -116,10 +116,13 @@ def event_periods(t) -> tuple[int, int, int]:
 
 class Trainer:
   """Everything a run needs, built once from the config: mesh, model, state shardings, step."""
+  log_keys = ("grad_norm",)  # the last step's metrics logged beside the window's mean loss
 
   def __init__(self, config, mesh=None):
     self.config = config
     self.mesh = mesh or parallel.make_mesh()
+    self.first_stage = latent.load_first_stage(config, self.mesh)  # None in pixel space
+    self._latent_key = jax.random.fold_in(jax.random.PRNGKey(config.training.seed), 0x1A7E)
     self.model = build_model(config)
     self.diffusion = dm.from_config(config.diffusion)
     self.tx = make_optimizer(config.training)
@@ -164,27 +167,79 @@ class Trainer:
     inside = lambda every: (step + k - 1) // every > step // every
     return 1 if any(inside(e) for e in event_periods(t)) else k
 
-  def run_steps(self, state: TrainState, host_batches: list[dict]):
-    """len(host_batches) steps (1 or steps_per_dispatch) -> (state, metrics of the last step,
-    summed loss)."""
+  def run_steps(self, state: TrainState, host_batches: list[dict], step: int | None = None):
+    """len(host_batches) steps (1 or steps_per_dispatch) from `step` -> (state, metrics of the
+    last step, summed loss)."""
     if len(host_batches) == 1:
-      state, metrics = self.step_fn(state, parallel.global_batch(host_batches[0], self.mesh))
+      state, metrics = self.step_fn(state, self.device_batch(host_batches[0], step))
       return state, metrics, metrics["loss"]
-    batch = parallel.global_batch(parallel.stack_batches(host_batches), self.mesh, stacked=True)
+    if self.first_stage is None:
+      batch = parallel.global_batch(parallel.stack_batches(host_batches), self.mesh, stacked=True)
+    else:
+      per_step = [self.device_batch(b, step + i) for i, b in enumerate(host_batches)]
+      batch = jax.device_put(jax.tree.map(lambda *x: jnp.stack(x), *per_step),
+                             parallel.stacked_batch_sharding(self.mesh))
     state, metrics = self.multi_step_fn(state, batch)
     return state, jax.tree.map(lambda m: m[-1], metrics), jnp.sum(metrics["loss"])
+
+  def device_batch(self, host_batch: dict, step: int | None) -> dict:
+    """A host batch on the mesh; for latent diffusion its images encoded (the posterior
+    sampled with a key of the step, so a resumed run draws the same latents)."""
+    batch = parallel.global_batch(host_batch, self.mesh)
+    if self.first_stage is not None:
+      key = jax.random.fold_in(self._latent_key, step or 0)
+      batch = dict(batch, image=self.first_stage.encode(batch["image"], key))
+    return batch
+
+  def use_latent_scale(self, metadata: dict | None, estimate_from=None):
+    """Latent diffusion: the scale factor of the config, else the checkpoint's (metadata),
+    else the published one, else 1/std of the latents of the host batch `estimate_from()`
+    returns; returns the factor (None in pixel space)."""
+    fs = self.first_stage
+    if fs is None:
+      return None
+    stored = (metadata or {}).get(latent.SCALE_KEY)
+    if self.config.latent.scale_factor is None and stored is not None:
+      fs.scale_factor = float(stored)
+    if fs.scale_factor is None and estimate_from is not None:
+      images = parallel.global_batch(estimate_from(), self.mesh)["image"]
+      fs.scale_factor = fs.estimate_scale_factor(images, self._latent_key)
+      logging.info("Latent scale factor 1/std(z) = %.5f (first training batch)",
+                   fs.scale_factor)
+    fs.scaling()  # says what to do when it is still unknown
+    return fs.scale_factor
 
   @functools.cached_property
   def sampler(self) -> Sampler:
     """The EMA-sample grid's sampler, compiled once for the whole run."""
     return Sampler(self.config, self.model, self.diffusion, self.mesh,
-                   self.config.training.num_train_samples)
+                   self.config.training.num_train_samples, self.first_stage)
 
   def init(self) -> TrainState:
     return self._init(self._key)
 
+  def write_images(self, state, workdir: str, step: int, writer=None):
+    """A grid of EMA samples with the configured sampler, as PNG and in TensorBoard."""
+    cfg = self.config
+    images = self.sampler(state.ema_params, cfg.training.num_train_samples,
+                          seed=cfg.training.seed)
+    if jax.process_index() == 0:
+      path = save_grid(images, os.path.join(workdir, "train_samples", f"step_{step:08d}.png"))
+      logging.info("EMA samples at step %d: %s", step, path)
+      if writer:
+        writer.add_image("samples", grid(images), step, dataformats="HWC")
+
   def num_params(self) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
+
+
+def make_trainer(config, mesh=None):
+  """The trainer of `config.stage`: the diffusion model's, or the autoencoder's
+  (train_autoencoder.AutoencoderTrainer, same interface)."""
+  if config.get("stage", "diffusion") == "autoencoder":
+    from diffusion_jax.train_autoencoder import AutoencoderTrainer
+    return AutoencoderTrainer(config, mesh)
+  return Trainer(config, mesh)
 
 
 def _host_log(workdir, record):
@@ -218,11 +273,12 @@ def summary_writer(logdir: str):
 def train_and_evaluate(config, workdir: str) -> dict:
   """Train `config` in `workdir`, resuming from its newest checkpoint. Returns final metrics."""
   t = config.training
-  trainer = Trainer(config)
+  trainer = make_trainer(config)
   os.makedirs(workdir, exist_ok=True)
   ckpt = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"), t.keep_checkpoints)
+  restored_meta = None
   if ckpt.latest_step() is not None:
-    step, state, _ = ckpt.restore(trainer.abstract_state)
+    step, state, restored_meta = ckpt.restore(trainer.abstract_state)
     logging.info("Resumed from checkpoint at step %d", step)
   else:
     state, step = trainer.init(), 0
@@ -242,13 +298,17 @@ def train_and_evaluate(config, workdir: str) -> dict:
                     "and sample_every: steps around those events run one per call (a second "
                     "compile)", k)
   meta = {"config": config.to_json_best_effort()}
+  if getattr(trainer, "first_stage", None) is not None:
+    meta[latent.SCALE_KEY] = trainer.use_latent_scale(
+        restored_meta, lambda: next(data.train_batches(config, start_step=0)))
   last_saved = step if ckpt.latest_step() is not None else None
   window_loss, window_n, t0, t_start, step0 = jnp.zeros(()), 0, time.time(), time.time(), step
   result = {}
   with checkpoints.PreemptionGuard() as guard:
     while step < t.num_steps:
       n = trainer.steps_to_dispatch(step)
-      state, metrics, loss_sum = trainer.run_steps(state, [next(batches) for _ in range(n)])
+      state, metrics, loss_sum = trainer.run_steps(state, [next(batches) for _ in range(n)],
+                                                   step)
       step += n
       window_loss, window_n = window_loss + loss_sum, window_n + n
       at_log = step % t.log_every == 0 or step == t.num_steps
@@ -265,11 +325,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
         now = time.time()
         ips = window_n * t.batch_size / max(now - t0, 1e-9)
         eta = (t.num_steps - step) * (now - t_start) / max(step - step0, 1)
-        logging.info("step %d/%d  loss %.5f  grad_norm %.3f  %.1f img/s  ETA %s", step,
-                     t.num_steps, loss, float(metrics["grad_norm"]), ips,
+        last = {k: float(metrics[k]) for k in trainer.log_keys}
+        logging.info("step %d/%d  loss %.5f  %s  %.1f img/s  ETA %s", step, t.num_steps, loss,
+                     "  ".join(f"{k} {v:.4g}" for k, v in last.items()), ips,
                      time.strftime("%H:%M:%S", time.gmtime(eta)))
-        result = {"step": step, "loss": loss, "img_per_s": ips,
-                  "grad_norm": float(metrics["grad_norm"])}
+        result = {"step": step, "loss": loss, "img_per_s": ips, **last}
         _host_log(workdir, result)
         if writer:
           for k, v in result.items():
@@ -280,7 +340,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         ckpt.save(step, state, meta)
         last_saved = step
       if step % t.sample_every == 0 or step == t.num_steps:
-        _write_train_samples(trainer, state, workdir, step, writer)
+        trainer.write_images(state, workdir, step, writer)
       if stop:
         logging.warning("Preemption signal: saved step %d; exiting.", step)
         break
@@ -292,18 +352,6 @@ def train_and_evaluate(config, workdir: str) -> dict:
     writer.close()
   _write_loss_curve(workdir)
   return result
-
-
-def _write_train_samples(trainer, state, workdir, step, writer):
-  """A grid of EMA samples with the configured sampler, as PNG and in TensorBoard."""
-  cfg = trainer.config
-  images = trainer.sampler(state.ema_params, cfg.training.num_train_samples,
-                           seed=cfg.training.seed)
-  if jax.process_index() == 0:
-    path = save_grid(images, os.path.join(workdir, "train_samples", f"step_{step:08d}.png"))
-    logging.info("EMA samples at step %d: %s", step, path)
-    if writer:
-      writer.add_image("samples", grid(images), step, dataformats="HWC")
 
 
 def _write_loss_curve(workdir):

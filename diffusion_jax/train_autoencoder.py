@@ -21,15 +21,21 @@ without their Dropout(0.5) (same expectation, less variance).
 """
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from absl import logging
 
 from diffusion_jax import autoencoder_loss as L
+from diffusion_jax import data, parallel, xla_options
+from diffusion_jax.images import grid, save_grid, to_uint8
 
 
 @dataclass(frozen=True)
@@ -167,3 +173,111 @@ def lpips_perceptual(lpips_params, dtype=jnp.float32) -> Callable:
       x, x_rec = jnp.repeat(x, 3, axis=-1), jnp.repeat(x_rec, 3, axis=-1)
     return net.apply({"params": lpips_params}, x, x_rec)
   return perceptual
+
+
+class AutoencoderTrainer:
+  """The autoencoder and its discriminator built from `config` (stage "autoencoder"), with the
+  diffusion Trainer's interface, so that train.train_and_evaluate runs either: mesh, state
+  shardings, init, run_steps, write_images.
+
+  The two compiled steps (with and without the GAN, `uses_gan`) take the LPIPS weights as an
+  argument rather than as constants folded into the program.
+  """
+  steps_per_dispatch = 1
+  log_keys = ("rec_l1", "kl", "g_loss", "d_weight", "d_loss", "logits_real", "logits_fake",
+              "grad_norm")
+
+  def __init__(self, config, mesh=None, lpips: bool = True):
+    """lpips=False: no LPIPS weights loaded (evaluation; the step then leaves LPIPS out)."""
+    from diffusion_jax.models import DTYPES, build_autoencoder
+    from diffusion_jax.models.discriminator import PatchDiscriminator
+    self.config, a = config, config.autoencoder
+    self.mesh = mesh or parallel.make_mesh()
+    dtype = DTYPES[config.model.dtype]
+    self.model = build_autoencoder(config)
+    self.discriminator = PatchDiscriminator(a.disc_ndf, a.disc_layers, dtype)
+    self.loss = LossConfig(**a.loss.to_dict())
+    self.tx = self.disc_tx = make_optimizer(a.lr)
+    self.lpips_params = None
+    if lpips and self.loss.perceptual_weight > 0:
+      from diffusion_jax.lpips import LPIPSWeightsError, load_lpips_params
+      try:
+        weights = load_lpips_params(a.lpips_path)
+      except LPIPSWeightsError as e:
+        raise LPIPSWeightsError(f"{e}\nOr train without the perceptual loss: "
+                                "--config.autoencoder.loss.perceptual_weight=0") from None
+      self.lpips_params = jax.device_put(weights, parallel.replicated(self.mesh))
+    size, ch = config.data.image_size, config.data.channels
+    x = jnp.zeros((1, size, size, ch), jnp.float32)
+    init = functools.partial(init_state, x=x, autoencoder=self.model,
+                             discriminator=self.discriminator, tx=self.tx, disc_tx=self.disc_tx)
+    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+    self.state_sharding = parallel.state_shardings(abstract, self.mesh, config.training.fsdp)
+    self.abstract_state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), abstract,
+        self.state_sharding)
+    self._init = xla_options.jit(init, out_shardings=self.state_sharding)
+    self._key = jax.random.PRNGKey(config.training.seed)
+
+    def step(state, batch, lpips_params, gan):
+      perceptual = None if lpips_params is None else lpips_perceptual(lpips_params, dtype)
+      return train_step(state, batch, autoencoder=self.model, discriminator=self.discriminator,
+                        perceptual=perceptual, tx=self.tx, disc_tx=self.disc_tx,
+                        loss=self.loss, gan=gan)
+    self.train_step = step  # unjitted
+
+  @functools.cache  # noqa: B019 -- two entries, for the trainer's lifetime
+  def step_fn(self, gan: bool):
+    """The compiled step with or without the GAN terms (compiled on first use)."""
+    return xla_options.jit(
+        functools.partial(self.train_step, gan=gan),
+        in_shardings=(self.state_sharding, parallel.batch_sharding(self.mesh),
+                      parallel.replicated(self.mesh)),
+        out_shardings=(self.state_sharding, None), donate_argnums=(0,))
+
+  def init(self) -> AutoencoderState:
+    return self._init(self._key)
+
+  def num_params(self) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(self.abstract_state.params))
+
+  def steps_to_dispatch(self, step: int) -> int:
+    del step
+    return 1
+
+  def run_steps(self, state, host_batches: list[dict], step: int):
+    """One step (the one numbered `step`) -> (state, metrics, loss)."""
+    (batch,) = host_batches
+    fn = self.step_fn(uses_gan(step, self.loss))
+    state, metrics = fn(state, parallel.global_batch(batch, self.mesh), self.lpips_params)
+    return state, metrics, metrics["loss"]
+
+  @functools.cached_property
+  def _reconstruct(self):
+    return xla_options.jit(lambda p, x: self.model.apply({"params": p}, x)[0])
+
+  @functools.cached_property
+  def fixed_images(self) -> np.ndarray:
+    """The images reconstructed at every sample_every: the first of the test split."""
+    n = self.config.training.num_train_samples
+    return np.concatenate(list(data.eval_images(self.config, "test", n, n)))
+
+  def reconstruct(self, params, images: np.ndarray) -> np.ndarray:
+    """Images [N, H, W, C] in [-1, 1] -> D(E(x)) (the posterior's mean), on this host."""
+    x = parallel.replicated_to_global(parallel.pad_to_multiple(images, jax.device_count()),
+                                      self.mesh)
+    return parallel.to_host(self._reconstruct(params, x))[: len(images)]
+
+  def write_images(self, state, workdir: str, step: int, writer=None):
+    """Each fixed image beside its reconstruction (PNG, and in TensorBoard)."""
+    x = self.fixed_images
+    rec = np.clip(self.reconstruct(state.params, x), -1.0, 1.0)
+    pairs = np.stack([x, rec], axis=1).reshape((-1,) + x.shape[1:])
+    cols = 2 * int(np.ceil(np.sqrt(len(x))))
+    if jax.process_index() == 0:
+      path = save_grid(pairs, os.path.join(workdir, "reconstructions", f"step_{step:08d}.png"),
+                       cols)
+      logging.info("Reconstructions at step %d: %s", step, path)
+      if writer:
+        writer.add_image("reconstructions", grid(to_uint8(pairs), cols), step,
+                         dataformats="HWC")

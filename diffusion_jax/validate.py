@@ -2,6 +2,8 @@
 naming the key and what is allowed."""
 from __future__ import annotations
 
+import math
+
 import jax
 
 from diffusion_jax import diffusion as dm
@@ -9,8 +11,10 @@ from diffusion_jax import samplers
 from diffusion_jax.models import ATTENTION, DTYPES, MODELS, UPSAMPLE_CONV, onednn_conv
 
 DATASETS = ("fashion_mnist", "cifar10", "celeb_a_hq", "lsun_church", "folder")
-METRICS = ("fid", "is", "nll")
+# autoencoder: of its reconstructions of the test split (fid: rFID, against the originals)
+METRICS = {"diffusion": ("fid", "is", "nll"), "autoencoder": ("psnr", "lpips", "fid")}
 MODES = ("train", "sample", "eval", "summary")
+STAGES = ("diffusion", "autoencoder")
 
 
 class ConfigError(ValueError):
@@ -38,7 +42,8 @@ def validate_config(config, mode: str = "train") -> None:
   _check(d.name != "folder" or d.data_dir, "data.data_dir", d.data_dir,
          "data.name='folder' needs --config.data.data_dir=/path/to/images")
 
-  _check(m.name in MODELS, "model.name", m.name, f"one of {tuple(MODELS)}")
+  stage = config.get("stage", "diffusion")
+  _check(stage in STAGES, "stage", stage, f"one of {STAGES}")
   _check(m.dtype in DTYPES, "model.dtype", m.dtype, f"one of {tuple(DTYPES)}")
   _check(m.attention in ATTENTION, "model.attention", m.attention, f"one of {ATTENTION}")
   _check(m.attention != "cudnn" or (m.dtype == "bfloat16" and jax.default_backend() == "gpu"),
@@ -54,18 +59,21 @@ def validate_config(config, mode: str = "train") -> None:
   upsample_conv = m.get("upsample_conv", "auto")
   _check(upsample_conv in UPSAMPLE_CONV, "model.upsample_conv", upsample_conv,
          f"one of {UPSAMPLE_CONV}")
-  _check(len(m.ch_mult) >= 1 and all(k >= 1 for k in m.ch_mult), "model.ch_mult", m.ch_mult,
-         "a non-empty tuple of positive multipliers")
-  for k in m.ch_mult:
-    _check((m.ch * k) % 32 == 0, "model.ch", m.ch,
-           f"every level's channels (ch * ch_mult = {m.ch * k}) must divide into GroupNorm's 32 groups")
-  down = 2 ** (len(m.ch_mult) - 1)
-  _check(d.image_size % down == 0 and d.image_size >= down, "data.image_size", d.image_size,
-         f"a multiple of {down}: the U-Net halves it {len(m.ch_mult) - 1} times (model.ch_mult)")
-  sizes = [d.image_size // 2 ** i for i in range(len(m.ch_mult))]
-  for r in m.attn_resolutions:
-    _check(r in sizes, "model.attn_resolutions", tuple(m.attn_resolutions),
-           f"resolutions the U-Net visits at image_size {d.image_size}: {sizes}")
+  _check_training(t, n_dev, n_proc)
+  if stage == "autoencoder":
+    _check(mode in ("train", "eval", "summary"), "stage", stage,
+           f"--mode={mode} needs a diffusion config; an autoencoder trains, evaluates (its "
+           "reconstructions) and summarises")
+    _check_autoencoder(config.autoencoder, d.image_size)
+    _check_eval(e, stage, n_dev)
+    return
+  _check(m.name in MODELS, "model.name", m.name, f"one of {tuple(MODELS)}")
+  if not config.get("latent", {}).get("autoencoder"):  # else _check_latent
+    _check_levels("model", m.ch, m.ch_mult, d.image_size)
+    sizes = [d.image_size // 2 ** i for i in range(len(m.ch_mult))]
+    for r in m.attn_resolutions:
+      _check(r in sizes, "model.attn_resolutions", tuple(m.attn_resolutions),
+             f"resolutions the U-Net visits at image_size {d.image_size}: {sizes}")
   _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "in [0, 1)")
   _check(m.num_classes >= 0, "model.num_classes", m.num_classes, ">= 0")
 
@@ -83,6 +91,64 @@ def validate_config(config, mode: str = "train") -> None:
   _check(f.loss_type != "hybrid" or learned, "diffusion.loss_type", f.loss_type,
          "'hybrid' needs var_type 'learned' or 'learned_range'")
 
+  _check_sampling(s, f, n_dev)
+  _check_eval(e, stage, n_dev)
+  if config.get("latent", {}).get("autoencoder"):
+    _check_latent(config)
+
+
+def _check_latent(config):
+  """Latent diffusion: the latents the U-Net must halve, and what makes no sense for them."""
+  a, m = config.autoencoder, config.model
+  _check_levels("autoencoder", a.ch, a.ch_mult, config.data.image_size)
+  size = config.data.image_size // 2 ** (len(a.ch_mult) - 1)
+  down = 2 ** (len(m.ch_mult) - 1)
+  _check(size % down == 0, "model.ch_mult", tuple(m.ch_mult),
+         f"levels that halve the {size}x{size} latents (image_size / f) evenly: at most "
+         f"{(size & -size).bit_length()} levels")
+  sizes = [size // 2 ** i for i in range(len(m.ch_mult))]
+  _check(all(r in sizes for r in m.attn_resolutions), "model.attn_resolutions",
+         tuple(m.attn_resolutions), f"latent resolutions the U-Net visits: {sizes}")
+  _check(not config.sampling.clip_denoised, "sampling.clip_denoised", True,
+         "False for latent diffusion: latents are not bounded to [-1, 1]")
+  _check("nll" not in parse_metrics(config.eval.metrics), "eval.metrics", config.eval.metrics,
+         "fid and/or is: the bound of a latent model is in latent space, not the images' bits/dim")
+  scale = config.latent.scale_factor
+  _check(scale is None or scale > 0, "latent.scale_factor", scale, "> 0, or None (estimated)")
+
+
+def _check_levels(key: str, ch: int, ch_mult, image_size: int):
+  """A network that halves image_size at each level after the first, GroupNorm(32) at each."""
+  _check(len(ch_mult) >= 1 and all(k >= 1 for k in ch_mult), f"{key}.ch_mult", ch_mult,
+         "a non-empty tuple of positive multipliers")
+  for k in ch_mult:
+    _check((ch * k) % 32 == 0, f"{key}.ch", ch,
+           f"every level's channels (ch * ch_mult = {ch * k}) must divide into GroupNorm's 32 groups")
+  down = 2 ** (len(ch_mult) - 1)
+  _check(image_size % down == 0 and image_size >= down, "data.image_size", image_size,
+         f"a multiple of {down}: the {key} halves it {len(ch_mult) - 1} times ({key}.ch_mult)")
+
+
+def _check_autoencoder(a, image_size: int):
+  from diffusion_jax.train_autoencoder import LossConfig
+  _check_levels("autoencoder", a.ch, a.ch_mult, image_size)
+  levels = len(a.ch_mult)
+  _check(all(0 <= k < levels for k in a.attn_levels), "autoencoder.attn_levels",
+         tuple(a.attn_levels), f"level indices in [0, {levels - 1}] (0: full size)")
+  _check(a.z_channels >= 1, "autoencoder.z_channels", a.z_channels, ">= 1")
+  _check(0.0 <= a.dropout < 1.0, "autoencoder.dropout", a.dropout, "in [0, 1)")
+  _check(a.lr > 0, "autoencoder.lr", a.lr, "> 0")
+  _check(a.disc_layers >= 1 and image_size >= 2 ** (a.disc_layers + 2), "autoencoder.disc_layers",
+         a.disc_layers, f">= 1, and at most log2(image_size) - 2 = "
+         f"{int(math.log2(image_size)) - 2} (each strided layer halves the image)")
+  _check(a.disc_ndf >= 1, "autoencoder.disc_ndf", a.disc_ndf, ">= 1")
+  try:
+    LossConfig(**a.loss.to_dict())
+  except (TypeError, ValueError) as err:
+    raise ConfigError(f"config.autoencoder.loss: {err}") from None
+
+
+def _check_training(t, n_dev: int, n_proc: int):
   _check(t.batch_size >= 1 and t.batch_size % n_dev == 0, "training.batch_size", t.batch_size,
          f"a positive multiple of the device count ({n_dev})")
   _check(t.batch_size % n_proc == 0, "training.batch_size", t.batch_size,
@@ -98,6 +164,8 @@ def validate_config(config, mode: str = "train") -> None:
               "steps_per_dispatch"):
     _check(t[key] >= 1, f"training.{key}", t[key], ">= 1")
 
+
+def _check_sampling(s, f, n_dev: int):
   _check(s.method in samplers.METHODS, "sampling.method", s.method, f"one of {samplers.METHODS}")
   spacings = {"ddim": ("uniform", "quadratic"), "dpm_solver": ("logsnr", "uniform")}.get(s.method)
   _check(s.spacing is None or spacings is None or s.spacing in spacings, "sampling.spacing",
@@ -113,9 +181,11 @@ def validate_config(config, mode: str = "train") -> None:
   _check(all(0 <= k < f.num_timesteps for k in s.progressive_steps), "sampling.progressive_steps",
          tuple(s.progressive_steps), f"timesteps in [0, {f.num_timesteps - 1}]")
 
-  metrics = parse_metrics(e.metrics)
-  _check(set(metrics) <= set(METRICS) and len(metrics) > 0, "eval.metrics", e.metrics,
-         f"comma-separated names from {METRICS}")
+
+def _check_eval(e, stage: str, n_dev: int):
+  metrics, allowed = parse_metrics(e.metrics), METRICS[stage]
+  _check(set(metrics) <= set(allowed) and len(metrics) > 0, "eval.metrics", e.metrics,
+         f"comma-separated names from {allowed} (stage {stage!r})")
   _check(not (e.samples_npz and "nll" in metrics), "eval.metrics", e.metrics,
          "fid and/or is when eval.samples_npz is given (NLL needs the test set and a model)")
   _check(e.is_splits >= 1, "eval.is_splits", e.is_splits, ">= 1")

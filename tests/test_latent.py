@@ -1,0 +1,100 @@
+"""Latent diffusion: a U-Net trained on a frozen autoencoder run's latents through main's loop,
+its scale factor (estimated, kept, reused), decoded samples, and its config checks."""
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from diffusion_jax import checkpoints, data, latent, parallel
+from diffusion_jax.validate import ConfigError, validate_config
+from helpers import small_graph
+from test_train_autoencoder import ae_config
+
+
+@pytest.fixture(scope="module")
+def autoencoder_run(tmp_path_factory):
+  """Two steps of the tiny autoencoder (16x16x1 -> 8x8x4): a first stage to diffuse on."""
+  from diffusion_jax.train import train_and_evaluate
+  tmp = tmp_path_factory.mktemp("first_stage")
+  config = ae_config(tmp, num_steps=2)
+  workdir = str(tmp / "ae")
+  train_and_evaluate(config, workdir)
+  return tmp, workdir
+
+
+def ldm_config(autoencoder_run):
+  tmp, workdir = autoencoder_run
+  c = ae_config(tmp, num_steps=2)  # its data and autoencoder layout
+  c.stage = "diffusion"
+  c.latent.autoencoder = workdir
+  small_graph(c)  # one U-Net level on the 8x8 latents
+  c.sampling.clip_denoised = False
+  c.training.sample_every = 2
+  c.eval.metrics = "fid"
+  return c
+
+
+def test_latent_diffusion_trains_keeps_its_scale_and_samples_images(autoencoder_run, tmp_path):
+  from diffusion_jax.sample import run_sample_mode
+  from diffusion_jax.train import Trainer, train_and_evaluate
+  config = ldm_config(autoencoder_run)
+  validate_config(config, "train")
+  workdir = str(tmp_path / "ldm")
+  train_and_evaluate(config, workdir)
+  tr = Trainer(config)
+  step, _, meta = checkpoints.restore_trained(workdir, tr.abstract_state)
+  scale = meta[latent.SCALE_KEY]
+  # s = 1/std(z) of the first batch: the latents the U-Net saw first have unit std
+  assert step == 2 and tr.model.in_channels == 4 and tr.use_latent_scale(meta) == scale
+  first = parallel.global_batch(next(data.train_batches(config, 0)), tr.mesh)["image"]
+  z = np.asarray(tr.first_stage.encode(first, tr._latent_key))
+  assert z.shape == (16, 8, 8, 4)
+  np.testing.assert_allclose(z.std(), 1.0, rtol=1e-4)
+  # the decoded EMA samples of training, and the sample mode's
+  assert os.path.exists(os.path.join(workdir, "train_samples", "step_00000002.png"))
+  out = run_sample_mode(config, workdir)
+  images = np.load(os.path.join(out, "samples.npz"))["arr_0"]
+  assert images.shape == (10, 16, 16, 1) and images.dtype == np.uint8
+  assert len(np.unique(images)) > 10  # decoded images, not a constant
+
+
+def test_latent_scale_comes_from_the_config_else_the_checkpoint(autoencoder_run):
+  from diffusion_jax.train import Trainer
+  config = ldm_config(autoencoder_run)
+  tr = Trainer(config)
+  with pytest.raises(latent.FirstStageError, match="scale factor is not known"):
+    tr.use_latent_scale({})
+  assert tr.use_latent_scale({latent.SCALE_KEY: 0.7}) == 0.7
+  config.latent.scale_factor = 0.25
+  assert Trainer(config).use_latent_scale({latent.SCALE_KEY: 0.7}) == 0.25
+
+
+def test_public_weights_must_match_the_configured_latents(autoencoder_run, monkeypatch):
+  from diffusion_jax import convert_autoencoder
+  config = ldm_config(autoencoder_run)
+  fields = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, in_channels=1, out_channels=1,
+                z_channels=4, embed_dim=4)
+  monkeypatch.setattr(convert_autoencoder, "load_autoencoder", lambda src: (
+      fields, {}, {"scale_factor": 0.5, "shift_factor": 0.0}))
+  config.latent.autoencoder = "vae.safetensors"
+  with pytest.raises(latent.FirstStageError, match=r"f=4.*f=2.*autoencoder.ch_mult \(len 3\)"):
+    latent.load_first_stage(config, parallel.make_mesh(1))
+  config.autoencoder.ch_mult = (1, 2, 2)
+  fs = latent.load_first_stage(config, parallel.make_mesh(1))
+  assert fs.scaling() == (0.5, 0.0)  # the published scale
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("sampling.clip_denoised", True, "clip_denoised.*not bounded"),
+    ("eval.metrics", "nll", "eval.metrics.*latent space"),
+    ("model.ch_mult", (1, 2, 2, 2, 2), r"halve the 8x8 latents.*at most 4 levels"),
+    ("model.attn_resolutions", (16,), r"latent resolutions.*\[8\]"),
+    ("latent.scale_factor", -1.0, "scale_factor"),
+])
+def test_latent_config_errors_name_the_key(autoencoder_run, key, value, match):
+  config = ldm_config(autoencoder_run)
+  section, name = key.split(".")
+  config[section][name] = value
+  with pytest.raises(ConfigError, match=match):
+    validate_config(config, "train")

@@ -1,0 +1,143 @@
+"""The autoencoder stage end to end: trained by main's loop (resumed exactly, the GAN from
+disc_start, reconstructions written), on 1 vs 8 devices, evaluated (PSNR), its config checked."""
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from diffusion_jax import data, parallel
+from diffusion_jax.validate import ConfigError, validate_config
+from helpers import tiny_config
+
+
+def ae_config(tmp_path, num_steps=4, **kw):
+  """16x16 Fashion-MNIST-like images -> 8x8x4 latents; the GAN from the third step (index 2)."""
+  c = tiny_config(tmp_path, num_steps=num_steps, checkpoint_every=2, **kw)
+  c.stage = "autoencoder"
+  a = c.autoencoder
+  a.ch, a.ch_mult, a.num_res_blocks, a.attn_levels, a.z_channels = 32, (1, 2), 1, (), 4
+  a.disc_ndf, a.disc_layers, a.lr = 8, 2, 1e-3
+  a.loss.perceptual_weight, a.loss.disc_start = 0.0, 2
+  c.training.sample_every, c.training.num_train_samples = num_steps, 4
+  c.eval.metrics, c.eval.num_examples, c.eval.batch_size = "psnr", 12, 8
+  return c
+
+
+def _params(workdir, config):
+  from diffusion_jax.evaluate_autoencoder import restore_autoencoder
+  _, step, params = restore_autoencoder(config, workdir)
+  return step, jax.tree.map(np.asarray, params)
+
+
+def test_autoencoder_trains_resumes_exactly_and_is_evaluated(tmp_path):
+  from diffusion_jax.evaluate import run_eval_mode
+  from diffusion_jax.train import train_and_evaluate
+  config = ae_config(tmp_path)
+  straight = str(tmp_path / "straight")
+  train_and_evaluate(config, straight)
+  with open(os.path.join(straight, "metrics.jsonl")) as f:
+    records = {r["step"]: r for r in map(json.loads, f)}
+  assert sorted(records) == [1, 2, 3, 4]
+  # steps 0 and 1 (records 1, 2) have no GAN; from disc_start = 2 the discriminator learns
+  assert all(records[k]["d_loss"] == 0 and records[k]["d_weight"] == 0 for k in (1, 2))
+  assert all(records[k]["d_loss"] > 0 and records[k]["d_weight"] > 0 for k in (3, 4))
+  assert all(np.isfinite(r["loss"]) and r["rec_l1"] > 0 for r in records.values())
+  assert os.path.exists(os.path.join(straight, "reconstructions", "step_00000004.png"))
+  assert os.path.exists(os.path.join(straight, "loss.png"))
+
+  resumed = str(tmp_path / "resumed")
+  config.training.num_steps = 2
+  train_and_evaluate(config, resumed)
+  config.training.num_steps = 4
+  train_and_evaluate(config, resumed)  # from the step-2 checkpoint, across disc_start
+  (s1, p1), (s2, p2) = _params(straight, config), _params(resumed, config)
+  assert s1 == s2 == 4
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), p1, p2)
+
+  result = json.load(open(run_eval_mode(config, straight)))
+  assert result["step"] == 4 and result["num_examples"] == 12
+  assert 5.0 < result["psnr"] < 60.0 and "rfid" not in result and "lpips" not in result
+  assert os.path.exists(os.path.join(straight, "eval", "4_reconstructions.png"))
+
+
+def test_eight_devices_give_the_autoencoder_step_of_one(tmp_path):
+  """Both networks' updates, the adaptive weight and the discriminator's BatchNorm over the
+  global batch: the same on 1 and 8 devices. Two steps: without and with the GAN (beyond them
+  the adaptive weight, ~800 this early, magnifies rounding: 1 % apart at the third step)."""
+  from diffusion_jax.train_autoencoder import AutoencoderTrainer
+  config = ae_config(tmp_path)
+  config.autoencoder.loss.disc_start = 1
+  out = {}
+  for n in (1, 8):
+    tr = AutoencoderTrainer(config, mesh=parallel.make_mesh(n))
+    state, metrics = tr.init(), []
+    for step in range(2):
+      batch = next(data.train_batches(config, step, process_index=0, process_count=1))
+      state, m, _ = tr.run_steps(state, [batch], step)
+      metrics.append({k: float(v) for k, v in m.items()})
+    out[n] = metrics, jax.tree.map(np.asarray, state.disc_stats)
+  for m1, m8 in zip(out[1][0], out[8][0]):
+    for k in m1:  # d_weight: a ratio of gradient norms with a small denominator, ~3e-4 apart
+      np.testing.assert_allclose(m1[k], m8[k], rtol=1e-3, atol=1e-6, err_msg=k)
+  assert out[1][0][0]["d_loss"] == 0 and out[1][0][1]["d_loss"] > 0
+  # the BatchNorm statistics of the global batch; the weights are not compared: Adam moves
+  # each by ~lr whatever its gradient's size, so rounding in a near-zero gradient moves a
+  # weight by up to 2 lr
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), out[1][1],
+               out[8][1])
+
+
+def test_perceptual_loss_without_lpips_weights_says_what_to_do(tmp_path):
+  from diffusion_jax.lpips import LPIPSWeightsError
+  from diffusion_jax.train_autoencoder import AutoencoderTrainer
+  config = ae_config(tmp_path)
+  config.autoencoder.loss.perceptual_weight = 1.0
+  config.autoencoder.lpips_path = str(tmp_path / "absent.safetensors")
+  with pytest.raises(LPIPSWeightsError, match="(?s)convert_lpips.*perceptual_weight=0"):
+    AutoencoderTrainer(config)
+  AutoencoderTrainer(config, lpips=False)  # evaluation needs none
+
+
+def test_psnr_of_known_differences():
+  from diffusion_jax.evaluate_autoencoder import psnr_uint8
+  x = np.zeros((3, 4, 4, 1), np.uint8)
+  y = x.copy()
+  y[0] += 1                 # MSE 1: 20 log10(255)
+  y[1, :2] = 255            # half the pixels off by 255: MSE 255^2 / 2
+  got = psnr_uint8(x, y)
+  np.testing.assert_allclose(got[:2], [20 * np.log10(255.0), 10 * np.log10(2.0)], rtol=1e-12)
+  assert got[2] == np.inf
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("stage", "vae", "stage='vae'.*one of"),
+    ("autoencoder.attn_levels", (2,), r"attn_levels.*\[0, 1\]"),
+    ("autoencoder.disc_layers", 3, "disc_layers.*at most log2"),
+    ("autoencoder.ch", 48, "GroupNorm"),
+    ("autoencoder.loss.disc_loss", "wgan", "autoencoder.loss: disc_loss='wgan'"),
+    ("autoencoder.loss.kl_weight", -1.0, "autoencoder.loss: kl_weight"),
+    ("eval.metrics", "psnr,nll", r"eval.metrics.*\('psnr', 'lpips', 'fid'\)"),
+])
+def test_autoencoder_config_errors_name_the_key(tmp_path, key, value, match):
+  config = ae_config(tmp_path)
+  *path, last = key.split(".")
+  node = config
+  for p in path:
+    node = node[p]
+  node[last] = value
+  with pytest.raises(ConfigError, match=match):
+    validate_config(config, "train")
+
+
+def test_autoencoder_config_refuses_sampling_and_summarises(tmp_path):
+  from diffusion_jax.summary import summary_text
+  from diffusion_jax.train_autoencoder import AutoencoderTrainer
+  config = ae_config(tmp_path)
+  validate_config(config, "train")
+  with pytest.raises(ConfigError, match="--mode=sample needs a diffusion config"):
+    validate_config(config, "sample")
+  text = summary_text(config)
+  assert "encoder" in text and "quant_conv" in text
+  assert f"{AutoencoderTrainer(config).num_params():,}" in text
