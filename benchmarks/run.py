@@ -176,10 +176,10 @@ def bench_full_sampling(config, tr, params, n: int):
   sampler = Sampler(config, tr.model, tr.diffusion, tr.mesh, n)
   key = jax.random.PRNGKey(0)
   t0 = time.perf_counter()
-  run = sampler._run.lower(params, key, None).compile()
+  run = sampler._run.lower(params, key, None, None).compile()
   compile_s = time.perf_counter() - t0
   t0 = time.perf_counter()
-  x = jax.block_until_ready(run(params, key, None))
+  x = jax.block_until_ready(run(params, key, None, None))
   dt = time.perf_counter() - t0
   steps = tr.diffusion.num_timesteps if config.sampling.method == "ancestral" else (
       config.sampling.num_steps)

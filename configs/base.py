@@ -27,6 +27,7 @@ def get_config():
   model.attn_resolutions = (16,)
   model.dropout = 0.1
   model.num_classes = 0            # > 0: class-conditional (label embedding + a null label)
+  model.label_dropout = 0.0        # training: the null label instead, for guidance (CFG: 0.1)
   model.dtype = "float32"          # compute dtype: float32 | bfloat16 (parameters stay float32)
   model.attention = "auto"         # auto | xla | cudnn (flash attention on GPU, bf16 only)
   model.remat = False              # recompute activations in the backward pass (less memory)
@@ -105,6 +106,8 @@ def get_config():
   sampling.interp_t = 500          # timestep of the interpolation in noised space (Fig. 8)
   sampling.interp_lambdas = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
   sampling.figures = True          # also write the progressive and interpolation PNGs
+  sampling.class_label = -1        # class-conditional: this class, or -1: all classes in turn
+  sampling.guidance_scale = 1.0    # classifier-free guidance s (1: none; needs label_dropout)
 
   c.eval = ev = ml_collections.ConfigDict()
   ev.metrics = "fid,is"           # comma-separated: fid, is, nll

@@ -67,8 +67,12 @@ class FirstStage:
     def decode(params, scale, shift, z):
       x = model.apply({"params": params}, z / scale + shift, method=model.decode)
       return jnp.clip(x, -1.0, 1.0)
+    def encode_mean(params, scale, shift, x):  # the posterior's mean, for figures
+      mean, _ = model.apply({"params": params}, x, method=model.encode)
+      return (mean - shift) * scale
     self._encode = xla_options.jit(encode, out_shardings=sharding)
     self.decode_latents = decode  # traceable inside a sampler's program
+    self.encode_mean = encode_mean
 
   def scaling(self) -> tuple[float, float]:
     if self.scale_factor is None:

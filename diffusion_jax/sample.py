@@ -26,7 +26,9 @@ def _per_device_multiple(n: int, mesh) -> int:
 class Sampler:
   """The configured sampler compiled once for a fixed global batch, noise drawn on device.
   With a first stage (latent diffusion) it samples latents and decodes them in the same
-  program; `_run(params, key, first_stage_args())`."""
+  program; a class-conditional model samples the classes of `labels(i)` (sampling.class_label,
+  or all classes in turn) with sampling.guidance_scale; `_run(params, key, first_stage_args(),
+  labels)`."""
 
   def __init__(self, config, model, diffusion, mesh, batch_size: int, first_stage=None):
     s = config.sampling
@@ -34,12 +36,14 @@ class Sampler:
     self.batch_size = _per_device_multiple(batch_size, mesh)
     self.shape = (self.batch_size, size, size, channels)
     self.mesh, self.first_stage = mesh, first_stage
+    self.num_classes, self.class_label = model.num_classes, s.get("class_label", -1)
     sharding = parallel.batch_sharding(mesh)
 
-    def run(params, key, first_stage_args):
+    def run(params, key, first_stage_args, y):
       noise_key, chain_key = jax.random.split(key)
       x_T = jax.lax.with_sharding_constraint(jax.random.normal(noise_key, self.shape), sharding)
-      x = samplers.sample(s.method, diffusion, denoiser(model, params), x_T,
+      denoise_fn = denoiser(model, params, y, s.get("guidance_scale", 1.0))
+      x = samplers.sample(s.method, diffusion, denoise_fn, x_T,
                           chain_key, num_steps=s.num_steps, eta=s.eta, spacing=s.spacing,
                           clip_denoised=s.clip_denoised)
       if first_stage_args is not None:
@@ -50,16 +54,27 @@ class Sampler:
 
   def first_stage_args(self):
     """The decoder's weights and scaling as arguments of `_run` (None in pixel space)."""
-    if self.first_stage is None:
+    return _first_stage_args(self.first_stage)
+
+  def labels(self, i: int) -> np.ndarray | None:
+    """The classes of batch i: sampling.class_label, or 0, 1, ..., K-1, 0, ... counted over all
+    batches (None for an unconditional model)."""
+    if not self.num_classes:
       return None
-    scale, shift = self.first_stage.scaling()
-    return self.first_stage.params, jnp.float32(scale), jnp.float32(shift)
+    if self.class_label >= 0:
+      return np.full((self.batch_size,), self.class_label, np.int32)
+    return ((i * self.batch_size + np.arange(self.batch_size)) % self.num_classes).astype(np.int32)
+
+  def _device_labels(self, i: int):
+    y = self.labels(i)
+    return None if y is None else parallel.replicated_to_global(y, self.mesh)
 
   def batches(self, params, num: int, seed: int = 0):
     """`num` images as uint8 NHWC batches; image i depends only on (seed, i // batch)."""
     base = jax.random.PRNGKey(seed)
     for i in range(int(math.ceil(num / self.batch_size))):
-      x = self._run(params, jax.random.fold_in(base, i), self.first_stage_args())
+      x = self._run(params, jax.random.fold_in(base, i), self.first_stage_args(),
+                    self._device_labels(i))
       yield to_uint8(parallel.to_host(x))[:num - i * self.batch_size]
       logging.log_every_n_seconds(logging.INFO, "sampled %d / %d", 30,
                                   min((i + 1) * self.batch_size, num), num)
@@ -69,40 +84,67 @@ class Sampler:
     return np.concatenate(list(self.batches(params, num, seed)))
 
 
-def progressive_figure(config, model, diffusion, params, mesh, path: str, num: int = 8):
-  """Rows: samples; columns: x^_0 predicted at config.sampling.progressive_steps (Fig. 6)."""
-  s, d = config.sampling, config.data
+def _decoded(first_stage, fs_args, x):
+  """Latents [..., h, w, c] -> images (any leading axes); images pass through."""
+  if fs_args is None:
+    return x
+  lead = x.shape[:-3]
+  out = first_stage.decode_latents(*fs_args, x.reshape((-1,) + x.shape[-3:]))
+  return out.reshape(lead + out.shape[1:])
+
+
+def _first_stage_args(first_stage):
+  if first_stage is None:
+    return None
+  scale, shift = first_stage.scaling()
+  return first_stage.params, jnp.float32(scale), jnp.float32(shift)
+
+
+def progressive_figure(config, model, diffusion, params, mesh, path: str, num: int = 8,
+                       first_stage=None):
+  """Rows: samples; columns: x^_0 predicted at config.sampling.progressive_steps (Fig. 6);
+  for latent diffusion, the predicted latents decoded."""
+  s = config.sampling
+  size, channels = model_input_shape(config)
   n = _per_device_multiple(num, mesh)
   steps = sorted(set(int(k) for k in s.progressive_steps), reverse=True)
   sharding = parallel.batch_sharding(mesh)
 
   @xla_options.jit
-  def run(params, key):
+  def run(params, key, fs_args):
     k1, k2 = jax.random.split(key)
     x_T = jax.lax.with_sharding_constraint(
-        jax.random.normal(k1, (n, d.image_size, d.image_size, d.channels)), sharding)
+        jax.random.normal(k1, (n, size, size, channels)), sharding)
     _, rec = samplers.progressive_sample(diffusion, denoiser(model, params), x_T, k2, steps,
                                          s.clip_denoised)
-    return rec
+    return _decoded(first_stage, fs_args, rec)
 
-  rec = parallel.to_host(run(params, jax.random.PRNGKey(s.seed + 1)))  # [steps, n, H, W, C]
+  rec = parallel.to_host(run(params, jax.random.PRNGKey(s.seed + 1),
+                             _first_stage_args(first_stage)))  # [steps, n, H, W, C]
   rows = np.swapaxes(rec, 0, 1)[:num].reshape((-1,) + rec.shape[2:])
   return save_grid(rows, path, ncols=len(steps))
 
 
-def interpolation_figure(config, model, diffusion, params, mesh, path: str, x_a, x_b):
-  """Rows: pairs of source images; columns: decoded mixes along config.sampling.interp_lambdas."""
+def interpolation_figure(config, model, diffusion, params, mesh, path: str, x_a, x_b,
+                         first_stage=None):
+  """Rows: pairs of source images; columns: decoded mixes along config.sampling.interp_lambdas.
+  Latent diffusion: the sources' latents (the posterior's mean, scaled) are mixed, and each
+  result decoded."""
   s = config.sampling
   lam = tuple(float(v) for v in s.interp_lambdas)
+  fs_args = _first_stage_args(first_stage)
 
   @xla_options.jit
-  def run(params, a, b, key):
-    return samplers.interpolate(diffusion, denoiser(model, params), a, b, key,
-                                int(s.interp_t), lam, s.clip_denoised)
+  def run(params, a, b, key, fs_args):
+    if fs_args is not None:
+      a, b = (first_stage.encode_mean(*fs_args, v) for v in (a, b))
+    out = samplers.interpolate(diffusion, denoiser(model, params), a, b, key,
+                               int(s.interp_t), lam, s.clip_denoised)
+    return _decoded(first_stage, fs_args, out)
 
   rep = NamedSharding(mesh, P())
   out = run(params, jax.device_put(jnp.asarray(x_a), rep), jax.device_put(jnp.asarray(x_b), rep),
-            jax.random.PRNGKey(s.seed + 2))
+            jax.random.PRNGKey(s.seed + 2), fs_args)
   out = parallel.to_host(out)  # [pairs, L, H, W, C]
   # show the sources at both ends of each row
   rows = np.concatenate([np.asarray(x_a)[:, None], out, np.asarray(x_b)[:, None]], axis=1)
@@ -133,18 +175,21 @@ def run_sample_mode(config, workdir: str) -> str:
   sampler = Sampler(config, trainer.model, trainer.diffusion, trainer.mesh,
                     min(s.batch_size, s.num_samples), trainer.first_stage)
   images = sampler(params, s.num_samples, s.seed)
-  if jax.process_index() == 0:
-    np.savez(os.path.join(out_dir, "samples.npz"), arr_0=images)  # guided-diffusion format
+  if jax.process_index() == 0:  # guided-diffusion's format: arr_0 images, arr_1 their classes
+    labels = ({} if not sampler.num_classes else {"arr_1": np.concatenate(
+        [sampler.labels(i) for i in range(-(-s.num_samples // sampler.batch_size))])[
+            :s.num_samples]})
+    np.savez(os.path.join(out_dir, "samples.npz"), arr_0=images, **labels)
     logging.info("Wrote %s", save_grid(images[:100], os.path.join(out_dir, "samples.png")))
-  if s.figures and trainer.first_stage is not None:
-    logging.info("progressive and interpolation figures: not yet drawn for latent diffusion")
-  elif s.figures:
+  if s.figures:
     path = progressive_figure(config, trainer.model, trainer.diffusion, params, trainer.mesh,
-                              os.path.join(out_dir, "progressive.png"))
+                              os.path.join(out_dir, "progressive.png"),
+                              first_stage=trainer.first_stage)
     logging.info("Wrote %s", path)
     x_a, x_b = _interpolation_sources(config, images)
     path = interpolation_figure(config, trainer.model, trainer.diffusion, params, trainer.mesh,
-                                os.path.join(out_dir, "interpolation.png"), x_a, x_b)
+                                os.path.join(out_dir, "interpolation.png"), x_a, x_b,
+                                trainer.first_stage)
     logging.info("Wrote %s", path)
   return out_dir
 

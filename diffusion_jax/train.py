@@ -23,7 +23,7 @@ from absl import logging
 
 from diffusion_jax import checkpoints, data, latent, parallel, xla_options
 from diffusion_jax import diffusion as dm
-from diffusion_jax.models import build_model
+from diffusion_jax.models import build_model, drop_labels
 from diffusion_jax.images import grid, save_curves, save_grid
 from diffusion_jax.sample import Sampler
 
@@ -59,9 +59,14 @@ def init_state(config, model, tx, key) -> TrainState:
                     opt_state=tx.init(params), rng=jax.random.key_data(state_key))
 
 
-def loss_fn(params, model, diffusion, batch, dropout_key, train: bool = True):
-  """Mean of `diffusion.training_losses` on a batch holding image, t, noise (and label)."""
+def loss_fn(params, model, diffusion, batch, dropout_key, train: bool = True,
+            label_dropout: float = 0.0):
+  """Mean of `diffusion.training_losses` on a batch holding image, t, noise (and label; a
+  class-conditional model sees the null label instead with probability label_dropout)."""
   y = batch.get("label") if model.num_classes else None
+  if y is not None and train:
+    y = drop_labels(jax.random.fold_in(dropout_key, 0xC1A55), y, model.num_classes,
+                    label_dropout)
   denoise_fn = lambda x, tt: model.apply({"params": params}, x, tt, y, train=train,
                                          rngs={"dropout": dropout_key})
   return jnp.mean(diffusion.training_losses(denoise_fn, batch["image"], batch["t"],
@@ -69,7 +74,7 @@ def loss_fn(params, model, diffusion, batch, dropout_key, train: bool = True):
 
 
 def train_step(state: TrainState, batch, *, model, diffusion, tx, ema_decay: float,
-               accum_steps: int = 1):
+               accum_steps: int = 1, label_dropout: float = 0.0):
   """One optimiser update: grads (over micro-batches), Adam, EMA. Returns (state, metrics).
 
   t ~ Uniform{0..T-1} and the noise are drawn for the whole batch before it is split into
@@ -80,7 +85,7 @@ def train_step(state: TrainState, batch, *, model, diffusion, tx, ema_decay: flo
   x0 = batch["image"]
   batch = dict(batch, t=jax.random.randint(t_key, (x0.shape[0],), 0, diffusion.num_timesteps),
                noise=jax.random.normal(noise_key, x0.shape, x0.dtype))
-  grad_fn = jax.value_and_grad(loss_fn)
+  grad_fn = jax.value_and_grad(functools.partial(loss_fn, label_dropout=label_dropout))
   if accum_steps == 1:
     loss, grads = grad_fn(state.params, model, diffusion, batch, dropout_key)
   else:  # the same batch in `accum_steps` sequential pieces, averaged
@@ -138,7 +143,8 @@ class Trainer:
     # unjitted: to trace, scan or call inside another jit
     self.train_step = functools.partial(
         train_step, model=self.model, diffusion=self.diffusion, tx=self.tx,
-        ema_decay=config.training.ema_decay, accum_steps=config.training.grad_accum_steps)
+        ema_decay=config.training.ema_decay, accum_steps=config.training.grad_accum_steps,
+        label_dropout=config.model.get("label_dropout", 0.0))
     self.steps_per_dispatch = int(config.training.steps_per_dispatch)
     self.step_fn = self.jit_step()
 

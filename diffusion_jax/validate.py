@@ -76,6 +76,16 @@ def validate_config(config, mode: str = "train") -> None:
              f"resolutions the U-Net visits at image_size {d.image_size}: {sizes}")
   _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "in [0, 1)")
   _check(m.num_classes >= 0, "model.num_classes", m.num_classes, ">= 0")
+  _check(0.0 <= m.get("label_dropout", 0.0) < 1.0, "model.label_dropout",
+         m.get("label_dropout"), "in [0, 1)")
+  _check(-1 <= s.get("class_label", -1) < max(m.num_classes, 0), "sampling.class_label",
+         s.get("class_label"), f"-1 (all in turn) or a class in [0, {m.num_classes - 1}] of a "
+         "class-conditional model (model.num_classes > 0)" if m.num_classes else
+         "-1 for an unconditional model (model.num_classes = 0)")
+  guidance = s.get("guidance_scale", 1.0)
+  _check(guidance >= 0 and (guidance == 1.0 or m.num_classes > 0), "sampling.guidance_scale",
+         guidance, ">= 0, and 1 unless the model is class-conditional (model.num_classes > 0, "
+         "trained with model.label_dropout > 0)")
 
   _check(f.beta_schedule in dm.SCHEDULES, "diffusion.beta_schedule", f.beta_schedule,
          f"one of {dm.SCHEDULES}")

@@ -30,12 +30,15 @@ def ldm_config(autoencoder_run):
   c.latent.autoencoder = workdir
   small_graph(c)  # one U-Net level on the 8x8 latents
   c.sampling.clip_denoised = False
+  c.model.num_classes, c.model.label_dropout = 10, 0.1  # class-conditional, with guidance
+  c.sampling.guidance_scale = 2.0
   c.training.sample_every = 2
   c.eval.metrics = "fid"
   return c
 
 
-def test_latent_diffusion_trains_keeps_its_scale_and_samples_images(autoencoder_run, tmp_path):
+def test_conditional_latent_diffusion_trains_keeps_its_scale_and_samples_images(
+    autoencoder_run, tmp_path):
   from diffusion_jax.sample import run_sample_mode
   from diffusion_jax.train import Trainer, train_and_evaluate
   config = ldm_config(autoencoder_run)
@@ -53,10 +56,14 @@ def test_latent_diffusion_trains_keeps_its_scale_and_samples_images(autoencoder_
   np.testing.assert_allclose(z.std(), 1.0, rtol=1e-4)
   # the decoded EMA samples of training, and the sample mode's
   assert os.path.exists(os.path.join(workdir, "train_samples", "step_00000002.png"))
-  out = run_sample_mode(config, workdir)
-  images = np.load(os.path.join(out, "samples.npz"))["arr_0"]
+  out = run_sample_mode(config, workdir)  # guided, the classes in turn
+  npz = np.load(os.path.join(out, "samples.npz"))
+  images = npz["arr_0"]
   assert images.shape == (10, 16, 16, 1) and images.dtype == np.uint8
   assert len(np.unique(images)) > 10  # decoded images, not a constant
+  np.testing.assert_array_equal(npz["arr_1"], np.arange(10))
+  for figure in ("samples.png", "progressive.png", "interpolation.png"):  # decoded figures
+    assert os.path.getsize(os.path.join(out, figure)) > 0
 
 
 def test_latent_scale_comes_from_the_config_else_the_checkpoint(autoencoder_run):
