@@ -1,5 +1,5 @@
-"""Class-conditional latent diffusion on Fashion-MNIST: a DDPM U-Net on configs/fashion_mnist_kl.py's
-8x8x4 latents, with classifier-free guidance.
+"""Class-conditional latent diffusion on Fashion-MNIST: a DDPM U-Net on the 8x8x4 latents of
+configs/fashion_mnist_kl.py's autoencoder, with classifier-free guidance.
 
   python main.py --config=configs/fashion_mnist_kl.py --workdir=runs/fashion_mnist_kl   # first
   python main.py --config=configs/fashion_mnist_ldm.py --workdir=runs/fashion_mnist_ldm

@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diffusion_jax import parallel, samplers, xla_options
 from diffusion_jax.images import save_grid, to_uint8
-from diffusion_jax.latent import SCALE_KEY, model_input_shape
+from diffusion_jax.latent import model_input_shape
 from diffusion_jax.models import denoiser
 
 

@@ -133,7 +133,8 @@ def _check_levels(key: str, ch: int, ch_mult, image_size: int):
          "a non-empty tuple of positive multipliers")
   for k in ch_mult:
     _check((ch * k) % 32 == 0, f"{key}.ch", ch,
-           f"every level's channels (ch * ch_mult = {ch * k}) must divide into GroupNorm's 32 groups")
+           f"every level's channels (ch * ch_mult = {ch * k}) must divide into GroupNorm's "
+           "32 groups")
   down = 2 ** (len(ch_mult) - 1)
   _check(image_size % down == 0 and image_size >= down, "data.image_size", image_size,
          f"a multiple of {down}: the {key} halves it {len(ch_mult) - 1} times ({key}.ch_mult)")

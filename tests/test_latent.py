@@ -2,14 +2,12 @@
 its scale factor (estimated, kept, reused), decoded samples, and its config checks."""
 import os
 
-import jax
 import numpy as np
 import pytest
 
 from diffusion_jax import checkpoints, data, latent, parallel
 from diffusion_jax.validate import ConfigError, validate_config
-from helpers import small_graph
-from test_train_autoencoder import ae_config
+from helpers import ae_config, small_graph
 
 
 @pytest.fixture(scope="module")

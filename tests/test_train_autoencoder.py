@@ -9,20 +9,7 @@ import pytest
 
 from diffusion_jax import data, parallel
 from diffusion_jax.validate import ConfigError, validate_config
-from helpers import tiny_config
-
-
-def ae_config(tmp_path, num_steps=4, **kw):
-  """16x16 Fashion-MNIST-like images -> 8x8x4 latents; the GAN from the third step (index 2)."""
-  c = tiny_config(tmp_path, num_steps=num_steps, checkpoint_every=2, **kw)
-  c.stage = "autoencoder"
-  a = c.autoencoder
-  a.ch, a.ch_mult, a.num_res_blocks, a.attn_levels, a.z_channels = 32, (1, 2), 1, (), 4
-  a.disc_ndf, a.disc_layers, a.lr = 8, 2, 1e-3
-  a.loss.perceptual_weight, a.loss.disc_start = 0.0, 2
-  c.training.sample_every, c.training.num_train_samples = num_steps, 4
-  c.eval.metrics, c.eval.num_examples, c.eval.batch_size = "psnr", 12, 8
-  return c
+from helpers import ae_config
 
 
 def _params(workdir, config):
