@@ -2,6 +2,7 @@
 its scale factor (estimated, kept, reused), decoded samples, and its config checks."""
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -103,3 +104,20 @@ def test_latent_config_errors_name_the_key(autoencoder_run, key, value, match):
   config[section][name] = value
   with pytest.raises(ConfigError, match=match):
     validate_config(config, "train")
+
+
+def test_several_steps_per_call_encode_each_steps_batch(autoencoder_run, tmp_path):
+  """steps_per_dispatch = 4 (each step's batch encoded with its own key, then stacked) trains
+  the same weights as one step per call."""
+  from diffusion_jax.train import Trainer, train_and_evaluate
+  params = {}
+  for k in (1, 4):
+    config = ldm_config(autoencoder_run)
+    config.training.num_steps = config.training.checkpoint_every = 4
+    config.training.log_every, config.training.sample_every = 4, 1000
+    config.training.steps_per_dispatch = k
+    workdir = str(tmp_path / f"dispatch_{k}")
+    train_and_evaluate(config, workdir)
+    _, state, _ = checkpoints.restore_trained(workdir, Trainer(config).abstract_state)
+    params[k] = jax.tree.map(np.asarray, state.params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), params[1], params[4])
