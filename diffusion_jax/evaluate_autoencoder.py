@@ -13,12 +13,12 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from diffusion_jax import checkpoints, data, fid, parallel, xla_options
+from diffusion_jax import data, fid, parallel, xla_options
 from diffusion_jax.images import save_grid, to_uint8
+from diffusion_jax.train_autoencoder import lpips_perceptual, restore_autoencoder
 from diffusion_jax.validate import parse_metrics
 
 
@@ -29,25 +29,13 @@ def psnr_uint8(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return 10.0 * np.log10(255.0 ** 2 / mse)
 
 
-def restore_autoencoder(config, workdir: str, step: int | None = None):
-  """(trainer, step, autoencoder parameters) of the newest (or the given) checkpoint."""
-  from diffusion_jax.train_autoencoder import AutoencoderTrainer
-  trainer = AutoencoderTrainer(config, lpips=False)
-  step, state, _ = checkpoints.restore_trained(workdir, trainer.abstract_state, step)
-  return trainer, step, state.params
-
-
 def _lpips_fn(config, mesh):
-  from diffusion_jax.lpips import LPIPS, load_lpips_params
+  """LPIPS distances [B] of two image batches, as the training loss computes them."""
+  from diffusion_jax.lpips import load_lpips_params
   params = jax.device_put(load_lpips_params(config.autoencoder.lpips_path),
                           parallel.replicated(mesh))
-  net = LPIPS()
-
-  def distance(p, x, y):  # grey images compared as RGB, as in training
-    if x.shape[-1] == 1:
-      x, y = jnp.repeat(x, 3, axis=-1), jnp.repeat(y, 3, axis=-1)
-    return net.apply({"params": p}, x, y)
-  fn = xla_options.jit(distance)  # the weights as an argument, not as constants in the program
+  # the weights as an argument, not as constants in the program
+  fn = xla_options.jit(lambda p, x, y: lpips_perceptual(p)(x, y))
   return lambda x, y: fn(params, x, y)
 
 

@@ -60,19 +60,17 @@ class FirstStage:
   def __post_init__(self):
     model, sharding = self.model, parallel.batch_sharding(self.mesh)
 
-    def encode(params, x, key, scale, shift):
+    def encode(params, scale, shift, x, key=None):  # key None: the posterior's mean
       mean, logvar = model.apply({"params": params}, x, method=model.encode)
-      return (sample_gaussian(key, mean, logvar) - shift) * scale
+      z = mean if key is None else sample_gaussian(key, mean, logvar)
+      return (z - shift) * scale
 
     def decode(params, scale, shift, z):
       x = model.apply({"params": params}, z / scale + shift, method=model.decode)
       return jnp.clip(x, -1.0, 1.0)
-    def encode_mean(params, scale, shift, x):  # the posterior's mean, for figures
-      mean, _ = model.apply({"params": params}, x, method=model.encode)
-      return (mean - shift) * scale
     self._encode = xla_options.jit(encode, out_shardings=sharding)
-    self.decode_latents = decode  # traceable inside a sampler's program
-    self.encode_mean = encode_mean
+    # both traceable inside other programs (the samplers, the figures)
+    self.encode_latents, self.decode_latents = encode, decode
 
   def scaling(self) -> tuple[float, float]:
     if self.scale_factor is None:
@@ -83,7 +81,7 @@ class FirstStage:
   def encode(self, images, key, scale: float | None = None):
     """Images (a global array or host array of the whole batch) -> scaled latents."""
     scale, shift = (scale, self.shift_factor) if scale is not None else self.scaling()
-    return self._encode(self.params, images, key, jnp.float32(scale), jnp.float32(shift))
+    return self._encode(self.params, jnp.float32(scale), jnp.float32(shift), images, key)
 
   def estimate_scale_factor(self, images, key) -> float:
     """LDM's scale_by_std: 1 / std of the unscaled latents of `images`."""
@@ -99,13 +97,11 @@ def load_first_stage(config, mesh) -> FirstStage | None:
   src = os.path.expanduser(src)
   scaling = {"scale_factor": None, "shift_factor": 0.0}
   if os.path.isdir(os.path.join(src, "checkpoints")):  # an autoencoder run's workdir
-    from diffusion_jax import checkpoints
-    from diffusion_jax.train_autoencoder import AutoencoderTrainer
-    trainer = AutoencoderTrainer(config, mesh, lpips=False)
-    _, state, _ = checkpoints.restore_trained(
-        src, trainer.abstract_state, hint="train the autoencoder there first (--mode=train "
-        "with its stage='autoencoder' config)")
-    model, params = trainer.model, state.params
+    from diffusion_jax.train_autoencoder import restore_autoencoder
+    trainer, _, params = restore_autoencoder(
+        config, src, mesh=mesh, hint="train the autoencoder there first (--mode=train with "
+        "its stage='autoencoder' config)")
+    model = trainer.model
   else:
     from diffusion_jax.convert_autoencoder import load_autoencoder
     from diffusion_jax.models import DTYPES

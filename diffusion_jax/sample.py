@@ -137,7 +137,7 @@ def interpolation_figure(config, model, diffusion, params, mesh, path: str, x_a,
   @xla_options.jit
   def run(params, a, b, key, fs_args):
     if fs_args is not None:
-      a, b = (first_stage.encode_mean(*fs_args, v) for v in (a, b))
+      a, b = (first_stage.encode_latents(*fs_args, v) for v in (a, b))  # the means
     out = samplers.interpolate(diffusion, denoiser(model, params), a, b, key,
                                int(s.interp_t), lam, s.clip_denoised)
     return _decoded(first_stage, fs_args, out)

@@ -163,6 +163,16 @@ def train_step(state: AutoencoderState, batch, *, autoencoder, discriminator,
   return new_state, metrics
 
 
+def restore_autoencoder(config, workdir: str, step: int | None = None, mesh=None,
+                        hint: str = "train first (--mode=train with this config and --workdir)"):
+  """(trainer, step, autoencoder parameters) of the newest (or the given) checkpoint of an
+  autoencoder run; no LPIPS weights are loaded."""
+  from diffusion_jax import checkpoints
+  trainer = AutoencoderTrainer(config, mesh, lpips=False)
+  step, state, _ = checkpoints.restore_trained(workdir, trainer.abstract_state, step, hint)
+  return trainer, step, state.params
+
+
 def lpips_perceptual(lpips_params, dtype=jnp.float32) -> Callable:
   """perceptual(x, x_rec) from LPIPS weights; grey images are compared as RGB."""
   from diffusion_jax.lpips import LPIPS

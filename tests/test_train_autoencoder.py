@@ -13,7 +13,7 @@ from helpers import ae_config
 
 
 def _params(workdir, config):
-  from diffusion_jax.evaluate_autoencoder import restore_autoencoder
+  from diffusion_jax.train_autoencoder import restore_autoencoder
   _, step, params = restore_autoencoder(config, workdir)
   return step, jax.tree.map(np.asarray, params)
 
