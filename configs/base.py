@@ -33,6 +33,17 @@ def get_config():
   model.remat = False              # recompute activations in the backward pass (less memory)
   model.conv = "auto"              # auto | xla | onednn: CPU kernels (onednn_conv.py, GroupNorm)
   model.upsample_conv = "auto"     # auto | subpixel | resize (auto: subpixel on CPU and GPU)
+  # LDM's layouts (models/unet.py); these defaults are DDPM's
+  model.context_dim = 0            # > 0: class labels enter through cross-attention (LDM's
+  #                                  SpatialTransformer, a [B, 1, context_dim] label context)
+  model.transformer_depth = 1      # transformer blocks per SpatialTransformer
+  model.attn_levels = ()           # levels (0: full size) with attention, not attn_resolutions
+  model.num_heads = 1              # attention heads ...
+  model.head_channels = 0          # ... or, when > 0, channels per head (LDM: 32)
+  model.norm_eps = 1e-6            # GroupNorm epsilon (LDM / Stable Diffusion: 1e-5)
+  model.flip_sin_to_cos = False    # timestep embedding [cos, sin] (LDM: True)
+  model.freq_shift = 1.0           # its frequencies 1e4^(-i / (ch/2 - shift)) (LDM: 0)
+  model.downsample_padding = "same"  # same (TF: after) | symmetric (torch padding=1, LDM)
 
   # what --mode=train trains: "diffusion" (model + diffusion), or "autoencoder": latent
   # diffusion's first stage (Rombach et al. 2022, Sec. 3.1), c.autoencoder below; the model.*

@@ -27,10 +27,10 @@ FLAGS = flags.FLAGS
 
 def config_mismatches(config, model_cfg: dict) -> list[str]:
   """`--config.*` overrides that make `config` describe the imported network."""
-  want = {"model.ch": model_cfg["ch"], "model.ch_mult": tuple(model_cfg["ch_mult"]),
-          "model.num_res_blocks": model_cfg["num_res_blocks"],
-          "model.attn_resolutions": tuple(model_cfg["attn_resolutions"]),
-          "data.image_size": model_cfg["image_size"], "data.channels": model_cfg["in_channels"]}
+  want = {f"model.{k}": v for k, v in model_cfg.items()
+          if k in config.model and k not in ("name", "dropout")}
+  want.update({"data.image_size": model_cfg["image_size"],
+               "data.channels": model_cfg["in_channels"]})
   out = []
   for key, value in want.items():
     section, name = key.split(".")
@@ -48,6 +48,11 @@ def import_diffusers_unet(src: str, config, workdir: str) -> int:
   """Write step 0 of `workdir/checkpoints` from the diffusers weights in `src`."""
   from diffusion_jax.train import Trainer
   model_cfg, params = load_diffusers_unet(src)
+  if model_cfg.get("context_dim"):
+    raise ConversionError(
+        "this U-Net cross-attends to a text encoder's output, which main.py's pipeline does "
+        "not compute: use it from Python, UNet(**unet_fields(fields)).apply({'params': params}, "
+        "x, t, context=...) with fields, params = convert_diffusers.load_diffusers_unet(src)")
   bad = config_mismatches(config, model_cfg)
   if bad:
     raise ConversionError("the config does not describe this network; add " + " ".join(bad))

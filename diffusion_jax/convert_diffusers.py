@@ -1,8 +1,13 @@
-"""diffusers `UNet2DModel` weights (config.json + safetensors) -> our U-Net parameters.
+"""diffusers U-Net weights (config.json + safetensors) -> our U-Net's fields and parameters.
 
-Pure numpy: reading the safetensors file needs no torch. The mapping covers the layout of the
-public DDPM checkpoints (google/ddpm-cifar10-32, google/ddpm-celebahq-256, google/ddpm-church-256
-and their ema- variants), including the older attention names (query/key/value/proj_attn).
+Pure numpy: reading the safetensors file needs no torch. The mapping covers
+- `UNet2DModel`: the public DDPM checkpoints (google/ddpm-cifar10-32, google/ddpm-celebahq-256,
+  google/ddpm-church-256 and their ema- variants, with the older attention names
+  query/key/value/proj_attn) and LDM's unconditional U-Nets (CompVis/ldm-celebahq-256:
+  multi-head attention, symmetric down-sampling padding, the flipped timestep embedding);
+- `UNet2DConditionModel`: LDM's and Stable Diffusion's (1.x, 2.x) cross-attention U-Nets,
+  which our U-Net runs with `context_dim` (SpatialTransformer blocks) and a `context` [B, L, d]
+  from the caller's text encoder.
 """
 from __future__ import annotations
 
@@ -14,15 +19,29 @@ from typing import Any, Mapping
 import numpy as np
 
 ATTN_RENAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
-                "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
+                "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out",
+                "norm": "norm", "proj_in": "proj_in", "proj_out": "proj_out"}
+TRANSFORMER_RENAMES = {"norm1": "norm_1", "norm2": "norm_2", "norm3": "norm_3",
+                       "ff.net.0.proj": "ff_in", "ff.net.2": "ff_out"}
 RESNET_RENAMES = {"norm1": "norm_1", "conv1": "conv_1", "time_emb_proj": "temb_proj",
                   "norm2": "norm_2", "conv2": "conv_2", "conv_shortcut": "nin_shortcut"}
 # what our U-Net hard-codes, and the diffusers config values that agree with it
-REQUIRED = {"act_fn": "silu", "norm_num_groups": 32, "flip_sin_to_cos": False, "freq_shift": 1,
-            "time_embedding_type": "positional", "downsample_padding": 0,
+REQUIRED = {"act_fn": "silu", "norm_num_groups": 32, "time_embedding_type": "positional",
             "resnet_time_scale_shift": "default", "center_input_sample": False,
             "class_embed_type": None, "num_class_embeds": None, "mid_block_scale_factor": 1,
-            "add_attention": True}
+            "add_attention": True, "attn_norm_num_groups": None}
+REQUIRED_CONDITIONAL = {
+    "act_fn": "silu", "norm_num_groups": 32, "time_embedding_type": "positional",
+    "resnet_time_scale_shift": "default", "center_input_sample": False,
+    "class_embed_type": None, "num_class_embeds": None, "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False,
+    "dual_cross_attention": False, "addition_embed_type": None, "encoder_hid_dim": None,
+    "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
+    "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None,
+    "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "attention_type": "default",
+    "reverse_transformer_layers_per_block": None, "cross_attention_norm": None,
+    "class_embeddings_concat": False, "mid_block_only_cross_attention": None}
+DOWNSAMPLE_PADDING = {0: "same", 1: "symmetric"}  # torch padding -> ours (layers.Downsample)
 
 
 class ConversionError(ValueError):
@@ -41,35 +60,95 @@ def check_diffusers_config(cfg: Mapping[str, Any], class_name: str,
                             f"by {ours} (needs {want!r})")
 
 
-def model_config_from_diffusers(cfg: Mapping[str, Any]) -> dict:
-  """Our `config.model` fields for a diffusers UNet2DModel config.json."""
-  check_diffusers_config(cfg, "UNet2DModel", REQUIRED, "the DDPM U-Net")
-  if abs(float(cfg.get("norm_eps", 1e-6)) - 1e-6) > 1e-12:
-    raise ConversionError(f"norm_eps={cfg['norm_eps']} is not supported (needs 1e-6)")
+def _levels(cfg: Mapping[str, Any], attention: str) -> tuple[int, list[int], list[int]]:
+  """(ch, ch_mult, levels with attention) from block_out_channels and the block types (a
+  block type starting with `attention` has attention; up blocks must mirror down blocks)."""
   boc = list(cfg["block_out_channels"])
   ch = boc[0]
   if any(c % ch for c in boc):
     raise ConversionError(f"block_out_channels {boc} are not multiples of {ch}")
-  down = list(cfg["down_block_types"])
-  up = list(cfg["up_block_types"])
-  attn_levels = [i for i, t in enumerate(down) if t.startswith("Attn")]
-  if sorted(len(up) - 1 - i for i, t in enumerate(up) if t.startswith("Attn")) != attn_levels:
+  down, up = list(cfg["down_block_types"]), list(cfg["up_block_types"])
+  attn_levels = [i for i, t in enumerate(down) if t.startswith(attention)]
+  if sorted(len(up) - 1 - i for i, t in enumerate(up) if t.startswith(attention)) != attn_levels:
     raise ConversionError(f"attention in down blocks {down} and up blocks {up} do not mirror")
-  for i in attn_levels:
-    head_dim = cfg.get("attention_head_dim")
-    if head_dim is not None and head_dim != boc[i]:
-      raise ConversionError(f"attention_head_dim={head_dim} means several heads; the DDPM "
-                            "U-Net has one head per attention block (attention_head_dim=null)")
+  return ch, [c // ch for c in boc], attn_levels
+
+
+def _common(cfg: Mapping[str, Any], ch: int, ch_mult: list[int]) -> dict:
+  """The fields both diffusers U-Nets describe the same way."""
   size = cfg["sample_size"]
   size = size[0] if isinstance(size, (list, tuple)) else size
   in_ch, out_ch = cfg["in_channels"], cfg["out_channels"]
   if out_ch not in (in_ch, 2 * in_ch):
     raise ConversionError(f"out_channels={out_ch} must be in_channels ({in_ch}) or twice it")
-  return {"name": "unet", "ch": ch, "ch_mult": tuple(c // ch for c in boc),
-          "num_res_blocks": cfg["layers_per_block"],
-          "attn_resolutions": tuple(size // 2 ** i for i in attn_levels),
-          "dropout": float(cfg.get("dropout", 0.0)), "in_channels": in_ch,
-          "learned_variance": out_ch == 2 * in_ch, "image_size": size}
+  padding = cfg.get("downsample_padding", 1)
+  if padding not in DOWNSAMPLE_PADDING:
+    raise ConversionError(f"downsample_padding={padding} is not supported (0 or 1)")
+  return {"name": "unet", "ch": ch, "ch_mult": tuple(ch_mult),
+          "num_res_blocks": cfg["layers_per_block"], "dropout": float(cfg.get("dropout", 0.0)),
+          "in_channels": in_ch, "learned_variance": out_ch == 2 * in_ch, "image_size": size,
+          "norm_eps": float(cfg.get("norm_eps", 1e-5)),
+          "flip_sin_to_cos": bool(cfg.get("flip_sin_to_cos", True)),
+          "freq_shift": float(cfg.get("freq_shift", 0)),
+          "downsample_padding": DOWNSAMPLE_PADDING[padding]}
+
+
+def model_config_from_diffusers(cfg: Mapping[str, Any]) -> dict:
+  """Our U-Net's fields (`config.model`'s, plus image_size) for a diffusers UNet2DModel or
+  UNet2DConditionModel config.json."""
+  if cfg.get("_class_name") == "UNet2DConditionModel":
+    return conditional_model_config_from_diffusers(cfg)
+  check_diffusers_config(cfg, "UNet2DModel", REQUIRED, "the DDPM U-Net")
+  ch, ch_mult, attn_levels = _levels(cfg, "Attn")
+  out = _common(cfg, ch, ch_mult)
+  head_dim = cfg.get("attention_head_dim")  # None: one head over all channels
+  for i in attn_levels + [len(ch_mult) - 1]:
+    if head_dim and (ch * ch_mult[i]) % head_dim:
+      raise ConversionError(f"attention_head_dim={head_dim} does not divide the "
+                            f"{ch * ch_mult[i]} channels of level {i}")
+  return dict(out, attn_resolutions=tuple(out["image_size"] // 2 ** i for i in attn_levels),
+              num_heads=1, head_channels=int(head_dim or 0))
+
+
+def conditional_model_config_from_diffusers(cfg: Mapping[str, Any]) -> dict:
+  """Our U-Net's fields for a UNet2DConditionModel (LDM's and Stable Diffusion 1.x/2.x
+  layout: SpatialTransformers that cross-attend to `cross_attention_dim` features)."""
+  check_diffusers_config(cfg, "UNet2DConditionModel", REQUIRED_CONDITIONAL,
+                         "the U-Net's cross-attention layout")
+  ch, ch_mult, attn_levels = _levels(cfg, "CrossAttn")
+  out = _common(cfg, ch, ch_mult)
+  levels = len(ch_mult)
+  # diffusers' legacy naming: attention_head_dim is the number of heads when
+  # num_attention_heads is not given
+  heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
+  heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * levels
+  per_head = {ch * ch_mult[i] // heads[i] for i in range(levels)}
+  if len(set(heads)) == 1:
+    out.update(num_heads=int(heads[0]), head_channels=0)
+  elif len(per_head) == 1:
+    out.update(num_heads=1, head_channels=int(per_head.pop()))
+  else:
+    raise ConversionError(f"attention heads {heads} per level are neither one number nor one "
+                          "width per head")
+  depth = cfg.get("transformer_layers_per_block", 1)
+  if isinstance(depth, (list, tuple)):
+    if len(set(depth)) != 1:
+      raise ConversionError(f"transformer_layers_per_block={depth}: one depth for all levels")
+    depth = depth[0]
+  context_dim = cfg.get("cross_attention_dim", 1280)
+  if isinstance(context_dim, (list, tuple)):
+    if len(set(context_dim)) != 1:
+      raise ConversionError(f"cross_attention_dim={context_dim}: one width for all levels")
+    context_dim = context_dim[0]
+  if not attn_levels:
+    raise ConversionError("no CrossAttn blocks: convert a UNet2DModel instead")
+  return dict(out, attn_resolutions=(), attn_levels=tuple(attn_levels),
+              context_dim=int(context_dim), transformer_depth=int(depth))
+
+
+def unet_fields(model_cfg: Mapping[str, Any]) -> dict:
+  """The keyword arguments of `models.UNet` in a converted model config."""
+  return {k: v for k, v in model_cfg.items() if k not in ("name", "image_size")}
 
 
 def _target(key: str, levels: int) -> tuple[list[str], str]:
@@ -86,7 +165,7 @@ def _target(key: str, levels: int) -> tuple[list[str], str]:
       return path + [RESNET_RENAMES[mod[len(prefix) + 1:]]], leaf
   m = re.fullmatch(r"mid_block\.attentions\.0\.(.+)", mod)
   if m:
-    return ["mid_attn", ATTN_RENAMES[m.group(1)]], leaf
+    return ["mid_attn"] + _attention_path(m.group(1), key), leaf
   m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)"
                    r"\.(\d+)\.(.+)", mod)
   if not m:
@@ -96,8 +175,24 @@ def _target(key: str, levels: int) -> tuple[list[str], str]:
   if kind == "resnets":
     return [f"{side}_{level}_block_{j}", RESNET_RENAMES[rest]], leaf
   if kind == "attentions":
-    return [f"{side}_{level}_attn_{j}", ATTN_RENAMES[rest]], leaf
+    return [f"{side}_{level}_attn_{j}"] + _attention_path(rest, key), leaf
   return [f"{side}_{level}_{kind[:-len('rs')]}", "conv"], leaf
+
+
+def _attention_path(rest: str, key: str) -> list[str]:
+  """Inside an attention block: a self-attention's module, or a SpatialTransformer's
+  (transformer_blocks.K.attn1.to_q -> block_K/attn_1/q)."""
+  if rest in ATTN_RENAMES:
+    return [ATTN_RENAMES[rest]]
+  m = re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", rest)
+  if m:
+    k, sub = m.groups()
+    if sub in TRANSFORMER_RENAMES:
+      return [f"block_{k}", TRANSFORMER_RENAMES[sub]]
+    m = re.fullmatch(r"attn([12])\.(to_q|to_k|to_v|to_out\.0)", sub)
+    if m:
+      return [f"block_{k}", f"attn_{m.group(1)}", ATTN_RENAMES[m.group(2)]]
+  raise ConversionError(f"unexpected parameter {key!r} in the diffusers checkpoint")
 
 
 def put_torch_tensor(params: dict, path: list[str], leaf: str, key: str, value) -> None:
@@ -107,7 +202,7 @@ def put_torch_tensor(params: dict, path: list[str], leaf: str, key: str, value) 
   value = np.asarray(value, dtype=np.float32)
   if leaf == "weight" and value.ndim == 4:
     name, value = "kernel", value.transpose(2, 3, 1, 0)
-    if path[-1] in ("q", "k", "v", "proj_out") and "attn" in path[-2]:
+    if path[-1] in ("q", "k", "v", "proj_in", "proj_out") and "attn" in path[-2]:
       if value.shape[:2] != (1, 1):
         raise ConversionError(f"{key!r}: attention projection with shape {value.shape}")
       value = value[0, 0]
@@ -136,7 +231,13 @@ def unet_params_from_diffusers(state: Mapping[str, np.ndarray], model_cfg: Mappi
 
 
 def load_diffusers_unet(directory: str) -> tuple[dict, dict]:
-  """(our model config fields, parameters) from a local diffusers UNet2DModel directory."""
+  """(our model config fields, parameters) from a local diffusers UNet2DModel or
+  UNet2DConditionModel directory (or a pipeline directory with a unet/ folder).
+
+    fields, params = load_diffusers_unet("stable-diffusion-v1-5")
+    unet = UNet(**unet_fields(fields))
+    eps = unet.apply({"params": params}, z_t, t, context=text_embeddings)  # NHWC latents
+  """
   from safetensors.numpy import load_file
   cfg_path = os.path.join(directory, "config.json")
   unet_dir = directory
@@ -147,7 +248,7 @@ def load_diffusers_unet(directory: str) -> tuple[dict, dict]:
   for path in (cfg_path, weights):
     if not os.path.exists(path):
       raise ConversionError(
-          f"{path} not found: point at a diffusers UNet2DModel directory holding config.json "
+          f"{path} not found: point at a diffusers U-Net directory holding config.json "
           "and diffusion_pytorch_model.safetensors (e.g. a local copy of "
           "google/ddpm-cifar10-32; a .bin file can be re-saved with safetensors)")
   with open(cfg_path) as f:

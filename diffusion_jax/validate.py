@@ -8,7 +8,8 @@ import jax
 
 from diffusion_jax import diffusion as dm
 from diffusion_jax import samplers
-from diffusion_jax.models import ATTENTION, DTYPES, MODELS, UPSAMPLE_CONV, onednn_conv
+from diffusion_jax.models import ATTENTION, DTYPES, LAYOUT, MODELS, UPSAMPLE_CONV, onednn_conv
+from diffusion_jax.models.layers import DOWNSAMPLE_PADDING
 
 DATASETS = ("fashion_mnist", "cifar10", "celeb_a_hq", "lsun_church", "folder")
 # autoencoder: of its reconstructions of the test split (fid: rFID, against the originals)
@@ -76,6 +77,7 @@ def validate_config(config, mode: str = "train") -> None:
              f"resolutions the U-Net visits at image_size {d.image_size}: {sizes}")
   _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "in [0, 1)")
   _check(m.num_classes >= 0, "model.num_classes", m.num_classes, ">= 0")
+  _check_layout(m)
   _check(0.0 <= m.get("label_dropout", 0.0) < 1.0, "model.label_dropout",
          m.get("label_dropout"), "in [0, 1)")
   _check(-1 <= s.get("class_label", -1) < max(m.num_classes, 0), "sampling.class_label",
@@ -105,6 +107,29 @@ def validate_config(config, mode: str = "train") -> None:
   _check_eval(e, stage, n_dev)
   if config.get("latent", {}).get("autoencoder"):
     _check_latent(config)
+
+
+def _check_layout(m):
+  """The keys of LDM's layouts (models.LAYOUT)."""
+  get = lambda key: m.get(key, LAYOUT[key])
+  context_dim, levels = get("context_dim"), len(m.ch_mult)
+  _check(context_dim >= 0 and (context_dim == 0 or m.num_classes > 0), "model.context_dim",
+         context_dim, "0, or > 0 with model.num_classes > 0: training conditions the "
+         "cross-attention on class labels (a text encoder's context is the library's: "
+         "UNet.apply(..., context=))")
+  _check(get("transformer_depth") >= 1, "model.transformer_depth", get("transformer_depth"),
+         ">= 1")
+  _check(all(0 <= k < levels for k in get("attn_levels")), "model.attn_levels",
+         tuple(get("attn_levels")), f"level indices in [0, {levels - 1}] (0: full size)")
+  heads, width = get("num_heads"), get("head_channels")
+  _check(heads >= 1 and width >= 0, "model.num_heads", (heads, width),
+         "num_heads >= 1 and head_channels >= 0")
+  for k in m.ch_mult:
+    _check((m.ch * k) % (width or heads) == 0, "model.head_channels" if width else
+           "model.num_heads", width or heads, f"must divide every level's {m.ch * k} channels")
+  _check(get("norm_eps") > 0, "model.norm_eps", get("norm_eps"), "> 0")
+  _check(get("downsample_padding") in DOWNSAMPLE_PADDING, "model.downsample_padding",
+         get("downsample_padding"), f"one of {DOWNSAMPLE_PADDING}")
 
 
 def _check_latent(config):

@@ -10,7 +10,7 @@ diffusers = pytest.importorskip("diffusers")
 from diffusion_jax import diffusion as dm  # noqa: E402
 from diffusion_jax import samplers  # noqa: E402
 from diffusion_jax.convert_diffusers import (model_config_from_diffusers,  # noqa: E402
-                                             unet_params_from_diffusers)
+                                             unet_fields, unet_params_from_diffusers)
 from diffusion_jax.models import UNet  # noqa: E402
 
 pytestmark = pytest.mark.parity
@@ -31,12 +31,10 @@ def randomise(module, seed=0):
   return module
 
 
-def build(cfg):
-  unet = randomise(diffusers.UNet2DModel(**cfg)).eval()
-  mcfg = model_config_from_diffusers(dict(unet.config))
-  ours = UNet(ch=mcfg["ch"], ch_mult=mcfg["ch_mult"], num_res_blocks=mcfg["num_res_blocks"],
-              attn_resolutions=mcfg["attn_resolutions"], dropout=0.0,
-              in_channels=mcfg["in_channels"], learned_variance=mcfg["learned_variance"])
+def build(cfg, cls=None):
+  unet = randomise((cls or diffusers.UNet2DModel)(**cfg)).eval()
+  mcfg = model_config_from_diffusers(dict(unet.config, _class_name=type(unet).__name__))
+  ours = UNet(**unet_fields(mcfg))
   state = {k: v.numpy() for k, v in unet.state_dict().items()}
   return unet, ours, {"params": unet_params_from_diffusers(state, mcfg)}, mcfg
 
@@ -72,12 +70,31 @@ def test_learned_variance_layout_converts():
   assert np.abs(np.asarray(got).transpose(0, 3, 1, 2) - want).max() < 1e-4
 
 
+def test_ldm_unconditional_layout_matches_diffusers():
+  """LDM's unconditional U-Nets (CompVis/ldm-celebahq-256's layout): heads of 32 channels, the
+  flipped timestep embedding, symmetric down-sampling padding, GroupNorm eps 1e-5."""
+  cfg = dict(sample_size=16, in_channels=3, out_channels=3, block_out_channels=(64, 128),
+             layers_per_block=1, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+             up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=32)
+  unet, ours, params, mcfg = build(cfg)
+  assert (mcfg["head_channels"], mcfg["flip_sin_to_cos"], mcfg["freq_shift"],
+          mcfg["downsample_padding"], mcfg["norm_eps"]) == (32, True, 0.0, "symmetric", 1e-5)
+  x = np.random.default_rng(2).normal(size=(2, 3, 16, 16)).astype(np.float32)
+  t = np.array([3, 700])
+  with torch.no_grad():
+    want = unet(torch.from_numpy(x), torch.from_numpy(t)).sample.numpy()
+  got = ours.apply(params, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t))
+  assert np.abs(np.asarray(got).transpose(0, 3, 1, 2) - want).max() < 1e-4
+
+
 def test_unsupported_configs_are_refused():
   from diffusion_jax.convert_diffusers import ConversionError
-  with pytest.raises(ConversionError, match="attention_head_dim"):
-    model_config_from_diffusers(dict(CIFAR, attention_head_dim=8))
-  with pytest.raises(ConversionError, match="flip_sin_to_cos"):
-    model_config_from_diffusers(dict(CIFAR, flip_sin_to_cos=True))
+  with pytest.raises(ConversionError, match="attention_head_dim=48 does not divide"):
+    model_config_from_diffusers(dict(CIFAR, attention_head_dim=48))
+  with pytest.raises(ConversionError, match="resnet_time_scale_shift"):
+    model_config_from_diffusers(dict(CIFAR, resnet_time_scale_shift="scale_shift"))
+  with pytest.raises(ConversionError, match="downsample_padding=2"):
+    model_config_from_diffusers(dict(CIFAR, downsample_padding=2))
 
 
 def float64(sched):

@@ -9,25 +9,37 @@ from diffusion_jax.models.unet import UNet
 MODELS = {"unet": UNet}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ATTENTION = ("auto", "xla", "cudnn")
+# config.model keys of the LDM / Stable Diffusion layouts (UNet's docstring), with DDPM's values
+LAYOUT = {"context_dim": 0, "transformer_depth": 1, "attn_levels": (), "num_heads": 1,
+          "head_channels": 0, "norm_eps": 1e-6, "flip_sin_to_cos": False, "freq_shift": 1.0,
+          "downsample_padding": "same"}
 
 
-def denoiser(model, params, y=None, guidance_scale: float = 1.0):
+def denoiser(model, params, y=None, guidance_scale: float = 1.0, context=None,
+             null_context=None):
   """The network in inference mode as the diffusion sees it: denoise_fn(x_t, t).
 
   y: class labels [B] of a class-conditional model (None: its null label, unconditional).
+  context: [B, L, d] for a U-Net that cross-attends to an outside context (a text encoder's
+  output); null_context: the unconditional one ([1 or B, L, d], e.g. the empty prompt's).
   guidance_scale s != 1: classifier-free guidance (Ho & Salimans 2022, Eq. 6 with s = 1 + w),
   eps_u + s (eps_c - eps_u), the conditional and the unconditional pass as one batch; a learned
   variance is the conditional pass's.
   """
-  if y is None or guidance_scale == 1.0:
-    return lambda x, t: model.apply({"params": params}, x, t, y)
+  apply = lambda x, t, y, ctx: model.apply({"params": params}, x, t, y, context=ctx)
+  if (y is None and context is None) or guidance_scale == 1.0:
+    return lambda x, t: apply(x, t, y, context)
+  if context is not None and null_context is None:
+    raise ValueError("guidance with a context needs null_context, the unconditional one "
+                     "(e.g. the empty prompt's embedding)")
 
   def guided(x, t):
     b, c = x.shape[0], x.shape[-1]
     t = jnp.broadcast_to(jnp.asarray(t), (b,))
-    null = jnp.full_like(y, model.num_classes)
-    out = model.apply({"params": params}, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                      jnp.concatenate([y, null]))
+    both = lambda cond, null: None if cond is None else jnp.concatenate(
+        [cond, jnp.broadcast_to(null, cond.shape).astype(cond.dtype)])
+    out = apply(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                both(y, model.num_classes), both(context, null_context))
     cond, uncond = out[:b], out[b:]
     eps = uncond[..., :c] + guidance_scale * (cond[..., :c] - uncond[..., :c])
     return jnp.concatenate([eps, cond[..., c:]], axis=-1)
@@ -53,7 +65,8 @@ def build_model(config):
       in_channels=model_input_shape(config)[1],
       learned_variance=config.diffusion.var_type in ("learned", "learned_range"),
       num_classes=m.num_classes, dtype=DTYPES[m.dtype], attention=m.attention, remat=m.remat,
-      conv=m.get("conv", "auto"), upsample_conv=m.get("upsample_conv", "auto"))
+      conv=m.get("conv", "auto"), upsample_conv=m.get("upsample_conv", "auto"),
+      **{k: (tuple(v) if k == "attn_levels" else v) for k, v in m.items() if k in LAYOUT})
 
 
 def build_autoencoder(config):

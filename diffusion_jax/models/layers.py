@@ -19,28 +19,37 @@ default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 zero_init = nn.initializers.zeros
 
 
-def timestep_embedding(t, dim: int, max_period: float = 10000.0):
-  """Sinusoidal embedding of the timestep, as in the Transformer (float32, [B, dim])."""
+def timestep_embedding(t, dim: int, max_period: float = 10000.0, flip_sin_to_cos: bool = False,
+                       freq_shift: float = 1.0):
+  """Sinusoidal embedding of the timestep, as in the Transformer (float32, [B, dim]).
+
+  Frequencies max_period^(-i / (dim/2 - freq_shift)), i < dim/2; [sin, cos]. DDPM's (the
+  defaults): freq_shift 1, sin first; LDM / Stable Diffusion's: freq_shift 0, cos first.
+  """
   assert t.ndim == 1 and dim % 2 == 0
   half = dim // 2
-  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - 1))
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32)
+                  / (half - freq_shift))
   args = t.astype(jnp.float32)[:, None] * freqs[None, :]
-  return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=1)
+  parts = [jnp.cos(args), jnp.sin(args)] if flip_sin_to_cos else [jnp.sin(args), jnp.cos(args)]
+  return jnp.concatenate(parts, axis=1)
 
 
-def group_norm(name: str, dtype: Dtype, swish: bool = False, native: bool = False):
+def group_norm(name: str, dtype: Dtype, swish: bool = False, native: bool = False,
+               eps: float = 1e-6):
   """GroupNorm(32 groups), followed by swish if asked; native: csrc/group_norm.cc's kernels."""
   if fast_ops.FAST_GROUP_NORM:
-    return fast_ops.GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype, swish=swish,
+    return fast_ops.GroupNorm(num_groups=32, epsilon=eps, dtype=dtype, swish=swish,
                               native=native, name=name)
-  norm = nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype, name=name)
+  norm = nn.GroupNorm(num_groups=32, epsilon=eps, dtype=dtype, name=name)
   return (lambda x: nn.swish(norm(x))) if swish else norm
 
 
 def conv(features: int, kernel: int, name: str, dtype: Dtype, strides: int = 1,
-         init=default_init, onednn: bool = False):
-  """k x k conv, "SAME" padding (TF's: the extra row/column after); oneDNN's kernels if asked."""
-  return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding="SAME",
+         init=default_init, onednn: bool = False, padding="SAME"):
+  """k x k conv, "SAME" padding (TF's: the extra row/column after) unless given; oneDNN's
+  kernels if asked."""
+  return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding=padding,
                  kernel_init=init, dtype=dtype, name=name,
                  conv_general_dilated=onednn_conv.conv_general_dilated if onednn else None)
 
@@ -54,15 +63,16 @@ class ResBlock(nn.Module):
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
   onednn: bool = False  # the CPU kernels: onednn_conv's convolutions, native GroupNorm
+  eps: float = 1e-6     # GroupNorm's (Stable Diffusion's U-Net: 1e-5)
 
   @nn.compact
   def __call__(self, x, temb=None, train: bool = False):
-    h = group_norm("norm_1", self.dtype, swish=True, native=self.onednn)(x)
+    h = group_norm("norm_1", self.dtype, swish=True, native=self.onednn, eps=self.eps)(x)
     h = conv(self.out_ch, 3, "conv_1", self.dtype, onednn=self.onednn)(h)
     if temb is not None:
       h = h + nn.Dense(self.out_ch, kernel_init=default_init, dtype=self.dtype,
                        name="temb_proj")(nn.swish(temb))[:, None, None, :]
-    h = group_norm("norm_2", self.dtype, swish=True, native=self.onednn)(h)
+    h = group_norm("norm_2", self.dtype, swish=True, native=self.onednn, eps=self.eps)(h)
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = conv(self.out_ch, 3, "conv_2", self.dtype, init=zero_init, onednn=self.onednn)(h)
     if x.shape[-1] != self.out_ch:  # "NIN" shortcut = 1x1 conv
@@ -70,35 +80,58 @@ class ResBlock(nn.Module):
     return x + h
 
 
+def num_heads(channels: int, heads: int, head_channels: int) -> int:
+  """Attention heads over `channels`: channels / head_channels where that is given, else heads."""
+  n = channels // head_channels if head_channels else heads
+  if n < 1 or channels % n:
+    raise ValueError(f"{channels} channels do not split into {n} attention heads "
+                     f"(num_heads={heads}, head_channels={head_channels})")
+  return n
+
+
 class AttnBlock(nn.Module):
-  """Single-head self-attention over the H*W positions, residual (Appendix B).
+  """Self-attention over the H*W positions, residual (Appendix B: one head; LDM's U-Nets split
+  the channels into `heads`).
 
   implementation: None lets JAX choose; "cudnn" (GPU flash attention, bf16/fp16) or "xla".
   """
   dtype: Dtype = jnp.float32
   implementation: str | None = None
   native: bool = False  # GroupNorm by csrc/group_norm.cc
+  heads: int = 1
+  eps: float = 1e-6
 
   @nn.compact
   def __call__(self, x):
     b, hgt, wid, c = x.shape
-    h = group_norm("norm", self.dtype, native=self.native)(x).reshape(b, hgt * wid, 1, c)
+    n = self.heads
+    h = group_norm("norm", self.dtype, native=self.native, eps=self.eps)(x)
+    h = h.reshape(b, hgt * wid, c)
     dense = lambda name, init=default_init: nn.Dense(c, kernel_init=init, dtype=self.dtype,
                                                      name=name)
-    q, k, v = dense("q")(h), dense("k")(h), dense("v")(h)
-    h = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)  # 1/sqrt(c)
-    h = dense("proj_out", zero_init)(h).reshape(b, hgt, wid, c)
+    q, k, v = (dense(name)(h).reshape(b, hgt * wid, n, c // n) for name in "qkv")
+    h = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)  # 1/sqrt(d)
+    h = dense("proj_out", zero_init)(h.reshape(b, hgt * wid, c)).reshape(b, hgt, wid, c)
     return x + h
 
 
+DOWNSAMPLE_PADDING = ("same", "symmetric")
+
+
 class Downsample(nn.Module):
-  """Stride-2 3x3 conv (TF "SAME" padding: one row/column after)."""
+  """Stride-2 3x3 conv. padding "same": TF's, one row/column after (DDPM, LDM's autoencoders);
+  "symmetric": one on each side (torch's padding=1: LDM's and Stable Diffusion's U-Nets)."""
   dtype: Dtype = jnp.float32
   onednn: bool = False
+  padding: str = "same"
 
   @nn.compact
   def __call__(self, x):
-    return conv(x.shape[-1], 3, "conv", self.dtype, strides=2, onednn=self.onednn)(x)
+    if self.padding not in DOWNSAMPLE_PADDING:
+      raise ValueError(f"downsample padding {self.padding!r}: one of {DOWNSAMPLE_PADDING}")
+    pad = "SAME" if self.padding == "same" else ((1, 1), (1, 1))
+    return conv(x.shape[-1], 3, "conv", self.dtype, strides=2, onednn=self.onednn,
+                padding=pad)(x)
 
 
 UPSAMPLE_CONV = ("auto", "subpixel", "resize")

@@ -8,8 +8,9 @@ import jax.numpy as jnp
 
 from diffusion_jax.models import onednn_conv
 from diffusion_jax.models.layers import (AttnBlock, Downsample, ResBlock, Upsample, conv,
-                                         default_init, group_norm, timestep_embedding,
-                                         use_subpixel, zero_init)
+                                         default_init, group_norm, num_heads,
+                                         timestep_embedding, use_subpixel, zero_init)
+from diffusion_jax.models.transformer import SpatialTransformer
 
 
 class UNet(nn.Module):
@@ -28,6 +29,17 @@ class UNet(nn.Module):
   it on CPU, where it was measured faster).
   remat: recompute each block's activations in the backward pass instead of keeping them
   (less memory for the 256x256 models, for one more forward pass of each block).
+
+  The latent-diffusion layouts (LDM, Stable Diffusion; the defaults are DDPM's):
+  context_dim > 0: the attention blocks are SpatialTransformers (models/transformer.py) that
+  cross-attend to a context [B, L, context_dim]: with num_classes > 0 the labels' (an
+  embedding of num_classes + 1 rows, [B, 1, context_dim], LDM's class-conditional models),
+  else the `context` argument (e.g. a text encoder's output). transformer_depth: blocks each.
+  attn_levels: levels (0 = full size) with attention, instead of attn_resolutions (so that a
+  model keeps its layout at any input size). num_heads / head_channels: attention heads (the
+  latter, when > 0, gives channels / head_channels heads per block). norm_eps: the GroupNorm
+  epsilon of the res blocks, self-attention and output; flip_sin_to_cos, freq_shift: the
+  timestep embedding's (layers.timestep_embedding); downsample_padding: "same" | "symmetric".
   """
   ch: int = 128
   ch_mult: Sequence[int] = (1, 2, 2, 2)
@@ -42,13 +54,45 @@ class UNet(nn.Module):
   remat: bool = False
   conv: str = "auto"
   upsample_conv: str = "auto"
+  context_dim: int = 0
+  transformer_depth: int = 1
+  attn_levels: Sequence[int] = ()
+  num_heads: int = 1
+  head_channels: int = 0
+  norm_eps: float = 1e-6
+  flip_sin_to_cos: bool = False
+  freq_shift: float = 1.0
+  downsample_padding: str = "same"
 
   @property
   def out_channels(self) -> int:
     return self.in_channels * (2 if self.learned_variance else 1)
 
+  def _context(self, b: int, y, context):
+    """The cross-attention context [B, L, context_dim] (None without cross-attention)."""
+    if not self.context_dim:
+      if context is not None:
+        raise ValueError("a context was passed to a U-Net without cross-attention "
+                         "(context_dim = 0)")
+      return None
+    if self.num_classes:
+      if context is not None:
+        raise ValueError("this U-Net's context is its class labels (num_classes > 0): pass y")
+      if y is None:
+        y = jnp.full((b,), self.num_classes, dtype=jnp.int32)  # the null label
+      return nn.Embed(self.num_classes + 1, self.context_dim, dtype=self.dtype,
+                      name="label_context")(y)[:, None, :]
+    if context is None or context.ndim != 3 or context.shape[0] != b or (
+        context.shape[2] != self.context_dim):
+      raise ValueError(f"this U-Net cross-attends to a context [B={b}, L, {self.context_dim}]; "
+                       f"got {None if context is None else context.shape}")
+    return context
+
+  def _has_attention(self, level: int, size: int) -> bool:
+    return level in self.attn_levels if self.attn_levels else size in self.attn_resolutions
+
   @nn.compact
-  def __call__(self, x, t, y=None, train: bool = False):
+  def __call__(self, x, t, y=None, train: bool = False, context=None):
     b, height, width, c = x.shape
     levels = len(self.ch_mult)
     if c != self.in_channels:
@@ -59,11 +103,13 @@ class UNet(nn.Module):
     t = jnp.broadcast_to(jnp.asarray(t), (b,))
 
     # timestep embedding -> Dense(4ch) -> swish -> Dense(4ch)
-    temb = timestep_embedding(t, self.ch)
+    temb = timestep_embedding(t, self.ch, flip_sin_to_cos=self.flip_sin_to_cos,
+                              freq_shift=self.freq_shift)
     temb = nn.Dense(4 * self.ch, kernel_init=default_init, dtype=self.dtype, name="temb_dense_0")(temb)
     temb = nn.Dense(4 * self.ch, kernel_init=default_init, dtype=self.dtype,
                     name="temb_dense_1")(nn.swish(temb))
-    if self.num_classes:
+    context = self._context(b, y, context)
+    if self.num_classes and context is None:
       if y is None:
         y = jnp.full((b,), self.num_classes, dtype=jnp.int32)  # the null label
       temb = temb + nn.Embed(self.num_classes + 1, 4 * self.ch, dtype=self.dtype,
@@ -72,37 +118,47 @@ class UNet(nn.Module):
     # remat: static_argnums counts self, so 3 is `train` in ResBlock(x, temb, train)
     block_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
     attn_cls = nn.remat(AttnBlock) if self.remat else AttnBlock
+    xattn_cls = nn.remat(SpatialTransformer) if self.remat else SpatialTransformer
     impl = None if self.attention == "auto" else self.attention
     onednn = onednn_conv.use_onednn(self.conv, self.dtype)
     subpixel = use_subpixel(self.upsample_conv)
-    res_block = lambda ch, name: block_cls(ch, self.dropout, self.dtype, onednn, name=name)
-    attn_block = lambda name: attn_cls(self.dtype, impl, onednn, name=name)
+    res_block = lambda ch, name: block_cls(ch, self.dropout, self.dtype, onednn, self.norm_eps,
+                                           name=name)
+
+    def attend(h, name):
+      heads = num_heads(h.shape[-1], self.num_heads, self.head_channels)
+      if context is None:
+        return attn_cls(self.dtype, impl, onednn, heads, self.norm_eps, name=name)(h)
+      return xattn_cls(heads, self.transformer_depth, self.dtype, impl, onednn,
+                       name=name)(h, context)
+
     h = conv(self.ch, 3, "conv_in", self.dtype, onednn=onednn)(x.astype(self.dtype))
     hs = [h]
     for i, mult in enumerate(self.ch_mult):  # down path
       for j in range(self.num_res_blocks):
         h = res_block(self.ch * mult, f"down_{i}_block_{j}")(h, temb, train)
-        if h.shape[1] in self.attn_resolutions:
-          h = attn_block(f"down_{i}_attn_{j}")(h)
+        if self._has_attention(i, h.shape[1]):
+          h = attend(h, f"down_{i}_attn_{j}")
         hs.append(h)
       if i != levels - 1:
-        h = Downsample(self.dtype, onednn, name=f"down_{i}_downsample")(h)
+        h = Downsample(self.dtype, onednn, self.downsample_padding,
+                       name=f"down_{i}_downsample")(h)
         hs.append(h)
 
     h = res_block(h.shape[-1], "mid_block_1")(h, temb, train)  # middle
-    h = attn_block("mid_attn")(h)
+    h = attend(h, "mid_attn")
     h = res_block(h.shape[-1], "mid_block_2")(h, temb, train)
 
     for i, mult in reversed(list(enumerate(self.ch_mult))):  # up path, skips concatenated
       for j in range(self.num_res_blocks + 1):
         h = jnp.concatenate([h, hs.pop()], axis=-1)
         h = res_block(self.ch * mult, f"up_{i}_block_{j}")(h, temb, train)
-        if h.shape[1] in self.attn_resolutions:
-          h = attn_block(f"up_{i}_attn_{j}")(h)
+        if self._has_attention(i, h.shape[1]):
+          h = attend(h, f"up_{i}_attn_{j}")
       if i != 0:
         h = Upsample(self.dtype, onednn, subpixel, name=f"up_{i}_upsample")(h)
     assert not hs
 
-    h = group_norm("norm_out", self.dtype, swish=True, native=onednn)(h)
+    h = group_norm("norm_out", self.dtype, swish=True, native=onednn, eps=self.norm_eps)(h)
     h = conv(self.out_channels, 3, "conv_out", self.dtype, init=zero_init, onednn=onednn)(h)
     return h.astype(jnp.float32)

@@ -1,0 +1,89 @@
+"""LDM's SpatialTransformer (Rombach et al. 2022, Sec. 3.3 and Appendix E.2.1): the U-Net's
+attention block when it is conditioned through cross-attention on a context [B, L, d_c]
+(class embeddings, text embeddings, ...).
+
+  SpatialTransformer: GroupNorm -> proj_in -> depth x BasicTransformerBlock -> proj_out, + x
+  BasicTransformerBlock: x + SelfAttn(LN x); x + CrossAttn(LN x, context); x + GEGLU-FF(LN x)
+
+Eq. 3: Attention(Q, K, V) = softmax(Q K^T / sqrt(d)) V, Q = W_Q phi(z_t), K = W_K tau(y),
+V = W_V tau(y). Parameter names follow the blocks (attn_1 / attn_2: q, k, v, proj_out;
+ff_in, ff_out); convert_diffusers maps Stable Diffusion's and LDM's names onto them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffusion_jax.models.layers import default_init, group_norm, zero_init
+
+Dtype = Any
+
+
+class MultiHeadAttention(nn.Module):
+  """Attention of x [B, T, C] to context [B, L, d_c] (x itself when None), `heads` heads;
+  q, k, v without bias (as LDM's CrossAttention), the output projection with it."""
+  heads: int
+  dtype: Dtype = jnp.float32
+  implementation: str | None = None
+
+  @nn.compact
+  def __call__(self, x, context=None):
+    b, t, c = x.shape
+    context = x if context is None else context.astype(self.dtype)
+    n = self.heads
+    proj = lambda name: nn.Dense(c, use_bias=False, kernel_init=default_init, dtype=self.dtype,
+                                 name=name)
+    q = proj("q")(x).reshape(b, t, n, c // n)
+    k = proj("k")(context).reshape(b, context.shape[1], n, c // n)
+    v = proj("v")(context).reshape(b, context.shape[1], n, c // n)
+    h = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)  # Eq. 3
+    return nn.Dense(c, kernel_init=default_init, dtype=self.dtype, name="proj_out")(
+        h.reshape(b, t, c))
+
+
+class BasicTransformerBlock(nn.Module):
+  """Self-attention, cross-attention to the context, GEGLU feed-forward (4x), each pre-LayerNorm
+  and residual."""
+  heads: int
+  dtype: Dtype = jnp.float32
+  implementation: str | None = None
+
+  @nn.compact
+  def __call__(self, x, context):
+    c = x.shape[-1]
+    norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)
+    attn = lambda name: MultiHeadAttention(self.heads, self.dtype, self.implementation, name=name)
+    x = x + attn("attn_1")(norm("norm_1")(x))
+    x = x + attn("attn_2")(norm("norm_2")(x), context)
+    h = nn.Dense(8 * c, kernel_init=default_init, dtype=self.dtype, name="ff_in")(
+        norm("norm_3")(x))
+    value, gate = jnp.split(h, 2, axis=-1)  # GEGLU (Shazeer 2020): value * GELU(gate)
+    h = value * jax.nn.gelu(gate, approximate=False)
+    return x + nn.Dense(c, kernel_init=default_init, dtype=self.dtype, name="ff_out")(h)
+
+
+class SpatialTransformer(nn.Module):
+  """The H*W positions of x [B, H, W, C] as tokens through `depth` transformer blocks that
+  cross-attend to `context` [B, L, d_c]; residual, proj_out zero-initialised (identity at
+  the start, as in LDM)."""
+  heads: int
+  depth: int = 1
+  dtype: Dtype = jnp.float32
+  implementation: str | None = None
+  native: bool = False  # GroupNorm by csrc/group_norm.cc
+
+  @nn.compact
+  def __call__(self, x, context):
+    b, hgt, wid, c = x.shape
+    if context.ndim != 3 or context.shape[0] != b:
+      raise ValueError(f"the context must be [B={b}, L, d]; got {context.shape}")
+    h = group_norm("norm", self.dtype, native=self.native)(x).reshape(b, hgt * wid, c)
+    h = nn.Dense(c, kernel_init=default_init, dtype=self.dtype, name="proj_in")(h)
+    for i in range(self.depth):
+      h = BasicTransformerBlock(self.heads, self.dtype, self.implementation,
+                                name=f"block_{i}")(h, context)
+    h = nn.Dense(c, kernel_init=zero_init, dtype=self.dtype, name="proj_out")(h)
+    return x + h.reshape(b, hgt, wid, c)
