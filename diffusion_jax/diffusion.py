@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-MEAN_TYPES = ("eps", "x0", "mean")
+MEAN_TYPES = ("eps", "x0", "mean", "v")  # v: Salimans & Ho 2022 (Stable Diffusion 2 768)
 VAR_TYPES = ("fixedlarge", "fixedsmall", "learned", "learned_range")
 LOSS_TYPES = ("mse", "kl", "hybrid")
 SCHEDULES = ("linear", "cosine", "quadratic", "scaled_linear")
@@ -168,6 +168,16 @@ class GaussianDiffusion:
     e = lambda n: self._extract(n, t, x_t.shape, x_t.dtype)
     return (e("sqrt_recip_alphas_cumprod") * x_t - x_start) / e("sqrt_recipm1_alphas_cumprod")
 
+  def predict_start_from_v(self, x_t, t, v):
+    """x_0 = sqrt(alphabar_t) x_t - sqrt(1 - alphabar_t) v, for v = sqrt(alphabar_t) eps -
+    sqrt(1 - alphabar_t) x_0 (Salimans & Ho 2022, Sec. 4 and Appendix D)."""
+    e = lambda n: self._extract(n, t, x_t.shape, x_t.dtype)
+    return e("sqrt_alphas_cumprod") * x_t - e("sqrt_one_minus_alphas_cumprod") * v
+
+  def v_target(self, x_start, t, noise):
+    e = lambda n: self._extract(n, t, x_start.shape, x_start.dtype)
+    return e("sqrt_alphas_cumprod") * noise - e("sqrt_one_minus_alphas_cumprod") * x_start
+
   def predict_start_from_mean(self, x_t, t, mean):
     """Invert eq. 7 for x_0 given the posterior mean mu~_t."""
     e = lambda n: self._extract(n, t, x_t.shape, x_t.dtype)
@@ -209,6 +219,8 @@ class GaussianDiffusion:
     else:
       if self.mean_type == "x0":
         pred_x0 = maybe_clip(out)
+      elif self.mean_type == "v":
+        pred_x0 = maybe_clip(self.predict_start_from_v(x_t, t, out))
       else:  # eps, eq. 11
         pred_x0 = maybe_clip(self.predict_start_from_eps(x_t, t, out))
       mean, _, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)
@@ -225,8 +237,13 @@ class GaussianDiffusion:
     out = out.astype(x_t.dtype)
     if self.mean_type == "eps":
       eps, x0 = out, self.predict_start_from_eps(x_t, t, out)
+    elif self.mean_type == "v":  # both directly (as diffusers' schedulers), not through x_0
+      e = lambda n: self._extract(n, t, x_t.shape, x_t.dtype)
+      x0 = self.predict_start_from_v(x_t, t, out)
+      eps = e("sqrt_one_minus_alphas_cumprod") * x_t + e("sqrt_alphas_cumprod") * out
     else:
-      x0 = out if self.mean_type == "x0" else self.predict_start_from_mean(x_t, t, out)
+      x0 = {"x0": lambda: out, "mean": lambda: self.predict_start_from_mean(x_t, t, out),
+            "v": lambda: self.predict_start_from_v(x_t, t, out)}[self.mean_type]()
       eps = self.predict_eps_from_start(x_t, t, x0)
     return eps, (jnp.clip(x0, -1.0, 1.0) if clip_denoised else x0)
 
@@ -263,8 +280,9 @@ class GaussianDiffusion:
     if self.loss_type == "kl":
       return self.vb_terms_bpd(model_output, x_start, x_t, t)[0]
     out, var_out = self.split_model_output(model_output, x_t)
-    target = {"eps": noise, "x0": x_start,
-              "mean": self.q_posterior_mean_variance(x_start, x_t, t)[0]}[self.mean_type]
+    target = {"eps": lambda: noise, "x0": lambda: x_start,
+              "mean": lambda: self.q_posterior_mean_variance(x_start, x_t, t)[0],
+              "v": lambda: self.v_target(x_start, t, noise)}[self.mean_type]()
     mse = mean_flat(jnp.square(target - out.astype(jnp.float32)))
     if self.loss_type == "mse":
       return mse

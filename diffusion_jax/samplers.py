@@ -125,11 +125,21 @@ def ddim_step(diffusion, model_output, x_t, t, t_prev, eta, noise, clip_denoised
 
 
 def ddim_sample(diffusion, denoise_fn, x_T, key, num_steps: int = 50, eta: float = 0.0,
-                spacing: str = "uniform", clip_denoised: bool = True):
-  """DDIM with `num_steps` network evaluations; eta = 0 is deterministic."""
-  seq = ddim_timesteps(diffusion.num_timesteps, num_steps, spacing)
+                spacing: str = "uniform", clip_denoised: bool = True, steps_offset: int = 0,
+                alpha_one_at_end: bool = True):
+  """DDIM with `num_steps` network evaluations; eta = 0 is deterministic.
+
+  steps_offset, alpha_one_at_end: diffusers' DDIMScheduler `steps_offset` and
+  `set_alpha_to_one` (Stable Diffusion's scheduler configs: 1 and False: timesteps 1, 21, ...,
+  and the last step lands at t = 0, alphabar_0 < 1, instead of the clean end).
+  """
+  seq = ddim_timesteps(diffusion.num_timesteps, num_steps, spacing) + steps_offset
+  if seq[-1] >= diffusion.num_timesteps:
+    raise ValueError(f"steps_offset={steps_offset} puts timestep {seq[-1]} past the chain's "
+                     f"{diffusion.num_timesteps}")
+  end = -1 if alpha_one_at_end else 0
   ts = jnp.asarray(seq[::-1])
-  prevs = jnp.asarray(np.append(-1, seq[:-1])[::-1].astype(np.int32))
+  prevs = jnp.asarray(np.append(end, seq[:-1])[::-1].astype(np.int32))
 
   def body(x, inputs):
     t, t_prev, k = inputs

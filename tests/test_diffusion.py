@@ -33,8 +33,8 @@ def test_schedules():
 
 
 def test_bad_options_are_named():
-  with pytest.raises(ValueError, match="mean_type='v'"):
-    make(mean_type="v")
+  with pytest.raises(ValueError, match="mean_type='velocity'"):
+    make(mean_type="velocity")
   with pytest.raises(ValueError, match="var_type"):
     make(var_type="big")
 
@@ -106,9 +106,9 @@ def test_prior_bpd_is_about_1e5_bits_per_dim():
   assert np.all((got > 3e-6) & (got < 3e-5)), got  # about 1e-5 bits/dim
 
 
-@pytest.mark.parametrize("mean_type", ["eps", "x0", "mean"])
+@pytest.mark.parametrize("mean_type", ["eps", "x0", "mean", "v"])
 def test_parameterisations_round_trip(mean_type):
-  """eps <-> x0 <-> mu~: the same truth in every mean_type gives the posterior exactly."""
+  """eps <-> x0 <-> mu~ <-> v: the same truth in every mean_type gives the posterior exactly."""
   d = make(mean_type=mean_type)
   k1, k2 = jax.random.split(jax.random.PRNGKey(1))
   x0 = jax.random.uniform(k1, (4, 8, 8, 3), minval=-1, maxval=1)
@@ -116,7 +116,9 @@ def test_parameterisations_round_trip(mean_type):
   t = jnp.array([0, 3, 400, 999])
   xt = d.q_sample(x0, t, eps)
   true_mean = d.q_posterior_mean_variance(x0, xt, t)[0]
-  out = {"eps": eps, "x0": x0, "mean": true_mean}[mean_type]
+  ab = d.coefs["alphas_cumprod"][np.asarray(t)].reshape(-1, 1, 1, 1)
+  v = np.sqrt(ab) * eps - np.sqrt(1 - ab) * x0  # Salimans & Ho 2022, Sec. 4
+  out = {"eps": eps, "x0": x0, "mean": true_mean, "v": v}[mean_type]
   mean, var, logvar, pred_x0 = d.p_mean_variance(out, xt, t)
   tol = 2e-3 if mean_type == "mean" else 1e-4  # x0 from mu~ divides by a small coefficient
   np.testing.assert_allclose(pred_x0[1:], x0[1:], atol=tol)
@@ -157,6 +159,12 @@ def test_training_losses():
   t = jnp.array([0, 10, 100, 999])
   perfect = d.training_losses(lambda x, t: eps, x0, t, eps)
   chex.assert_trees_all_close(perfect, jnp.zeros(4), atol=1e-12)
+  dv = make(mean_type="v")
+  v = dv.v_target(x0, t, eps)
+  np.testing.assert_allclose(dv.training_losses(lambda x, t: v, x0, t, eps), 0.0, atol=1e-12)
+  # v at t: sqrt(ab) eps - sqrt(1 - ab) x0, so x0 at t = 999 (ab ~ 4e-5) and eps at t = 0
+  np.testing.assert_allclose(v[3], -x0[3], atol=3e-2)
+  np.testing.assert_allclose(v[0], eps[0], atol=2e-2)
   zero = d.training_losses(lambda x, t: jnp.zeros_like(x), x0, t, eps)
   np.testing.assert_allclose(zero, jnp.mean(eps ** 2, (1, 2, 3)), rtol=1e-6)
   # the bound term is smallest at the true posterior mean and positive elsewhere

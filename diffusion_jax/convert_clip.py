@@ -1,0 +1,79 @@
+"""transformers `CLIPTextModel` weights (config.json + model.safetensors, e.g. a Stable
+Diffusion pipeline's text_encoder/) -> models.clip_text.CLIPTextEncoder's fields and parameters.
+
+Pure numpy (no torch, no transformers); keys with or without the "text_model." prefix.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Mapping
+
+import numpy as np
+
+from diffusion_jax.convert_diffusers import ConversionError
+
+LAYER_RENAMES = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v",
+                 "self_attn.out_proj": "out", "layer_norm1": "norm_1", "layer_norm2": "norm_2",
+                 "mlp.fc1": "fc1", "mlp.fc2": "fc2"}
+
+
+def text_encoder_fields(cfg: Mapping[str, Any]) -> dict:
+  """CLIPTextEncoder's fields from a CLIPTextConfig's config.json (or a CLIPConfig's
+  text_config)."""
+  cfg = cfg.get("text_config", cfg)
+  act = cfg.get("hidden_act", "quick_gelu")
+  if act not in ("quick_gelu", "gelu"):
+    raise ConversionError(f"hidden_act={act!r} is not supported (quick_gelu or gelu)")
+  return {"vocab_size": int(cfg["vocab_size"]), "width": int(cfg["hidden_size"]),
+          "layers": int(cfg["num_hidden_layers"]), "heads": int(cfg["num_attention_heads"]),
+          "mlp_width": int(cfg["intermediate_size"]),
+          "max_length": int(cfg.get("max_position_embeddings", 77)), "activation": act,
+          "layer_norm_eps": float(cfg.get("layer_norm_eps", 1e-5))}
+
+
+def text_encoder_params(state: Mapping[str, np.ndarray]) -> dict:
+  """Flax parameters of CLIPTextEncoder from a CLIPTextModel state dict (numpy)."""
+  params: dict = {}
+  for key, value in state.items():
+    name = key.removeprefix("text_model.")
+    value = np.asarray(value, np.float32)
+    if name == "embeddings.position_ids":  # a buffer in older checkpoints
+      continue
+    if name == "embeddings.token_embedding.weight":
+      params["token_embedding"] = {"embedding": value}
+      continue
+    if name == "embeddings.position_embedding.weight":
+      params["position_embedding"] = value
+      continue
+    m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
+    n = re.fullmatch(r"final_layer_norm\.(weight|bias)", name)
+    if m and m.group(2) in LAYER_RENAMES:
+      module, leaf = f"layer_{m.group(1)}_{LAYER_RENAMES[m.group(2)]}", m.group(3)
+    elif n:
+      module, leaf = "final_norm", n.group(1)
+    else:
+      raise ConversionError(f"unexpected parameter {key!r} in the CLIP text encoder")
+    if leaf == "bias":
+      params.setdefault(module, {})["bias"] = value
+    elif value.ndim == 2:
+      params.setdefault(module, {})["kernel"] = value.T
+    else:
+      params.setdefault(module, {})["scale"] = value
+  return params
+
+
+def load_text_encoder(directory: str) -> tuple[dict, dict]:
+  """(CLIPTextEncoder fields, parameters) from a local CLIPTextModel directory."""
+  from safetensors.numpy import load_file
+  cfg_path = os.path.join(directory, "config.json")
+  weights = os.path.join(directory, "model.safetensors")
+  for path in (cfg_path, weights):
+    if not os.path.exists(path):
+      raise ConversionError(f"{path} not found: point at a transformers CLIPTextModel "
+                            "directory (config.json, model.safetensors), e.g. a Stable "
+                            "Diffusion pipeline's text_encoder/")
+  with open(cfg_path) as f:
+    fields = text_encoder_fields(json.load(f))
+  return fields, text_encoder_params(load_file(weights))

@@ -1,0 +1,58 @@
+"""CLIP's text transformer (Radford et al. 2021), the text encoder of Stable Diffusion 1.x
+(OpenAI's ViT-L/14) and 2.x (OpenCLIP ViT-H/14, its last layer dropped): token ids [B, L] ->
+the last hidden states [B, L, width], which the U-Net cross-attends to.
+
+Pre-LayerNorm blocks with causal self-attention (each token sees those before it), an MLP with
+quick_gelu (x sigmoid(1.702 x), OpenAI's) or exact GELU (OpenCLIP's), learned absolute
+positions, a final LayerNorm. Parameter names follow transformers' CLIPTextModel
+(convert_clip.py maps them).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+ACTIVATIONS = {"quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+               "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
+
+
+class CLIPTextEncoder(nn.Module):
+  vocab_size: int = 49408
+  width: int = 768
+  layers: int = 12
+  heads: int = 12
+  mlp_width: int = 3072
+  max_length: int = 77
+  activation: str = "quick_gelu"
+  layer_norm_eps: float = 1e-5
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, ids):
+    b, length = ids.shape
+    if length > self.max_length:
+      raise ValueError(f"{length} tokens; the text encoder has {self.max_length} positions")
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"activation {self.activation!r}: one of {tuple(ACTIVATIONS)}")
+    act = ACTIVATIONS[self.activation]
+    positions = self.param("position_embedding", nn.initializers.normal(0.01),
+                           (self.max_length, self.width))
+    x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02),
+                 name="token_embedding")(ids) + positions[:length]
+    x = x.astype(self.dtype)
+    norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)
+    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, name=name)
+    d = self.width // self.heads
+    for i in range(self.layers):
+      h = norm(f"layer_{i}_norm_1")(x)
+      q, k, v = (dense(self.width, f"layer_{i}_{n}")(h).reshape(b, length, self.heads, d)
+                 for n in ("q", "k", "v"))
+      h = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(b, length, self.width)
+      x = x + dense(self.width, f"layer_{i}_out")(h)
+      h = act(dense(self.mlp_width, f"layer_{i}_fc1")(norm(f"layer_{i}_norm_2")(x)))
+      x = x + dense(self.width, f"layer_{i}_fc2")(h)
+    return norm("final_norm")(x).astype(jnp.float32)

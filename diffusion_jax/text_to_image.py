@@ -1,0 +1,228 @@
+"""Text-to-image with a Stable Diffusion (1.x, 2.x) pipeline directory you have on disk, in JAX:
+CLIP text encoder, cross-attention U-Net and KL decoder converted from diffusers' layout, the
+whole chain (text encoding, DDIM or DPM-Solver++ with classifier-free guidance, decoding) one
+compiled program, the batch sharded over the devices.
+
+  python -m diffusion_jax.text_to_image --src=/path/to/stable-diffusion-v1-5 \
+      --prompt="a photograph of an astronaut riding a horse" --num_images=4 --out=astronaut.png
+
+--src is a diffusers pipeline directory (model_index.json beside text_encoder/, tokenizer/,
+unet/, vae/, scheduler/, each with safetensors weights). Tokenising needs the `transformers`
+package (its CLIPTokenizer reads tokenizer/); nothing else of torch or transformers runs.
+Sampling follows the pipeline's scheduler_config.json: its betas, epsilon or v prediction,
+steps_offset and set_alpha_to_one (DDIM then equals diffusers' DDIMScheduler; "dpm_solver"
+is DPM-Solver++(2M) in the same chain).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+from diffusion_jax import diffusion as dm
+from diffusion_jax import parallel, samplers, xla_options
+from diffusion_jax.convert_diffusers import ConversionError
+
+PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+METHODS = ("ddim", "dpm_solver")
+
+
+def scheduler_settings(cfg: dict) -> dict:
+  """The diffusion and DDIM conventions of a diffusers scheduler_config.json."""
+  prediction = cfg.get("prediction_type", "epsilon")
+  if prediction not in PREDICTION_TYPES:
+    raise ConversionError(f"prediction_type={prediction!r}: one of {tuple(PREDICTION_TYPES)}")
+  spacing = cfg.get("timestep_spacing", "leading")
+  if spacing != "leading":
+    logging.warning("scheduler timestep_spacing=%r: sampling uses 'leading' (DDIM's "
+                    "uniform spacing plus steps_offset)", spacing)
+  if cfg.get("trained_betas") is not None:
+    raise ConversionError("trained_betas in scheduler_config.json are not supported")
+  return {"beta_schedule": cfg.get("beta_schedule", "scaled_linear"),
+          "beta_start": float(cfg.get("beta_start", 0.00085)),
+          "beta_end": float(cfg.get("beta_end", 0.012)),
+          "num_timesteps": int(cfg.get("num_train_timesteps", 1000)),
+          "mean_type": PREDICTION_TYPES[prediction],
+          "steps_offset": int(cfg.get("steps_offset", 0)),
+          "alpha_one_at_end": bool(cfg.get("set_alpha_to_one", True))}
+
+
+@dataclasses.dataclass
+class StableDiffusion:
+  """The converted pipeline; `generate(prompts)` -> uint8 images [B, H, W, 3]."""
+  tokenizer: Any
+  text_encoder: Any
+  unet: Any
+  first_stage: Any  # latent.FirstStage: the KL decoder and the latent scaling
+  diffusion: dm.GaussianDiffusion
+  schedule: dict
+  params: dict  # {"text": ..., "unet": ...} (the decoder's are first_stage.params)
+  mesh: Any
+  sample_size: int  # the U-Net's native latent size
+
+  def __post_init__(self):
+    self._run = xla_options.jit(self._chain, static_argnames=(
+        "num_steps", "guidance_scale", "method", "eta", "decode"),
+        out_shardings=parallel.batch_sharding(self.mesh))
+
+  @classmethod
+  def load(cls, src: str, dtype: str = "float32", mesh=None, tokenizer=None):
+    """Read a local diffusers pipeline directory (see the module docstring)."""
+    from diffusion_jax.convert_autoencoder import load_autoencoder
+    from diffusion_jax.convert_clip import load_text_encoder
+    from diffusion_jax.convert_diffusers import load_diffusers_unet, unet_fields
+    from diffusion_jax.latent import FirstStage
+    from diffusion_jax.models import DTYPES, UNet
+    from diffusion_jax.models.autoencoder import AutoencoderKL
+    from diffusion_jax.models.clip_text import CLIPTextEncoder
+    sched_path = os.path.join(src, "scheduler", "scheduler_config.json")
+    if not os.path.exists(sched_path):
+      raise ConversionError(f"{sched_path} not found: --src must be a diffusers Stable "
+                            "Diffusion pipeline directory (text_encoder/, tokenizer/, unet/, "
+                            "vae/, scheduler/)")
+    with open(sched_path) as f:
+      schedule = scheduler_settings(json.load(f))
+    mesh = mesh or parallel.make_mesh()
+    compute = DTYPES[dtype]
+    text_fields, text_params = load_text_encoder(os.path.join(src, "text_encoder"))
+    unet_cfg, unet_params = load_diffusers_unet(os.path.join(src, "unet"))
+    if not unet_cfg.get("context_dim"):
+      raise ConversionError(f"{src}/unet is not a cross-attention U-Net (UNet2DConditionModel)")
+    if unet_cfg["context_dim"] != text_fields["width"]:
+      raise ConversionError(f"the U-Net attends to {unet_cfg['context_dim']} features; the text "
+                            f"encoder gives {text_fields['width']}")
+    vae_fields, vae_params, scaling = load_autoencoder(os.path.join(src, "vae"))
+    if tokenizer is None:
+      tokenizer = load_tokenizer(os.path.join(src, "tokenizer"))
+    diffusion = dm.GaussianDiffusion(
+        dm.get_beta_schedule(schedule["beta_schedule"], schedule["num_timesteps"],
+                             schedule["beta_start"], schedule["beta_end"]),
+        mean_type=schedule["mean_type"])
+    replicate = lambda tree: jax.device_put(tree, parallel.replicated(mesh))
+    first_stage = FirstStage(AutoencoderKL(**vae_fields, dtype=compute), replicate(vae_params),
+                             mesh, scaling["scale_factor"] or 0.18215,
+                             float(scaling.get("shift_factor") or 0.0))
+    return cls(tokenizer, CLIPTextEncoder(**text_fields, dtype=compute),
+               UNet(**unet_fields(unet_cfg), dtype=compute), first_stage, diffusion, schedule,
+               replicate({"text": text_params, "unet": unet_params}), mesh,
+               unet_cfg["image_size"])
+
+  def tokenize(self, prompts: list[str]) -> np.ndarray:
+    """Token ids [B, 77], padded as the pipeline pads them (to the encoder's positions)."""
+    return np.asarray(self.tokenizer(list(prompts), padding="max_length", truncation=True,
+                                     max_length=self.text_encoder.max_length,
+                                     return_tensors="np").input_ids, np.int32)
+
+  def latent_shape(self, num_images: int, height: int | None, width: int | None):
+    f = self.first_stage.model.downsampling_factor
+    levels = 2 ** (len(self.unet.ch_mult) - 1)
+    height, width = height or self.sample_size * f, width or self.sample_size * f
+    if height % (f * levels) or width % (f * levels):
+      raise ValueError(f"height and width must be multiples of {f * levels} (the decoder's "
+                       f"x{f} and the U-Net's {levels}x down-sampling); got {height}x{width}")
+    return (num_images, height // f, width // f, self.unet.in_channels)
+
+  def _chain(self, params, vae_params, scaling, ids, null_ids, x_T, key, *, num_steps,
+             guidance_scale, method, eta, decode):
+    from diffusion_jax.models import denoiser
+    context = self.text_encoder.apply({"params": params["text"]}, ids)
+    null = self.text_encoder.apply({"params": params["text"]}, null_ids)
+    denoise = denoiser(self.unet, params["unet"], guidance_scale=guidance_scale,
+                       context=context, null_context=null)
+    if method == "ddim":
+      z = samplers.ddim_sample(self.diffusion, denoise, x_T, key, num_steps, eta,
+                               clip_denoised=False, steps_offset=self.schedule["steps_offset"],
+                               alpha_one_at_end=self.schedule["alpha_one_at_end"])
+    else:
+      z = samplers.dpm_solver_sample(self.diffusion, denoise, x_T, key, num_steps,
+                                     clip_denoised=False)
+    z = z.astype(jnp.float32)
+    return self.first_stage.decode_latents(vae_params, *scaling, z) if decode else z
+
+  def generate(self, prompts, negative_prompt: str = "", num_steps: int = 50,
+               guidance_scale: float = 7.5, seed: int = 0, height: int | None = None,
+               width: int | None = None, method: str = "ddim", eta: float = 0.0, latents=None,
+               decode: bool = True):
+    """Images (uint8 [B, H, W, 3]) for `prompts`; latents: x_T [B, h, w, 4] to start from
+    (else drawn from `seed`); decode=False: the final latents [B, h, w, 4] as the U-Net sees
+    them (float32; diffusers' output_type="latent") instead of images."""
+    if method not in METHODS:
+      raise ValueError(f"method {method!r}: one of {METHODS}")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    n = len(prompts)
+    key = jax.random.PRNGKey(seed)
+    shape = self.latent_shape(n, height, width)
+    if latents is None:
+      latents = jax.random.normal(jax.random.fold_in(key, 1), shape)
+    elif tuple(latents.shape) != shape:
+      raise ValueError(f"latents of shape {tuple(latents.shape)}; expected {shape}")
+    # the batch padded to a multiple of the devices (the padding's images are dropped)
+    n_dev = self.mesh.shape[parallel.DATA]
+    batch = parallel.batch_sharding(self.mesh)
+    put = lambda a: jax.device_put(parallel.pad_to_multiple(np.asarray(a), n_dev), batch)
+    scaling = tuple(jnp.float32(v) for v in self.first_stage.scaling())
+    out = self._run(self.params, self.first_stage.params, scaling, put(self.tokenize(prompts)),
+                    put(self.tokenize([negative_prompt] * n)), put(latents), key,
+                    num_steps=num_steps, guidance_scale=float(guidance_scale), method=method,
+                    eta=float(eta), decode=decode)[:n]
+    if not decode:
+      return np.asarray(out)
+    return np.asarray(jnp.round((jnp.clip(out, -1, 1) + 1) * 127.5).astype(jnp.uint8))
+
+
+def load_tokenizer(directory: str):
+  """transformers' CLIPTokenizer from a pipeline's tokenizer/ (vocab.json, merges.txt)."""
+  try:
+    from transformers import CLIPTokenizer
+  except ImportError:
+    raise ConversionError("tokenising prompts needs the transformers package: "
+                          "pip install 'transformers>=5,<6'") from None
+  if not os.path.isdir(directory):
+    raise ConversionError(f"{directory} not found: the pipeline's tokenizer/ folder")
+  return CLIPTokenizer.from_pretrained(directory)
+
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  from diffusion_jax.images import save_grid
+  try:
+    pipe = StableDiffusion.load(FLAGS.src, FLAGS.dtype)
+    prompts = [p for p in FLAGS.prompt for _ in range(FLAGS.num_images)]
+    start = time.perf_counter()
+    images = pipe.generate(prompts, FLAGS.negative_prompt, FLAGS.steps, FLAGS.guidance,
+                           FLAGS.seed, FLAGS.height, FLAGS.width, FLAGS.method, FLAGS.eta)
+  except (ConversionError, ValueError) as e:
+    sys.exit(f"{type(e).__name__}: {e}")
+  logging.info("%d images in %.1f s (with compilation)", len(images), time.perf_counter() - start)
+  save_grid(images, FLAGS.out, ncols=FLAGS.num_images)
+  np.savez(os.path.splitext(FLAGS.out)[0] + ".npz", images)
+  print(f"wrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+  flags.DEFINE_string("src", None, "Local diffusers Stable Diffusion pipeline directory.")
+  flags.DEFINE_multi_string("prompt", None, "Prompt (repeat the flag for several).")
+  flags.DEFINE_string("negative_prompt", "", "The unconditional prompt of guidance.")
+  flags.DEFINE_integer("num_images", 1, "Images per prompt.")
+  flags.DEFINE_integer("steps", 50, "Sampler steps (network evaluations).")
+  flags.DEFINE_float("guidance", 7.5, "Classifier-free guidance scale (1: none).")
+  flags.DEFINE_integer("seed", 0, "Random seed of the starting latents.")
+  flags.DEFINE_integer("height", None, "Image height (default: the U-Net's native size).")
+  flags.DEFINE_integer("width", None, "Image width.")
+  flags.DEFINE_enum("method", "ddim", METHODS, "Sampler.")
+  flags.DEFINE_float("eta", 0.0, "DDIM eta (0: deterministic).")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+  flags.DEFINE_string("out", "text_to_image.png", "PNG grid (one row per prompt); .npz beside.")
+  flags.mark_flags_as_required(["src", "prompt"])
+  app.run(main)

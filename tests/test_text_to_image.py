@@ -1,0 +1,139 @@
+"""Stable Diffusion in JAX: a diffusers pipeline directory (random weights, Stable Diffusion's
+layout in miniature) converted and run end to end gives diffusers' StableDiffusionPipeline
+images; the CLIP text encoder against transformers' CLIPTextModel."""
+import json
+import os
+import string
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from diffusion_jax.convert_clip import load_text_encoder  # noqa: E402
+from diffusion_jax.models.clip_text import CLIPTextEncoder  # noqa: E402
+from diffusion_jax.text_to_image import StableDiffusion  # noqa: E402
+from helpers import REPO  # noqa: E402
+from test_parity import randomise  # noqa: E402
+
+pytestmark = pytest.mark.parity
+
+
+def write_tokenizer(directory):
+  """A CLIP BPE tokenizer in Stable Diffusion's files (vocab.json, merges.txt): single
+  characters, their word-final forms and a few merges. Returns the vocabulary size."""
+  os.makedirs(directory, exist_ok=True)
+  chars = list(string.ascii_lowercase + string.digits + "!,.'")
+  merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("o", "n</w>")]
+  tokens = chars + [c + "</w>" for c in chars] + [a + b for a, b in merges]
+  tokens += ["<|startoftext|>", "<|endoftext|>"]
+  with open(os.path.join(directory, "vocab.json"), "w") as f:
+    json.dump({t: i for i, t in enumerate(tokens)}, f)
+  with open(os.path.join(directory, "merges.txt"), "w") as f:
+    f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+    json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77}, f)
+  return len(tokens)
+
+
+def text_encoder(vocab, act="quick_gelu", seed=0):
+  cfg = transformers.CLIPTextConfig(
+      vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+      num_attention_heads=4, max_position_embeddings=77, hidden_act=act,
+      bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1)
+  return randomise(transformers.CLIPTextModel(cfg), seed).eval()
+
+
+@pytest.fixture(scope="module", params=["epsilon", "v_prediction"])
+def pipeline_dir(request, tmp_path_factory):
+  """A Stable Diffusion pipeline directory in miniature: 16x16 images, 8x8x4 latents."""
+  src = tmp_path_factory.mktemp(request.param)
+  vocab = write_tokenizer(str(src / "tokenizer"))
+  unet = diffusers.UNet2DConditionModel(
+      sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+      layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
+      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+  vae = diffusers.AutoencoderKL(
+      in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+      down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+      latent_channels=4, sample_size=16)
+  scheduler = diffusers.DDIMScheduler(
+      beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+      set_alpha_to_one=False, steps_offset=1, prediction_type=request.param)
+  randomise(unet, 2)
+  with torch.no_grad():  # cross-attention strong enough that the prompt shows in the latents
+    for name, p in unet.named_parameters():
+      if ".attn2." in name:
+        p.mul_(4.0)
+  pipe = diffusers.StableDiffusionPipeline(
+      vae=randomise(vae, 1), text_encoder=text_encoder(vocab), unet=unet,
+      tokenizer=transformers.CLIPTokenizer.from_pretrained(str(src / "tokenizer")),
+      scheduler=scheduler, safety_checker=None, feature_extractor=None,
+      requires_safety_checker=False)
+  pipe.save_pretrained(str(src), safe_serialization=True)
+  return src, pipe
+
+
+def test_clip_text_encoder_matches_transformers(tmp_path):
+  for act in ("quick_gelu", "gelu"):  # OpenAI's (SD 1.x) and OpenCLIP's (SD 2.x)
+    ref = text_encoder(60, act, seed=3)
+    ref.save_pretrained(str(tmp_path / act), safe_serialization=True)
+    fields, params = load_text_encoder(str(tmp_path / act))
+    assert fields["activation"] == act and fields["layers"] == 2
+    ids = np.random.default_rng(0).integers(0, 60, (2, 77))
+    with torch.no_grad():
+      want = ref(torch.from_numpy(ids)).last_hidden_state.numpy()
+    got = CLIPTextEncoder(**fields).apply({"params": params}, jnp.asarray(ids, jnp.int32))
+    diff = np.abs(np.asarray(got) - want).max()
+    print(f"CLIP text encoder ({act}): max |ours - transformers| = {diff:.3g}")
+    assert diff < 1e-4
+
+
+def test_pipeline_gives_diffusers_images(pipeline_dir):
+  src, pipe = pipeline_dir
+  ours = StableDiffusion.load(str(src))
+  assert ours.schedule["steps_offset"] == 1 and not ours.schedule["alpha_one_at_end"]
+  prompts = ["the man on a photo", "an orange cat!"]
+  latents = np.random.default_rng(0).normal(size=(2, 8, 8, 4)).astype(np.float32)
+  run = lambda p, kind: pipe(p, num_inference_steps=4, guidance_scale=5.0, output_type=kind,
+                             latents=torch.from_numpy(latents.transpose(0, 3, 1, 2))).images
+  want = run(prompts, "np")
+  got = ours.generate(prompts, num_steps=4, guidance_scale=5.0, latents=latents)
+  assert got.shape == (2, 16, 16, 3) and got.dtype == np.uint8
+  diff = np.abs(got / 255.0 - want).max()
+  print(f"{ours.diffusion.mean_type}: images max |ours - diffusers| = {diff * 255:.2f} / 255")
+  assert diff <= 1.5 / 255  # the 8-bit rounding
+  # the final latents, against how much the prompts move them (random weights: little)
+  want_z = run(prompts, "latent").numpy().transpose(0, 2, 3, 1)
+  swapped_z = run(prompts[::-1], "latent").numpy().transpose(0, 2, 3, 1)
+  got_z = ours.generate(prompts, num_steps=4, guidance_scale=5.0, latents=latents,
+                        decode=False)
+  diff, effect = np.abs(got_z - want_z).max(), np.abs(swapped_z - want_z).max()
+  print(f"latents: max |ours - diffusers| = {diff:.3g}; swapping the prompts moves them "
+        f"{effect:.3g}")
+  assert diff < effect / 10
+  with pytest.raises(ValueError, match="multiples of 4 .*got 18x16"):  # f 2, 2 U-Net levels
+    ours.generate(prompts, num_steps=4, height=18)
+
+
+def test_the_command_writes_a_grid(pipeline_dir, tmp_path):
+  src, _ = pipeline_dir
+  out = tmp_path / "grid.png"
+  proc = subprocess.run(
+      [sys.executable, "-m", "diffusion_jax.text_to_image", f"--src={src}",
+       "--prompt=the man", "--prompt=a cat", "--num_images=2", "--steps=3",
+       "--method=dpm_solver", f"--out={out}"], cwd=REPO, capture_output=True, text=True,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert os.path.getsize(out) > 0
+  assert np.load(str(out).replace(".png", ".npz"))["arr_0"].shape == (4, 16, 16, 3)
+  bad = subprocess.run([sys.executable, "-m", "diffusion_jax.text_to_image",
+                        f"--src={tmp_path}", "--prompt=x"], cwd=REPO, capture_output=True,
+                       text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+  assert bad.returncode != 0 and "scheduler_config.json not found" in bad.stderr
