@@ -56,6 +56,7 @@ def get_config():
   ae.num_res_blocks = 2
   ae.attn_levels = ()              # levels (0: full size) with attention; the middle has it
   ae.z_channels = 4                # latent channels
+  ae.codebook_size = 0             # > 0: a VQ first stage (VQGAN; LDM's vq-f4: 8192) instead
   ae.dropout = 0.0
   ae.lr = 4.5e-4                   # Adam(0.5, 0.9) for both networks (LDM: 4.5e-6 x batch 96)
   ae.disc_ndf = 64                 # PatchGAN width and strided layers (70x70 patches with 3)
@@ -69,6 +70,8 @@ def get_config():
   loss.disc_factor = 1.0
   loss.disc_weight = 0.5           # times the adaptive weight ||grad nll|| / ||grad g||
   loss.disc_loss = "hinge"         # hinge | vanilla
+  loss.codebook_weight = 1.0       # VQ: codebook + commitment term's weight ...
+  loss.commitment = 0.25           # ... and the commitment's beta inside it
 
   # latent diffusion (latent.py): the model diffuses a frozen autoencoder's latents
   c.latent = lt = ml_collections.ConfigDict()

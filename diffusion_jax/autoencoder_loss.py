@@ -46,6 +46,21 @@ def nll_loss(x, x_rec, perceptual, logvar=0.0, perceptual_weight: float = 1.0):
   return jnp.sum(nll) / x.shape[0]
 
 
+def vq_loss(h, z_q, commitment: float = 0.25):
+  """VQ-VAE's codebook and commitment terms (van den Oord et al. 2017, Eq. 3), batch means:
+  ||sg(h) - z_q||^2 moves the chosen codebook vectors, beta ||h - sg(z_q)||^2 the encoder."""
+  sg = jax.lax.stop_gradient
+  return (jnp.mean(jnp.square(sg(h) - z_q))
+          + commitment * jnp.mean(jnp.square(h - sg(z_q))))
+
+
+def codebook_usage(indices, codebook_size: int):
+  """The share of the codebook's vectors chosen anywhere in the batch (a collapse shows as a
+  small share)."""
+  counts = jnp.bincount(indices.reshape(-1), length=codebook_size)
+  return jnp.mean((counts > 0).astype(jnp.float32))
+
+
 def kl_loss(mean, logvar):
   """The posterior's KL to the prior, summed over the latent, averaged over the batch."""
   return jnp.mean(kl_to_standard_normal(mean, logvar))

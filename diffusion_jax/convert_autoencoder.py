@@ -1,8 +1,10 @@
-"""Public KL autoencoder weights -> `models.autoencoder.AutoencoderKL` parameters.
+"""Public KL and VQ autoencoder weights -> `models.autoencoder.AutoencoderKL` parameters.
 
 Two namings, both read as safetensors with numpy (no torch):
 - diffusers `AutoencoderKL` (a directory with config.json + diffusion_pytorch_model.safetensors,
   or a pipeline directory with vae/): stabilityai/sd-vae-ft-mse, the SD/SDXL/SD3/FLUX VAEs;
+  diffusers `VQModel` (or a pipeline's vqvae/): LDM's vq-f4/vq-f8 first stages (e.g. the one
+  of CompVis/ldm-celebahq-256), whose codebook `quantize.embedding.weight` becomes `codebook`;
 - CompVis `ldm` (`encoder.down.0.block.0.norm1.weight`, ...): the kl-f4/kl-f8 first stages, the
   original sd-vae-ft-mse-840000-ema-pruned file, or a whole LDM/SD checkpoint, whose
   `first_stage_model.` (or `vae.`) part is taken; an autoencoder's own training checkpoint
@@ -101,9 +103,10 @@ def autoencoder_state(state: Mapping[str, Any]) -> tuple[dict, str]:
       break
   # an autoencoder's training checkpoint: LPIPS and discriminator; EMA bookkeeping
   state = {k: v for k, v in state.items() if not k.startswith(("loss.", "model_ema."))}
-  if any(k.startswith("quantize.") for k in state):
-    raise ConversionError("this is a VQ first stage (quantize.* codebook): only KL "
-                          "autoencoders are supported")
+  vq = {k for k in state if k.startswith("quantize.")}
+  if vq - {"quantize.embedding.weight"}:
+    raise ConversionError(f"VQ parameters {sorted(vq)}: only a plain codebook "
+                          "(quantize.embedding.weight) is supported, no remapping")
   if not any(k.startswith(("encoder.", "decoder.")) for k in state):
     raise ConversionError("no autoencoder parameters (encoder.*/decoder.*, or under "
                           f"{' / '.join(LDM_PREFIXES)}) in this file")
@@ -119,6 +122,9 @@ def autoencoder_params(state: Mapping[str, Any]) -> dict:
                     if (m := re.match(r"encoder\.down(?:_blocks)?\.(\d+)\.", k))], default=0)
   params: dict = {}
   for key, value in state.items():
+    if key == "quantize.embedding.weight":  # [codebook_size, embed_dim], as it is
+      params["codebook"] = np.asarray(value, np.float32)
+      continue
     path, leaf = (_diffusers_target(key, levels) if naming == "diffusers" else _ldm_target(key))
     put_torch_tensor(params, path, leaf, key, value)
   return params
@@ -140,9 +146,11 @@ def autoencoder_config_from_params(params: Mapping[str, Any]) -> dict:
     z2 = enc["conv_out"]["kernel"].shape[-1]
   except (KeyError, ValueError) as e:
     raise ConversionError(f"the encoder lacks a parameter of the kl autoencoder layout ({e})")
-  if z2 % 2:
+  vq = "codebook" in params
+  moments = 1 if vq else 2  # KL: mean and log-variance
+  if z2 % moments:
     raise ConversionError(f"the encoder's output has {z2} channels: not a KL autoencoder's mean "
-                          "and log-variance (a VQ model's first stage is not supported)")
+                          "and log-variance (and no VQ codebook)")
   dec_attn = tuple(i for i in range(levels) if f"up_{i}_attn_0" in dec)
   if dec_attn != attn_levels or ("mid_attn" in dec) != ("mid_attn" in enc):
     raise ConversionError(f"attention at levels {attn_levels} of the encoder but {dec_attn} of "
@@ -150,20 +158,28 @@ def autoencoder_config_from_params(params: Mapping[str, Any]) -> dict:
                           "the same places in both halves")
   quant = "quant_conv" in params
   post = "post_quant_conv" in params
-  embed = params["quant_conv"]["kernel"].shape[-1] // 2 if quant else z2 // 2
-  return {"ch": ch, "ch_mult": ch_mult, "num_res_blocks": num_res_blocks,
+  embed = (params["quant_conv"]["kernel"].shape[-1] if quant else z2) // moments
+  return {"codebook_size": params["codebook"].shape[0] if vq else 0, "ch": ch, "ch_mult": ch_mult, "num_res_blocks": num_res_blocks,
           "attn_levels": attn_levels, "mid_attn": "mid_attn" in enc,
           "in_channels": enc["conv_in"]["kernel"].shape[-2],
-          "out_channels": dec["conv_out"]["kernel"].shape[-1], "z_channels": z2 // 2,
+          "out_channels": dec["conv_out"]["kernel"].shape[-1], "z_channels": z2 // moments,
           "embed_dim": embed, "use_quant_conv": quant, "use_post_quant_conv": post}
 
 
 def latent_scaling_from_diffusers(cfg: Mapping[str, Any]) -> dict:
-  """Refuse what our network cannot be; return the latent scaling the config records."""
-  check_diffusers_config(cfg, "AutoencoderKL", REQUIRED, "the KL autoencoder")
+  """Refuse what our network cannot be; return the latent scaling the config records (a
+  VQModel's: 1, as LDM diffuses its latents unscaled and diffusers' LDMPipeline decodes them
+  so, whatever scaling_factor its config.json carries)."""
+  if cfg.get("_class_name") == "VQModel":
+    check_diffusers_config(cfg, "VQModel", dict(REQUIRED, norm_type="group",
+                                                lookup_from_codebook=False), "the VQ autoencoder")
+  else:
+    check_diffusers_config(cfg, "AutoencoderKL", REQUIRED, "the KL autoencoder")
   blocks = set(cfg.get("down_block_types", ())) | set(cfg.get("up_block_types", ()))
   if blocks - DIFFUSERS_BLOCKS:
     raise ConversionError(f"block types {sorted(blocks - DIFFUSERS_BLOCKS)} are not supported")
+  if cfg.get("_class_name") == "VQModel":
+    return {"scale_factor": 1.0, "shift_factor": 0.0}
   return {"scale_factor": float(cfg.get("scaling_factor") or 0.18215),
           "shift_factor": float(cfg.get("shift_factor") or 0.0)}
 
@@ -183,7 +199,7 @@ def check_params(config: Mapping[str, Any], params: Mapping[str, Any]) -> None:
   got = {k: v.shape for k, v in traverse_util.flatten_dict(params, sep="/").items()}
   problems = shape_problems(want, got, sorted(k for k in got if k not in want))
   if problems:
-    raise ConversionError("the weights do not form one KL autoencoder (names in our layout): "
+    raise ConversionError("the weights do not form one autoencoder (names in our layout): "
                           + "; ".join(problems))
 
 
@@ -211,12 +227,14 @@ def load_autoencoder(src: str) -> tuple[dict, dict, dict]:
   SD 1.x, 0.13025 for SDXL, or 1 / std of its latents on your data, as LDM does)."""
   scaling = {"scale_factor": None, "shift_factor": 0.0}
   if os.path.isdir(src):
-    vae_dir = os.path.join(src, "vae") if os.path.isdir(os.path.join(src, "vae")) else src
+    vae_dir = next((os.path.join(src, sub) for sub in ("vae", "vqvae")
+                    if os.path.isdir(os.path.join(src, sub))), src)
     cfg_path = os.path.join(vae_dir, "config.json")
     weights = os.path.join(vae_dir, "diffusion_pytorch_model.safetensors")
     for path in (cfg_path, weights):
       if not os.path.exists(path):
-        raise ConversionError(f"{path} not found: point at a diffusers AutoencoderKL directory "
+        raise ConversionError(f"{path} not found: point at a diffusers AutoencoderKL or VQModel "
+                              "directory "
                               "(config.json + diffusion_pytorch_model.safetensors) or at one "
                               ".safetensors file")
     with open(cfg_path) as f:
@@ -234,7 +252,9 @@ def load_autoencoder(src: str) -> tuple[dict, dict, dict]:
   config = autoencoder_config_from_params(params)
   check_params(config, params)
   said = {"block_out_channels": [config["ch"] * k for k in config["ch_mult"]],
-          "layers_per_block": config["num_res_blocks"], "latent_channels": config["embed_dim"]}
+          "layers_per_block": config["num_res_blocks"], "latent_channels": config["z_channels"]}
+  if config["codebook_size"]:
+    said["num_vq_embeddings"] = config["codebook_size"]
   for key, value in said.items():
     if key in diffusers_cfg and list(np.atleast_1d(diffusers_cfg[key])) != list(
         np.atleast_1d(value)):

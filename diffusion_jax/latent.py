@@ -60,9 +60,10 @@ class FirstStage:
   def __post_init__(self):
     model, sharding = self.model, parallel.batch_sharding(self.mesh)
 
-    def encode(params, scale, shift, x, key=None):  # key None: the posterior's mean
+    # key None: the posterior's mean; a VQ first stage: h, before quantisation (LDM's)
+    def encode(params, scale, shift, x, key=None):
       mean, logvar = model.apply({"params": params}, x, method=model.encode)
-      z = mean if key is None else sample_gaussian(key, mean, logvar)
+      z = mean if key is None or logvar is None else sample_gaussian(key, mean, logvar)
       return (z - shift) * scale
 
     def decode(params, scale, shift, z):

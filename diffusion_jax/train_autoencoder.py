@@ -47,11 +47,14 @@ class LossConfig:
   disc_factor: float = 1.0
   disc_weight: float = 0.5
   disc_loss: str = "hinge"
+  codebook_weight: float = 1.0  # VQ first stages: the codebook term's weight (VQGAN: 1)
+  commitment: float = 0.25      # ... and beta, the commitment term's, inside it
 
   def __post_init__(self):
     if self.disc_loss not in L.D_LOSSES:
       raise ValueError(f"disc_loss={self.disc_loss!r}: expected one of {tuple(L.D_LOSSES)}")
-    for name in ("kl_weight", "perceptual_weight", "disc_factor", "disc_weight", "disc_start"):
+    for name in ("kl_weight", "perceptual_weight", "disc_factor", "disc_weight", "disc_start",
+                 "codebook_weight", "commitment"):
       if getattr(self, name) < 0:
         raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
 
@@ -99,8 +102,8 @@ def train_step(state: AutoencoderState, batch, *, autoencoder, discriminator,
   """One update: the autoencoder, and with `gan` (= uses_gan(state.step)) the adaptive GAN
   term and the discriminator's update. perceptual(x, x_rec) -> [B] (LPIPS), or None.
 
-  Returns (state, metrics): loss, nll, rec_l1, kl, g_loss, d_weight, disc_factor, d_loss,
-  logits_real, logits_fake, grad_norm.
+  Returns (state, metrics): loss, nll, rec_l1, kl (a VQ model: vq, codebook_usage), g_loss,
+  d_weight, disc_factor, d_loss, logits_real, logits_fake, grad_norm.
   """
   x = batch["image"]
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -108,16 +111,20 @@ def train_step(state: AutoencoderState, batch, *, autoencoder, discriminator,
   d_vars = {"params": state.disc_params, "batch_stats": state.disc_stats}
 
   def parts(params):
-    rec, mean, logvar = autoencoder.apply({"params": params}, x, key, train=True,
-                                          rngs={"dropout": jax.random.fold_in(key, 1)})
+    rec, mean, third = autoencoder.apply({"params": params}, x, key, train=True,
+                                         rngs={"dropout": jax.random.fold_in(key, 1)})
     p = perceptual(x, rec) if perceptual is not None and loss.perceptual_weight > 0 else None
     nll = L.nll_loss(x, rec, p, loss.logvar, loss.perceptual_weight)
     g = jnp.zeros(())
     if gan:  # the discriminator in training mode, as theirs (its statistics not kept)
       logits, _ = discriminator.apply(d_vars, rec, train=True, mutable=["batch_stats"])
       g = -jnp.mean(logits)
-    aux = {"nll": nll, "kl": L.kl_loss(mean, logvar), "g_loss": g,
-           "rec_l1": jnp.mean(jnp.abs(x - rec))}
+    aux = {"nll": nll, "g_loss": g, "rec_l1": jnp.mean(jnp.abs(x - rec))}
+    if autoencoder.codebook_size:  # third: the chosen codebook vectors and their indices
+      aux["vq"] = L.vq_loss(mean, third[0], loss.commitment)
+      aux["codebook_usage"] = L.codebook_usage(third[1], autoencoder.codebook_size)
+    else:  # third: the posterior's log-variance
+      aux["kl"] = L.kl_loss(mean, third)
     return nll, g, aux, rec
 
   d_weight = jnp.zeros(())
@@ -128,7 +135,8 @@ def train_step(state: AutoencoderState, batch, *, autoencoder, discriminator,
 
   def total(p):
     nll, g, aux, rec = parts(p)
-    return nll + loss.kl_weight * aux["kl"] + d_weight * factor * g, (aux, rec)
+    reg = (loss.codebook_weight * aux["vq"] if "vq" in aux else loss.kl_weight * aux["kl"])
+    return nll + reg + d_weight * factor * g, (aux, rec)
 
   (value, (aux, rec)), grads = jax.value_and_grad(total, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -194,8 +202,6 @@ class AutoencoderTrainer:
   argument rather than as constants folded into the program.
   """
   steps_per_dispatch = 1
-  log_keys = ("rec_l1", "kl", "g_loss", "d_weight", "d_loss", "logits_real", "logits_fake",
-              "grad_norm")
 
   def __init__(self, config, mesh=None, lpips: bool = True):
     """lpips=False: no LPIPS weights loaded (evaluation; the step then leaves LPIPS out)."""
@@ -205,6 +211,9 @@ class AutoencoderTrainer:
     self.mesh = mesh or parallel.make_mesh()
     dtype = DTYPES[config.model.dtype]
     self.model = build_autoencoder(config)
+    reg = ("vq", "codebook_usage") if self.model.codebook_size else ("kl",)
+    self.log_keys = ("rec_l1",) + reg + ("g_loss", "d_weight", "d_loss", "logits_real",
+                                         "logits_fake", "grad_norm")
     self.discriminator = PatchDiscriminator(a.disc_ndf, a.disc_layers, dtype)
     self.loss = LossConfig(**a.loss.to_dict())
     self.tx = self.disc_tx = make_optimizer(a.lr)

@@ -172,6 +172,8 @@ def _check_autoencoder(a, image_size: int):
   _check(all(0 <= k < levels for k in a.attn_levels), "autoencoder.attn_levels",
          tuple(a.attn_levels), f"level indices in [0, {levels - 1}] (0: full size)")
   _check(a.z_channels >= 1, "autoencoder.z_channels", a.z_channels, ">= 1")
+  _check(a.get("codebook_size", 0) >= 0, "autoencoder.codebook_size", a.get("codebook_size"),
+         ">= 0 (0: KL; > 0: VQ with that many codebook vectors)")
   _check(0.0 <= a.dropout < 1.0, "autoencoder.dropout", a.dropout, "in [0, 1)")
   _check(a.lr > 0, "autoencoder.lr", a.lr, "> 0")
   _check(a.disc_layers >= 1 and image_size >= 2 ** (a.disc_layers + 2), "autoencoder.disc_layers",

@@ -117,7 +117,7 @@ def test_matches_diffusers_autoencoder_kl():
   vae = _random_vae(diffusers, torch)
   params = autoencoder_params({k: v.numpy() for k, v in vae.state_dict().items()})
   config = autoencoder_config_from_params(params)
-  assert config == {"ch": 32, "ch_mult": (1, 2, 2), "num_res_blocks": 1, "attn_levels": (),
+  assert config == {"codebook_size": 0, "ch": 32, "ch_mult": (1, 2, 2), "num_res_blocks": 1, "attn_levels": (),
                     "mid_attn": True, "in_channels": 3, "out_channels": 3, "z_channels": 4,
                     "embed_dim": 4, "use_quant_conv": True, "use_post_quant_conv": True}
   ref = jax.eval_shape(lambda: ae.AutoencoderKL(**config).init(jax.random.PRNGKey(0),
@@ -165,7 +165,7 @@ def test_ldm_checkpoint_converts_like_diffusers_own_converter():
   from diffusion_jax.convert_autoencoder import autoencoder_config_from_params, autoencoder_params
   cfg = dict(SMALL, block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
              up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=2)
-  config = {"ch": 32, "ch_mult": (1, 2), "num_res_blocks": 2, "attn_levels": (),
+  config = {"codebook_size": 0, "ch": 32, "ch_mult": (1, 2), "num_res_blocks": 2, "attn_levels": (),
             "mid_attn": True, "in_channels": 3, "out_channels": 3, "z_channels": 4,
             "embed_dim": 4, "use_quant_conv": True, "use_post_quant_conv": True}
   shapes = jax.eval_shape(lambda: ae.AutoencoderKL(**config).init(jax.random.PRNGKey(0),
@@ -214,9 +214,10 @@ def test_load_autoencoder_reads_a_diffusers_directory_and_a_single_file(tmp_path
   save_file(partial, str(tmp_path / "partial.safetensors"))
   with pytest.raises(ConversionError, match="missing: decoder/up_0_block_1/conv_1/bias"):
     load_autoencoder(str(tmp_path / "partial.safetensors"))
+  # a codebook of the wrong width beside a KL encoder
   save_file({**state, "quantize.embedding.weight": np.zeros((8, 4), np.float32)},
             str(tmp_path / "vq.safetensors"))
-  with pytest.raises(ConversionError, match="VQ first stage"):
+  with pytest.raises(ConversionError, match="do not form one autoencoder.*codebook"):
     load_autoencoder(str(tmp_path / "vq.safetensors"))
   cfg_path = tmp_path / "vae" / "config.json"
   cfg_path.write_text(cfg_path.read_text().replace('"layers_per_block": 1',
@@ -238,5 +239,47 @@ def test_load_autoencoder_reads_a_diffusers_directory_and_a_single_file(tmp_path
 
   with pytest.raises(ConversionError, match="act_fn='gelu'"):
     latent_scaling_from_diffusers({"_class_name": "AutoencoderKL", "act_fn": "gelu"})
-  with pytest.raises(ConversionError, match="config.json of a AutoencoderKL, got .VQModel."):
-    latent_scaling_from_diffusers({"_class_name": "VQModel"})
+  with pytest.raises(ConversionError, match="config.json of a AutoencoderKL, got .Asymm"):
+    latent_scaling_from_diffusers({"_class_name": "AsymmetricAutoencoderKL"})
+  with pytest.raises(ConversionError, match="norm_type='spatial'"):
+    latent_scaling_from_diffusers({"_class_name": "VQModel", "norm_type": "spatial"})
+
+
+@pytest.mark.parity
+def test_vq_first_stage_matches_diffusers_vq_model(tmp_path):
+  """LDM's VQ first stage (vq-f4's layout in miniature) from a pipeline's vqvae/ folder: the
+  latents h, the codebook indices, decoding (quantised) and the whole pass; scale 1."""
+  torch, diffusers = _diffusers()
+  from diffusion_jax.convert_autoencoder import load_autoencoder
+  vq = diffusers.VQModel(in_channels=3, out_channels=3, block_out_channels=(32, 64),
+                         down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
+                         latent_channels=3, num_vq_embeddings=64, norm_num_groups=32)
+  g = torch.Generator().manual_seed(0)
+  with torch.no_grad():
+    for name, p in vq.named_parameters():
+      scale = 1.0 if "quantize" in name else 0.7 / max(1, p[0].numel()) ** 0.5
+      p.copy_(torch.randn(p.shape, generator=g) * scale + 0.01)
+  vq.eval().save_pretrained(tmp_path / "vqvae", safe_serialization=True)
+  config, params, scaling = load_autoencoder(str(tmp_path))
+  assert (config["codebook_size"], config["z_channels"], config["embed_dim"]) == (64, 3, 3)
+  assert scaling == {"scale_factor": 1.0, "shift_factor": 0.0}
+  model = ae.AutoencoderKL(**config)
+  x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)
+  nhwc = lambda a: jnp.asarray(np.asarray(a).transpose(0, 2, 3, 1))
+  with torch.no_grad():
+    h = vq.encode(torch.from_numpy(x)).latents
+    _, _, (_, _, idx) = vq.quantize(h)
+    want = {"h": h, "decode": vq.decode(h).sample, "forward": vq(torch.from_numpy(x)).sample}
+  got_h, logvar = model.apply({"params": params}, nhwc(x), method=model.encode)
+  assert logvar is None
+  _, got_idx = model.apply({"params": params}, got_h, method=model.quantize)
+  np.testing.assert_array_equal(np.asarray(got_idx).reshape(-1), idx.numpy().reshape(-1))
+  got = {"h": got_h, "decode": model.apply({"params": params}, nhwc(h.numpy()),
+                                           method=model.decode),
+         "forward": model.apply({"params": params}, nhwc(x))[0]}
+  for name, ref in want.items():
+    ref = ref.numpy().transpose(0, 2, 3, 1)
+    diff = float(np.abs(np.asarray(got[name]) - ref).max())
+    print(f"VQ {name}: max |ours - diffusers| = {diff:.3g} (scale {np.abs(ref).max():.3g})")
+    assert diff < 2e-4 * max(1.0, float(np.abs(ref).max())), name

@@ -70,12 +70,13 @@ def build_model(config):
 
 
 def build_autoencoder(config):
-  """The KL autoencoder of `config.autoencoder` (latent channels = embed_dim = z_channels), for
-  `config.data`'s channels, with `config.model`'s compute options."""
+  """The KL (or VQ) autoencoder of `config.autoencoder` (latent channels = embed_dim =
+  z_channels), for `config.data`'s channels, with `config.model`'s compute options."""
   a, m = config.autoencoder, config.model
   return AutoencoderKL(
       ch=a.ch, ch_mult=tuple(a.ch_mult), num_res_blocks=a.num_res_blocks,
       attn_levels=tuple(a.attn_levels), in_channels=config.data.channels,
       out_channels=config.data.channels, z_channels=a.z_channels, embed_dim=a.z_channels,
       dropout=a.dropout, dtype=DTYPES[m.dtype], attention=m.attention, remat=m.remat,
-      conv=m.get("conv", "auto"), upsample_conv=m.get("upsample_conv", "auto"))
+      conv=m.get("conv", "auto"), upsample_conv=m.get("upsample_conv", "auto"),
+      codebook_size=a.get("codebook_size", 0))

@@ -10,6 +10,10 @@ GroupNorm(32, eps 1e-6). NHWC; `dtype` is the compute dtype, parameters stay flo
 
 Attention goes by level index (`attn_levels`), not by spatial size, so one network encodes
 images of any size divisible by f. The public kl-f* models attend in the middle block only.
+
+codebook_size > 0 gives the VQ-regularised first stage instead (VQGAN, Esser et al. 2021; LDM's
+vq-f4 / vq-f8, diffusers' `VQModel`): E(x) is one latent h (no variance), and D quantises it to
+its nearest codebook vectors before decoding. LDM diffuses h itself (before quantisation).
 """
 from __future__ import annotations
 
@@ -127,6 +131,9 @@ class AutoencoderKL(nn.Module):
   quant_conv (both 4 in kl-f8; without quant convs they must agree). `encode` gives the
   posterior's moments, `decode` an image in [-1, 1] (not clipped); `__call__` both, sampling
   z from the posterior when given an rng (training) and taking its mean otherwise.
+  With codebook_size > 0 (VQ): `encode` gives (h, None), `decode` quantises first, and
+  `__call__` gives (reconstruction, h, (z_q, indices)): z_q the chosen codebook vectors, which
+  the decoder saw through the straight-through estimator h + sg(z_q - h).
   """
   ch: int = 128
   ch_mult: Sequence[int] = (1, 2, 4, 4)
@@ -145,6 +152,7 @@ class AutoencoderKL(nn.Module):
   remat: bool = False
   conv: str = "auto"
   upsample_conv: str = "auto"
+  codebook_size: int = 0
 
   @property
   def downsampling_factor(self) -> int:
@@ -159,12 +167,19 @@ class AutoencoderKL(nn.Module):
         self.z_channels != self.embed_dim):
       raise ValueError(f"z_channels={self.z_channels} and embed_dim={self.embed_dim} differ, "
                        "which needs both quant_conv and post_quant_conv")
-    self.encoder = Encoder(out_channels=2 * self.z_channels, **shared)
+    moments = 1 if self.codebook_size else 2  # VQ: one latent; KL: mean and log-variance
+    self.encoder = Encoder(out_channels=moments * self.z_channels, **shared)
     self.decoder = Decoder(out_channels=self.out_channels, upsample_conv=self.upsample_conv,
                            **shared)
     onednn = onednn_conv.use_onednn(self.conv, self.dtype)
     if self.use_quant_conv:
-      self.quant_conv = conv(2 * self.embed_dim, 1, "quant_conv", self.dtype, onednn=onednn)
+      self.quant_conv = conv(moments * self.embed_dim, 1, "quant_conv", self.dtype,
+                             onednn=onednn)
+    if self.codebook_size:  # taming-transformers' init
+      bound = 1.0 / self.codebook_size
+      self.codebook = self.param(
+          "codebook", lambda k, shape: jax.random.uniform(k, shape, jnp.float32, -bound, bound),
+          (self.codebook_size, self.embed_dim))
     if self.use_post_quant_conv:
       self.post_quant_conv = conv(self.z_channels, 1, "post_quant_conv", self.dtype,
                                   onednn=onednn)
@@ -178,18 +193,38 @@ class AutoencoderKL(nn.Module):
     moments = self.encoder(x, train)
     if self.use_quant_conv:
       moments = self.quant_conv(moments)
+    if self.codebook_size:
+      return moments.astype(jnp.float32), None
     return gaussian_from_moments(moments.astype(jnp.float32))
 
-  def decode(self, z, train: bool = False):
-    """Latents [B, h, w, embed_dim] -> images [B, h f, w f, out_channels] (float32)."""
+  def quantize(self, h):
+    """(z_q, indices): each latent vector's nearest codebook vector (Euclidean), float32."""
+    h = h.astype(jnp.float32)
+    e = self.codebook
+    dist = (jnp.sum(h * h, -1, keepdims=True) - 2.0 * jnp.einsum("...c,nc->...n", h, e)
+            + jnp.sum(e * e, -1))
+    indices = jnp.argmin(dist, axis=-1)
+    return e[indices], indices
+
+  def decode(self, z, train: bool = False, quantize: bool = True):
+    """Latents [B, h, w, embed_dim] -> images [B, h f, w f, out_channels] (float32); a VQ model
+    quantises them first (quantize=False: they are codebook vectors already)."""
     if z.ndim != 4 or z.shape[-1] != self.embed_dim:
       raise ValueError(f"the decoder takes [B, h, w, {self.embed_dim}] latents; got {z.shape}")
+    if self.codebook_size and quantize:
+      z = self.quantize(z)[0]
     if self.use_post_quant_conv:
       z = self.post_quant_conv(z.astype(self.dtype))
     return self.decoder(z, train).astype(jnp.float32)
 
   def __call__(self, x, rng=None, train: bool = False):
-    """(reconstruction, mean, logvar); z ~ posterior with `rng`, its mean without."""
+    """(reconstruction, mean, logvar); z ~ posterior with `rng`, its mean without. VQ:
+    (reconstruction, h, (z_q, codebook indices))."""
+    if self.codebook_size:
+      h, _ = self.encode(x, train)
+      z_q, indices = self.quantize(h)
+      rec = self.decode(h + jax.lax.stop_gradient(z_q - h), train, quantize=False)
+      return rec, h, (z_q, indices)
     mean, logvar = self.encode(x, train)
     z = mean if rng is None else sample_gaussian(rng, mean, logvar)
     return self.decode(z, train), mean, logvar
