@@ -5,9 +5,15 @@
   python main.py --config=configs/cifar10_ddpm.py --workdir=runs/ddpm-cifar10-imported --mode=sample
 
 No network: --src is a local directory with config.json and diffusion_pytorch_model.safetensors
-(for a whole pipeline directory, its unet/ subfolder is used). The imported weights become
-both the parameters and the EMA parameters of step 0, so sample/eval use them as they are
-and train fine-tunes from them.
+(for a whole pipeline directory, its unet/ subfolder is used, and its scheduler/ config is
+checked against config.diffusion). The imported weights become both the parameters and the
+EMA parameters of step 0, so sample/eval use them as they are and train fine-tunes from them.
+
+Latent models (LDM's unconditional pipelines, e.g. CompVis/ldm-celebahq-256): the config's
+latent.autoencoder names the first stage (that pipeline's vqvae/), configs/celebahq256_ldm.py:
+  python -m diffusion_jax.convert --src=/path/to/ldm-celebahq-256 \
+      --config=configs/celebahq256_ldm.py --workdir=runs/ldm-celebahq-imported \
+      --config.latent.autoencoder=/path/to/ldm-celebahq-256/vqvae
 """
 from __future__ import annotations
 
@@ -20,28 +26,57 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diffusion_jax import checkpoints
-from diffusion_jax.convert_diffusers import ConversionError, load_diffusers_unet
+from diffusion_jax.convert_diffusers import (ConversionError, load_diffusers_unet,
+                                             scheduler_settings)
 
 FLAGS = flags.FLAGS
 
 
-def config_mismatches(config, model_cfg: dict) -> list[str]:
-  """`--config.*` overrides that make `config` describe the imported network."""
+def config_mismatches(config, model_cfg: dict, schedule: dict | None = None) -> list[str]:
+  """`--config.*` overrides that make `config` describe the imported network (and the
+  diffusion of its pipeline's scheduler_config.json, when given)."""
+  from diffusion_jax.latent import latent_shape, model_input_shape
   want = {f"model.{k}": v for k, v in model_cfg.items()
           if k in config.model and k not in ("name", "dropout")}
-  want.update({"data.image_size": model_cfg["image_size"],
-               "data.channels": model_cfg["in_channels"]})
   out = []
+  size, channels = model_input_shape(config)
+  if latent_shape(config) is None:
+    want.update({"data.image_size": model_cfg["image_size"],
+                 "data.channels": model_cfg["in_channels"]})
+  elif (size, channels) != (model_cfg["image_size"], model_cfg["in_channels"]):
+    u_size, u_ch = model_cfg["image_size"], model_cfg["in_channels"]
+    if size != u_size:
+      out.append(f"--config.data.image_size={u_size * config.data.image_size // size}")
+    if channels != u_ch:
+      out.append(f"--config.autoencoder.z_channels={u_ch}")
+    out[-1] += (f" (the U-Net takes {u_size}x{u_size}x{u_ch} latents; the first stage gives "
+                f"{size}x{size}x{channels})")
   for key, value in want.items():
     section, name = key.split(".")
     have = config[section][name]
     if (tuple(have) if isinstance(value, tuple) else have) != value:
       out.append(f"--config.{key}={value!r}".replace(" ", ""))
+  for key in ("num_timesteps", "beta_schedule", "beta_start", "beta_end", "mean_type"):
+    have = config.diffusion[key]
+    if schedule and (abs(have - schedule[key]) > 1e-9 if isinstance(have, float)
+                     else have != schedule[key]):
+      out.append(f"--config.diffusion.{key}={schedule[key]!r}".replace(" ", ""))
   learned = config.diffusion.var_type in ("learned", "learned_range")
   if learned != model_cfg["learned_variance"]:
     out.append("--config.diffusion.var_type=" + ("learned_range" if model_cfg["learned_variance"]
                                                  else "fixedlarge"))
   return out
+
+
+def pipeline_schedule(src: str) -> dict | None:
+  """The diffusion of a pipeline directory's scheduler/ (or a U-Net folder's sibling one)."""
+  import json
+  for path in (os.path.join(src, "scheduler", "scheduler_config.json"),
+               os.path.join(src, "..", "scheduler", "scheduler_config.json")):
+    if os.path.exists(path):
+      with open(path) as f:
+        return scheduler_settings(json.load(f))
+  return None
 
 
 def import_diffusers_unet(src: str, config, workdir: str) -> int:
@@ -53,7 +88,7 @@ def import_diffusers_unet(src: str, config, workdir: str) -> int:
         "this U-Net cross-attends to a text encoder's output, which main.py's pipeline does "
         "not compute: use it from Python, UNet(**unet_fields(fields)).apply({'params': params}, "
         "x, t, context=...) with fields, params = convert_diffusers.load_diffusers_unet(src)")
-  bad = config_mismatches(config, model_cfg)
+  bad = config_mismatches(config, model_cfg, pipeline_schedule(src))
   if bad:
     raise ConversionError("the config does not describe this network; add " + " ".join(bad))
   trainer = Trainer(config)

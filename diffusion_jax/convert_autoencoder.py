@@ -168,8 +168,8 @@ def autoencoder_config_from_params(params: Mapping[str, Any]) -> dict:
 
 def latent_scaling_from_diffusers(cfg: Mapping[str, Any]) -> dict:
   """Refuse what our network cannot be; return the latent scaling the config records (a
-  VQModel's: 1, as LDM diffuses its latents unscaled and diffusers' LDMPipeline decodes them
-  so, whatever scaling_factor its config.json carries)."""
+  VQModel without one: 1, as LDM diffuses VQ latents unscaled; diffusers' LDMPipeline divides
+  by the scaling_factor its config.json holds)."""
   if cfg.get("_class_name") == "VQModel":
     check_diffusers_config(cfg, "VQModel", dict(REQUIRED, norm_type="group",
                                                 lookup_from_codebook=False), "the VQ autoencoder")
@@ -179,7 +179,7 @@ def latent_scaling_from_diffusers(cfg: Mapping[str, Any]) -> dict:
   if blocks - DIFFUSERS_BLOCKS:
     raise ConversionError(f"block types {sorted(blocks - DIFFUSERS_BLOCKS)} are not supported")
   if cfg.get("_class_name") == "VQModel":
-    return {"scale_factor": 1.0, "shift_factor": 0.0}
+    return {"scale_factor": float(cfg.get("scaling_factor") or 1.0), "shift_factor": 0.0}
   return {"scale_factor": float(cfg.get("scaling_factor") or 0.18215),
           "shift_factor": float(cfg.get("shift_factor") or 0.0)}
 

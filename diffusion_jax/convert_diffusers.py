@@ -146,6 +146,35 @@ def conditional_model_config_from_diffusers(cfg: Mapping[str, Any]) -> dict:
               context_dim=int(context_dim), transformer_depth=int(depth))
 
 
+PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear",
+                  "squaredcos_cap_v2": "cosine"}  # diffusers' -> ours
+
+
+def scheduler_settings(cfg: dict) -> dict:
+  """The diffusion and DDIM conventions of a diffusers scheduler_config.json."""
+  prediction = cfg.get("prediction_type", "epsilon")
+  if prediction not in PREDICTION_TYPES:
+    raise ConversionError(f"prediction_type={prediction!r}: one of {tuple(PREDICTION_TYPES)}")
+  spacing = cfg.get("timestep_spacing", "leading")
+  if spacing not in ("leading", None):
+    from absl import logging
+    logging.warning("scheduler timestep_spacing=%r: sampling uses 'leading' (DDIM's uniform "
+                    "spacing plus steps_offset)", spacing)
+  if cfg.get("trained_betas") is not None:
+    raise ConversionError("trained_betas in scheduler_config.json are not supported")
+  schedule = cfg.get("beta_schedule", "linear")
+  if schedule not in BETA_SCHEDULES:
+    raise ConversionError(f"beta_schedule={schedule!r}: one of {tuple(BETA_SCHEDULES)}")
+  return {"beta_schedule": BETA_SCHEDULES[schedule],
+          "beta_start": float(cfg.get("beta_start", 0.00085)),
+          "beta_end": float(cfg.get("beta_end", 0.012)),
+          "num_timesteps": int(cfg.get("num_train_timesteps", 1000)),
+          "mean_type": PREDICTION_TYPES[prediction],
+          "steps_offset": int(cfg.get("steps_offset", 0)),
+          "alpha_one_at_end": bool(cfg.get("set_alpha_to_one", True))}
+
+
 def unet_fields(model_cfg: Mapping[str, Any]) -> dict:
   """The keyword arguments of `models.UNet` in a converted model config."""
   return {k: v for k, v in model_cfg.items() if k not in ("name", "image_size")}

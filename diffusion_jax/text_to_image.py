@@ -29,30 +29,9 @@ from absl import app, flags, logging
 
 from diffusion_jax import diffusion as dm
 from diffusion_jax import parallel, samplers, xla_options
-from diffusion_jax.convert_diffusers import ConversionError
+from diffusion_jax.convert_diffusers import ConversionError, scheduler_settings
 
-PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 METHODS = ("ddim", "dpm_solver")
-
-
-def scheduler_settings(cfg: dict) -> dict:
-  """The diffusion and DDIM conventions of a diffusers scheduler_config.json."""
-  prediction = cfg.get("prediction_type", "epsilon")
-  if prediction not in PREDICTION_TYPES:
-    raise ConversionError(f"prediction_type={prediction!r}: one of {tuple(PREDICTION_TYPES)}")
-  spacing = cfg.get("timestep_spacing", "leading")
-  if spacing != "leading":
-    logging.warning("scheduler timestep_spacing=%r: sampling uses 'leading' (DDIM's "
-                    "uniform spacing plus steps_offset)", spacing)
-  if cfg.get("trained_betas") is not None:
-    raise ConversionError("trained_betas in scheduler_config.json are not supported")
-  return {"beta_schedule": cfg.get("beta_schedule", "scaled_linear"),
-          "beta_start": float(cfg.get("beta_start", 0.00085)),
-          "beta_end": float(cfg.get("beta_end", 0.012)),
-          "num_timesteps": int(cfg.get("num_train_timesteps", 1000)),
-          "mean_type": PREDICTION_TYPES[prediction],
-          "steps_offset": int(cfg.get("steps_offset", 0)),
-          "alpha_one_at_end": bool(cfg.get("set_alpha_to_one", True))}
 
 
 @dataclasses.dataclass

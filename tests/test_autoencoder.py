@@ -254,7 +254,8 @@ def test_vq_first_stage_matches_diffusers_vq_model(tmp_path):
   vq = diffusers.VQModel(in_channels=3, out_channels=3, block_out_channels=(32, 64),
                          down_block_types=("DownEncoderBlock2D",) * 2,
                          up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
-                         latent_channels=3, num_vq_embeddings=64, norm_num_groups=32)
+                         latent_channels=3, num_vq_embeddings=64, norm_num_groups=32,
+                         scaling_factor=1.0)
   g = torch.Generator().manual_seed(0)
   with torch.no_grad():
     for name, p in vq.named_parameters():
