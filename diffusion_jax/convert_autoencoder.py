@@ -159,7 +159,8 @@ def autoencoder_config_from_params(params: Mapping[str, Any]) -> dict:
   quant = "quant_conv" in params
   post = "post_quant_conv" in params
   embed = (params["quant_conv"]["kernel"].shape[-1] if quant else z2) // moments
-  return {"codebook_size": params["codebook"].shape[0] if vq else 0, "ch": ch, "ch_mult": ch_mult, "num_res_blocks": num_res_blocks,
+  return {"codebook_size": params["codebook"].shape[0] if vq else 0, "ch": ch,
+          "ch_mult": ch_mult, "num_res_blocks": num_res_blocks,
           "attn_levels": attn_levels, "mid_attn": "mid_attn" in enc,
           "in_channels": enc["conv_in"]["kernel"].shape[-2],
           "out_channels": dec["conv_out"]["kernel"].shape[-1], "z_channels": z2 // moments,

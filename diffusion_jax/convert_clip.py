@@ -77,3 +77,15 @@ def load_text_encoder(directory: str) -> tuple[dict, dict]:
   with open(cfg_path) as f:
     fields = text_encoder_fields(json.load(f))
   return fields, text_encoder_params(load_file(weights))
+
+
+def text_encoder_fields_from_params(params: Mapping[str, Any], activation: str = "quick_gelu",
+                                    heads: int | None = None) -> dict:
+  """CLIPTextEncoder's fields read from its parameters (a checkpoint without config.json);
+  heads: by default of 64 channels each, as OpenAI's and OpenCLIP's text towers."""
+  vocab, width = params["token_embedding"]["embedding"].shape
+  layers = sum(1 for k in params if re.fullmatch(r"layer_\d+_q", k))
+  return {"vocab_size": int(vocab), "width": int(width), "layers": layers,
+          "heads": heads or max(1, int(width) // 64), "mlp_width": int(params["layer_0_fc1"]["kernel"].shape[1]),
+          "max_length": int(params["position_embedding"].shape[0]), "activation": activation,
+          "layer_norm_eps": 1e-5}

@@ -7,7 +7,8 @@ compiled program, the batch sharded over the devices.
       --prompt="a photograph of an astronaut riding a horse" --num_images=4 --out=astronaut.png
 
 --src is a diffusers pipeline directory (model_index.json beside text_encoder/, tokenizer/,
-unet/, vae/, scheduler/, each with safetensors weights). Tokenising needs the `transformers`
+unet/, vae/, scheduler/, each with safetensors weights), or a Stable Diffusion 1.x single-file
+checkpoint (CompVis naming, .safetensors; convert_ldm.py) with --tokenizer=DIR. Tokenising needs the `transformers`
 package (its CLIPTokenizer reads tokenizer/); nothing else of torch or transformers runs.
 Sampling follows the pipeline's scheduler_config.json: its betas, epsilon or v prediction,
 steps_offset and set_alpha_to_one (DDIM then equals diffusers' DDIMScheduler; "dpm_solver"
@@ -57,30 +58,75 @@ class StableDiffusion:
     """Read a local diffusers pipeline directory (see the module docstring)."""
     from diffusion_jax.convert_autoencoder import load_autoencoder
     from diffusion_jax.convert_clip import load_text_encoder
-    from diffusion_jax.convert_diffusers import load_diffusers_unet, unet_fields
-    from diffusion_jax.latent import FirstStage
-    from diffusion_jax.models import DTYPES, UNet
-    from diffusion_jax.models.autoencoder import AutoencoderKL
-    from diffusion_jax.models.clip_text import CLIPTextEncoder
+    from diffusion_jax.convert_diffusers import load_diffusers_unet
     sched_path = os.path.join(src, "scheduler", "scheduler_config.json")
     if not os.path.exists(sched_path):
       raise ConversionError(f"{sched_path} not found: --src must be a diffusers Stable "
                             "Diffusion pipeline directory (text_encoder/, tokenizer/, unet/, "
-                            "vae/, scheduler/)")
+                            "vae/, scheduler/) or a single .safetensors checkpoint")
     with open(sched_path) as f:
       schedule = scheduler_settings(json.load(f))
-    mesh = mesh or parallel.make_mesh()
-    compute = DTYPES[dtype]
-    text_fields, text_params = load_text_encoder(os.path.join(src, "text_encoder"))
-    unet_cfg, unet_params = load_diffusers_unet(os.path.join(src, "unet"))
+    text = load_text_encoder(os.path.join(src, "text_encoder"))
+    unet = load_diffusers_unet(os.path.join(src, "unet"))
+    vae = load_autoencoder(os.path.join(src, "vae"))
+    tokenizer = tokenizer or load_tokenizer(os.path.join(src, "tokenizer"))
+    return cls.assemble(tokenizer, text, unet, vae, schedule, dtype, mesh)
+
+  @classmethod
+  def load_single_file(cls, path: str, tokenizer, prediction_type: str = "epsilon",
+                       dtype: str = "float32", mesh=None, heads: dict | None = None,
+                       text_heads: int | None = None):
+    """A Stable Diffusion 1.x single-file checkpoint (CompVis naming, .safetensors) with the
+    tokenizer (a CLIPTokenizer, or the path of its vocab.json/merges.txt folder); the
+    scheduler is SD's (scaled_linear 0.00085 -> 0.012, steps_offset 1, set_alpha_to_one
+    False), `prediction_type` "epsilon" or "v_prediction" (the file does not say); heads,
+    text_heads: the attention heads where they are not Stable Diffusion's (convert_ldm)."""
+    from diffusion_jax import convert_ldm
+    from diffusion_jax.convert_autoencoder import (_read_safetensors, autoencoder_params,
+                                                   autoencoder_config_from_params,
+                                                   check_params)
+    from diffusion_jax.convert_clip import text_encoder_fields_from_params, text_encoder_params
+    if not (path.endswith(".safetensors") and os.path.isfile(path)):
+      raise ConversionError(f"{path!r} is not a .safetensors file")
+    parts = convert_ldm.split_single_file(_read_safetensors(path))
+    unet_cfg = dict(convert_ldm.unet_fields_from_ldm(parts["unet"], heads), name="unet",
+                    image_size=64)
+    text_params = text_encoder_params(parts["text"])
+    vae_params = autoencoder_params(parts["vae"])
+    vae_cfg = autoencoder_config_from_params(vae_params)
+    check_params(vae_cfg, vae_params)
+    schedule = scheduler_settings({"beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                                   "beta_end": 0.012, "steps_offset": 1,
+                                   "set_alpha_to_one": False,
+                                   "prediction_type": prediction_type})
+    if isinstance(tokenizer, str):
+      tokenizer = load_tokenizer(tokenizer)
+    return cls.assemble(
+        tokenizer, (text_encoder_fields_from_params(text_params, heads=text_heads),
+                    text_params),
+        (unet_cfg, convert_ldm.unet_params_from_ldm(parts["unet"], unet_cfg)),
+        (vae_cfg, vae_params, {"scale_factor": 0.18215, "shift_factor": 0.0}), schedule,
+        dtype, mesh)
+
+  @classmethod
+  def assemble(cls, tokenizer, text, unet, vae, schedule: dict, dtype: str = "float32",
+               mesh=None):
+    """The pipeline from converted parts: text = (fields, params), unet = (fields, params),
+    vae = (fields, params, scaling), schedule = convert_diffusers.scheduler_settings(...)."""
+    from diffusion_jax.convert_diffusers import unet_fields
+    from diffusion_jax.latent import FirstStage
+    from diffusion_jax.models import DTYPES, UNet
+    from diffusion_jax.models.autoencoder import AutoencoderKL
+    from diffusion_jax.models.clip_text import CLIPTextEncoder
+    (text_fields, text_params), (unet_cfg, unet_params) = text, unet
+    vae_fields, vae_params, scaling = vae
     if not unet_cfg.get("context_dim"):
-      raise ConversionError(f"{src}/unet is not a cross-attention U-Net (UNet2DConditionModel)")
+      raise ConversionError("the U-Net is not a cross-attention U-Net (UNet2DConditionModel)")
     if unet_cfg["context_dim"] != text_fields["width"]:
       raise ConversionError(f"the U-Net attends to {unet_cfg['context_dim']} features; the text "
                             f"encoder gives {text_fields['width']}")
-    vae_fields, vae_params, scaling = load_autoencoder(os.path.join(src, "vae"))
-    if tokenizer is None:
-      tokenizer = load_tokenizer(os.path.join(src, "tokenizer"))
+    mesh = mesh or parallel.make_mesh()
+    compute = DTYPES[dtype]
     diffusion = dm.GaussianDiffusion(
         dm.get_beta_schedule(schedule["beta_schedule"], schedule["num_timesteps"],
                              schedule["beta_start"], schedule["beta_end"]),
@@ -176,7 +222,15 @@ def main(argv):
   del argv
   from diffusion_jax.images import save_grid
   try:
-    pipe = StableDiffusion.load(FLAGS.src, FLAGS.dtype)
+    if FLAGS.src.endswith(".safetensors"):
+      if not FLAGS.tokenizer:
+        raise ConversionError("a single-file checkpoint holds no tokenizer: add "
+                              "--tokenizer=DIR (vocab.json + merges.txt of CLIP's, e.g. a "
+                              "Stable Diffusion pipeline's tokenizer/)")
+      pipe = StableDiffusion.load_single_file(FLAGS.src, FLAGS.tokenizer, FLAGS.prediction_type,
+                                              FLAGS.dtype)
+    else:
+      pipe = StableDiffusion.load(FLAGS.src, FLAGS.dtype)
     prompts = [p for p in FLAGS.prompt for _ in range(FLAGS.num_images)]
     start = time.perf_counter()
     images = pipe.generate(prompts, FLAGS.negative_prompt, FLAGS.steps, FLAGS.guidance,
@@ -190,7 +244,11 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.DEFINE_string("src", None, "Local diffusers Stable Diffusion pipeline directory.")
+  flags.DEFINE_string("src", None, "Local diffusers Stable Diffusion pipeline directory, or a "
+                      "SD 1.x single-file .safetensors checkpoint.")
+  flags.DEFINE_string("tokenizer", None, "With a single file: CLIP's tokenizer folder.")
+  flags.DEFINE_enum("prediction_type", "epsilon", ["epsilon", "v_prediction"],
+                    "With a single file: what its U-Net predicts.")
   flags.DEFINE_multi_string("prompt", None, "Prompt (repeat the flag for several).")
   flags.DEFINE_string("negative_prompt", "", "The unconditional prompt of guidance.")
   flags.DEFINE_integer("num_images", 1, "Images per prompt.")

@@ -117,7 +117,8 @@ def test_matches_diffusers_autoencoder_kl():
   vae = _random_vae(diffusers, torch)
   params = autoencoder_params({k: v.numpy() for k, v in vae.state_dict().items()})
   config = autoencoder_config_from_params(params)
-  assert config == {"codebook_size": 0, "ch": 32, "ch_mult": (1, 2, 2), "num_res_blocks": 1, "attn_levels": (),
+  assert config == {"codebook_size": 0, "ch": 32, "ch_mult": (1, 2, 2), "num_res_blocks": 1,
+                    "attn_levels": (),
                     "mid_attn": True, "in_channels": 3, "out_channels": 3, "z_channels": 4,
                     "embed_dim": 4, "use_quant_conv": True, "use_post_quant_conv": True}
   ref = jax.eval_shape(lambda: ae.AutoencoderKL(**config).init(jax.random.PRNGKey(0),

@@ -107,9 +107,9 @@ def test_unet_context_errors_say_what_to_pass():
 
 
 def test_guidance_with_a_context_is_uncond_plus_scale_times_the_difference():
-  model = UNet(ch=64, ch_mult=(1,), num_res_blocks=1, in_channels=2, context_dim=8,
+  model = UNet(ch=32, ch_mult=(1,), num_res_blocks=1, in_channels=2, context_dim=8,
                attn_levels=(0,), num_heads=2, dropout=0.0)
-  x = jax.random.normal(jax.random.PRNGKey(0), (3, 8, 8, 2))
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 4, 2))
   t = jnp.array([3, 50, 7])
   ctx = jax.random.normal(jax.random.PRNGKey(1), (3, 5, 8))
   null = jnp.zeros((1, 5, 8))

@@ -137,3 +137,43 @@ def test_the_command_writes_a_grid(pipeline_dir, tmp_path):
                         f"--src={tmp_path}", "--prompt=x"], cwd=REPO, capture_output=True,
                        text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
   assert bad.returncode != 0 and "scheduler_config.json not found" in bad.stderr
+
+
+def test_single_file_checkpoint_gives_the_pipelines_images(pipeline_dir, tmp_path):
+  """The same miniature as one Stable Diffusion 1.x file (CompVis names): our U-Net written in
+  openaimodel's naming loads strictly through diffusers' own single-file converter, and the
+  file run by load_single_file gives diffusers' pipeline images."""
+  from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+  from safetensors.numpy import save_file
+  from diffusion_jax import convert_ldm
+  from diffusion_jax.convert_diffusers import load_diffusers_unet
+  src, pipe = pipeline_dir
+  fields, params = load_diffusers_unet(str(src))
+  unet_sd = convert_ldm.ldm_state_dict(params, fields)
+  assert "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight" in unet_sd
+  converted = convert_ldm_unet_checkpoint(unet_sd, dict(pipe.unet.config))
+  fresh = diffusers.UNet2DConditionModel(**pipe.unet.config)
+  fresh.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v))
+                         for k, v in converted.items()}, strict=True)
+  for name, value in pipe.unet.state_dict().items():
+    np.testing.assert_array_equal(fresh.state_dict()[name].numpy(), value.numpy(), err_msg=name)
+  state = dict(unet_sd)
+  state.update({"cond_stage_model.transformer.text_model." + k: v.numpy()
+                for k, v in pipe.text_encoder.state_dict().items()})
+  state.update({"first_stage_model." + k: v.numpy() for k, v in pipe.vae.state_dict().items()})
+  path = str(tmp_path / "sd-mini.safetensors")
+  save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path)
+  prediction = pipe.scheduler.config.prediction_type
+  ours = StableDiffusion.load_single_file(path, str(src / "tokenizer"), prediction,
+                                          heads={"num_heads": 4}, text_heads=4)
+  assert ours.unet.attn_levels == (0,) and ours.text_encoder.layers == 2
+  prompts = ["the man on a photo", "an orange cat!"]
+  latents = np.random.default_rng(1).normal(size=(2, 8, 8, 4)).astype(np.float32)
+  want = pipe(prompts, num_inference_steps=3, guidance_scale=5.0, output_type="np",
+              latents=torch.from_numpy(latents.transpose(0, 3, 1, 2))).images
+  got = ours.generate(prompts, num_steps=3, guidance_scale=5.0, latents=latents, height=16,
+                      width=16)  # a single file says no size: SD 1.x's 512 by default
+  assert np.abs(got / 255.0 - want).max() <= 1.5 / 255
+  from diffusion_jax.convert_diffusers import ConversionError
+  with pytest.raises(ConversionError, match="32-wide context is neither"):
+    StableDiffusion.load_single_file(path, str(src / "tokenizer"))

@@ -1,0 +1,185 @@
+"""Stable Diffusion 1.x single-file checkpoints (CompVis' `ldm` naming, e.g.
+v1-5-pruned-emaonly.safetensors) -> our U-Net, CLIP text encoder and autoencoder.
+
+A single file holds `model.diffusion_model.*` (openaimodel's UNetModel with SpatialTransformers:
+input_blocks / middle_block / output_blocks), `cond_stage_model.transformer.*` (transformers'
+CLIPTextModel names) and `first_stage_model.*` (convert_autoencoder reads it). The layout is
+read from the weights; what the weights do not say is Stable Diffusion's: GroupNorm eps 1e-5,
+the flipped timestep embedding, symmetric down-sampling padding, and the heads (8 per block
+with a 768-wide context, SD 1.x; 64 channels per head with 1024, SD 2.x, whose OpenCLIP text
+encoder naming is not read here). `ldm_state_dict` writes our U-Net back in that naming.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import numpy as np
+
+from diffusion_jax.convert_diffusers import (ConversionError, _attention_path,
+                                             put_torch_tensor)
+
+UNET_PREFIX = "model.diffusion_model."
+TEXT_PREFIX = "cond_stage_model.transformer."
+RESBLOCK = {"in_layers.0": "norm_1", "in_layers.2": "conv_1", "emb_layers.1": "temb_proj",
+            "out_layers.0": "norm_2", "out_layers.3": "conv_2", "skip_connection": "nin_shortcut"}
+HEADS_BY_CONTEXT = {768: {"num_heads": 8, "head_channels": 0},      # SD 1.x
+                    1024: {"num_heads": 1, "head_channels": 64}}    # SD 2.x
+
+
+def ldm_modules(ch_mult, num_res_blocks: int, attn_levels) -> dict[str, str]:
+  """Our U-Net's module names -> openaimodel's module prefixes."""
+  out = {"temb_dense_0": "time_embed.0", "temb_dense_1": "time_embed.2",
+         "conv_in": "input_blocks.0.0", "mid_block_1": "middle_block.0",
+         "mid_attn": "middle_block.1", "mid_block_2": "middle_block.2", "norm_out": "out.0",
+         "conv_out": "out.2"}
+  levels, n = len(ch_mult), 1
+  for i in range(levels):
+    for j in range(num_res_blocks):
+      out[f"down_{i}_block_{j}"] = f"input_blocks.{n}.0"
+      if i in attn_levels:
+        out[f"down_{i}_attn_{j}"] = f"input_blocks.{n}.1"
+      n += 1
+    if i != levels - 1:
+      out[f"down_{i}_downsample"] = f"input_blocks.{n}.0"
+      n += 1
+  n = 0
+  for i in reversed(range(levels)):
+    for j in range(num_res_blocks + 1):
+      out[f"up_{i}_block_{j}"] = f"output_blocks.{n}.0"
+      k = 1
+      if i in attn_levels:
+        out[f"up_{i}_attn_{j}"] = f"output_blocks.{n}.1"
+        k = 2
+      if i != 0 and j == num_res_blocks:
+        out[f"up_{i}_upsample"] = f"output_blocks.{n}.{k}"
+      n += 1
+  return out
+
+
+def unet_fields_from_ldm(state: Mapping[str, Any], heads: dict | None = None) -> dict:
+  """Our U-Net's fields from openaimodel weights (`model.diffusion_model.` stripped)."""
+  try:
+    conv_in = state["input_blocks.0.0.weight"]
+  except KeyError:
+    raise ConversionError("no U-Net in this file (model.diffusion_model.input_blocks.0.0.*)")
+  if any(k.endswith(".qkv.weight") for k in state):
+    raise ConversionError("this U-Net attends with openaimodel's AttentionBlock (qkv), not "
+                          "SpatialTransformers: convert it with diffusers first")
+  blocks = {int(m.group(1)) for k in state if (m := re.match(r"input_blocks\.(\d+)\.", k))}
+  downsamples = [n for n in blocks if f"input_blocks.{n}.0.op.weight" in state]
+  levels = len(downsamples) + 1
+  num_res_blocks = (len(blocks) - 1 - len(downsamples)) // levels
+  ch = conv_in.shape[0]
+  firsts = [1 + i * (num_res_blocks + 1) for i in range(levels)]
+  ch_mult = tuple(state[f"input_blocks.{n}.0.out_layers.3.weight"].shape[0] // ch
+                  for n in firsts)
+  attn_levels = tuple(i for i, n in enumerate(firsts) if f"input_blocks.{n}.1.proj_in.weight"
+                      in state)
+  to_k = [v for k, v in state.items() if k.endswith("attn2.to_k.weight")]
+  if not to_k:
+    raise ConversionError("no cross-attention (attn2) in this U-Net")
+  context_dim = to_k[0].shape[1]
+  depth = 1 + max(int(m.group(1)) for k in state
+                  if (m := re.match(r"middle_block\.1\.transformer_blocks\.(\d+)\.", k)))
+  if heads is None:
+    if context_dim not in HEADS_BY_CONTEXT:
+      raise ConversionError(f"a {context_dim}-wide context is neither SD 1.x's (768) nor 2.x's "
+                            "(1024): say the heads, heads={'num_heads': n} or "
+                            "{'head_channels': c}")
+    heads = HEADS_BY_CONTEXT[context_dim]
+  return {"ch": ch, "ch_mult": ch_mult, "num_res_blocks": num_res_blocks, "attn_resolutions": (),
+          "attn_levels": attn_levels, "dropout": 0.0, "in_channels": conv_in.shape[1],
+          "learned_variance": False, "context_dim": int(context_dim), "transformer_depth": depth,
+          "num_heads": 1, "head_channels": 0, **heads, "norm_eps": 1e-5,
+          "flip_sin_to_cos": True, "freq_shift": 0.0, "downsample_padding": "symmetric"}
+
+
+def _inner(our_module: str, rest: str, key: str) -> list[str]:
+  """Inside one module: openaimodel's sub-names -> ours."""
+  if "_attn" in our_module:
+    return _attention_path(rest, key)
+  if our_module.endswith("downsample") and rest == "op":
+    return ["conv"]
+  if our_module.endswith("upsample") and rest == "conv":
+    return ["conv"]
+  if rest in RESBLOCK and "block" in our_module:
+    return [RESBLOCK[rest]]
+  if rest == "":
+    return []
+  raise ConversionError(f"unexpected parameter {key!r} in the U-Net")
+
+
+def unet_params_from_ldm(state: Mapping[str, Any], fields: Mapping[str, Any]) -> dict:
+  """Flax parameters of our U-Net from openaimodel weights."""
+  modules = ldm_modules(fields["ch_mult"], fields["num_res_blocks"], fields["attn_levels"])
+  by_prefix = sorted(((v, k) for k, v in modules.items()), key=lambda p: -len(p[0]))
+  params: dict = {}
+  for key, value in state.items():
+    mod, leaf = key.rsplit(".", 1)
+    match = next(((p, ours) for p, ours in by_prefix if mod == p or mod.startswith(p + ".")),
+                 None)
+    if match is None:
+      raise ConversionError(f"unexpected parameter {key!r} in the U-Net")
+    prefix, ours = match
+    path = [ours] + _inner(ours, mod[len(prefix) + 1:], key)
+    put_torch_tensor(params, path, leaf, key, value)
+  return params
+
+
+def ldm_state_dict(params: Mapping[str, Any], fields: Mapping[str, Any]) -> dict:
+  """Our U-Net's parameters in openaimodel's naming (under model.diffusion_model.), torch
+  layouts (OIHW convs, [out, in] linears; the SpatialTransformer's proj_in/proj_out as 1x1
+  convs, as SD 1.x has them)."""
+  from flax import traverse_util
+  inverse = {v: k for k, v in RESBLOCK.items()}
+  attn = {"q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+  block = {"norm_1": "norm1", "norm_2": "norm2", "norm_3": "norm3", "ff_in": "ff.net.0.proj",
+           "ff_out": "ff.net.2"}
+  modules = ldm_modules(fields["ch_mult"], fields["num_res_blocks"], fields["attn_levels"])
+  out = {}
+  for path, value in traverse_util.flatten_dict(dict(params)).items():
+    ours, *inner, name = path
+    value = np.asarray(value, np.float32)
+    if ours.endswith("sample"):  # down/upsample: conv
+      sub = ["op"] if "down" in ours else ["conv"]
+    elif "_attn" in ours and inner and inner[0].startswith("block_"):
+      k = inner[0].split("_")[1]
+      sub = ([f"transformer_blocks.{k}", f"attn{inner[1][-1]}", attn[inner[2]]]
+             if inner[1].startswith("attn_") else [f"transformer_blocks.{k}", block[inner[1]]])
+    elif "_attn" in ours:
+      sub = inner  # norm, proj_in, proj_out
+    else:
+      sub = [inverse[inner[0]]] if inner else []
+    if name == "kernel":
+      leaf = "weight"
+      if value.ndim == 4:
+        value = value.transpose(3, 2, 0, 1)
+      elif sub and sub[-1] in ("proj_in", "proj_out") and "_attn" in ours:
+        value = value.T[:, :, None, None]
+      else:
+        value = value.T
+    else:
+      leaf = {"scale": "weight", "bias": "bias", "embedding": "weight"}[name]
+    out[UNET_PREFIX + ".".join([modules[ours]] + sub + [leaf])] = value
+  return out
+
+
+def split_single_file(state: Mapping[str, Any]) -> dict[str, dict]:
+  """{"unet", "text", "vae"} parts of a Stable Diffusion checkpoint, prefixes stripped (the
+  vae keeps its own, which convert_autoencoder reads)."""
+  parts = {"unet": {}, "text": {}, "vae": {}}
+  for key, value in state.items():
+    if key.startswith(UNET_PREFIX):
+      parts["unet"][key[len(UNET_PREFIX):]] = value
+    elif key.startswith(TEXT_PREFIX):
+      parts["text"][key[len(TEXT_PREFIX):]] = value
+    elif key.startswith("first_stage_model."):
+      parts["vae"][key] = value
+  if not parts["text"] and any(k.startswith("cond_stage_model.model.") for k in state):
+    raise ConversionError("an OpenCLIP text encoder (SD 2.x single file): convert the file "
+                          "with diffusers to a pipeline directory and load that")
+  for name, hint in (("unet", UNET_PREFIX), ("text", TEXT_PREFIX), ("vae", "first_stage_model.")):
+    if not parts[name]:
+      raise ConversionError(f"no {hint}* weights: not a Stable Diffusion 1.x checkpoint")
+  return parts
