@@ -56,7 +56,7 @@ def get_config():
   ae.num_res_blocks = 2
   ae.attn_levels = ()              # levels (0: full size) with attention; the middle has it
   ae.z_channels = 4                # latent channels
-  ae.codebook_size = 0             # > 0: a VQ first stage (VQGAN; LDM's vq-f4: 8192) instead
+  ae.codebook_size = 0             # > 0: a VQ first stage (LDM's vq-f4: 8192) instead of KL
   ae.dropout = 0.0
   ae.lr = 4.5e-4                   # Adam(0.5, 0.9) for both networks (LDM: 4.5e-6 x batch 96)
   ae.disc_ndf = 64                 # PatchGAN width and strided layers (70x70 patches with 3)
@@ -111,6 +111,8 @@ def get_config():
   sampling.num_steps = 1000        # network evaluations for ddim / dpm_solver
   sampling.eta = 0.0               # DDIM eta
   sampling.spacing = placeholder(str)  # uniform | quadratic | logsnr
+  sampling.steps_offset = 0        # DDIM: timesteps shifted by this (diffusers' steps_offset)
+  sampling.alpha_one_at_end = True  # DDIM: the last step to alphabar = 1 (set_alpha_to_one)
   sampling.clip_denoised = True
   sampling.num_samples = 64
   sampling.batch_size = 256        # global; split over the devices

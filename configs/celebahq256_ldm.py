@@ -28,6 +28,7 @@ def get_config():
   a.ch, a.ch_mult, a.num_res_blocks, a.attn_levels = 128, (1, 2, 4), 2, ()
   a.z_channels, a.codebook_size = 3, 8192
   c.latent.autoencoder = "runs/celebahq256_vq_f4"
+  c.latent.scale_factor = 1.0      # LDM diffuses VQ latents unscaled
   m = c.model
   m.ch, m.ch_mult, m.num_res_blocks = 224, (1, 2, 3, 4), 2
   m.attn_resolutions, m.attn_levels, m.head_channels = (), (1, 2, 3), 32

@@ -48,7 +48,8 @@ def nll_loss(x, x_rec, perceptual, logvar=0.0, perceptual_weight: float = 1.0):
 
 def vq_loss(h, z_q, commitment: float = 0.25):
   """VQ-VAE's codebook and commitment terms (van den Oord et al. 2017, Eq. 3), batch means:
-  ||sg(h) - z_q||^2 moves the chosen codebook vectors, beta ||h - sg(z_q)||^2 the encoder."""
+  ||sg(h) - z_q||^2 moves the chosen codebook vectors, beta ||h - sg(z_q)||^2 the encoder.
+  (taming-transformers' `legacy` quantiser, LDM's vq-f4, puts beta on the first term.)"""
   sg = jax.lax.stop_gradient
   return (jnp.mean(jnp.square(sg(h) - z_q))
           + commitment * jnp.mean(jnp.square(h - sg(z_q))))

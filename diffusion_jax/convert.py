@@ -36,10 +36,19 @@ def config_mismatches(config, model_cfg: dict, schedule: dict | None = None) -> 
   """`--config.*` overrides that make `config` describe the imported network (and the
   diffusion of its pipeline's scheduler_config.json, when given)."""
   from diffusion_jax.latent import latent_shape, model_input_shape
-  want = {f"model.{k}": v for k, v in model_cfg.items()
-          if k in config.model and k not in ("name", "dropout")}
+  want = {f"model.{k}": v for k, v in model_cfg.items() if k in config.model
+          and k not in ("name", "dropout", "attn_resolutions", "attn_levels")}
   out = []
   size, channels = model_input_shape(config)
+  m, levels = config.model, len(model_cfg["ch_mult"])
+  ours = tuple(m.attn_levels) or tuple(i for i in range(len(m.ch_mult))
+                                       if size // 2 ** i in m.attn_resolutions)
+  theirs = tuple(model_cfg["attn_levels"]) or tuple(
+      i for i in range(levels)
+      if model_cfg["image_size"] // 2 ** i in model_cfg["attn_resolutions"])
+  if ours != theirs:  # where attention is, however the config says it
+    out.append(f"--config.model.attn_resolutions=() --config.model.attn_levels={theirs!r}"
+               .replace(", ", ","))
   if latent_shape(config) is None:
     want.update({"data.image_size": model_cfg["image_size"],
                  "data.channels": model_cfg["in_channels"]})
@@ -56,11 +65,19 @@ def config_mismatches(config, model_cfg: dict, schedule: dict | None = None) -> 
     have = config[section][name]
     if (tuple(have) if isinstance(value, tuple) else have) != value:
       out.append(f"--config.{key}={value!r}".replace(" ", ""))
-  for key in ("num_timesteps", "beta_schedule", "beta_start", "beta_end", "mean_type"):
-    have = config.diffusion[key]
-    if schedule and (abs(have - schedule[key]) > 1e-9 if isinstance(have, float)
-                     else have != schedule[key]):
-      out.append(f"--config.diffusion.{key}={schedule[key]!r}".replace(" ", ""))
+  compare = {"diffusion.num_timesteps": "num_timesteps",
+             "diffusion.beta_schedule": "beta_schedule", "diffusion.beta_start": "beta_start",
+             "diffusion.beta_end": "beta_end", "diffusion.mean_type": "mean_type",
+             "sampling.clip_denoised": "clip_sample", "sampling.steps_offset": "steps_offset",
+             "sampling.alpha_one_at_end": "alpha_one_at_end"}
+  if schedule and schedule["beta_schedule"] == "cosine":  # no start and end
+    compare = {k: v for k, v in compare.items() if v not in ("beta_start", "beta_end")}
+  for key, theirs in compare.items():
+    section, name = key.split(".")
+    have = config[section].get(name)
+    if schedule and (abs(have - schedule[theirs]) > 1e-9 if isinstance(have, float)
+                     else have != schedule[theirs]):
+      out.append(f"--config.{key}={schedule[theirs]!r}".replace(" ", ""))
   learned = config.diffusion.var_type in ("learned", "learned_range")
   if learned != model_cfg["learned_variance"]:
     out.append("--config.diffusion.var_type=" + ("learned_range" if model_cfg["learned_variance"]

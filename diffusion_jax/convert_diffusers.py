@@ -101,13 +101,14 @@ def model_config_from_diffusers(cfg: Mapping[str, Any]) -> dict:
   check_diffusers_config(cfg, "UNet2DModel", REQUIRED, "the DDPM U-Net")
   ch, ch_mult, attn_levels = _levels(cfg, "Attn")
   out = _common(cfg, ch, ch_mult)
-  head_dim = cfg.get("attention_head_dim")  # None: one head over all channels
+  # channels per head; null: one head over all channels; absent: diffusers' default, 8
+  head_dim = cfg["attention_head_dim"] if "attention_head_dim" in cfg else 8
   for i in attn_levels + [len(ch_mult) - 1]:
     if head_dim and (ch * ch_mult[i]) % head_dim:
       raise ConversionError(f"attention_head_dim={head_dim} does not divide the "
                             f"{ch * ch_mult[i]} channels of level {i}")
-  return dict(out, attn_resolutions=tuple(out["image_size"] // 2 ** i for i in attn_levels),
-              num_heads=1, head_channels=int(head_dim or 0))
+  return dict(out, attn_resolutions=(), attn_levels=tuple(attn_levels), num_heads=1,
+              head_channels=int(head_dim or 0))
 
 
 def conditional_model_config_from_diffusers(cfg: Mapping[str, Any]) -> dict:
@@ -122,6 +123,9 @@ def conditional_model_config_from_diffusers(cfg: Mapping[str, Any]) -> dict:
   # num_attention_heads is not given
   heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)
   heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * levels
+  if any((ch * ch_mult[i]) % heads[i] for i in range(levels)):
+    raise ConversionError(f"attention heads {heads} do not divide the channels "
+                          f"{[ch * k for k in ch_mult]}")
   per_head = {ch * ch_mult[i] // heads[i] for i in range(levels)}
   if len(set(heads)) == 1:
     out.update(num_heads=int(heads[0]), head_channels=0)
@@ -166,9 +170,13 @@ def scheduler_settings(cfg: dict) -> dict:
   schedule = cfg.get("beta_schedule", "linear")
   if schedule not in BETA_SCHEDULES:
     raise ConversionError(f"beta_schedule={schedule!r}: one of {tuple(BETA_SCHEDULES)}")
-  return {"beta_schedule": BETA_SCHEDULES[schedule],
-          "beta_start": float(cfg.get("beta_start", 0.00085)),
-          "beta_end": float(cfg.get("beta_end", 0.012)),
+  for key in ("thresholding", "rescale_betas_zero_snr"):
+    if cfg.get(key):
+      raise ConversionError(f"scheduler {key}=True is not implemented")
+  return {"beta_schedule": BETA_SCHEDULES[schedule],  # diffusers' defaults where absent
+          "beta_start": float(cfg.get("beta_start", 1e-4)),
+          "beta_end": float(cfg.get("beta_end", 0.02)),
+          "clip_sample": bool(cfg.get("clip_sample", True)),
           "num_timesteps": int(cfg.get("num_train_timesteps", 1000)),
           "mean_type": PREDICTION_TYPES[prediction],
           "steps_offset": int(cfg.get("steps_offset", 0)),

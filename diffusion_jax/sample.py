@@ -45,7 +45,9 @@ class Sampler:
       denoise_fn = denoiser(model, params, y, s.get("guidance_scale", 1.0))
       x = samplers.sample(s.method, diffusion, denoise_fn, x_T,
                           chain_key, num_steps=s.num_steps, eta=s.eta, spacing=s.spacing,
-                          clip_denoised=s.clip_denoised)
+                          clip_denoised=s.clip_denoised,
+                          steps_offset=s.get("steps_offset", 0),
+                          alpha_one_at_end=s.get("alpha_one_at_end", True))
       if first_stage_args is not None:
         x = first_stage.decode_latents(*first_stage_args, x)
       return x

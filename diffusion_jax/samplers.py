@@ -210,16 +210,18 @@ def dpm_solver_sample(diffusion, denoise_fn, x_T, key=None, num_steps: int = 20,
 
 # ----------------------------------------------------------------------------- one entry
 def sample(method: str, diffusion, denoise_fn, x_T, key, num_steps: int | None = None,
-           eta: float = 0.0, spacing: str | None = None, clip_denoised: bool = True):
+           eta: float = 0.0, spacing: str | None = None, clip_denoised: bool = True,
+           steps_offset: int = 0, alpha_one_at_end: bool = True):
   """Dispatch to one sampler by name (`config.sampling.method`).
 
   spacing=None takes each method's default: "uniform" for DDIM, "logsnr" for DPM-Solver.
+  steps_offset, alpha_one_at_end: DDIM's (ddim_sample).
   """
   if method == "ancestral":
     return ancestral_sample(diffusion, denoise_fn, x_T, key, clip_denoised)
   if method == "ddim":
     return ddim_sample(diffusion, denoise_fn, x_T, key, num_steps or 50, eta,
-                       spacing or "uniform", clip_denoised)
+                       spacing or "uniform", clip_denoised, steps_offset, alpha_one_at_end)
   if method == "dpm_solver":
     return dpm_solver_sample(diffusion, denoise_fn, x_T, key, num_steps or 20,
                              spacing or "logsnr", clip_denoised)

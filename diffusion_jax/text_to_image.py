@@ -8,11 +8,12 @@ compiled program, the batch sharded over the devices.
 
 --src is a diffusers pipeline directory (model_index.json beside text_encoder/, tokenizer/,
 unet/, vae/, scheduler/, each with safetensors weights), or a Stable Diffusion 1.x single-file
-checkpoint (CompVis naming, .safetensors; convert_ldm.py) with --tokenizer=DIR. Tokenising needs the `transformers`
-package (its CLIPTokenizer reads tokenizer/); nothing else of torch or transformers runs.
-Sampling follows the pipeline's scheduler_config.json: its betas, epsilon or v prediction,
-steps_offset and set_alpha_to_one (DDIM then equals diffusers' DDIMScheduler; "dpm_solver"
-is DPM-Solver++(2M) in the same chain).
+checkpoint (CompVis naming, .safetensors; convert_ldm.py) with --tokenizer=DIR. Tokenising
+needs the `transformers` package (its CLIPTokenizer reads tokenizer/); nothing else of torch
+or transformers runs. Sampling follows the pipeline's scheduler_config.json: its betas,
+epsilon or v prediction, steps_offset, set_alpha_to_one and clip_sample (with the "leading"
+timestep spacing of SD's configs DDIM then equals diffusers' DDIMScheduler; "dpm_solver" is
+DPM-Solver++(2M) in the same chain).
 """
 from __future__ import annotations
 
@@ -96,7 +97,7 @@ class StableDiffusion:
     vae_cfg = autoencoder_config_from_params(vae_params)
     check_params(vae_cfg, vae_params)
     schedule = scheduler_settings({"beta_schedule": "scaled_linear", "beta_start": 0.00085,
-                                   "beta_end": 0.012, "steps_offset": 1,
+                                   "beta_end": 0.012, "steps_offset": 1, "clip_sample": False,
                                    "set_alpha_to_one": False,
                                    "prediction_type": prediction_type})
     if isinstance(tokenizer, str):
@@ -164,7 +165,8 @@ class StableDiffusion:
                        context=context, null_context=null)
     if method == "ddim":
       z = samplers.ddim_sample(self.diffusion, denoise, x_T, key, num_steps, eta,
-                               clip_denoised=False, steps_offset=self.schedule["steps_offset"],
+                               clip_denoised=self.schedule["clip_sample"],
+                               steps_offset=self.schedule["steps_offset"],
                                alpha_one_at_end=self.schedule["alpha_one_at_end"])
     else:
       z = samplers.dpm_solver_sample(self.diffusion, denoise, x_T, key, num_steps,

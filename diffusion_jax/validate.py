@@ -77,7 +77,8 @@ def validate_config(config, mode: str = "train") -> None:
              f"resolutions the U-Net visits at image_size {d.image_size}: {sizes}")
   _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "in [0, 1)")
   _check(m.num_classes >= 0, "model.num_classes", m.num_classes, ">= 0")
-  _check_layout(m)
+  from diffusion_jax.latent import model_input_shape
+  _check_layout(m, model_input_shape(config)[0])
   _check(0.0 <= m.get("label_dropout", 0.0) < 1.0, "model.label_dropout",
          m.get("label_dropout"), "in [0, 1)")
   _check(-1 <= s.get("class_label", -1) < max(m.num_classes, 0), "sampling.class_label",
@@ -109,8 +110,8 @@ def validate_config(config, mode: str = "train") -> None:
     _check_latent(config)
 
 
-def _check_layout(m):
-  """The keys of LDM's layouts (models.LAYOUT)."""
+def _check_layout(m, size: int):
+  """The keys of LDM's layouts (models.LAYOUT); `size`: the U-Net's input size."""
   get = lambda key: m.get(key, LAYOUT[key])
   context_dim, levels = get("context_dim"), len(m.ch_mult)
   _check(context_dim >= 0 and (context_dim == 0 or m.num_classes > 0), "model.context_dim",
@@ -124,9 +125,12 @@ def _check_layout(m):
   heads, width = get("num_heads"), get("head_channels")
   _check(heads >= 1 and width >= 0, "model.num_heads", (heads, width),
          "num_heads >= 1 and head_channels >= 0")
-  for k in m.ch_mult:
-    _check((m.ch * k) % (width or heads) == 0, "model.head_channels" if width else
-           "model.num_heads", width or heads, f"must divide every level's {m.ch * k} channels")
+  attn = set(get("attn_levels")) or {i for i in range(levels)
+                                     if size // 2 ** i in m.attn_resolutions}
+  for i in sorted(attn | {levels - 1}):  # and the middle, at the last level's width
+    c = m.ch * m.ch_mult[i]
+    _check(c % (width or heads) == 0, "model.head_channels" if width else "model.num_heads",
+           width or heads, f"must divide the {c} channels of each level with attention")
   _check(get("norm_eps") > 0, "model.norm_eps", get("norm_eps"), "> 0")
   _check(get("downsample_padding") in DOWNSAMPLE_PADDING, "model.downsample_padding",
          get("downsample_padding"), f"one of {DOWNSAMPLE_PADDING}")

@@ -157,3 +157,30 @@ def test_class_labels_through_cross_attention_train_and_sample(tmp_path):
   m.num_classes, m.head_channels = 10, 24
   with pytest.raises(ConfigError, match="head_channels=24.*must divide"):
     validate_config(config)
+
+
+def test_celebahq_ldm_config_describes_the_published_unet():
+  """configs/celebahq256_ldm.py against the diffusers config.json of LDM's CelebA-HQ U-Net
+  (CompVis' ffhq/celebahq-ldm-vq-4 layout in diffusers' names, as CompVis/ldm-celebahq-256
+  has it): the import command would ask for no override."""
+  from configs.celebahq256_ldm import get_config
+  from diffusion_jax.convert import config_mismatches
+  from diffusion_jax.convert_diffusers import model_config_from_diffusers
+  published = {
+      "_class_name": "UNet2DModel", "act_fn": "silu", "attention_head_dim": 32,
+      "block_out_channels": [224, 448, 672, 896], "center_input_sample": False,
+      "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D",
+                           "AttnDownBlock2D"],
+      "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 3,
+      "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05,
+      "norm_num_groups": 32, "out_channels": 3, "sample_size": 64,
+      "time_embedding_type": "positional",
+      "up_block_types": ["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"]}
+  schedule = {"num_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.0015,
+              "beta_end": 0.0195, "mean_type": "eps", "clip_sample": False, "steps_offset": 0,
+              "alpha_one_at_end": True}
+  config = get_config()
+  assert config_mismatches(config, model_config_from_diffusers(published), schedule) == []
+  config.model.attn_levels = (2, 3)
+  assert config_mismatches(config, model_config_from_diffusers(published), schedule) == [
+      "--config.model.attn_resolutions=() --config.model.attn_levels=(1,2,3)"]

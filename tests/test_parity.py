@@ -41,7 +41,7 @@ def build(cfg, cls=None):
 
 def test_unet_matches_diffusers_in_the_ddpm_cifar_layout():
   unet, ours, params, mcfg = build(CIFAR)
-  assert mcfg["attn_resolutions"] == (16,) and mcfg["ch_mult"] == (1, 2, 2, 2)
+  assert mcfg["attn_levels"] == (1,) and mcfg["ch_mult"] == (1, 2, 2, 2)
   # every parameter of our model is filled, with the right shape
   ref = jax.eval_shape(lambda: ours.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)),
                                          jnp.zeros((1,))))
@@ -62,7 +62,7 @@ def test_learned_variance_layout_converts():
              down_block_types=("AttnDownBlock2D", "DownBlock2D"),
              up_block_types=("UpBlock2D", "AttnUpBlock2D"), sample_size=16)
   unet, ours, params, mcfg = build(cfg)
-  assert mcfg["learned_variance"] and mcfg["attn_resolutions"] == (16,)
+  assert mcfg["learned_variance"] and mcfg["attn_levels"] == (0,)
   x = np.random.default_rng(1).normal(size=(1, 3, 16, 16)).astype(np.float32)
   with torch.no_grad():
     want = unet(torch.from_numpy(x), 5).sample.numpy()
@@ -226,16 +226,18 @@ def test_ldm_pipeline_imports_and_samples_like_diffusers(tmp_path):
   config.latent.autoencoder = str(src)  # its vqvae/
   a = config.autoencoder
   a.ch, a.ch_mult, a.num_res_blocks, a.z_channels, a.codebook_size = 32, (1, 2), 1, 3, 32
-  config.sampling.clip_denoised = False
-  with pytest.raises(ConversionError, match="head_channels=16.*--config.diffusion.beta_schedule="
-                     "'scaled_linear'.*--config.diffusion.beta_end=0.0195"):
+  with pytest.raises(ConversionError, match=r"attn_resolutions=\(\) --config.model.attn_levels="
+                     r"\(1,\).*head_channels=16.*--config.diffusion.beta_schedule="
+                     "'scaled_linear'.*--config.diffusion.beta_end=0.0195.*clip_denoised=False"):
     import_diffusers_unet(str(src), config, str(tmp_path / "refused"))
   m = config.model
-  m.ch_mult, m.attn_resolutions, m.head_channels, m.norm_eps = (1, 2), (4,), 16, 1e-5
+  m.ch_mult, m.attn_resolutions, m.attn_levels = (1, 2), (), (1,)
+  m.head_channels, m.norm_eps = 16, 1e-5
   m.flip_sin_to_cos, m.freq_shift, m.downsample_padding = True, 0.0, "symmetric"
   d = config.diffusion
   d.num_timesteps, d.beta_schedule = 1000, "scaled_linear"
   d.beta_start, d.beta_end = 0.0015, 0.0195
+  config.sampling.clip_denoised = False
   workdir = str(tmp_path / "imported")
   import_diffusers_unet(str(src), config, workdir)
   _, step, params = restore_ema_params(config, workdir)

@@ -83,7 +83,7 @@ class ResBlock(nn.Module):
 def num_heads(channels: int, heads: int, head_channels: int) -> int:
   """Attention heads over `channels`: channels / head_channels where that is given, else heads."""
   n = channels // head_channels if head_channels else heads
-  if n < 1 or channels % n:
+  if n < 1 or channels % n or (head_channels and channels % head_channels):
     raise ValueError(f"{channels} channels do not split into {n} attention heads "
                      f"(num_heads={heads}, head_channels={head_channels})")
   return n
