@@ -8,6 +8,7 @@
 #   bash benchmarks/gpu.sh best_sampling  # the 1000-step sampler, forward's fastest variant
 #   bash benchmarks/gpu.sh levers     # each lever alone (fp32, attention, prng, dispatch, remat..)
 #   bash benchmarks/gpu.sh collect    # the lever runs' JSON as one file
+#   bash benchmarks/gpu.sh text_to_image  # SD 1.5's layout, random weights, ours vs diffusers
 # LEVERS="args;args;..." picks the lever runs (run.py arguments; leading VAR=value words are
 # set in the run's environment, e.g. XLA_FLAGS=...); TAGS="a b" runs only those --tag=s.
 # Results go to $OUT (or benchmarks/results).
@@ -87,6 +88,10 @@ torch.__version__, jax.devices())" 2>&1 | tail -1
           --train_steps=20 --out=/tmp/levers 2>&1 | grep -E "^RESULT|Error|error:" | tail -3
         bash "$0" collect > /dev/null
       done ;;
+    text_to_image)  # needs transformers beside diffusers (a wheel in .whl/ if absent)
+      timeout 420 $PY benchmarks/text_to_image.py --layout=sd15 --batch=${T2I_BATCH:-8} \
+        --steps=50 --dtype=bfloat16 --out=$OUT 2>&1 | grep -E "^RESULT|^ours|^diffusers|Error" \
+        | tail -5 ;;
     collect)  # the lever runs' JSON, one file
       $PY -c "import glob, json; json.dump([json.load(open(p)) for p in sorted(glob.glob(
 '/tmp/levers/*.json'))], open('$OUT/levers.json', 'w'), indent=1)" ;;

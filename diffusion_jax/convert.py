@@ -10,10 +10,15 @@ checked against config.diffusion). The imported weights become both the paramete
 EMA parameters of step 0, so sample/eval use them as they are and train fine-tunes from them.
 
 Latent models (LDM's unconditional pipelines, e.g. CompVis/ldm-celebahq-256): the config's
-latent.autoencoder names the first stage (that pipeline's vqvae/), configs/celebahq256_ldm.py:
+latent.autoencoder names the first stage (that pipeline's vqvae/):
   python -m diffusion_jax.convert --src=/path/to/ldm-celebahq-256 \
       --config=configs/celebahq256_ldm.py --workdir=runs/ldm-celebahq-imported \
       --config.latent.autoencoder=/path/to/ldm-celebahq-256/vqvae
+LDM's class-conditional checkpoints (one .safetensors file in CompVis' naming: U-Net,
+ClassEmbedder, first stage) the same way, latent.autoencoder the same file:
+  python -m diffusion_jax.convert --src=cin256-v2.safetensors \
+      --config=configs/imagenet256_ldm.py --workdir=runs/cin256-imported \
+      --config.latent.autoencoder=cin256-v2.safetensors
 """
 from __future__ import annotations
 
@@ -96,16 +101,36 @@ def pipeline_schedule(src: str) -> dict | None:
   return None
 
 
+def _ldm_single_file(src: str, config):
+  """(model fields, parameters, None) of a class-conditional LDM checkpoint; the heads, which
+  the weights do not record, are the config's."""
+  from diffusion_jax.convert_autoencoder import _read_safetensors
+  from diffusion_jax.convert_ldm import class_conditional_unet
+  from diffusion_jax.latent import model_input_shape
+  if not os.path.isfile(src):
+    raise ConversionError(f"{src} not found")
+  m = config.model
+  fields, params = class_conditional_unet(
+      _read_safetensors(src), {"num_heads": m.num_heads, "head_channels": m.head_channels})
+  return dict(fields, image_size=model_input_shape(config)[0]), params, None
+
+
 def import_diffusers_unet(src: str, config, workdir: str) -> int:
-  """Write step 0 of `workdir/checkpoints` from the diffusers weights in `src`."""
+  """Write step 0 of `workdir/checkpoints` from the diffusers weights in `src`, or from a
+  class-conditional LDM single file (.safetensors, CompVis naming; convert_ldm)."""
   from diffusion_jax.train import Trainer
-  model_cfg, params = load_diffusers_unet(src)
-  if model_cfg.get("context_dim"):
-    raise ConversionError(
-        "this U-Net cross-attends to a text encoder's output, which main.py's pipeline does "
-        "not compute: use it from Python, UNet(**unet_fields(fields)).apply({'params': params}, "
-        "x, t, context=...) with fields, params = convert_diffusers.load_diffusers_unet(src)")
-  bad = config_mismatches(config, model_cfg, pipeline_schedule(src))
+  if src.endswith(".safetensors"):
+    model_cfg, params, schedule = _ldm_single_file(src, config)
+  else:
+    model_cfg, params = load_diffusers_unet(src)
+    schedule = pipeline_schedule(src)
+    if model_cfg.get("context_dim"):
+      raise ConversionError(
+          "this U-Net cross-attends to a text encoder's output, which main.py's pipeline does "
+          "not compute: use it from Python, UNet(**unet_fields(fields)).apply({'params': "
+          "params}, x, t, context=...) with fields, params = "
+          "convert_diffusers.load_diffusers_unet(src), or diffusion_jax.text_to_image")
+  bad = config_mismatches(config, model_cfg, schedule)
   if bad:
     raise ConversionError("the config does not describe this network; add " + " ".join(bad))
   trainer = Trainer(config)

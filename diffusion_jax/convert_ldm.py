@@ -1,5 +1,7 @@
-"""Stable Diffusion 1.x single-file checkpoints (CompVis' `ldm` naming, e.g.
-v1-5-pruned-emaonly.safetensors) -> our U-Net, CLIP text encoder and autoencoder.
+"""Single-file checkpoints in CompVis' `ldm` naming -> our U-Net, CLIP text encoder and
+autoencoder: Stable Diffusion 1.x (e.g. v1-5-pruned-emaonly.safetensors) and LDM's
+class-conditional models (cin256: a ClassEmbedder's table `cond_stage_model.embedding.weight`
+as the cross-attention context, our `label_context`).
 
 A single file holds `model.diffusion_model.*` (openaimodel's UNetModel with SpatialTransformers:
 input_blocks / middle_block / output_blocks), `cond_stage_model.transformer.*` (transformers'
@@ -21,6 +23,7 @@ from diffusion_jax.convert_diffusers import (ConversionError, _attention_path,
 
 UNET_PREFIX = "model.diffusion_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
+CLASS_EMBEDDER = "cond_stage_model.embedding.weight"  # [classes + 1 (the null), context_dim]
 RESBLOCK = {"in_layers.0": "norm_1", "in_layers.2": "conv_1", "emb_layers.1": "temb_proj",
             "out_layers.0": "norm_2", "out_layers.3": "conv_2", "skip_connection": "nin_shortcut"}
 HEADS_BY_CONTEXT = {768: {"num_heads": 8, "head_channels": 0},      # SD 1.x
@@ -141,6 +144,9 @@ def ldm_state_dict(params: Mapping[str, Any], fields: Mapping[str, Any]) -> dict
   for path, value in traverse_util.flatten_dict(dict(params)).items():
     ours, *inner, name = path
     value = np.asarray(value, np.float32)
+    if ours == "label_context":
+      out[CLASS_EMBEDDER] = value
+      continue
     if ours.endswith("sample"):  # down/upsample: conv
       sub = ["op"] if "down" in ours else ["conv"]
     elif "_attn" in ours and inner and inner[0].startswith("block_"):
@@ -165,14 +171,39 @@ def ldm_state_dict(params: Mapping[str, Any], fields: Mapping[str, Any]) -> dict
   return out
 
 
+def unet_state(state: Mapping[str, Any]) -> dict:
+  """The U-Net's weights of a checkpoint (prefix stripped): its EMA copy where LDM kept one
+  (`model_ema.` + the name without dots, what LDM samples with), else model.diffusion_model.*."""
+  unet = {k[len(UNET_PREFIX):]: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
+  ema = {k: state.get("model_ema." + ("diffusion_model." + k).replace(".", "")) for k in unet}
+  if unet and all(v is not None for v in ema.values()):
+    return ema
+  return unet
+
+
+def class_conditional_unet(state: Mapping[str, Any], heads: dict | None = None):
+  """(fields, parameters) of a class-conditional LDM's U-Net in one file (model.diffusion_model.*
+  and the ClassEmbedder's table: num_classes = its rows - 1, the last row the null label)."""
+  if CLASS_EMBEDDER not in state:
+    raise ConversionError(f"no class embedding ({CLASS_EMBEDDER}): not a class-conditional "
+                          "LDM checkpoint")
+  unet = unet_state(state)
+  fields = unet_fields_from_ldm(unet, heads)
+  table = np.asarray(state[CLASS_EMBEDDER], np.float32)
+  if table.shape[1] != fields["context_dim"]:
+    raise ConversionError(f"the class embedding is {table.shape[1]} wide; the U-Net attends to "
+                          f"{fields['context_dim']}")
+  params = unet_params_from_ldm(unet, fields)
+  params["label_context"] = {"embedding": table}
+  return dict(fields, num_classes=table.shape[0] - 1), params
+
+
 def split_single_file(state: Mapping[str, Any]) -> dict[str, dict]:
   """{"unet", "text", "vae"} parts of a Stable Diffusion checkpoint, prefixes stripped (the
   vae keeps its own, which convert_autoencoder reads)."""
-  parts = {"unet": {}, "text": {}, "vae": {}}
+  parts = {"unet": unet_state(state), "text": {}, "vae": {}}
   for key, value in state.items():
-    if key.startswith(UNET_PREFIX):
-      parts["unet"][key[len(UNET_PREFIX):]] = value
-    elif key.startswith(TEXT_PREFIX):
+    if key.startswith(TEXT_PREFIX):
       parts["text"][key[len(TEXT_PREFIX):]] = value
     elif key.startswith("first_stage_model."):
       parts["vae"][key] = value

@@ -21,10 +21,11 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
                  "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 TFDS_NAMES = {"cifar10": "cifar10", "celeb_a_hq": "celeb_a_hq/256",
-              "lsun_church": "lsun/church_outdoor"}
+              "lsun_church": "lsun/church_outdoor", "imagenet2012": "imagenet2012"}
 TFDS_SPLITS = {"cifar10": {"train": "train", "test": "test"},
                "celeb_a_hq": {"train": "train", "test": "train"},  # CelebA-HQ has one split
-               "lsun_church": {"train": "train", "test": "validation"}}
+               "lsun_church": {"train": "train", "test": "validation"},
+               "imagenet2012": {"train": "train", "test": "validation"}}
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 

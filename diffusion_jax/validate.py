@@ -11,7 +11,7 @@ from diffusion_jax import samplers
 from diffusion_jax.models import ATTENTION, DTYPES, LAYOUT, MODELS, UPSAMPLE_CONV, onednn_conv
 from diffusion_jax.models.layers import DOWNSAMPLE_PADDING
 
-DATASETS = ("fashion_mnist", "cifar10", "celeb_a_hq", "lsun_church", "folder")
+DATASETS = ("fashion_mnist", "cifar10", "celeb_a_hq", "lsun_church", "imagenet2012", "folder")
 # autoencoder: of its reconstructions of the test split (fid: rFID, against the originals)
 METRICS = {"diffusion": ("fid", "is", "nll"), "autoencoder": ("psnr", "lpips", "fid")}
 MODES = ("train", "sample", "eval", "summary")

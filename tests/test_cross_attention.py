@@ -184,3 +184,52 @@ def test_celebahq_ldm_config_describes_the_published_unet():
   config.model.attn_levels = (2, 3)
   assert config_mismatches(config, model_config_from_diffusers(published), schedule) == [
       "--config.model.attn_resolutions=() --config.model.attn_levels=(1,2,3)"]
+
+
+def test_class_conditional_ldm_single_file_imports_into_a_workdir(tmp_path):
+  """CompVis' class-conditional LDM file (cin256's naming, in miniature): the U-Net and its
+  ClassEmbedder table (and the EMA copy LDM keeps, which wins) become step 0 of a latent
+  config's workdir, parameter for parameter (sampling such a model: the class-label test
+  above)."""
+  from safetensors.numpy import save_file
+  from diffusion_jax.convert import import_diffusers_unet
+  from diffusion_jax.convert_diffusers import ConversionError
+  from diffusion_jax.convert_ldm import ldm_state_dict
+  from diffusion_jax.models import build_model
+  from diffusion_jax.sample import restore_ema_params
+  from diffusion_jax.train import train_and_evaluate
+  from helpers import ae_config
+  first = ae_config(tmp_path, num_steps=1)
+  train_and_evaluate(first, str(tmp_path / "ae"))
+  config = ae_config(tmp_path, num_steps=1)
+  config.stage, config.latent.autoencoder = "diffusion", str(tmp_path / "ae")
+  config.latent.scale_factor = 1.0  # as LDM's VQ models (the imported U-Net records none)
+  config.sampling.clip_denoised, config.sampling.guidance_scale = False, 2.0
+  config.eval.metrics = "fid"
+  m = config.model
+  m.ch_mult, m.attn_resolutions, m.attn_levels, m.head_channels = (1, 2), (), (1,), 32
+  m.context_dim, m.num_classes, m.label_dropout = 16, 10, 0.1
+  m.norm_eps, m.flip_sin_to_cos, m.freq_shift, m.downsample_padding = 1e-5, True, 0.0, "symmetric"
+  model = build_model(config)
+  x, t, y = jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)
+  raw = perturbed(model.init(jax.random.PRNGKey(0), x, t, y)["params"])
+  ema = perturbed(raw, seed=5)
+  fields = {"ch_mult": m.ch_mult, "num_res_blocks": m.num_res_blocks, "attn_levels": (1,)}
+  state = ldm_state_dict(raw, fields)
+  assert state["cond_stage_model.embedding.weight"].shape == (11, 16)
+  for key, value in ldm_state_dict(ema, fields).items():
+    if key.startswith("model.diffusion_model."):
+      state["model_ema." + key[len("model."):].replace(".", "")] = value
+  src = str(tmp_path / "cin-mini.safetensors")
+  save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, src)
+  config.model.num_classes = 9
+  with pytest.raises(ConversionError, match="--config.model.num_classes=10"):
+    import_diffusers_unet(src, config, str(tmp_path / "refused"))
+  config.model.num_classes = 10
+  workdir = str(tmp_path / "imported")
+  import_diffusers_unet(src, config, workdir)
+  _, step, params = restore_ema_params(config, workdir)
+  assert step == 0
+  want = dict(ema, label_context=raw["label_context"])  # LDM's EMA covers the U-Net only
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params),
+               jax.tree.map(np.asarray, want))

@@ -106,6 +106,16 @@ def test_missing_data_says_how_to_get_it(tmp_path):
     data.load_source(cfg(write_idx(str(tmp_path / "f")), channels=3).data, "train")
 
 
+def test_imagenet_mock_data_is_center_cropped_with_its_labels():
+  tfds = pytest.importorskip("tensorflow_datasets")
+  with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+    c = cfg(None, name="imagenet2012", channels=3, batch=2)
+    c.data.image_size = 32
+    src = data.load_source(c.data, "test")  # the validation split
+    assert len(src) == 6 and src[0]["image"].shape == (32, 32, 3)
+    assert all(0 <= int(src[i]["label"]) < 1000 for i in range(6))
+
+
 def test_cifar10_mock_data():
   tfds = pytest.importorskip("tensorflow_datasets")
   with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
