@@ -126,8 +126,11 @@ def ddim_step(diffusion, model_output, x_t, t, t_prev, eta, noise, clip_denoised
 
 def ddim_sample(diffusion, denoise_fn, x_T, key, num_steps: int = 50, eta: float = 0.0,
                 spacing: str = "uniform", clip_denoised: bool = True, steps_offset: int = 0,
-                alpha_one_at_end: bool = True):
+                alpha_one_at_end: bool = True, skip: int = 0):
   """DDIM with `num_steps` network evaluations; eta = 0 is deterministic.
+
+  skip > 0: the first `skip` (noisiest) steps left out, x_T being x at the timestep after them
+  (SDEdit / img2img: a noised image enters the chain part way).
 
   steps_offset, alpha_one_at_end: diffusers' DDIMScheduler `steps_offset` and
   `set_alpha_to_one` (Stable Diffusion's scheduler configs: 1 and False: timesteps 1, 21, ...,
@@ -138,8 +141,10 @@ def ddim_sample(diffusion, denoise_fn, x_T, key, num_steps: int = 50, eta: float
     raise ValueError(f"steps_offset={steps_offset} puts timestep {seq[-1]} past the chain's "
                      f"{diffusion.num_timesteps}")
   end = -1 if alpha_one_at_end else 0
-  ts = jnp.asarray(seq[::-1])
-  prevs = jnp.asarray(np.append(end, seq[:-1])[::-1].astype(np.int32))
+  if not 0 <= skip < num_steps:
+    raise ValueError(f"skip={skip}: in [0, {num_steps - 1}]")
+  ts = jnp.asarray(seq[::-1][skip:])
+  prevs = jnp.asarray(np.append(end, seq[:-1])[::-1][skip:].astype(np.int32))
 
   def body(x, inputs):
     t, t_prev, k = inputs
@@ -148,7 +153,7 @@ def ddim_sample(diffusion, denoise_fn, x_T, key, num_steps: int = 50, eta: float
                           jax.random.normal(k, x.shape, x.dtype), clip_denoised)
     return x_prev, None
 
-  x0, _ = jax.lax.scan(body, x_T, (ts, prevs, jax.random.split(key, num_steps)))
+  x0, _ = jax.lax.scan(body, x_T, (ts, prevs, jax.random.split(key, num_steps)[skip:]))
   return x0
 
 

@@ -51,7 +51,7 @@ class StableDiffusion:
 
   def __post_init__(self):
     self._run = xla_options.jit(self._chain, static_argnames=(
-        "num_steps", "guidance_scale", "method", "eta", "decode"),
+        "num_steps", "guidance_scale", "method", "eta", "decode", "skip"),
         out_shardings=parallel.batch_sharding(self.mesh))
 
   @classmethod
@@ -156,18 +156,29 @@ class StableDiffusion:
                        f"x{f} and the U-Net's {levels}x down-sampling); got {height}x{width}")
     return (num_images, height // f, width // f, self.unet.in_channels)
 
-  def _chain(self, params, vae_params, scaling, ids, null_ids, x_T, key, *, num_steps,
-             guidance_scale, method, eta, decode):
+  def _chain(self, params, vae_params, scaling, ids, null_ids, x_T, key, init, *, num_steps,
+             guidance_scale, method, eta, decode, skip):
+    """Text encodings, the sampler, the decoder; with `init` (img2img: clean latents, or
+    images [B, H, W, 3] in [-1, 1] to encode) x_T is the noise that takes them to the first of
+    the DDIM steps left after skipping `skip`."""
     from diffusion_jax.models import denoiser
     context = self.text_encoder.apply({"params": params["text"]}, ids)
     null = self.text_encoder.apply({"params": params["text"]}, null_ids)
     denoise = denoiser(self.unet, params["unet"], guidance_scale=guidance_scale,
                        context=context, null_context=null)
+    ddim = dict(clip_denoised=self.schedule["clip_sample"],
+                steps_offset=self.schedule["steps_offset"],
+                alpha_one_at_end=self.schedule["alpha_one_at_end"])
+    if init is not None:
+      if init.shape[1] != x_T.shape[1]:  # images: the posterior sampled, as diffusers does
+        init = self.first_stage.encode_latents(vae_params, *scaling, init,
+                                               jax.random.fold_in(key, 2))
+      t = samplers.ddim_timesteps(self.diffusion.num_timesteps, num_steps)[::-1][skip]
+      x_T = self.diffusion.q_sample(init, jnp.full((x_T.shape[0],), t + ddim["steps_offset"]),
+                                    x_T)
     if method == "ddim":
-      z = samplers.ddim_sample(self.diffusion, denoise, x_T, key, num_steps, eta,
-                               clip_denoised=self.schedule["clip_sample"],
-                               steps_offset=self.schedule["steps_offset"],
-                               alpha_one_at_end=self.schedule["alpha_one_at_end"])
+      z = samplers.ddim_sample(self.diffusion, denoise, x_T, key, num_steps, eta, skip=skip,
+                               **ddim)
     else:
       z = samplers.dpm_solver_sample(self.diffusion, denoise, x_T, key, num_steps,
                                      clip_denoised=False)
@@ -184,22 +195,55 @@ class StableDiffusion:
     if method not in METHODS:
       raise ValueError(f"method {method!r}: one of {METHODS}")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    shape = self.latent_shape(len(prompts), height, width)
+    return self._run_batch(prompts, negative_prompt, shape, latents, None, seed, num_steps,
+                           guidance_scale, method, eta, decode, 0)
+
+  def img2img(self, prompts, images=None, latents=None, strength: float = 0.8,
+              negative_prompt: str = "", num_steps: int = 50, guidance_scale: float = 7.5,
+              seed: int = 0, eta: float = 0.0, noise=None, decode: bool = True):
+    """SDEdit (Meng et al. 2022) as diffusers' StableDiffusionImg2ImgPipeline: the inputs'
+    latents noised to the int(num_steps * strength)-th last DDIM step, then those steps.
+    images: uint8 [B, H, W, 3] (encoded: a posterior sample); or latents [B, h, w, 4], already
+    scaled; noise: that of the noising (else drawn from `seed`). DDIM only."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if (images is None) == (latents is None):
+      raise ValueError("give either images or latents")
+    if not 0.0 < strength <= 1.0:
+      raise ValueError(f"strength={strength}: in (0, 1]")
+    if images is not None:
+      images = np.asarray(images)
+      shape = self.latent_shape(len(prompts), images.shape[1], images.shape[2])
+      init = images.astype(np.float32) / 127.5 - 1.0
+    else:
+      init = np.asarray(latents, np.float32)
+      shape = tuple(init.shape)
+    if len(init) != len(prompts):
+      raise ValueError(f"{len(init)} inputs for {len(prompts)} prompts")
+    kept = min(int(num_steps * strength), num_steps)  # diffusers' get_timesteps
+    if kept < 1:
+      raise ValueError(f"strength {strength} keeps no step of {num_steps}")
+    return self._run_batch(prompts, negative_prompt, shape, noise, init, seed, num_steps,
+                           guidance_scale, "ddim", eta, decode, num_steps - kept)
+
+  def _run_batch(self, prompts, negative_prompt, shape, x_T, init, seed, num_steps,
+                 guidance_scale, method, eta, decode, skip):
     n = len(prompts)
     key = jax.random.PRNGKey(seed)
-    shape = self.latent_shape(n, height, width)
-    if latents is None:
-      latents = jax.random.normal(jax.random.fold_in(key, 1), shape)
-    elif tuple(latents.shape) != shape:
-      raise ValueError(f"latents of shape {tuple(latents.shape)}; expected {shape}")
+    if x_T is None:
+      x_T = jax.random.normal(jax.random.fold_in(key, 1), shape)
+    elif tuple(x_T.shape) != tuple(shape):
+      raise ValueError(f"latents or noise of shape {tuple(x_T.shape)}; expected {shape}")
     # the batch padded to a multiple of the devices (the padding's images are dropped)
     n_dev = self.mesh.shape[parallel.DATA]
     batch = parallel.batch_sharding(self.mesh)
     put = lambda a: jax.device_put(parallel.pad_to_multiple(np.asarray(a), n_dev), batch)
     scaling = tuple(jnp.float32(v) for v in self.first_stage.scaling())
     out = self._run(self.params, self.first_stage.params, scaling, put(self.tokenize(prompts)),
-                    put(self.tokenize([negative_prompt] * n)), put(latents), key,
-                    num_steps=num_steps, guidance_scale=float(guidance_scale), method=method,
-                    eta=float(eta), decode=decode)[:n]
+                    put(self.tokenize([negative_prompt] * n)), put(x_T), key,
+                    None if init is None else put(init), num_steps=num_steps,
+                    guidance_scale=float(guidance_scale), method=method, eta=float(eta),
+                    decode=decode, skip=skip)[:n]
     if not decode:
       return np.asarray(out)
     return np.asarray(jnp.round((jnp.clip(out, -1, 1) + 1) * 127.5).astype(jnp.uint8))

@@ -177,3 +177,34 @@ def test_single_file_checkpoint_gives_the_pipelines_images(pipeline_dir, tmp_pat
   from diffusion_jax.convert_diffusers import ConversionError
   with pytest.raises(ConversionError, match="32-wide context is neither"):
     StableDiffusion.load_single_file(path, str(src / "tokenizer"))
+
+
+def test_img2img_gives_diffusers_img2img_images(pipeline_dir):
+  """SDEdit from latents, strength 0.5 of 6 DDIM steps (the last 3 run), against diffusers'
+  StableDiffusionImg2ImgPipeline with the same noise; images in, through the encoder."""
+  from diffusers.utils.torch_utils import randn_tensor
+  src, pipe = pipeline_dir
+  ours = StableDiffusion.load(str(src))
+  img2img = diffusers.StableDiffusionImg2ImgPipeline(**pipe.components)
+  prompts = ["the man on a photo", "an orange cat!"]
+  z0 = np.random.default_rng(2).normal(size=(2, 4, 8, 8)).astype(np.float32)
+  want = img2img(prompts, image=torch.from_numpy(z0), strength=0.5, num_inference_steps=6,
+                 guidance_scale=5.0, output_type="np",
+                 generator=torch.Generator().manual_seed(3)).images
+  noise = randn_tensor((2, 4, 8, 8), generator=torch.Generator().manual_seed(3)).numpy()
+  got = ours.img2img(prompts, latents=z0.transpose(0, 2, 3, 1), strength=0.5, num_steps=6,
+                     guidance_scale=5.0, noise=noise.transpose(0, 2, 3, 1))
+  diff = np.abs(got / 255.0 - want).max()
+  print(f"img2img ({ours.diffusion.mean_type}): max |ours - diffusers| = {diff * 255:.2f} / 255")
+  assert diff <= 1.5 / 255
+  # the latents, where an off-by-one noising step (steps_offset) would show
+  want_z = img2img(prompts, image=torch.from_numpy(z0), strength=0.5, num_inference_steps=6,
+                   guidance_scale=5.0, output_type="latent",
+                   generator=torch.Generator().manual_seed(3)).images.numpy()
+  got_z = ours.img2img(prompts, latents=z0.transpose(0, 2, 3, 1), strength=0.5, num_steps=6,
+                       guidance_scale=5.0, noise=noise.transpose(0, 2, 3, 1), decode=False)
+  assert np.abs(got_z.transpose(0, 3, 1, 2) - want_z).max() < 1e-4
+  images = ours.img2img(prompts, images=got, strength=0.3, num_steps=10, guidance_scale=5.0)
+  assert images.shape == got.shape and images.dtype == np.uint8
+  with pytest.raises(ValueError, match="either images or latents"):
+    ours.img2img(prompts)
