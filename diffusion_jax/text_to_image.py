@@ -264,6 +264,17 @@ def load_tokenizer(directory: str):
 FLAGS = flags.FLAGS
 
 
+def read_init_image(path: str, pipe: StableDiffusion, height: int | None,
+                    width: int | None) -> np.ndarray:
+  """An image file as uint8 RGB, resized to height x width (default: its own size rounded down
+  to what the decoder and U-Net divide evenly)."""
+  from PIL import Image
+  img = Image.open(path).convert("RGB")
+  f = pipe.first_stage.model.downsampling_factor * 2 ** (len(pipe.unet.ch_mult) - 1)
+  size = (width or max(f, img.width // f * f), height or max(f, img.height // f * f))
+  return np.asarray(img.resize(size, Image.BICUBIC) if size != img.size else img)
+
+
 def main(argv):
   del argv
   from diffusion_jax.images import save_grid
@@ -279,9 +290,16 @@ def main(argv):
       pipe = StableDiffusion.load(FLAGS.src, FLAGS.dtype)
     prompts = [p for p in FLAGS.prompt for _ in range(FLAGS.num_images)]
     start = time.perf_counter()
-    images = pipe.generate(prompts, FLAGS.negative_prompt, FLAGS.steps, FLAGS.guidance,
-                           FLAGS.seed, FLAGS.height, FLAGS.width, FLAGS.method, FLAGS.eta)
-  except (ConversionError, ValueError) as e:
+    if FLAGS.init_image:
+      init = read_init_image(FLAGS.init_image, pipe, FLAGS.height, FLAGS.width)
+      images = pipe.img2img(prompts, images=np.stack([init] * len(prompts)),
+                            strength=FLAGS.strength, negative_prompt=FLAGS.negative_prompt,
+                            num_steps=FLAGS.steps, guidance_scale=FLAGS.guidance,
+                            seed=FLAGS.seed, eta=FLAGS.eta)
+    else:
+      images = pipe.generate(prompts, FLAGS.negative_prompt, FLAGS.steps, FLAGS.guidance,
+                             FLAGS.seed, FLAGS.height, FLAGS.width, FLAGS.method, FLAGS.eta)
+  except (ConversionError, ValueError, OSError) as e:
     sys.exit(f"{type(e).__name__}: {e}")
   logging.info("%d images in %.1f s (with compilation)", len(images), time.perf_counter() - start)
   save_grid(images, FLAGS.out, ncols=FLAGS.num_images)
@@ -306,6 +324,9 @@ if __name__ == "__main__":
   flags.DEFINE_enum("method", "ddim", METHODS, "Sampler.")
   flags.DEFINE_float("eta", 0.0, "DDIM eta (0: deterministic).")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+  flags.DEFINE_string("init_image", None, "img2img (SDEdit): start from this image.")
+  flags.DEFINE_float("strength", 0.8, "img2img: the share of the steps run (1: all, the "
+                     "image's content forgotten).")
   flags.DEFINE_string("out", "text_to_image.png", "PNG grid (one row per prompt); .npz beside.")
   flags.mark_flags_as_required(["src", "prompt"])
   app.run(main)

@@ -51,8 +51,18 @@ def text_encoder(vocab, act="quick_gelu", seed=0):
 
 @pytest.fixture(scope="module", params=["epsilon", "v_prediction"])
 def pipeline_dir(request, tmp_path_factory):
-  """A Stable Diffusion pipeline directory in miniature: 16x16 images, 8x8x4 latents."""
-  src = tmp_path_factory.mktemp(request.param)
+  """A Stable Diffusion pipeline directory in miniature: 16x16 images, 8x8x4 latents (SD 1.x's
+  epsilon prediction, or 2.x's v)."""
+  return build_pipeline_dir(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def epsilon_pipeline_dir(tmp_path_factory):
+  return build_pipeline_dir("epsilon", tmp_path_factory)
+
+
+def build_pipeline_dir(prediction, tmp_path_factory):
+  src = tmp_path_factory.mktemp(prediction)
   vocab = write_tokenizer(str(src / "tokenizer"))
   unet = diffusers.UNet2DConditionModel(
       sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
@@ -65,7 +75,7 @@ def pipeline_dir(request, tmp_path_factory):
       latent_channels=4, sample_size=16)
   scheduler = diffusers.DDIMScheduler(
       beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-      set_alpha_to_one=False, steps_offset=1, prediction_type=request.param)
+      set_alpha_to_one=False, steps_offset=1, prediction_type=prediction)
   randomise(unet, 2)
   with torch.no_grad():  # cross-attention strong enough that the prompt shows in the latents
     for name, p in unet.named_parameters():
@@ -122,8 +132,8 @@ def test_pipeline_gives_diffusers_images(pipeline_dir):
     ours.generate(prompts, num_steps=4, height=18)
 
 
-def test_the_command_writes_a_grid(pipeline_dir, tmp_path):
-  src, _ = pipeline_dir
+def test_the_command_writes_a_grid(epsilon_pipeline_dir, tmp_path):
+  src, _ = epsilon_pipeline_dir
   out = tmp_path / "grid.png"
   proc = subprocess.run(
       [sys.executable, "-m", "diffusion_jax.text_to_image", f"--src={src}",
@@ -133,13 +143,23 @@ def test_the_command_writes_a_grid(pipeline_dir, tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert os.path.getsize(out) > 0
   assert np.load(str(out).replace(".png", ".npz"))["arr_0"].shape == (4, 16, 16, 3)
+  from PIL import Image
+  Image.fromarray(np.full((20, 18, 3), 200, np.uint8)).save(tmp_path / "init.png")
+  proc = subprocess.run(
+      [sys.executable, "-m", "diffusion_jax.text_to_image", f"--src={src}", "--prompt=a cat",
+       "--steps=4", f"--init_image={tmp_path / 'init.png'}", "--strength=0.5",
+       f"--out={tmp_path / 'edit.png'}"], cwd=REPO, capture_output=True, text=True,
+      env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  # 20 x 18 rounded down to multiples of 4 (the decoder's f 2 x the U-Net's 2 levels)
+  assert np.load(str(tmp_path / "edit.npz"))["arr_0"].shape == (1, 20, 16, 3)
   bad = subprocess.run([sys.executable, "-m", "diffusion_jax.text_to_image",
                         f"--src={tmp_path}", "--prompt=x"], cwd=REPO, capture_output=True,
                        text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
   assert bad.returncode != 0 and "scheduler_config.json not found" in bad.stderr
 
 
-def test_single_file_checkpoint_gives_the_pipelines_images(pipeline_dir, tmp_path):
+def test_single_file_checkpoint_gives_the_pipelines_images(epsilon_pipeline_dir, tmp_path):
   """The same miniature as one Stable Diffusion 1.x file (CompVis names): our U-Net written in
   openaimodel's naming loads strictly through diffusers' own single-file converter, and the
   file run by load_single_file gives diffusers' pipeline images."""
@@ -147,7 +167,7 @@ def test_single_file_checkpoint_gives_the_pipelines_images(pipeline_dir, tmp_pat
   from safetensors.numpy import save_file
   from diffusion_jax import convert_ldm
   from diffusion_jax.convert_diffusers import load_diffusers_unet
-  src, pipe = pipeline_dir
+  src, pipe = epsilon_pipeline_dir
   fields, params = load_diffusers_unet(str(src))
   unet_sd = convert_ldm.ldm_state_dict(params, fields)
   assert "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight" in unet_sd
