@@ -84,6 +84,7 @@ class MappedSource:
 
   def __init__(self, source, size: int, channels: int):
     self.source, self.size, self.channels = source, size, channels
+    self.classes = getattr(source, "classes", None)  # a folder's class names, if any
 
   def __len__(self):
     return len(self.source)
@@ -95,15 +96,22 @@ class MappedSource:
 
 
 class FolderSource:
-  def __init__(self, paths):
+  """Image files; labelled by class folder (ImageFolder's layout: root/<class>/...) when every
+  image lies in a subfolder, the classes numbered in sorted order; else all label 0."""
+
+  def __init__(self, root: str, paths):
     self.paths = paths
+    tops = [os.path.relpath(p, root).split(os.sep) for p in paths]
+    self.classes = (sorted({t[0] for t in tops}) if all(len(t) > 1 for t in tops) else None)
+    index = {c: i for i, c in enumerate(self.classes or ())}
+    self.labels = [index[t[0]] if self.classes else 0 for t in tops]
 
   def __len__(self):
     return len(self.paths)
 
   def __getitem__(self, i):
     with Image.open(self.paths[i]) as img:
-      return {"image": np.asarray(img.convert("RGB")), "label": 0}
+      return {"image": np.asarray(img.convert("RGB")), "label": self.labels[i]}
 
 
 def _fashion_mnist(data_cfg, split):
@@ -150,7 +158,7 @@ def _folder(data_cfg, split):
   if not paths:
     raise DataError(f"no images ({', '.join(IMAGE_EXTS)}) under data.data_dir={root!r}: put "
                     "your images there (any size; they are center-cropped and resized)")
-  return MappedSource(FolderSource(paths), data_cfg.image_size, data_cfg.channels)
+  return MappedSource(FolderSource(root, paths), data_cfg.image_size, data_cfg.channels)
 
 
 def load_source(data_cfg, split: str = "train"):
@@ -200,6 +208,10 @@ def train_batches(config, start_step: int = 0, process_index: int | None = None,
   local = batch // count
   source = load_source(config.data, "train")
   n, flip_ok = len(source), config.data.random_flip
+  classes, k = getattr(source, "classes", None), config.get("model", {}).get("num_classes", 0)
+  if classes and k and len(classes) > k:
+    raise DataError(f"{config.data.data_dir} has {len(classes)} class folders; the model "
+                    f"embeds {k}: set --config.model.num_classes={len(classes)}")
 
   def load(k):  # k counts this process's examples from step 0 on
     step, j = divmod(int(k), local)

@@ -95,8 +95,24 @@ def test_image_folder(tmp_path):
   c = cfg(str(tmp_path), name="folder", size=16, channels=3)
   src = data.load_source(c.data, "train")
   assert len(src) == 3 and all(src[i]["image"].shape == (16, 16, 3) for i in range(3))
+  assert {src[i]["label"] for i in range(3)} == {0}  # no class folders: unlabelled
   with pytest.raises(data.DataError, match="no images"):
     data.load_source(cfg(str(tmp_path / "empty"), name="folder").data, "train")
+
+
+def test_image_folder_classes_are_its_subfolders(tmp_path):
+  for i, name in enumerate(["dog", "cat", "cat", "bird"]):
+    (tmp_path / name).mkdir(exist_ok=True)
+    Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / name / f"{i}.png")
+  c = cfg(str(tmp_path), name="folder", size=8, channels=3, batch=4)
+  src = data.load_source(c.data, "train")
+  assert src.classes == ["bird", "cat", "dog"]  # sorted: bird 0, cat 1, dog 2
+  assert sorted(src[i]["label"] for i in range(4)) == [0, 1, 1, 2]
+  c.model = {"num_classes": 2}
+  with pytest.raises(data.DataError, match="3 class folders.*num_classes=3"):
+    next(data.train_batches(c, 0, 0, 1))
+  c.model = {"num_classes": 3}
+  assert next(data.train_batches(c, 0, 0, 1))["label"].shape == (4,)
 
 
 def test_missing_data_says_how_to_get_it(tmp_path):
