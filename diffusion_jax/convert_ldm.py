@@ -8,8 +8,10 @@ input_blocks / middle_block / output_blocks), `cond_stage_model.transformer.*` (
 CLIPTextModel names) and `first_stage_model.*` (convert_autoencoder reads it). The layout is
 read from the weights; what the weights do not say is Stable Diffusion's: GroupNorm eps 1e-5,
 the flipped timestep embedding, symmetric down-sampling padding, and the heads (8 per block
-with a 768-wide context, SD 1.x; 64 channels per head with 1024, SD 2.x, whose OpenCLIP text
-encoder naming is not read here). `ldm_state_dict` writes our U-Net back in that naming.
+with a 768-wide context, SD 1.x; 64 channels per head with 1024, SD 2.x). SD 2.x files hold
+OpenCLIP's text tower (`cond_stage_model.model.*`: fused in_proj, resblocks), of which SD uses
+the penultimate layer: its last block is dropped, ln_final kept (as diffusers converts it).
+`ldm_state_dict` writes our U-Net back in that naming.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from diffusion_jax.convert_diffusers import (ConversionError, _attention_path,
 
 UNET_PREFIX = "model.diffusion_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
+OPEN_CLIP_PREFIX = "cond_stage_model.model."
 CLASS_EMBEDDER = "cond_stage_model.embedding.weight"  # [classes + 1 (the null), context_dim]
 RESBLOCK = {"in_layers.0": "norm_1", "in_layers.2": "conv_1", "emb_layers.1": "temb_proj",
             "out_layers.0": "norm_2", "out_layers.3": "conv_2", "skip_connection": "nin_shortcut"}
@@ -198,19 +201,49 @@ def class_conditional_unet(state: Mapping[str, Any], heads: dict | None = None):
   return dict(fields, num_classes=table.shape[0] - 1), params
 
 
-def split_single_file(state: Mapping[str, Any]) -> dict[str, dict]:
-  """{"unet", "text", "vae"} parts of a Stable Diffusion checkpoint, prefixes stripped (the
-  vae keeps its own, which convert_autoencoder reads)."""
-  parts = {"unet": unet_state(state), "text": {}, "vae": {}}
-  for key, value in state.items():
-    if key.startswith(TEXT_PREFIX):
-      parts["text"][key[len(TEXT_PREFIX):]] = value
-    elif key.startswith("first_stage_model."):
-      parts["vae"][key] = value
-  if not parts["text"] and any(k.startswith("cond_stage_model.model.") for k in state):
-    raise ConversionError("an OpenCLIP text encoder (SD 2.x single file): convert the file "
-                          "with diffusers to a pipeline directory and load that")
+def open_clip_text_params(state: Mapping[str, Any]) -> dict:
+  """CLIPTextEncoder parameters from OpenCLIP's text tower (prefix stripped): the blocks but
+  the last (SD 2.x's penultimate layer), ln_final."""
+  f32 = lambda k: np.asarray(state[k], np.float32)
+  blocks = sorted({int(m.group(1)) for k in state
+                   if (m := re.match(r"transformer\.resblocks\.(\d+)\.", k))})
+  if len(blocks) < 2:
+    raise ConversionError("OpenCLIP text tower with fewer than 2 blocks")
+  params = {"token_embedding": {"embedding": f32("token_embedding.weight")},
+            "position_embedding": f32("positional_embedding"),
+            "final_norm": {"scale": f32("ln_final.weight"), "bias": f32("ln_final.bias")}}
+  dense = lambda w, b: {"kernel": f32(w).T, "bias": f32(b)}
+  for n, i in enumerate(blocks[:-1]):
+    p = f"transformer.resblocks.{i}."
+    w, b = f32(p + "attn.in_proj_weight"), f32(p + "attn.in_proj_bias")
+    d = w.shape[1]
+    for j, name in enumerate("qkv"):
+      rows = slice(j * d, (j + 1) * d)
+      params[f"layer_{n}_{name}"] = {"kernel": w[rows].T, "bias": b[rows]}
+    params[f"layer_{n}_out"] = dense(p + "attn.out_proj.weight", p + "attn.out_proj.bias")
+    params[f"layer_{n}_fc1"] = dense(p + "mlp.c_fc.weight", p + "mlp.c_fc.bias")
+    params[f"layer_{n}_fc2"] = dense(p + "mlp.c_proj.weight", p + "mlp.c_proj.bias")
+    for ours, theirs in (("norm_1", "ln_1"), ("norm_2", "ln_2")):
+      params[f"layer_{n}_{ours}"] = {"scale": f32(p + theirs + ".weight"),
+                                     "bias": f32(p + theirs + ".bias")}
+  return params
+
+
+def split_single_file(state: Mapping[str, Any]) -> dict:
+  """A Stable Diffusion checkpoint's parts: "unet" (prefix stripped), "vae" (its own prefix,
+  which convert_autoencoder reads), "text" (CLIPTextEncoder parameters) and "activation" (SD
+  1.x's OpenAI CLIP: quick_gelu; SD 2.x's OpenCLIP: gelu)."""
+  from diffusion_jax.convert_clip import text_encoder_params
+  parts = {"unet": unet_state(state), "vae": {k: v for k, v in state.items()
+                                              if k.startswith("first_stage_model.")}}
+  openai = {k[len(TEXT_PREFIX):]: v for k, v in state.items() if k.startswith(TEXT_PREFIX)}
+  open_clip = {k[len(OPEN_CLIP_PREFIX):]: v for k, v in state.items()
+               if k.startswith(OPEN_CLIP_PREFIX)}
+  if openai:
+    parts.update(text=text_encoder_params(openai), activation="quick_gelu")
+  elif open_clip:
+    parts.update(text=open_clip_text_params(open_clip), activation="gelu")
   for name, hint in (("unet", UNET_PREFIX), ("text", TEXT_PREFIX), ("vae", "first_stage_model.")):
-    if not parts[name]:
-      raise ConversionError(f"no {hint}* weights: not a Stable Diffusion 1.x checkpoint")
+    if not parts.get(name):
+      raise ConversionError(f"no {hint}* weights: not a Stable Diffusion checkpoint")
   return parts

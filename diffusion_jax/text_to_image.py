@@ -7,7 +7,7 @@ compiled program, the batch sharded over the devices.
       --prompt="a photograph of an astronaut riding a horse" --num_images=4 --out=astronaut.png
 
 --src is a diffusers pipeline directory (model_index.json beside text_encoder/, tokenizer/,
-unet/, vae/, scheduler/, each with safetensors weights), or a Stable Diffusion 1.x single-file
+unet/, vae/, scheduler/, each with safetensors weights), or a Stable Diffusion 1.x/2.x single-file
 checkpoint (CompVis naming, .safetensors; convert_ldm.py) with --tokenizer=DIR. Tokenising
 needs the `transformers` package (its CLIPTokenizer reads tokenizer/); nothing else of torch
 or transformers runs. Sampling follows the pipeline's scheduler_config.json: its betas,
@@ -77,7 +77,7 @@ class StableDiffusion:
   def load_single_file(cls, path: str, tokenizer, prediction_type: str = "epsilon",
                        dtype: str = "float32", mesh=None, heads: dict | None = None,
                        text_heads: int | None = None):
-    """A Stable Diffusion 1.x single-file checkpoint (CompVis naming, .safetensors) with the
+    """A Stable Diffusion 1.x/2.x single-file checkpoint (CompVis naming, .safetensors) with the
     tokenizer (a CLIPTokenizer, or the path of its vocab.json/merges.txt folder); the
     scheduler is SD's (scaled_linear 0.00085 -> 0.012, steps_offset 1, set_alpha_to_one
     False), `prediction_type` "epsilon" or "v_prediction" (the file does not say); heads,
@@ -86,13 +86,13 @@ class StableDiffusion:
     from diffusion_jax.convert_autoencoder import (_read_safetensors, autoencoder_params,
                                                    autoencoder_config_from_params,
                                                    check_params)
-    from diffusion_jax.convert_clip import text_encoder_fields_from_params, text_encoder_params
+    from diffusion_jax.convert_clip import text_encoder_fields_from_params
     if not (path.endswith(".safetensors") and os.path.isfile(path)):
       raise ConversionError(f"{path!r} is not a .safetensors file")
     parts = convert_ldm.split_single_file(_read_safetensors(path))
     unet_cfg = dict(convert_ldm.unet_fields_from_ldm(parts["unet"], heads), name="unet",
                     image_size=64)
-    text_params = text_encoder_params(parts["text"])
+    text_params = parts["text"]
     vae_params = autoencoder_params(parts["vae"])
     vae_cfg = autoencoder_config_from_params(vae_params)
     check_params(vae_cfg, vae_params)
@@ -103,8 +103,8 @@ class StableDiffusion:
     if isinstance(tokenizer, str):
       tokenizer = load_tokenizer(tokenizer)
     return cls.assemble(
-        tokenizer, (text_encoder_fields_from_params(text_params, heads=text_heads),
-                    text_params),
+        tokenizer, (text_encoder_fields_from_params(text_params, parts["activation"],
+                                                    text_heads), text_params),
         (unet_cfg, convert_ldm.unet_params_from_ldm(parts["unet"], unet_cfg)),
         (vae_cfg, vae_params, {"scale_factor": 0.18215, "shift_factor": 0.0}), schedule,
         dtype, mesh)
@@ -309,7 +309,7 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.DEFINE_string("src", None, "Local diffusers Stable Diffusion pipeline directory, or a "
-                      "SD 1.x single-file .safetensors checkpoint.")
+                      "SD 1.x/2.x single-file .safetensors checkpoint.")
   flags.DEFINE_string("tokenizer", None, "With a single file: CLIP's tokenizer folder.")
   flags.DEFINE_enum("prediction_type", "epsilon", ["epsilon", "v_prediction"],
                     "With a single file: what its U-Net predicts.")

@@ -228,3 +228,46 @@ def test_img2img_gives_diffusers_img2img_images(pipeline_dir):
   assert images.shape == got.shape and images.dtype == np.uint8
   with pytest.raises(ValueError, match="either images or latents"):
     ours.img2img(prompts)
+
+
+def test_open_clip_text_tower_of_sd2_files_converts_like_diffusers():
+  """SD 2.x single files hold OpenCLIP's text tower (fused in_proj, resblocks, ln_final), used
+  at its penultimate layer: our conversion drops the last block, as diffusers' own converter
+  (which drops block 23 of ViT-H's 24; here the last of 3) builds its CLIPTextModel."""
+  from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+  from diffusion_jax.convert_clip import text_encoder_fields_from_params
+  from diffusion_jax.convert_ldm import open_clip_text_params
+  ref = text_encoder(60, "gelu", seed=4)  # 2 layers: the penultimate network
+  sd = {k.removeprefix("text_model."): v.numpy() for k, v in ref.state_dict().items()}
+  rng = np.random.default_rng(0)
+  clip = {"token_embedding.weight": sd["embeddings.token_embedding.weight"],
+          "positional_embedding": sd["embeddings.position_embedding.weight"],
+          "ln_final.weight": sd["final_layer_norm.weight"],
+          "ln_final.bias": sd["final_layer_norm.bias"]}
+  for i in range(3):  # block 2: a last block that SD 2.x leaves out
+    src = (lambda n: sd[f"encoder.layers.{i}.{n}"]) if i < 2 else (
+        lambda n: rng.normal(size=sd[f"encoder.layers.0.{n}"].shape).astype(np.float32))
+    p = f"transformer.resblocks.{i}."
+    clip[p + "attn.in_proj_weight"] = np.concatenate(
+        [src(f"self_attn.{x}_proj.weight") for x in "qkv"])
+    clip[p + "attn.in_proj_bias"] = np.concatenate(
+        [src(f"self_attn.{x}_proj.bias") for x in "qkv"])
+    for theirs, hf in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"),
+                       ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"),
+                       ("mlp.c_proj", "mlp.fc2")):
+      clip[p + theirs + ".weight"], clip[p + theirs + ".bias"] = (src(hf + ".weight"),
+                                                                   src(hf + ".bias"))
+  ckpt = {"cond_stage_model.model." + k: torch.from_numpy(v) for k, v in clip.items()
+          if not k.startswith("transformer.resblocks.2.")}
+  fresh = transformers.CLIPTextModel(ref.config)
+  converted = convert_open_clip_checkpoint(fresh, ckpt)  # transformers 5 has no text_model.
+  fresh.load_state_dict({k.removeprefix("text_model."): v for k, v in converted.items()},
+                        strict=True)
+  params = open_clip_text_params(clip)
+  fields = text_encoder_fields_from_params(params, "gelu", heads=4)
+  assert fields["layers"] == 2 and fields["width"] == 32
+  ids = np.random.default_rng(1).integers(0, 60, (2, 77))
+  with torch.no_grad():
+    want = fresh.eval()(torch.from_numpy(ids)).last_hidden_state.numpy()
+  got = CLIPTextEncoder(**fields).apply({"params": params}, jnp.asarray(ids, jnp.int32))
+  assert np.abs(np.asarray(got) - want).max() < 1e-4
