@@ -31,7 +31,7 @@ demo: venv data
 # compiles the sources of jax, flax and torch again (~4 s apiece).
 TEST_ENV := GLIBC_TUNABLES=$${GLIBC_TUNABLES-glibc.malloc.hugetlb=1} PYTHONDONTWRITEBYTECODE=
 # two pytest workers (pytest-xdist): much of a test is single-threaded tracing and compiling
-PYTEST := $(BIN)/python -m pytest -q -ra -n $${PYTEST_WORKERS-2}
+PYTEST := $(BIN)/python -m pytest -q -ra --durations=15 -n $${PYTEST_WORKERS-2}
 
 test: venv-test
 	$(TEST_ENV) $(PYTEST) tests

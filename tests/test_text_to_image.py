@@ -130,6 +130,11 @@ def test_pipeline_gives_diffusers_images(pipeline_dir):
   assert diff < effect / 10
   with pytest.raises(ValueError, match="multiples of 4 .*got 18x16"):  # f 2, 2 U-Net levels
     ours.generate(prompts, num_steps=4, height=18)
+  # bf16 compute (the GPU setting; parameters stay float32): the same images, give or take
+  half = StableDiffusion.load(str(src), "bfloat16").generate(
+      prompts, num_steps=4, guidance_scale=5.0, latents=latents)
+  diff = np.abs(half.astype(int) - got)
+  assert diff.max() <= 6 and diff.mean() < 1.0, (diff.max(), diff.mean())
 
 
 def test_the_command_writes_a_grid(epsilon_pipeline_dir, tmp_path):
