@@ -81,6 +81,8 @@ def write_pipeline(layout: str, directory: str):
     json.dump({t: i for i, t in enumerate(tokens)}, f)
   with open(os.path.join(tok_dir, "merges.txt"), "w") as f:
     f.write("#version: 0.2\n")
+  with open(os.path.join(tok_dir, "tokenizer_config.json"), "w") as f:
+    json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77}, f)
   cfg = LAYOUTS[layout]
   torch.manual_seed(0)
   text = transformers.CLIPTextModel(transformers.CLIPTextConfig(
@@ -170,6 +172,7 @@ def main(argv):
       res[side]["img_per_s"] = FLAGS.batch / res[side]["call_s"]
   if "peer" in res:
     res["speedup"] = res["ours"]["img_per_s"] / res["peer"]["img_per_s"]
+  os.makedirs(FLAGS.out, exist_ok=True)
   path = timing.result_path(FLAGS.out, res["device"], FLAGS.layout, "text_to_image")
   with open(path, "w") as f:
     json.dump(res, f, indent=1)
