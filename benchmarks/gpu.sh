@@ -89,7 +89,7 @@ torch.__version__, jax.devices())" 2>&1 | tail -1
         bash "$0" collect > /dev/null
       done ;;
     text_to_image)  # needs transformers beside diffusers (a wheel in .whl/ if absent)
-      timeout 420 $PY benchmarks/text_to_image.py --layout=sd15 --batch=${T2I_BATCH:-8} \
+      timeout 560 $PY benchmarks/text_to_image.py --layout=sd15 --batch=${T2I_BATCH:-8} \
         --steps=50 --dtype=bfloat16 --out=$OUT 2>&1 | grep -E "^RESULT|^ours|^diffusers|Error" \
         | tail -5 ;;
     collect)  # the lever runs' JSON, one file

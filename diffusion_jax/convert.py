@@ -101,7 +101,7 @@ def pipeline_schedule(src: str) -> dict | None:
   return None
 
 
-def _ldm_single_file(src: str, config):
+def _ldm_single_file(src: str, config, ema: bool = False):
   """(model fields, parameters, None) of a class-conditional LDM checkpoint; the heads, which
   the weights do not record, are the config's."""
   from diffusion_jax.convert_autoencoder import _read_safetensors
@@ -111,16 +111,17 @@ def _ldm_single_file(src: str, config):
     raise ConversionError(f"{src} not found")
   m = config.model
   fields, params = class_conditional_unet(
-      _read_safetensors(src), {"num_heads": m.num_heads, "head_channels": m.head_channels})
+      _read_safetensors(src), {"num_heads": m.num_heads, "head_channels": m.head_channels}, ema)
   return dict(fields, image_size=model_input_shape(config)[0]), params, None
 
 
-def import_diffusers_unet(src: str, config, workdir: str) -> int:
+def import_diffusers_unet(src: str, config, workdir: str, ema: bool = False) -> int:
   """Write step 0 of `workdir/checkpoints` from the diffusers weights in `src`, or from a
-  class-conditional LDM single file (.safetensors, CompVis naming; convert_ldm)."""
+  class-conditional LDM single file (.safetensors, CompVis naming; convert_ldm; `ema`: its
+  model_ema.* copy of the U-Net instead of model.diffusion_model.*)."""
   from diffusion_jax.train import Trainer
   if src.endswith(".safetensors"):
-    model_cfg, params, schedule = _ldm_single_file(src, config)
+    model_cfg, params, schedule = _ldm_single_file(src, config, ema)
   else:
     model_cfg, params = load_diffusers_unet(src)
     schedule = pipeline_schedule(src)
@@ -158,14 +159,16 @@ def import_diffusers_unet(src: str, config, workdir: str) -> int:
 def main(argv):
   del argv
   try:
-    import_diffusers_unet(FLAGS.src, FLAGS.config, FLAGS.workdir)
+    import_diffusers_unet(FLAGS.src, FLAGS.config, FLAGS.workdir, FLAGS.ema)
   except (ConversionError, checkpoints.CheckpointError) as e:
     sys.exit(f"{type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "The experiment config of the network.")
-  flags.DEFINE_string("src", None, "Local diffusers UNet2DModel (or pipeline) directory.")
+  flags.DEFINE_string("src", None, "Local diffusers UNet2DModel (or pipeline) directory, or a "
+                      "class-conditional LDM single file (.safetensors, CompVis naming).")
+  flags.DEFINE_bool("ema", False, "With a single file: its model_ema.* copy of the U-Net.")
   flags.DEFINE_string("workdir", None, "New workdir to write the checkpoint into.")
   flags.mark_flags_as_required(["config", "src", "workdir"])
   app.run(main)

@@ -174,23 +174,28 @@ def ldm_state_dict(params: Mapping[str, Any], fields: Mapping[str, Any]) -> dict
   return out
 
 
-def unet_state(state: Mapping[str, Any]) -> dict:
-  """The U-Net's weights of a checkpoint (prefix stripped): its EMA copy where LDM kept one
-  (`model_ema.` + the name without dots, what LDM samples with), else model.diffusion_model.*."""
+def unet_state(state: Mapping[str, Any], ema: bool = False) -> dict:
+  """The U-Net's weights of a checkpoint (prefix stripped): model.diffusion_model.* (what SD's
+  and diffusers' loaders take), or with `ema` the EMA copy LDM keeps beside them (`model_ema.`
+  + the name without dots; an error if the file has none)."""
   unet = {k[len(UNET_PREFIX):]: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
-  ema = {k: state.get("model_ema." + ("diffusion_model." + k).replace(".", "")) for k in unet}
-  if unet and all(v is not None for v in ema.values()):
-    return ema
-  return unet
+  if not ema:
+    return unet
+  copy = {k: state.get("model_ema." + ("diffusion_model." + k).replace(".", "")) for k in unet}
+  if not unet or any(v is None for v in copy.values()):
+    raise ConversionError("ema: this file has no (complete) model_ema.* copy of the U-Net")
+  return copy
 
 
-def class_conditional_unet(state: Mapping[str, Any], heads: dict | None = None):
+def class_conditional_unet(state: Mapping[str, Any], heads: dict | None = None,
+                           ema: bool = False):
   """(fields, parameters) of a class-conditional LDM's U-Net in one file (model.diffusion_model.*
-  and the ClassEmbedder's table: num_classes = its rows - 1, the last row the null label)."""
+  or, with `ema`, its EMA copy; the ClassEmbedder's table: num_classes = its rows - 1, the last
+  row read as the null label of classifier-free guidance, as cin256-v2's 1001 rows)."""
   if CLASS_EMBEDDER not in state:
     raise ConversionError(f"no class embedding ({CLASS_EMBEDDER}): not a class-conditional "
                           "LDM checkpoint")
-  unet = unet_state(state)
+  unet = unet_state(state, ema)
   fields = unet_fields_from_ldm(unet, heads)
   table = np.asarray(state[CLASS_EMBEDDER], np.float32)
   if table.shape[1] != fields["context_dim"]:
@@ -229,12 +234,12 @@ def open_clip_text_params(state: Mapping[str, Any]) -> dict:
   return params
 
 
-def split_single_file(state: Mapping[str, Any]) -> dict:
+def split_single_file(state: Mapping[str, Any], ema: bool = False) -> dict:
   """A Stable Diffusion checkpoint's parts: "unet" (prefix stripped), "vae" (its own prefix,
   which convert_autoencoder reads), "text" (CLIPTextEncoder parameters) and "activation" (SD
   1.x's OpenAI CLIP: quick_gelu; SD 2.x's OpenCLIP: gelu)."""
   from diffusion_jax.convert_clip import text_encoder_params
-  parts = {"unet": unet_state(state), "vae": {k: v for k, v in state.items()
+  parts = {"unet": unet_state(state, ema), "vae": {k: v for k, v in state.items()
                                               if k.startswith("first_stage_model.")}}
   openai = {k[len(TEXT_PREFIX):]: v for k, v in state.items() if k.startswith(TEXT_PREFIX)}
   open_clip = {k[len(OPEN_CLIP_PREFIX):]: v for k, v in state.items()
@@ -243,7 +248,8 @@ def split_single_file(state: Mapping[str, Any]) -> dict:
     parts.update(text=text_encoder_params(openai), activation="quick_gelu")
   elif open_clip:
     parts.update(text=open_clip_text_params(open_clip), activation="gelu")
-  for name, hint in (("unet", UNET_PREFIX), ("text", TEXT_PREFIX), ("vae", "first_stage_model.")):
+  for name, hint in (("unet", UNET_PREFIX), ("text", f"{TEXT_PREFIX}* or {OPEN_CLIP_PREFIX}"),
+                     ("vae", "first_stage_model.")):
     if not parts.get(name):
       raise ConversionError(f"no {hint}* weights: not a Stable Diffusion checkpoint")
   return parts

@@ -146,7 +146,9 @@ def _tfds(data_cfg, split):
         f"{' in ' + data_cfg.data_dir if data_cfg.data_dir else ''}: {type(e).__name__}: {e}. "
         "On a machine with internet (preparation needs tensorflow) run: python -c \"import "
         f"tensorflow_datasets as tfds; tfds.builder('{name}').download_and_prepare("
-        "file_format='array_record')\" and pass --config.data.data_dir=<its data_dir>") from e
+        "file_format='array_record')\" and pass --config.data.data_dir=<its data_dir>"
+        + (" (imagenet2012 needs its tar files in tfds' manual_dir first: they are not "
+           "downloadable)" if data_cfg.name == "imagenet2012" else "")) from e
   return MappedSource(source, data_cfg.image_size, data_cfg.channels)
 
 
@@ -212,6 +214,10 @@ def train_batches(config, start_step: int = 0, process_index: int | None = None,
   if classes and k and len(classes) > k:
     raise DataError(f"{config.data.data_dir} has {len(classes)} class folders; the model "
                     f"embeds {k}: set --config.model.num_classes={len(classes)}")
+  if k and config.data.name == "folder" and not classes:
+    raise DataError(f"model.num_classes={k} needs labels: put the images of each class in a "
+                    f"subfolder of {config.data.data_dir} (DIR/<class>/...), or set "
+                    "--config.model.num_classes=0")
 
   def load(k):  # k counts this process's examples from step 0 on
     step, j = divmod(int(k), local)

@@ -76,12 +76,15 @@ class StableDiffusion:
   @classmethod
   def load_single_file(cls, path: str, tokenizer, prediction_type: str = "epsilon",
                        dtype: str = "float32", mesh=None, heads: dict | None = None,
-                       text_heads: int | None = None):
+                       text_heads: int | None = None, ema: bool = False):
     """A Stable Diffusion 1.x/2.x single-file checkpoint (CompVis naming, .safetensors) with the
     tokenizer (a CLIPTokenizer, or the path of its vocab.json/merges.txt folder); the
     scheduler is SD's (scaled_linear 0.00085 -> 0.012, steps_offset 1, set_alpha_to_one
     False), `prediction_type` "epsilon" or "v_prediction" (the file does not say); heads,
-    text_heads: the attention heads where they are not Stable Diffusion's (convert_ldm)."""
+    text_heads: the attention heads where they are not Stable Diffusion's (convert_ldm); ema:
+    the file's model_ema.* U-Net instead of model.diffusion_model.*. The native size is 512
+    (768 for v prediction, SD 2.x's 768-v). The tokenizer must be the model's own (SD 2.x's
+    pads with "!", 1.x's with <|endoftext|>)."""
     from diffusion_jax import convert_ldm
     from diffusion_jax.convert_autoencoder import (_read_safetensors, autoencoder_params,
                                                    autoencoder_config_from_params,
@@ -89,9 +92,9 @@ class StableDiffusion:
     from diffusion_jax.convert_clip import text_encoder_fields_from_params
     if not (path.endswith(".safetensors") and os.path.isfile(path)):
       raise ConversionError(f"{path!r} is not a .safetensors file")
-    parts = convert_ldm.split_single_file(_read_safetensors(path))
+    parts = convert_ldm.split_single_file(_read_safetensors(path), ema)
     unet_cfg = dict(convert_ldm.unet_fields_from_ldm(parts["unet"], heads), name="unet",
-                    image_size=64)
+                    image_size=96 if prediction_type == "v_prediction" else 64)
     text_params = parts["text"]
     vae_params = autoencoder_params(parts["vae"])
     vae_cfg = autoencoder_config_from_params(vae_params)
@@ -123,6 +126,10 @@ class StableDiffusion:
     vae_fields, vae_params, scaling = vae
     if not unet_cfg.get("context_dim"):
       raise ConversionError("the U-Net is not a cross-attention U-Net (UNet2DConditionModel)")
+    if unet_cfg["in_channels"] != vae_fields["embed_dim"]:
+      raise ConversionError(f"the U-Net takes {unet_cfg['in_channels']} input channels, the "
+                            f"latents have {vae_fields['embed_dim']}: inpainting and depth "
+                            "U-Nets (extra input channels) are not supported")
     if unet_cfg["context_dim"] != text_fields["width"]:
       raise ConversionError(f"the U-Net attends to {unet_cfg['context_dim']} features; the text "
                             f"encoder gives {text_fields['width']}")
@@ -211,13 +218,20 @@ class StableDiffusion:
       raise ValueError("give either images or latents")
     if not 0.0 < strength <= 1.0:
       raise ValueError(f"strength={strength}: in (0, 1]")
+    f = self.first_stage.model.downsampling_factor
     if images is not None:
       images = np.asarray(images)
+      if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images: uint8 [B, H, W, 3]; got {images.dtype} {images.shape}")
       shape = self.latent_shape(len(prompts), images.shape[1], images.shape[2])
       init = images.astype(np.float32) / 127.5 - 1.0
     else:
       init = np.asarray(latents, np.float32)
-      shape = tuple(init.shape)
+      if init.ndim != 4:
+        raise ValueError(f"latents: [B, h, w, C]; got {init.shape}")
+      shape = self.latent_shape(len(prompts), init.shape[1] * f, init.shape[2] * f)
+      if init.shape != shape:
+        raise ValueError(f"latents of shape {init.shape}; expected {shape}")
     if len(init) != len(prompts):
       raise ValueError(f"{len(init)} inputs for {len(prompts)} prompts")
     kept = min(int(num_steps * strength), num_steps)  # diffusers' get_timesteps
@@ -266,10 +280,12 @@ FLAGS = flags.FLAGS
 
 def read_init_image(path: str, pipe: StableDiffusion, height: int | None,
                     width: int | None) -> np.ndarray:
-  """An image file as uint8 RGB, resized to height x width (default: its own size rounded down
-  to what the decoder and U-Net divide evenly)."""
-  from PIL import Image
-  img = Image.open(path).convert("RGB")
+  """An image file as uint8 RGB (EXIF orientation applied), resized (bicubic) to height x width,
+  by default its own size rounded down to a multiple of what the decoder and the U-Net's
+  levels divide evenly (64 for SD; diffusers rounds to 8)."""
+  from PIL import Image, ImageOps
+  with Image.open(path) as opened:
+    img = ImageOps.exif_transpose(opened).convert("RGB")
   f = pipe.first_stage.model.downsampling_factor * 2 ** (len(pipe.unet.ch_mult) - 1)
   size = (width or max(f, img.width // f * f), height or max(f, img.height // f * f))
   return np.asarray(img.resize(size, Image.BICUBIC) if size != img.size else img)
@@ -285,12 +301,14 @@ def main(argv):
                               "--tokenizer=DIR (vocab.json + merges.txt of CLIP's, e.g. a "
                               "Stable Diffusion pipeline's tokenizer/)")
       pipe = StableDiffusion.load_single_file(FLAGS.src, FLAGS.tokenizer, FLAGS.prediction_type,
-                                              FLAGS.dtype)
+                                              FLAGS.dtype, ema=FLAGS.ema)
     else:
       pipe = StableDiffusion.load(FLAGS.src, FLAGS.dtype)
     prompts = [p for p in FLAGS.prompt for _ in range(FLAGS.num_images)]
     start = time.perf_counter()
     if FLAGS.init_image:
+      if FLAGS.method != "ddim":
+        raise ValueError("img2img samples with DDIM: drop --method")
       init = read_init_image(FLAGS.init_image, pipe, FLAGS.height, FLAGS.width)
       images = pipe.img2img(prompts, images=np.stack([init] * len(prompts)),
                             strength=FLAGS.strength, negative_prompt=FLAGS.negative_prompt,
@@ -310,7 +328,9 @@ def main(argv):
 if __name__ == "__main__":
   flags.DEFINE_string("src", None, "Local diffusers Stable Diffusion pipeline directory, or a "
                       "SD 1.x/2.x single-file .safetensors checkpoint.")
-  flags.DEFINE_string("tokenizer", None, "With a single file: CLIP's tokenizer folder.")
+  flags.DEFINE_string("tokenizer", None, "With a single file: the model's CLIP tokenizer folder "
+                      "(SD 2.x: its own, which pads with '!').")
+  flags.DEFINE_bool("ema", False, "With a single file: its model_ema.* U-Net.")
   flags.DEFINE_enum("prediction_type", "epsilon", ["epsilon", "v_prediction"],
                     "With a single file: what its U-Net predicts.")
   flags.DEFINE_multi_string("prompt", None, "Prompt (repeat the flag for several).")
@@ -325,8 +345,8 @@ if __name__ == "__main__":
   flags.DEFINE_float("eta", 0.0, "DDIM eta (0: deterministic).")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
   flags.DEFINE_string("init_image", None, "img2img (SDEdit): start from this image.")
-  flags.DEFINE_float("strength", 0.8, "img2img: the share of the steps run (1: all, the "
-                     "image's content forgotten).")
+  flags.DEFINE_float("strength", 0.8, "img2img: the share of the DDIM steps run (1: all of "
+                     "them, from the noisiest step, where little of the image survives).")
   flags.DEFINE_string("out", "text_to_image.png", "PNG grid (one row per prompt); .npz beside.")
   flags.mark_flags_as_required(["src", "prompt"])
   app.run(main)

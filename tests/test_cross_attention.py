@@ -188,13 +188,13 @@ def test_celebahq_ldm_config_describes_the_published_unet():
 
 def test_class_conditional_ldm_single_file_imports_into_a_workdir(tmp_path):
   """CompVis' class-conditional LDM file (cin256's naming, in miniature): the U-Net and its
-  ClassEmbedder table (and the EMA copy LDM keeps, which wins) become step 0 of a latent
-  config's workdir, parameter for parameter (sampling such a model: the class-label test
+  ClassEmbedder table become step 0 of a latent config's workdir, parameter for parameter; with
+  ema=True the EMA copy LDM keeps beside the U-Net (sampling such a model: the class-label test
   above)."""
   from safetensors.numpy import save_file
   from diffusion_jax.convert import import_diffusers_unet
   from diffusion_jax.convert_diffusers import ConversionError
-  from diffusion_jax.convert_ldm import ldm_state_dict
+  from diffusion_jax.convert_ldm import class_conditional_unet, ldm_state_dict
   from diffusion_jax.models import build_model
   from diffusion_jax.sample import restore_ema_params
   from diffusion_jax.train import train_and_evaluate
@@ -226,10 +226,11 @@ def test_class_conditional_ldm_single_file_imports_into_a_workdir(tmp_path):
   with pytest.raises(ConversionError, match="--config.model.num_classes=10"):
     import_diffusers_unet(src, config, str(tmp_path / "refused"))
   config.model.num_classes = 10
+  same = lambda a, b: jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, a),
+                                   jax.tree.map(np.asarray, b))
+  same(class_conditional_unet(state, {"head_channels": 32})[1], raw)  # model.diffusion_model.*
   workdir = str(tmp_path / "imported")
-  import_diffusers_unet(src, config, workdir)
+  import_diffusers_unet(src, config, workdir, ema=True)
   _, step, params = restore_ema_params(config, workdir)
   assert step == 0
-  want = dict(ema, label_context=raw["label_context"])  # LDM's EMA covers the U-Net only
-  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params),
-               jax.tree.map(np.asarray, want))
+  same(params, dict(ema, label_context=raw["label_context"]))  # LDM's EMA: the U-Net only

@@ -113,6 +113,9 @@ def test_image_folder_classes_are_its_subfolders(tmp_path):
     next(data.train_batches(c, 0, 0, 1))
   c.model = {"num_classes": 3}
   assert next(data.train_batches(c, 0, 0, 1))["label"].shape == (4,)
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "stray.png")  # unlabelled
+  with pytest.raises(data.DataError, match="needs labels: put the images of each class"):
+    next(data.train_batches(c, 0, 0, 1))
 
 
 def test_missing_data_says_how_to_get_it(tmp_path):
