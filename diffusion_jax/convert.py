@@ -32,7 +32,7 @@ from ml_collections import config_flags
 
 from diffusion_jax import checkpoints
 from diffusion_jax.convert_diffusers import (ConversionError, load_diffusers_unet,
-                                             scheduler_settings)
+                                             scheduler_settings_file)
 
 FLAGS = flags.FLAGS
 
@@ -92,12 +92,10 @@ def config_mismatches(config, model_cfg: dict, schedule: dict | None = None) -> 
 
 def pipeline_schedule(src: str) -> dict | None:
   """The diffusion of a pipeline directory's scheduler/ (or a U-Net folder's sibling one)."""
-  import json
   for path in (os.path.join(src, "scheduler", "scheduler_config.json"),
                os.path.join(src, "..", "scheduler", "scheduler_config.json")):
     if os.path.exists(path):
-      with open(path) as f:
-        return scheduler_settings(json.load(f))
+      return scheduler_settings_file(path)
   return None
 
 

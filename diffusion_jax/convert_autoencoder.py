@@ -23,7 +23,8 @@ from typing import Any, Mapping
 import numpy as np
 
 from diffusion_jax.convert_diffusers import (ATTN_RENAMES, RESNET_RENAMES, ConversionError,
-                                             check_diffusers_config, put_torch_tensor)
+                                             check_diffusers_config, put_torch_tensor,
+                                             require_files)
 
 LDM_PREFIXES = ("first_stage_model.", "vae.")
 LDM_RENAMES = {"norm1": "norm_1", "conv1": "conv_1", "norm2": "norm_2", "conv2": "conv_2",
@@ -167,6 +168,15 @@ def autoencoder_config_from_params(params: Mapping[str, Any]) -> dict:
           "embed_dim": embed, "use_quant_conv": quant, "use_post_quant_conv": post}
 
 
+def autoencoder_from_state(state: Mapping[str, Any]) -> tuple[dict, dict]:
+  """(AutoencoderKL fields, parameters) of a state dict in either naming, every parameter
+  checked against the network its shapes describe."""
+  params = autoencoder_params(state)
+  config = autoencoder_config_from_params(params)
+  check_params(config, params)
+  return config, params
+
+
 def latent_scaling_from_diffusers(cfg: Mapping[str, Any]) -> dict:
   """Refuse what our network cannot be; return the latent scaling the config records (a
   VQModel without one: 1, as LDM diffuses VQ latents unscaled; diffusers' LDMPipeline divides
@@ -232,12 +242,9 @@ def load_autoencoder(src: str) -> tuple[dict, dict, dict]:
                     if os.path.isdir(os.path.join(src, sub))), src)
     cfg_path = os.path.join(vae_dir, "config.json")
     weights = os.path.join(vae_dir, "diffusion_pytorch_model.safetensors")
-    for path in (cfg_path, weights):
-      if not os.path.exists(path):
-        raise ConversionError(f"{path} not found: point at a diffusers AutoencoderKL or VQModel "
-                              "directory "
-                              "(config.json + diffusion_pytorch_model.safetensors) or at one "
-                              ".safetensors file")
+    require_files((cfg_path, weights), "point at a diffusers AutoencoderKL or VQModel "
+                  "directory (config.json + diffusion_pytorch_model.safetensors) or at one "
+                  ".safetensors file")
     with open(cfg_path) as f:
       diffusers_cfg = json.load(f)
     scaling = latent_scaling_from_diffusers(diffusers_cfg)
@@ -249,9 +256,7 @@ def load_autoencoder(src: str) -> tuple[dict, dict, dict]:
         "re-saved once with torch: sd = torch.load(p, map_location='cpu', weights_only=True); "
         "sd = sd.get('state_dict', sd); safetensors.torch.save_file({k: v.contiguous() for k, "
         "v in sd.items() if hasattr(v, 'contiguous')}, 'model.safetensors')")
-  params = autoencoder_params(_read_safetensors(weights))
-  config = autoencoder_config_from_params(params)
-  check_params(config, params)
+  config, params = autoencoder_from_state(_read_safetensors(weights))
   said = {"block_out_channels": [config["ch"] * k for k in config["ch_mult"]],
           "layers_per_block": config["num_res_blocks"], "latent_channels": config["z_channels"]}
   if config["codebook_size"]:

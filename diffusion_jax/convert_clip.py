@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from diffusion_jax.convert_diffusers import ConversionError
+from diffusion_jax.convert_diffusers import ConversionError, put_torch_tensor, require_files
 
 LAYER_RENAMES = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v",
                  "self_attn.out_proj": "out", "layer_norm1": "norm_1", "layer_norm2": "norm_2",
@@ -55,12 +55,7 @@ def text_encoder_params(state: Mapping[str, np.ndarray]) -> dict:
       module, leaf = "final_norm", n.group(1)
     else:
       raise ConversionError(f"unexpected parameter {key!r} in the CLIP text encoder")
-    if leaf == "bias":
-      params.setdefault(module, {})["bias"] = value
-    elif value.ndim == 2:
-      params.setdefault(module, {})["kernel"] = value.T
-    else:
-      params.setdefault(module, {})["scale"] = value
+    put_torch_tensor(params, [module], leaf, key, value)  # Dense kernel / LayerNorm scale
   return params
 
 
@@ -69,11 +64,9 @@ def load_text_encoder(directory: str) -> tuple[dict, dict]:
   from safetensors.numpy import load_file
   cfg_path = os.path.join(directory, "config.json")
   weights = os.path.join(directory, "model.safetensors")
-  for path in (cfg_path, weights):
-    if not os.path.exists(path):
-      raise ConversionError(f"{path} not found: point at a transformers CLIPTextModel "
-                            "directory (config.json, model.safetensors), e.g. a Stable "
-                            "Diffusion pipeline's text_encoder/")
+  require_files((cfg_path, weights), "point at a transformers CLIPTextModel directory "
+                "(config.json, model.safetensors), e.g. a Stable Diffusion pipeline's "
+                "text_encoder/")
   with open(cfg_path) as f:
     fields = text_encoder_fields(json.load(f))
   return fields, text_encoder_params(load_file(weights))

@@ -48,6 +48,19 @@ class ConversionError(ValueError):
   pass
 
 
+def require_files(paths, hint: str) -> None:
+  """ConversionError "<path> not found: <hint>" for the first of `paths` that is missing."""
+  for path in paths:
+    if not os.path.exists(path):
+      raise ConversionError(f"{path} not found: {hint}")
+
+
+def scheduler_settings_file(path: str) -> dict:
+  """scheduler_settings of a scheduler_config.json file."""
+  with open(path) as f:
+    return scheduler_settings(json.load(f))
+
+
 def check_diffusers_config(cfg: Mapping[str, Any], class_name: str,
                            required: Mapping[str, Any], ours: str) -> None:
   """Refuse a config.json of another class, or with a value that `ours` hard-codes otherwise."""
@@ -282,12 +295,9 @@ def load_diffusers_unet(directory: str) -> tuple[dict, dict]:
     unet_dir = os.path.join(directory, "unet")  # a whole pipeline directory
     cfg_path = os.path.join(unet_dir, "config.json")
   weights = os.path.join(unet_dir, "diffusion_pytorch_model.safetensors")
-  for path in (cfg_path, weights):
-    if not os.path.exists(path):
-      raise ConversionError(
-          f"{path} not found: point at a diffusers U-Net directory holding config.json "
-          "and diffusion_pytorch_model.safetensors (e.g. a local copy of "
-          "google/ddpm-cifar10-32; a .bin file can be re-saved with safetensors)")
+  require_files((cfg_path, weights), "point at a diffusers U-Net directory holding config.json "
+                "and diffusion_pytorch_model.safetensors (e.g. a local copy of "
+                "google/ddpm-cifar10-32; a .bin file can be re-saved with safetensors)")
   with open(cfg_path) as f:
     cfg = json.load(f)
   model_cfg = model_config_from_diffusers(cfg)

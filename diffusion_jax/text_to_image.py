@@ -18,7 +18,6 @@ DPM-Solver++(2M) in the same chain).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -31,7 +30,8 @@ from absl import app, flags, logging
 
 from diffusion_jax import diffusion as dm
 from diffusion_jax import parallel, samplers, xla_options
-from diffusion_jax.convert_diffusers import ConversionError, scheduler_settings
+from diffusion_jax.convert_diffusers import (ConversionError, require_files,
+                                             scheduler_settings, scheduler_settings_file)
 
 METHODS = ("ddim", "dpm_solver")
 
@@ -61,12 +61,10 @@ class StableDiffusion:
     from diffusion_jax.convert_clip import load_text_encoder
     from diffusion_jax.convert_diffusers import load_diffusers_unet
     sched_path = os.path.join(src, "scheduler", "scheduler_config.json")
-    if not os.path.exists(sched_path):
-      raise ConversionError(f"{sched_path} not found: --src must be a diffusers Stable "
-                            "Diffusion pipeline directory (text_encoder/, tokenizer/, unet/, "
-                            "vae/, scheduler/) or a single .safetensors checkpoint")
-    with open(sched_path) as f:
-      schedule = scheduler_settings(json.load(f))
+    require_files([sched_path], "--src must be a diffusers Stable Diffusion pipeline directory "
+                  "(text_encoder/, tokenizer/, unet/, vae/, scheduler/) or a single "
+                  ".safetensors checkpoint")
+    schedule = scheduler_settings_file(sched_path)
     text = load_text_encoder(os.path.join(src, "text_encoder"))
     unet = load_diffusers_unet(os.path.join(src, "unet"))
     vae = load_autoencoder(os.path.join(src, "vae"))
@@ -86,9 +84,7 @@ class StableDiffusion:
     (768 for v prediction, SD 2.x's 768-v). The tokenizer must be the model's own (SD 2.x's
     pads with "!", 1.x's with <|endoftext|>)."""
     from diffusion_jax import convert_ldm
-    from diffusion_jax.convert_autoencoder import (_read_safetensors, autoencoder_params,
-                                                   autoencoder_config_from_params,
-                                                   check_params)
+    from diffusion_jax.convert_autoencoder import _read_safetensors, autoencoder_from_state
     from diffusion_jax.convert_clip import text_encoder_fields_from_params
     if not (path.endswith(".safetensors") and os.path.isfile(path)):
       raise ConversionError(f"{path!r} is not a .safetensors file")
@@ -96,9 +92,7 @@ class StableDiffusion:
     unet_cfg = dict(convert_ldm.unet_fields_from_ldm(parts["unet"], heads), name="unet",
                     image_size=96 if prediction_type == "v_prediction" else 64)
     text_params = parts["text"]
-    vae_params = autoencoder_params(parts["vae"])
-    vae_cfg = autoencoder_config_from_params(vae_params)
-    check_params(vae_cfg, vae_params)
+    vae_cfg, vae_params = autoencoder_from_state(parts["vae"])
     schedule = scheduler_settings({"beta_schedule": "scaled_linear", "beta_start": 0.00085,
                                    "beta_end": 0.012, "steps_offset": 1, "clip_sample": False,
                                    "set_alpha_to_one": False,

@@ -103,10 +103,15 @@ def _compare(vae, config, params, torch, size=32):
   got = {"mean": mean, "logvar": logvar,
          "decode": model.apply({"params": params}, nhwc(z.numpy()), method=model.decode),
          "forward": model.apply({"params": params}, nhwc(x))[0]}
+  _assert_matches(got, want)
+
+
+def _assert_matches(got, want, label=""):
+  """Each of our NHWC outputs against diffusers' NCHW one: within 2e-4 of its scale."""
   for name, ref in want.items():
     ref = ref.numpy().transpose(0, 2, 3, 1)
     diff = float(np.abs(np.asarray(got[name]) - ref).max())
-    print(f"{name}: max |ours - diffusers| = {diff:.3g} (scale {np.abs(ref).max():.3g})")
+    print(f"{label}{name}: max |ours - diffusers| = {diff:.3g} (scale {np.abs(ref).max():.3g})")
     assert diff < 2e-4 * max(1.0, float(np.abs(ref).max())), name
 
 
@@ -280,8 +285,4 @@ def test_vq_first_stage_matches_diffusers_vq_model(tmp_path):
   got = {"h": got_h, "decode": model.apply({"params": params}, nhwc(h.numpy()),
                                            method=model.decode),
          "forward": model.apply({"params": params}, nhwc(x))[0]}
-  for name, ref in want.items():
-    ref = ref.numpy().transpose(0, 2, 3, 1)
-    diff = float(np.abs(np.asarray(got[name]) - ref).max())
-    print(f"VQ {name}: max |ours - diffusers| = {diff:.3g} (scale {np.abs(ref).max():.3g})")
-    assert diff < 2e-4 * max(1.0, float(np.abs(ref).max())), name
+  _assert_matches(got, want, "VQ ")

@@ -137,30 +137,31 @@ def test_pipeline_gives_diffusers_images(pipeline_dir):
   assert diff.max() <= 6 and diff.mean() < 1.0, (diff.max(), diff.mean())
 
 
+def text_to_image_command(*args):
+  """`python -m diffusion_jax.text_to_image ARGS` on the CPU (the finished process)."""
+  return subprocess.run([sys.executable, "-m", "diffusion_jax.text_to_image", *args], cwd=REPO,
+                        capture_output=True, text=True,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
+
+
 def test_the_command_writes_a_grid(epsilon_pipeline_dir, tmp_path):
   src, _ = epsilon_pipeline_dir
   out = tmp_path / "grid.png"
-  proc = subprocess.run(
-      [sys.executable, "-m", "diffusion_jax.text_to_image", f"--src={src}",
-       "--prompt=the man", "--prompt=a cat", "--num_images=2", "--steps=3",
-       "--method=dpm_solver", f"--out={out}"], cwd=REPO, capture_output=True, text=True,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
+  proc = text_to_image_command(f"--src={src}", "--prompt=the man", "--prompt=a cat",
+                               "--num_images=2", "--steps=3", "--method=dpm_solver",
+                               f"--out={out}")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert os.path.getsize(out) > 0
   assert np.load(str(out).replace(".png", ".npz"))["arr_0"].shape == (4, 16, 16, 3)
   from PIL import Image
   Image.fromarray(np.full((20, 18, 3), 200, np.uint8)).save(tmp_path / "init.png")
-  proc = subprocess.run(
-      [sys.executable, "-m", "diffusion_jax.text_to_image", f"--src={src}", "--prompt=a cat",
-       "--steps=4", f"--init_image={tmp_path / 'init.png'}", "--strength=0.5",
-       f"--out={tmp_path / 'edit.png'}"], cwd=REPO, capture_output=True, text=True,
-      env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=600)
+  proc = text_to_image_command(f"--src={src}", "--prompt=a cat", "--steps=4",
+                               f"--init_image={tmp_path / 'init.png'}", "--strength=0.5",
+                               f"--out={tmp_path / 'edit.png'}")
   assert proc.returncode == 0, proc.stderr[-2000:]
   # 20 x 18 rounded down to multiples of 4 (the decoder's f 2 x the U-Net's 2 levels)
   assert np.load(str(tmp_path / "edit.npz"))["arr_0"].shape == (1, 20, 16, 3)
-  bad = subprocess.run([sys.executable, "-m", "diffusion_jax.text_to_image",
-                        f"--src={tmp_path}", "--prompt=x"], cwd=REPO, capture_output=True,
-                       text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=300)
+  bad = text_to_image_command(f"--src={tmp_path}", "--prompt=x")
   assert bad.returncode != 0 and "scheduler_config.json not found" in bad.stderr
 
 
