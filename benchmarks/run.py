@@ -60,7 +60,7 @@ flags.DEFINE_bool("peer", True, "Also measure diffusers/PyTorch.")
 flags.DEFINE_bool("ours", True, "Measure diffusion_jax (off: the peer alone).")
 flags.DEFINE_bool("sample", True, "Also measure sampling (one step, DDIM).")
 flags.DEFINE_bool("train", True, "Measure training (off: sampling alone, from initial params).")
-flags.DEFINE_enum("attention", None, ["auto", "xla", "cudnn"], "model.attention override.")
+flags.DEFINE_enum("attention", None, ["auto", "xla", "cudnn", "per_head"], "model.attention override.")
 flags.DEFINE_bool("remat", None, "model.remat override.")
 flags.DEFINE_enum("conv", None, ["auto", "xla", "onednn"], "model.conv override.")
 flags.DEFINE_enum("upsample_conv", None, ["auto", "subpixel", "resize"],

@@ -39,6 +39,9 @@ flags.DEFINE_integer("calls", 2, "Timed calls per side (the median is reported).
 flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16", "float16"], "Compute dtype "
                   "(ours: float16 runs as bfloat16, params stay float32).")
 flags.DEFINE_bool("peer", True, "Also measure diffusers/PyTorch.")
+flags.DEFINE_enum("attention", "auto", ["auto", "xla", "cudnn", "per_head"],
+                  "Our attention implementation (models/attention.py; a lever).")
+flags.DEFINE_string("tag", "", "Suffix of the result file (lever runs).")
 flags.DEFINE_bool("torch_compile", True, "torch.compile diffusers' U-Net (GPU).")
 flags.DEFINE_string("out", "benchmarks/results", "Result directory.")
 
@@ -107,7 +110,7 @@ def write_pipeline(layout: str, directory: str):
 def bench_ours(src: str) -> dict:
   from diffusion_jax.text_to_image import StableDiffusion
   dtype = "float32" if FLAGS.dtype == "float32" else "bfloat16"
-  pipe = StableDiffusion.load(src, dtype)
+  pipe = StableDiffusion.load(src, dtype, attention=FLAGS.attention)
   prompts = [PROMPT] * FLAGS.batch
   start = time.perf_counter()
   pipe.generate(prompts, num_steps=FLAGS.steps)
@@ -118,7 +121,7 @@ def bench_ours(src: str) -> dict:
     pipe.generate(prompts, num_steps=FLAGS.steps, seed=i + 1)  # returns host arrays: blocked
     times.append(time.perf_counter() - start)
   return {"first_call_s": first, "call_s": float(np.median(times)), "dtype": dtype,
-          "peak_mem_bytes": device_peak_bytes(jax.devices()[0])}
+          "attention": FLAGS.attention, "peak_mem_bytes": device_peak_bytes(jax.devices()[0])}
 
 
 def device_peak_bytes(device) -> int | None:
@@ -176,7 +179,8 @@ def main(argv):
   if "peer" in res:
     res["speedup"] = res["ours"]["img_per_s"] / res["peer"]["img_per_s"]
   os.makedirs(FLAGS.out, exist_ok=True)
-  path = timing.result_path(FLAGS.out, res["device"], FLAGS.layout, "text_to_image")
+  path = timing.result_path(FLAGS.out, res["device"], FLAGS.layout,
+                            "text_to_image" + (f"_{FLAGS.tag}" if FLAGS.tag else ""))
   with open(path, "w") as f:
     json.dump(res, f, indent=1)
   print("RESULT", json.dumps({k: res.get(k) for k in ("device", "layout", "speedup")}),

@@ -29,7 +29,7 @@ def get_config():
   model.num_classes = 0            # > 0: class-conditional (label embedding + a null label)
   model.label_dropout = 0.0        # training: the null label instead, for guidance (CFG: 0.1)
   model.dtype = "float32"          # compute dtype: float32 | bfloat16 (parameters stay float32)
-  model.attention = "auto"         # auto | xla | cudnn (flash attention on GPU, bf16 only)
+  model.attention = "auto"         # auto | xla | cudnn (GPU flash attention, bf16) | per_head
   model.remat = False              # recompute activations in the backward pass (less memory)
   model.conv = "auto"              # auto | xla | onednn: CPU kernels (onednn_conv.py, GroupNorm)
   model.upsample_conv = "auto"     # auto | subpixel | resize (auto: subpixel on CPU and GPU)
@@ -79,6 +79,14 @@ def get_config():
   #   c.autoencoder), or public weights: a diffusers directory or one .safetensors file
   lt.scale_factor = placeholder(float)  # None: published with the weights, else 1/std(z)
 
+  # text conditioning (text_conditioning.py): captions -> a frozen CLIP text encoder -> the
+  # context the U-Net cross-attends to (model.context_dim = the encoder's width)
+  c.text = text = ml_collections.ConfigDict()
+  text.encoder = placeholder(str)  # None: none; a local SD pipeline dir (text_encoder/,
+  #   tokenizer/) or a CLIPTextModel dir with its tokenizer files
+  text.caption_template = placeholder(str)  # labelled data: captions, e.g. "a photo of a {}"
+  text.dropout = 0.1               # training: the empty caption instead (classifier-free guidance)
+
   c.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.num_timesteps = 1000
   diffusion.beta_schedule = "linear"  # linear | cosine | quadratic | scaled_linear
@@ -123,7 +131,9 @@ def get_config():
   sampling.interp_lambdas = (0.0, 0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
   sampling.figures = True          # also write the progressive and interpolation PNGs
   sampling.class_label = -1        # class-conditional: this class, or -1: all classes in turn
-  sampling.guidance_scale = 1.0    # classifier-free guidance s (1: none; needs label_dropout)
+  sampling.guidance_scale = 1.0    # classifier-free guidance s (1: none; needs label_dropout
+  #                                  or text.dropout in training)
+  sampling.prompts = ()            # text-conditional: prompts in turn (empty: the class captions)
 
   c.eval = ev = ml_collections.ConfigDict()
   ev.metrics = "fid,is"           # comma-separated: fid, is, nll

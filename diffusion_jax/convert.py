@@ -9,6 +9,9 @@ No network: --src is a local directory with config.json and diffusion_pytorch_mo
 checked against config.diffusion). The imported weights become both the parameters and the
 EMA parameters of step 0, so sample/eval use them as they are and train fine-tunes from them.
 
+Stable Diffusion 1.x/2.x pipelines, to fine-tune on captioned images (configs/sd15_finetune.py):
+the config's text.encoder and latent.autoencoder name the pipeline and its vae/.
+
 Latent models (LDM's unconditional pipelines, e.g. CompVis/ldm-celebahq-256): the config's
 latent.autoencoder names the first stage (that pipeline's vqvae/):
   python -m diffusion_jax.convert --src=/path/to/ldm-celebahq-256 \
@@ -123,12 +126,12 @@ def import_diffusers_unet(src: str, config, workdir: str, ema: bool = False) -> 
   else:
     model_cfg, params = load_diffusers_unet(src)
     schedule = pipeline_schedule(src)
-    if model_cfg.get("context_dim"):
+    if model_cfg.get("context_dim") and not config.get("text", {}).get("encoder"):
       raise ConversionError(
-          "this U-Net cross-attends to a text encoder's output, which main.py's pipeline does "
-          "not compute: use it from Python, UNet(**unet_fields(fields)).apply({'params': "
-          "params}, x, t, context=...) with fields, params = "
-          "convert_diffusers.load_diffusers_unet(src), or diffusion_jax.text_to_image")
+          "this U-Net cross-attends to a text encoder's output: name the encoder, "
+          f"--config.text.encoder={os.path.dirname(os.path.join(src, ''))} (a Stable Diffusion "
+          "pipeline directory, text_encoder/ and tokenizer/ inside), and its VAE, "
+          "--config.latent.autoencoder=.../vae (configs/sd15_finetune.py)")
   bad = config_mismatches(config, model_cfg, schedule)
   if bad:
     raise ConversionError("the config does not describe this network; add " + " ".join(bad))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import glob
 import gzip
+import json
 import os
 
 import grain
@@ -27,6 +28,11 @@ TFDS_SPLITS = {"cifar10": {"train": "train", "test": "test"},
                "lsun_church": {"train": "train", "test": "validation"},
                "imagenet2012": {"train": "train", "test": "validation"}}
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# class names, for captions of labelled data (text.caption_template)
+CLASS_NAMES = {"fashion_mnist": ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal",
+                                 "shirt", "sneaker", "bag", "ankle boot"),
+               "cifar10": ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog",
+                           "horse", "ship", "truck")}
 
 
 class DataError(RuntimeError):
@@ -91,13 +97,23 @@ class MappedSource:
 
   def __getitem__(self, i):
     ex = self.source[int(i)]
-    return {"image": _fit(np.asarray(ex["image"]), self.size, self.channels),
-            "label": int(ex.get("label", 0))}
+    out = {"image": _fit(np.asarray(ex["image"]), self.size, self.channels),
+           "label": int(ex.get("label", 0))}
+    if "caption" in ex:
+      out["caption"] = ex["caption"]
+    return out
+
+  @property
+  def captions(self):
+    return getattr(self.source, "captions", None)
 
 
 class FolderSource:
   """Image files; labelled by class folder (ImageFolder's layout: root/<class>/...) when every
-  image lies in a subfolder, the classes numbered in sorted order; else all label 0."""
+  image lies in a subfolder, the classes numbered in sorted order; else all label 0. Captions
+  (text conditioning), where given: root/metadata.jsonl lines {"file_name": path relative to
+  root, "text": caption} (Hugging Face's imagefolder layout; "caption" also read), or a text
+  file beside each image (cat.png -> cat.txt)."""
 
   def __init__(self, root: str, paths):
     self.paths = paths
@@ -105,13 +121,48 @@ class FolderSource:
     self.classes = (sorted({t[0] for t in tops}) if all(len(t) > 1 for t in tops) else None)
     index = {c: i for i, c in enumerate(self.classes or ())}
     self.labels = [index[t[0]] if self.classes else 0 for t in tops]
+    self.captions = _folder_captions(root, paths)
 
   def __len__(self):
     return len(self.paths)
 
   def __getitem__(self, i):
     with Image.open(self.paths[i]) as img:
-      return {"image": np.asarray(img.convert("RGB")), "label": self.labels[i]}
+      ex = {"image": np.asarray(img.convert("RGB")), "label": self.labels[i]}
+    if self.captions is not None:
+      ex["caption"] = self.captions[i]
+    return ex
+
+
+def _folder_captions(root: str, paths) -> list[str] | None:
+  """Each image's caption from root/metadata.jsonl or its .txt file; None when there are none;
+  an error when only some images have one."""
+  found = {}
+  meta = os.path.join(root, "metadata.jsonl")
+  if os.path.exists(meta):
+    with open(meta, encoding="utf-8") as f:
+      for n, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          rec = json.loads(line)
+          found[os.path.normpath(os.path.join(root, rec["file_name"]))] = str(
+              rec["text"] if "text" in rec else rec["caption"])
+        except (ValueError, KeyError, TypeError) as e:
+          raise DataError(f"{meta} line {n}: expected {{\"file_name\": ..., \"text\": ...}} "
+                          f"({type(e).__name__}: {e})") from e
+  for p in paths:
+    txt = os.path.splitext(p)[0] + ".txt"
+    if os.path.normpath(p) not in found and os.path.exists(txt):
+      with open(txt, encoding="utf-8") as f:
+        found[os.path.normpath(p)] = f.read().strip()
+  if not found:
+    return None
+  missing = [p for p in paths if os.path.normpath(p) not in found]
+  if missing:
+    raise DataError(f"{len(missing)} of {len(paths)} images under {root} have no caption (e.g. "
+                    f"{missing[0]}): give each one a line in metadata.jsonl or a .txt file")
+  return [found[os.path.normpath(p)] for p in paths]
 
 
 def _fashion_mnist(data_cfg, split):
@@ -179,6 +230,40 @@ def load_source(data_cfg, split: str = "train"):
   return source
 
 
+def class_names(data_cfg, source=None) -> tuple[str, ...] | None:
+  """The names of the labels: Fashion-MNIST's and CIFAR-10's, an image folder's class
+  subfolders (`source`, else the folder listed), a tfds dataset's label names; None if unknown."""
+  if data_cfg.name in CLASS_NAMES:
+    return CLASS_NAMES[data_cfg.name]
+  if source is None and data_cfg.name == "folder":
+    source = load_source(data_cfg, "train")
+  names = getattr(source, "classes", None)
+  if names is None and source is not None:
+    try:  # tfds: the ClassLabel feature's names
+      names = source.source.dataset_info.features["label"].names
+    except (AttributeError, KeyError, TypeError):
+      names = None
+  return tuple(names) if names else None
+
+
+def caption_fn(config, source):
+  """example -> its caption (text conditioning): the source's own captions, else
+  text.caption_template with the class names; one message when there are neither."""
+  from diffusion_jax.text_conditioning import class_captions
+  if getattr(source, "captions", None) is not None:
+    return lambda ex: ex["caption"]
+  template, names = config.text.get("caption_template"), class_names(config.data, source)
+  if template and names:
+    captions = class_captions(template, names)
+    return lambda ex: captions[int(ex["label"])]
+  raise DataError(
+      f"text.encoder needs a caption per image: {config.data.name} has no captions of its own"
+      + ("" if names else " and no class names")
+      + (". Set --config.text.caption_template='a photo of a {}' (labelled data)" if names else
+         ". Put root/metadata.jsonl ({\"file_name\": ..., \"text\": ...} per line) or a .txt "
+         "beside each image (data.name='folder')"))
+
+
 # ----------------------------------------------------------------------------- order
 @functools.lru_cache(maxsize=4)
 def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -199,8 +284,9 @@ def to_float(image: np.ndarray, flip: bool = False) -> np.ndarray:
 
 
 def train_batches(config, start_step: int = 0, process_index: int | None = None,
-                  process_count: int | None = None):
-  """Endless iterator of this process's share of each global batch, from `start_step` on."""
+                  process_count: int | None = None, tokenize=None):
+  """Endless iterator of this process's share of each global batch, from `start_step` on;
+  with `tokenize` (captions -> int32 ids [n, L]), each example's caption's ids as "tokens"."""
   import jax
   p = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
@@ -219,12 +305,17 @@ def train_batches(config, start_step: int = 0, process_index: int | None = None,
                     f"subfolder of {config.data.data_dir} (DIR/<class>/...), or set "
                     "--config.model.num_classes=0")
 
+  caption = caption_fn(config, source) if tokenize else None
+
   def load(k):  # k counts this process's examples from step 0 on
     step, j = divmod(int(k), local)
     index, flip = example_at(step * batch + p * local + j, n, seed)
     ex = source[index]
-    return {"image": to_float(np.asarray(ex["image"]), flip and flip_ok),
-            "label": np.int32(ex["label"])}
+    out = {"image": to_float(np.asarray(ex["image"]), flip and flip_ok),
+           "label": np.int32(ex["label"])}
+    if caption is not None:
+      out["tokens"] = tokenize([caption(ex)])[0]
+    return out
 
   ds = grain.MapDataset.range(start_step * local, 1 << 50).map(load).batch(local)
   opts = grain.ReadOptions(num_threads=max(1, config.data.num_threads), prefetch_buffer_size=2 * local)

@@ -110,7 +110,7 @@ def run_eval_mode(config, workdir: str) -> str:
   if scored:
     settings["sampling"] = s.to_dict()
     sampler = Sampler(config, trainer.model, trainer.diffusion, trainer.mesh,
-                      min(s.batch_size, e.num_examples), trainer.first_stage)
+                      min(s.batch_size, e.num_examples), trainer.first_stage, trainer.text)
     logging.info("Scoring %d samples (%s) of step %d", e.num_examples, s.method, step)
     result.update(fid_eval.fid_and_is(config, metrics,
                                       sampler.batches(params, e.num_examples, s.seed),

@@ -40,21 +40,25 @@ def matmul_flops(fn, *args) -> float:
 
 
 def _network(config):
-  """(model, abstract inputs of one image) of the network the config trains: the denoiser
-  (x, t) of images or latents or, with stage "autoencoder", the autoencoder (x; encode and
-  decode the mean)."""
+  """(model, abstract inputs of one image, abstract keyword inputs) of the network the config
+  trains: the denoiser (x, t; a text-conditional one's context: CLIP's 77 tokens) of images or
+  latents or, with stage "autoencoder", the autoencoder (x; encode and decode the mean)."""
   from diffusion_jax.latent import model_input_shape
   from diffusion_jax.models import build_autoencoder
   image = lambda size, ch: jax.ShapeDtypeStruct((1, size, size, ch), jnp.float32)
   if config.get("stage", "diffusion") == "autoencoder":
-    return build_autoencoder(config), (image(config.data.image_size, config.data.channels),)
+    return build_autoencoder(config), (image(config.data.image_size, config.data.channels),), {}
+  text = {}
+  if config.get("text", {}).get("encoder"):
+    text["context"] = jax.ShapeDtypeStruct((1, 77, config.model.context_dim), jnp.float32)
   return build_model(config), (image(*model_input_shape(config)),
-                               jax.ShapeDtypeStruct((1,), jnp.int32))
+                               jax.ShapeDtypeStruct((1,), jnp.int32)), text
 
 
-def _abstract_params(model, inputs):
+def _abstract_params(model, inputs, kw_inputs):
+  zeros = lambda a: jnp.zeros(a.shape, a.dtype)
   return jax.eval_shape(lambda: model.init(
-      jax.random.PRNGKey(0), *(jnp.zeros(a.shape, a.dtype) for a in inputs)))
+      jax.random.PRNGKey(0), *map(zeros, inputs), **{k: zeros(a) for k, a in kw_inputs.items()}))
 
 
 def forward_flops(config, batch: int = 1) -> float:
@@ -64,10 +68,15 @@ def forward_flops(config, batch: int = 1) -> float:
   config = config.copy_and_resolve_references()
   with config.unlocked():
     config.model.upsample_conv = "resize"
-  model, inputs = _network(config)
-  params = _abstract_params(model, inputs)
-  inputs = [jax.ShapeDtypeStruct((batch,) + a.shape[1:], a.dtype) for a in inputs]
-  return matmul_flops(model.apply, params, *inputs)
+  model, inputs, kw_inputs = _network(config)
+  params = _abstract_params(model, inputs, kw_inputs)
+  batched = lambda a: jax.ShapeDtypeStruct((batch,) + a.shape[1:], a.dtype)
+  inputs = [batched(a) for a in inputs] + [batched(a) for a in kw_inputs.values()]
+  apply = model.apply
+  if kw_inputs:  # the keyword inputs (the context) after the positional ones
+    names, n = tuple(kw_inputs), len(inputs) - len(kw_inputs)
+    apply = lambda p, *a: model.apply(p, *a[:n], **dict(zip(names, a[n:])))
+  return matmul_flops(apply, params, *inputs)
 
 
 def parameter_table(config) -> tuple[list[tuple[str, int]], int]:

@@ -55,8 +55,10 @@ class StableDiffusion:
         out_shardings=parallel.batch_sharding(self.mesh))
 
   @classmethod
-  def load(cls, src: str, dtype: str = "float32", mesh=None, tokenizer=None):
-    """Read a local diffusers pipeline directory (see the module docstring)."""
+  def load(cls, src: str, dtype: str = "float32", mesh=None, tokenizer=None,
+           attention: str = "auto"):
+    """Read a local diffusers pipeline directory (see the module docstring); attention:
+    models/attention.py's implementation for the U-Net and the decoder."""
     from diffusion_jax.convert_autoencoder import load_autoencoder
     from diffusion_jax.convert_clip import load_text_encoder
     from diffusion_jax.convert_diffusers import load_diffusers_unet
@@ -69,7 +71,7 @@ class StableDiffusion:
     unet = load_diffusers_unet(os.path.join(src, "unet"))
     vae = load_autoencoder(os.path.join(src, "vae"))
     tokenizer = tokenizer or load_tokenizer(os.path.join(src, "tokenizer"))
-    return cls.assemble(tokenizer, text, unet, vae, schedule, dtype, mesh)
+    return cls.assemble(tokenizer, text, unet, vae, schedule, dtype, mesh, attention)
 
   @classmethod
   def load_single_file(cls, path: str, tokenizer, prediction_type: str = "epsilon",
@@ -108,7 +110,7 @@ class StableDiffusion:
 
   @classmethod
   def assemble(cls, tokenizer, text, unet, vae, schedule: dict, dtype: str = "float32",
-               mesh=None):
+               mesh=None, attention: str = "auto"):
     """The pipeline from converted parts: text = (fields, params), unet = (fields, params),
     vae = (fields, params, scaling), schedule = convert_diffusers.scheduler_settings(...)."""
     from diffusion_jax.convert_diffusers import unet_fields
@@ -134,11 +136,11 @@ class StableDiffusion:
                              schedule["beta_start"], schedule["beta_end"]),
         mean_type=schedule["mean_type"])
     replicate = lambda tree: jax.device_put(tree, parallel.replicated(mesh))
-    first_stage = FirstStage(AutoencoderKL(**vae_fields, dtype=compute), replicate(vae_params),
+    first_stage = FirstStage(AutoencoderKL(**vae_fields, dtype=compute, attention=attention), replicate(vae_params),
                              mesh, scaling["scale_factor"] or 0.18215,
                              float(scaling.get("shift_factor") or 0.0))
     return cls(tokenizer, CLIPTextEncoder(**text_fields, dtype=compute),
-               UNet(**unet_fields(unet_cfg), dtype=compute), first_stage, diffusion, schedule,
+               UNet(**unet_fields(unet_cfg), dtype=compute, attention=attention), first_stage, diffusion, schedule,
                replicate({"text": text_params, "unet": unet_params}), mesh,
                unet_cfg["image_size"])
 

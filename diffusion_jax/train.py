@@ -26,6 +26,7 @@ from diffusion_jax import diffusion as dm
 from diffusion_jax.models import build_model, drop_labels
 from diffusion_jax.images import grid, save_curves, save_grid
 from diffusion_jax.sample import Sampler
+from diffusion_jax.text_conditioning import load_text_encoder
 
 
 class TrainingError(RuntimeError):
@@ -49,12 +50,13 @@ def make_optimizer(t) -> optax.GradientTransformation:
   return optax.chain(*chain, optax.adam(schedule))
 
 
-def init_state(config, model, tx, key) -> TrainState:
+def init_state(config, model, tx, key, context_shape=None) -> TrainState:
   size, ch = latent.model_input_shape(config)
   init_key, state_key = jax.random.split(key)
   x = jnp.zeros((1, size, size, ch), jnp.float32)
   y = jnp.zeros((1,), jnp.int32) if config.model.num_classes else None
-  params = model.init(init_key, x, jnp.zeros((1,), jnp.int32), y)["params"]
+  context = None if context_shape is None else jnp.zeros((1,) + context_shape, jnp.float32)
+  params = model.init(init_key, x, jnp.zeros((1,), jnp.int32), y, context=context)["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                     opt_state=tx.init(params), rng=jax.random.key_data(state_key))
 
@@ -62,13 +64,15 @@ def init_state(config, model, tx, key) -> TrainState:
 def loss_fn(params, model, diffusion, batch, dropout_key, train: bool = True,
             label_dropout: float = 0.0):
   """Mean of `diffusion.training_losses` on a batch holding image, t, noise (and label; a
-  class-conditional model sees the null label instead with probability label_dropout)."""
+  class-conditional model sees the null label instead with probability label_dropout; and
+  context: a text-conditional model's text encodings)."""
   y = batch.get("label") if model.num_classes else None
   if y is not None and train:
     y = drop_labels(jax.random.fold_in(dropout_key, 0xC1A55), y, model.num_classes,
                     label_dropout)
+  context = batch.get("context")
   denoise_fn = lambda x, tt: model.apply({"params": params}, x, tt, y, train=train,
-                                         rngs={"dropout": dropout_key})
+                                         context=context, rngs={"dropout": dropout_key})
   return jnp.mean(diffusion.training_losses(denoise_fn, batch["image"], batch["t"],
                                             batch["noise"]))
 
@@ -127,12 +131,14 @@ class Trainer:
     self.config = config
     self.mesh = mesh or parallel.make_mesh()
     self.first_stage = latent.load_first_stage(config, self.mesh)  # None in pixel space
+    self.text = load_text_encoder(config, self.mesh)  # None unless text-conditional
     self._latent_key = jax.random.fold_in(jax.random.PRNGKey(config.training.seed), 0x1A7E)
     self.model = build_model(config)
     self.diffusion = dm.from_config(config.diffusion)
     self.tx = make_optimizer(config.training)
     key = jax.random.PRNGKey(config.training.seed)
-    init = functools.partial(init_state, config, self.model, self.tx)
+    init = functools.partial(init_state, config, self.model, self.tx, context_shape=None if (
+        self.text is None) else (self.text.max_length, self.text.width))
     abstract = jax.eval_shape(init, key)
     self.state_sharding = parallel.state_shardings(abstract, self.mesh, config.training.fsdp)
     self.abstract_state = jax.tree.map(
@@ -179,7 +185,7 @@ class Trainer:
     if len(host_batches) == 1:
       state, metrics = self.step_fn(state, self.device_batch(host_batches[0], step))
       return state, metrics, metrics["loss"]
-    if self.first_stage is None:
+    if self.first_stage is None and self.text is None:
       batch = parallel.global_batch(parallel.stack_batches(host_batches), self.mesh, stacked=True)
     else:
       per_step = [self.device_batch(b, step + i) for i, b in enumerate(host_batches)]
@@ -190,11 +196,17 @@ class Trainer:
 
   def device_batch(self, host_batch: dict, step: int | None) -> dict:
     """A host batch on the mesh; for latent diffusion its images encoded (the posterior
-    sampled with a key of the step, so a resumed run draws the same latents)."""
+    sampled with a key of the step, so a resumed run draws the same latents); for text
+    conditioning its token ids encoded as "context" (each caption the empty one with
+    probability text.dropout, drawn with a key of the step)."""
     batch = parallel.global_batch(host_batch, self.mesh)
+    key = jax.random.fold_in(self._latent_key, step or 0)
     if self.first_stage is not None:
-      key = jax.random.fold_in(self._latent_key, step or 0)
       batch = dict(batch, image=self.first_stage.encode(batch["image"], key))
+    if self.text is not None:
+      batch = dict(batch, context=self.text.encode(batch.pop("tokens"),
+                                                   jax.random.fold_in(key, 0x7E47),
+                                                   self.config.text.dropout))
     return batch
 
   def use_latent_scale(self, metadata: dict | None, estimate_from=None):
@@ -219,7 +231,7 @@ class Trainer:
   def sampler(self) -> Sampler:
     """The EMA-sample grid's sampler, compiled once for the whole run."""
     return Sampler(self.config, self.model, self.diffusion, self.mesh,
-                   self.config.training.num_train_samples, self.first_stage)
+                   self.config.training.num_train_samples, self.first_stage, self.text)
 
   def init(self) -> TrainState:
     return self._init(self._key)
@@ -297,7 +309,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer = None
   if jax.process_index() == 0:
     writer = summary_writer(os.path.join(workdir, "tensorboard"))
-  batches = data.train_batches(config, start_step=step)
+  tokenize = trainer.text.tokenize if getattr(trainer, "text", None) is not None else None
+  batches = data.train_batches(config, start_step=step, tokenize=tokenize)
   k = trainer.steps_per_dispatch
   if k > 1 and any(e % k for e in event_periods(t)):
     logging.warning("training.steps_per_dispatch=%d does not divide log_every, checkpoint_every "

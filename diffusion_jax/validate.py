@@ -78,17 +78,31 @@ def validate_config(config, mode: str = "train") -> None:
   _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "in [0, 1)")
   _check(m.num_classes >= 0, "model.num_classes", m.num_classes, ">= 0")
   from diffusion_jax.latent import model_input_shape
-  _check_layout(m, model_input_shape(config)[0])
+  _check_layout(m, model_input_shape(config)[0], config.get("text", {}).get("encoder"))
   _check(0.0 <= m.get("label_dropout", 0.0) < 1.0, "model.label_dropout",
          m.get("label_dropout"), "in [0, 1)")
   _check(-1 <= s.get("class_label", -1) < max(m.num_classes, 0), "sampling.class_label",
          s.get("class_label"), f"-1 (all in turn) or a class in [0, {m.num_classes - 1}] of a "
          "class-conditional model (model.num_classes > 0)" if m.num_classes else
          "-1 for an unconditional model (model.num_classes = 0)")
+  text = config.get("text", {})
+  conditional = m.num_classes > 0 or bool(text.get("encoder"))
   guidance = s.get("guidance_scale", 1.0)
-  _check(guidance >= 0 and (guidance == 1.0 or m.num_classes > 0), "sampling.guidance_scale",
+  _check(guidance >= 0 and (guidance == 1.0 or conditional), "sampling.guidance_scale",
          guidance, ">= 0, and 1 unless the model is class-conditional (model.num_classes > 0, "
-         "trained with model.label_dropout > 0)")
+         "trained with model.label_dropout > 0) or text-conditional (text.encoder)")
+  if text.get("encoder"):
+    _check(0.0 <= text.get("dropout", 0.0) < 1.0, "text.dropout", text.get("dropout"),
+           "in [0, 1)")
+    _check(m.num_classes == 0, "model.num_classes", m.num_classes,
+           "0 with text.encoder (the captions condition the model; text.caption_template "
+           "turns labels into captions)")
+    _check(not text.get("caption_template") or "{}" in text.caption_template,
+           "text.caption_template", text.get("caption_template"),
+           "a caption with {} where the class name goes, e.g. 'a photo of a {}'")
+    _check(mode != "eval" or "nll" not in parse_metrics(e.metrics), "eval.metrics", e.metrics,
+           "fid and is for a text-conditional model (its bits/dim would need each test "
+           "image's caption; not computed)")
 
   _check(f.beta_schedule in dm.SCHEDULES, "diffusion.beta_schedule", f.beta_schedule,
          f"one of {dm.SCHEDULES}")
@@ -110,14 +124,15 @@ def validate_config(config, mode: str = "train") -> None:
     _check_latent(config)
 
 
-def _check_layout(m, size: int):
+def _check_layout(m, size: int, text_encoder=None):
   """The keys of LDM's layouts (models.LAYOUT); `size`: the U-Net's input size."""
   get = lambda key: m.get(key, LAYOUT[key])
   context_dim, levels = get("context_dim"), len(m.ch_mult)
-  _check(context_dim >= 0 and (context_dim == 0 or m.num_classes > 0), "model.context_dim",
-         context_dim, "0, or > 0 with model.num_classes > 0: training conditions the "
-         "cross-attention on class labels (a text encoder's context is the library's: "
-         "UNet.apply(..., context=))")
+  _check(context_dim >= 0 and (context_dim == 0 or m.num_classes > 0 or bool(text_encoder)),
+         "model.context_dim", context_dim, "0, or > 0 with model.num_classes > 0 (the "
+         "cross-attention conditioned on class labels) or with text.encoder (on captions)")
+  _check(context_dim > 0 or not text_encoder, "model.context_dim", context_dim,
+         "the text encoder's width (768 for SD 1.x's CLIP, 1024 for SD 2.x's) with text.encoder")
   _check(get("transformer_depth") >= 1, "model.transformer_depth", get("transformer_depth"),
          ">= 1")
   _check(all(0 <= k < levels for k in get("attn_levels")), "model.attn_levels",

@@ -1,6 +1,8 @@
 """Small configs and data for the end-to-end tests."""
 import gzip
+import json
 import os
+import string
 import struct
 import subprocess
 import sys
@@ -118,3 +120,20 @@ def ae_config(tmp_path, num_steps=4, **kw):
   c.training.sample_every, c.training.num_train_samples = num_steps, 4
   c.eval.metrics, c.eval.num_examples, c.eval.batch_size = "psnr", 12, 8
   return c
+
+
+def write_tokenizer(directory):
+  """A CLIP BPE tokenizer in Stable Diffusion's files (vocab.json, merges.txt): single
+  characters, their word-final forms and a few merges. Returns the vocabulary size."""
+  os.makedirs(directory, exist_ok=True)
+  chars = list(string.ascii_lowercase + string.digits + "!,.'")
+  merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("o", "n</w>")]
+  tokens = chars + [c + "</w>" for c in chars] + [a + b for a, b in merges]
+  tokens += ["<|startoftext|>", "<|endoftext|>"]
+  with open(os.path.join(directory, "vocab.json"), "w") as f:
+    json.dump({t: i for i, t in enumerate(tokens)}, f)
+  with open(os.path.join(directory, "merges.txt"), "w") as f:
+    f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+    json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77}, f)
+  return len(tokens)

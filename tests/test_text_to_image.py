@@ -1,12 +1,11 @@
 """Stable Diffusion in JAX: a diffusers pipeline directory (random weights, Stable Diffusion's
 layout in miniature) converted and run end to end gives diffusers' StableDiffusionPipeline
 images; the CLIP text encoder against transformers' CLIPTextModel."""
-import json
 import os
-import string
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,27 +17,10 @@ transformers = pytest.importorskip("transformers")
 from diffusion_jax.convert_clip import load_text_encoder  # noqa: E402
 from diffusion_jax.models.clip_text import CLIPTextEncoder  # noqa: E402
 from diffusion_jax.text_to_image import StableDiffusion  # noqa: E402
-from helpers import REPO  # noqa: E402
+from helpers import REPO, write_tokenizer  # noqa: E402
 from test_parity import randomise  # noqa: E402
 
 pytestmark = pytest.mark.parity
-
-
-def write_tokenizer(directory):
-  """A CLIP BPE tokenizer in Stable Diffusion's files (vocab.json, merges.txt): single
-  characters, their word-final forms and a few merges. Returns the vocabulary size."""
-  os.makedirs(directory, exist_ok=True)
-  chars = list(string.ascii_lowercase + string.digits + "!,.'")
-  merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("o", "n</w>")]
-  tokens = chars + [c + "</w>" for c in chars] + [a + b for a, b in merges]
-  tokens += ["<|startoftext|>", "<|endoftext|>"]
-  with open(os.path.join(directory, "vocab.json"), "w") as f:
-    json.dump({t: i for i, t in enumerate(tokens)}, f)
-  with open(os.path.join(directory, "merges.txt"), "w") as f:
-    f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-  with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
-    json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77}, f)
-  return len(tokens)
 
 
 def text_encoder(vocab, act="quick_gelu", seed=0):
@@ -277,3 +259,45 @@ def test_open_clip_text_tower_of_sd2_files_converts_like_diffusers():
     want = fresh.eval()(torch.from_numpy(ids)).last_hidden_state.numpy()
   got = CLIPTextEncoder(**fields).apply({"params": params}, jnp.asarray(ids, jnp.int32))
   assert np.abs(np.asarray(got) - want).max() < 1e-4
+
+
+def test_pipeline_imports_and_fine_tunes_on_captioned_images(epsilon_pipeline_dir, tmp_path):
+  """configs/sd15_finetune.py in the miniature's layout: the import refuses without the text
+  encoder, then writes the pipeline's U-Net as step 0; training continues from it on captioned
+  images (text encoder and VAE the pipeline's, frozen) and samples the configured prompts."""
+  from PIL import Image
+  from configs.sd15_finetune import get_config
+  from diffusion_jax import checkpoints
+  from diffusion_jax.convert import import_diffusers_unet
+  from diffusion_jax.convert_diffusers import ConversionError, load_diffusers_unet
+  from diffusion_jax.train import Trainer, train_and_evaluate
+  from diffusion_jax.validate import validate_config
+  src, _ = epsilon_pipeline_dir
+  images = tmp_path / "images"
+  images.mkdir()
+  for i in range(4):
+    Image.fromarray(np.full((24, 20, 3), 60 * i, np.uint8)).save(images / f"{i}.png")
+    (images / f"{i}.txt").write_text(f"the shade {i}")
+  c = get_config()
+  c.data.data_dir, c.data.image_size = str(images), 16
+  c.model.ch, c.model.ch_mult, c.model.num_res_blocks = 32, (1, 2), 1
+  c.model.attn_levels, c.model.context_dim, c.model.num_heads = (0,), 32, 4
+  c.autoencoder.ch, c.autoencoder.ch_mult = 32, (1, 2)
+  c.training.batch_size, c.training.num_steps = 8, 2
+  c.training.log_every = c.training.checkpoint_every = c.training.sample_every = 2
+  c.training.num_train_samples = 8
+  c.sampling.num_steps = 3
+  work = str(tmp_path / "work")
+  with pytest.raises(ConversionError, match="text.encoder"):
+    import_diffusers_unet(str(src), c, work)
+  c.text.encoder, c.latent.autoencoder = str(src), str(src / "vae")
+  validate_config(c)
+  import_diffusers_unet(str(src), c, work)
+  train_and_evaluate(c, work)
+  _, want = load_diffusers_unet(str(src))
+  step, state, _ = checkpoints.restore_trained(work, Trainer(c).abstract_state, None, "")
+  assert step == 2
+  moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
+           for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want))]
+  assert 0 < max(moved) < 1e-3  # fine-tuned (lr 1e-5), not re-initialised
+  assert os.path.exists(os.path.join(work, "train_samples", "step_00000002.png"))

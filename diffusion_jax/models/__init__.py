@@ -2,13 +2,14 @@
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.models import attention
 from diffusion_jax.models.autoencoder import AutoencoderKL
 from diffusion_jax.models.layers import UPSAMPLE_CONV
 from diffusion_jax.models.unet import UNet
 
 MODELS = {"unet": UNet}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-ATTENTION = ("auto", "xla", "cudnn")
+ATTENTION = attention.IMPLEMENTATIONS
 # config.model keys of the LDM / Stable Diffusion layouts (UNet's docstring), with DDPM's values
 LAYOUT = {"context_dim": 0, "transformer_depth": 1, "attn_levels": (), "num_heads": 1,
           "head_channels": 0, "norm_eps": 1e-6, "flip_sin_to_cos": False, "freq_shift": 1.0,

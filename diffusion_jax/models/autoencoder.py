@@ -65,7 +65,7 @@ class _Trunk(nn.Module):
     onednn = onednn_conv.use_onednn(self.conv, self.dtype)
     block_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
     attn_cls = nn.remat(AttnBlock) if self.remat else AttnBlock
-    impl = None if self.attention == "auto" else self.attention
+    impl = self.attention
     res = lambda ch, name: block_cls(ch, self.dropout, self.dtype, onednn, name=name)
     attn = lambda name: attn_cls(self.dtype, impl, onednn, name=name)
     return res, attn, onednn

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.models import fast_ops, onednn_conv
+from diffusion_jax.models.attention import dot_product_attention
 
 Dtype = Any
 
@@ -93,10 +94,10 @@ class AttnBlock(nn.Module):
   """Self-attention over the H*W positions, residual (Appendix B: one head; LDM's U-Nets split
   the channels into `heads`).
 
-  implementation: None lets JAX choose; "cudnn" (GPU flash attention, bf16/fp16) or "xla".
+  implementation: models/attention.py's ("auto", "xla", "cudnn", "per_head").
   """
   dtype: Dtype = jnp.float32
-  implementation: str | None = None
+  implementation: str = "auto"
   native: bool = False  # GroupNorm by csrc/group_norm.cc
   heads: int = 1
   eps: float = 1e-6
@@ -110,7 +111,7 @@ class AttnBlock(nn.Module):
     dense = lambda name, init=default_init: nn.Dense(c, kernel_init=init, dtype=self.dtype,
                                                      name=name)
     q, k, v = (dense(name)(h).reshape(b, hgt * wid, n, c // n) for name in "qkv")
-    h = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)  # 1/sqrt(d)
+    h = dot_product_attention(q, k, v, self.implementation)  # 1/sqrt(d)
     h = dense("proj_out", zero_init)(h.reshape(b, hgt * wid, c)).reshape(b, hgt, wid, c)
     return x + h
 

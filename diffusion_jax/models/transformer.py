@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.models.attention import dot_product_attention
 from diffusion_jax.models.layers import default_init, group_norm, zero_init
 
 Dtype = Any
@@ -27,7 +28,7 @@ class MultiHeadAttention(nn.Module):
   q, k, v without bias (as LDM's CrossAttention), the output projection with it."""
   heads: int
   dtype: Dtype = jnp.float32
-  implementation: str | None = None
+  implementation: str = "auto"
 
   @nn.compact
   def __call__(self, x, context=None):
@@ -39,7 +40,7 @@ class MultiHeadAttention(nn.Module):
     q = proj("q")(x).reshape(b, t, n, c // n)
     k = proj("k")(context).reshape(b, context.shape[1], n, c // n)
     v = proj("v")(context).reshape(b, context.shape[1], n, c // n)
-    h = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)  # Eq. 3
+    h = dot_product_attention(q, k, v, self.implementation)  # Eq. 3
     return nn.Dense(c, kernel_init=default_init, dtype=self.dtype, name="proj_out")(
         h.reshape(b, t, c))
 
@@ -49,7 +50,7 @@ class BasicTransformerBlock(nn.Module):
   and residual."""
   heads: int
   dtype: Dtype = jnp.float32
-  implementation: str | None = None
+  implementation: str = "auto"
 
   @nn.compact
   def __call__(self, x, context):
@@ -72,7 +73,7 @@ class SpatialTransformer(nn.Module):
   heads: int
   depth: int = 1
   dtype: Dtype = jnp.float32
-  implementation: str | None = None
+  implementation: str = "auto"
   native: bool = False  # GroupNorm by csrc/group_norm.cc
 
   @nn.compact

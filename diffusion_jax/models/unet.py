@@ -20,7 +20,7 @@ class UNet(nn.Module):
   sizes that get self-attention; out_channels defaults to in_channels (twice that when
   `learned_variance`); num_classes > 0 adds a label embedding (index num_classes is the null
   label, for classifier-free guidance). `dtype` is the compute dtype; parameters stay float32.
-  attention: "auto" | "xla" | "cudnn" (jax.nn.dot_product_attention's implementation).
+  attention: "auto" | "xla" | "cudnn" | "per_head" (models/attention.py).
   conv: "auto" | "xla" | "onednn" -- whose convolution kernels run (models/onednn_conv.py;
   "auto": oneDNN's for float32 on a single CPU device where they are installed, else XLA's);
   with oneDNN's, GroupNorm runs csrc/group_norm.cc's kernels (fast_ops.native_group_norm).
@@ -82,6 +82,8 @@ class UNet(nn.Module):
         y = jnp.full((b,), self.num_classes, dtype=jnp.int32)  # the null label
       return nn.Embed(self.num_classes + 1, self.context_dim, dtype=self.dtype,
                       name="label_context")(y)[:, None, :]
+    if context is not None and context.ndim == 3 and context.shape[0] == 1:
+      context = jnp.broadcast_to(context, (b,) + context.shape[1:])  # one for the whole batch
     if context is None or context.ndim != 3 or context.shape[0] != b or (
         context.shape[2] != self.context_dim):
       raise ValueError(f"this U-Net cross-attends to a context [B={b}, L, {self.context_dim}]; "
@@ -119,7 +121,7 @@ class UNet(nn.Module):
     block_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
     attn_cls = nn.remat(AttnBlock) if self.remat else AttnBlock
     xattn_cls = nn.remat(SpatialTransformer) if self.remat else SpatialTransformer
-    impl = None if self.attention == "auto" else self.attention
+    impl = self.attention
     onednn = onednn_conv.use_onednn(self.conv, self.dtype)
     subpixel = use_subpixel(self.upsample_conv)
     res_block = lambda ch, name: block_cls(ch, self.dropout, self.dtype, onednn, self.norm_eps,

@@ -1,0 +1,114 @@
+"""Text-conditional training and sampling (Rombach et al. 2022, Sec. 3.3): captions -> CLIP token
+ids (in the data pipeline) -> a frozen text encoder tau(y) -> the context [B, 77, width] the
+U-Net cross-attends to (Eq. 3), as Stable Diffusion is trained and fine-tuned.
+
+config.text:
+  encoder: a local directory with a CLIP text encoder and its tokenizer: a diffusers Stable
+    Diffusion pipeline (text_encoder/, tokenizer/), or a transformers CLIPTextModel directory
+    (config.json, model.safetensors) with the tokenizer's vocab.json and merges.txt beside it.
+    Frozen; read at every start (not part of the checkpoints). model.context_dim must be its
+    width (768 for SD 1.x's, 1024 for SD 2.x's).
+  caption_template: captions of labelled data, "a photo of a {}" with the class names
+    (Fashion-MNIST's, CIFAR-10's, a folder's class subfolders); an image folder's own captions
+    (metadata.jsonl or <image>.txt, data.py) take precedence.
+  dropout: the probability that a training caption is replaced by the empty one (classifier-free
+    guidance: the unconditional model in the same network; SD: 0.1).
+Sampling cycles through sampling.prompts (or, when empty, the captions of the classes) and
+guides with sampling.guidance_scale against the empty prompt.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusion_jax import parallel, xla_options
+
+
+class TextConditioningError(ValueError):
+  pass
+
+
+def _tokenizer_dir(directory: str) -> str:
+  """The pipeline's tokenizer/ if there is one, else the directory itself."""
+  sub = os.path.join(directory, "tokenizer")
+  return sub if os.path.isdir(sub) else directory
+
+
+def _encoder_dir(directory: str) -> str:
+  sub = os.path.join(directory, "text_encoder")
+  return sub if os.path.isdir(sub) else directory
+
+
+class TextEncoder:
+  """A frozen CLIP text encoder with its tokenizer, its weights replicated over the mesh.
+  tokenize(captions) -> int32 ids [B, L] (host); encode(ids) -> the context [B, L, width]."""
+
+  def __init__(self, directory: str, mesh, dtype=jnp.float32):
+    from diffusion_jax.convert_clip import load_text_encoder
+    from diffusion_jax.models.clip_text import CLIPTextEncoder
+    from diffusion_jax.text_to_image import load_tokenizer
+    if not os.path.isdir(directory):
+      raise TextConditioningError(
+          f"text.encoder={directory!r} is not a directory: point it at a local Stable Diffusion "
+          "pipeline (text_encoder/, tokenizer/) or a CLIPTextModel directory with its tokenizer")
+    fields, params = load_text_encoder(_encoder_dir(directory))
+    self.tokenizer = load_tokenizer(_tokenizer_dir(directory))
+    self.module = CLIPTextEncoder(**fields, dtype=dtype)
+    self.width, self.max_length = int(fields["width"]), int(fields["max_length"])
+    self.mesh = mesh
+    self.params = jax.device_put(params, parallel.replicated(mesh))
+    self._apply = xla_options.jit(
+        lambda p, ids: self.module.apply({"params": p}, ids).astype(jnp.float32),
+        out_shardings=parallel.batch_sharding(mesh))
+    self._cached = functools.lru_cache(maxsize=65536)(self._tokenize_one)
+
+  def _tokenize_one(self, caption: str) -> np.ndarray:
+    ids = self.tokenizer([caption], padding="max_length", truncation=True,
+                         max_length=self.max_length, return_tensors="np").input_ids
+    return np.asarray(ids[0], np.int32)
+
+  def tokenize(self, captions) -> np.ndarray:
+    """Token ids [B, L] of `captions` (padded and truncated to the encoder's positions)."""
+    return np.stack([self._cached(str(c)) for c in captions])
+
+  def encode(self, ids, key=None, dropout: float = 0.0):
+    """The context [B, L, width] of token ids [B, L] (on the mesh, batch-sharded); with a key,
+    each caption is the empty one with probability `dropout` (classifier-free guidance)."""
+    if key is not None and dropout > 0:
+      null = jnp.asarray(self.tokenize([""])[0])
+      drop = jax.random.bernoulli(key, dropout, (ids.shape[0],))
+      ids = jnp.where(drop[:, None], null[None], ids)
+    return self._apply(self.params, ids)
+
+  def contexts(self, prompts) -> jax.Array:
+    """The context of host prompts, batch-sharded (len(prompts) a multiple of the devices)."""
+    ids = jax.device_put(self.tokenize(prompts), parallel.batch_sharding(self.mesh))
+    return self.encode(ids)
+
+
+def load_text_encoder(config, mesh) -> TextEncoder | None:
+  """config.text.encoder's TextEncoder (None without one), its width checked against the
+  U-Net's model.context_dim."""
+  text = config.get("text", {})
+  if not text.get("encoder"):
+    return None
+  from diffusion_jax.models import DTYPES
+  encoder = TextEncoder(text.encoder, mesh, DTYPES[config.model.dtype])
+  if config.model.context_dim != encoder.width:
+    raise TextConditioningError(
+        f"the text encoder in {text.encoder} gives {encoder.width} features per token; the "
+        f"U-Net attends to model.context_dim={config.model.context_dim}: set "
+        f"--config.model.context_dim={encoder.width}")
+  return encoder
+
+
+def class_captions(template: str, class_names) -> list[str]:
+  """template.format(name) for each class name ("a photo of a {}" -> "a photo of a sneaker")."""
+  if "{}" not in template:
+    raise TextConditioningError(f"text.caption_template={template!r} needs a '{{}}' where the "
+                                "class name goes, e.g. 'a photo of a {}'")
+  return [template.format(name) for name in class_names]
