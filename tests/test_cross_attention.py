@@ -59,13 +59,13 @@ def test_unet_matches_diffusers_unet2d_condition_model(layout, tmp_path):
 
 
 @pytest.mark.parity
-def test_a_cross_attention_unet_is_refused_by_the_checkpoint_import(tmp_path):
+def test_a_cross_attention_unet_import_needs_the_text_encoder(tmp_path):
   pytest.importorskip("torch")
   diffusers = pytest.importorskip("diffusers")
   from diffusion_jax.convert import import_diffusers_unet
   from diffusion_jax.convert_diffusers import ConversionError, model_config_from_diffusers
   diffusers.UNet2DConditionModel(**SD1).save_pretrained(str(tmp_path / "sd"))
-  with pytest.raises(ConversionError, match="text encoder's output.*context="):
+  with pytest.raises(ConversionError, match="text encoder's output.*--config.text.encoder="):
     import_diffusers_unet(str(tmp_path / "sd"), tiny_config(tmp_path), str(tmp_path / "w"))
   bad = dict(SD1, _class_name="UNet2DConditionModel", class_embed_type="timestep")
   with pytest.raises(ConversionError, match="class_embed_type"):
