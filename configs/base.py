@@ -118,8 +118,10 @@ def get_config():
   sampling.method = "ancestral"    # ancestral | ddim | dpm_solver
   sampling.num_steps = 1000        # network evaluations for ddim / dpm_solver
   sampling.eta = 0.0               # DDIM eta
-  sampling.spacing = placeholder(str)  # uniform | quadratic | logsnr
-  sampling.steps_offset = 0        # DDIM: timesteps shifted by this (diffusers' steps_offset)
+  sampling.spacing = placeholder(str)  # DDIM: uniform | quadratic; DPM-Solver: logsnr | uniform
+  #                                  | leading | linspace (diffusers' DPMSolverMultistepScheduler)
+  sampling.steps_offset = 0        # DDIM, DPM-Solver "leading": timesteps shifted by this
+  #                                  (diffusers' steps_offset)
   sampling.alpha_one_at_end = True  # DDIM: the last step to alphabar = 1 (set_alpha_to_one)
   sampling.clip_denoised = True
   sampling.num_samples = 64

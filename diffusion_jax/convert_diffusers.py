@@ -173,11 +173,9 @@ def scheduler_settings(cfg: dict) -> dict:
   prediction = cfg.get("prediction_type", "epsilon")
   if prediction not in PREDICTION_TYPES:
     raise ConversionError(f"prediction_type={prediction!r}: one of {tuple(PREDICTION_TYPES)}")
-  spacing = cfg.get("timestep_spacing", "leading")
-  if spacing not in ("leading", None):
-    from absl import logging
-    logging.warning("scheduler timestep_spacing=%r: sampling uses 'leading' (DDIM's uniform "
-                    "spacing plus steps_offset)", spacing)
+  spacing = cfg.get("timestep_spacing")  # absent: each scheduler class's default
+  if spacing not in ("leading", "linspace", "trailing", None):
+    raise ConversionError(f"timestep_spacing={spacing!r}: one of leading, linspace, trailing")
   if cfg.get("trained_betas") is not None:
     raise ConversionError("trained_betas in scheduler_config.json are not supported")
   schedule = cfg.get("beta_schedule", "linear")
@@ -193,7 +191,8 @@ def scheduler_settings(cfg: dict) -> dict:
           "num_timesteps": int(cfg.get("num_train_timesteps", 1000)),
           "mean_type": PREDICTION_TYPES[prediction],
           "steps_offset": int(cfg.get("steps_offset", 0)),
-          "alpha_one_at_end": bool(cfg.get("set_alpha_to_one", True))}
+          "alpha_one_at_end": bool(cfg.get("set_alpha_to_one", True)),
+          "timestep_spacing": spacing}
 
 
 def unet_fields(model_cfg: Mapping[str, Any]) -> dict:

@@ -77,13 +77,13 @@ class Sampler:
     y = self.labels(i)
     return None if y is None else parallel.replicated_to_global(y, self.mesh)
 
-  def prompts(self, i: int) -> list[str] | None:
-    """The captions of batch i: the prompt list in turn, counted over all batches (None for
-    a model without text conditioning)."""
+  def prompts(self, i: int, count: int | None = None) -> list[str] | None:
+    """The captions of batch i (its first `count` images): the prompt list in turn, counted
+    over all batches (None for a model without text conditioning)."""
     if self.prompt_list is None:
       return None
-    k = len(self.prompt_list)
-    return [self.prompt_list[j % k] for j in range(i * self.batch_size, (i + 1) * self.batch_size)]
+    start, k = i * self.batch_size, len(self.prompt_list)
+    return [self.prompt_list[j % k] for j in range(start, start + (count or self.batch_size))]
 
   def contexts(self, i: int):
     """(context, the empty prompt's) of batch i's prompts, on the mesh (None without text)."""
@@ -158,8 +158,7 @@ def progressive_figure(config, model, diffusion, params, mesh, path: str, num: i
 
   context = None
   if sampler is not None and sampler.text is not None:
-    context = sampler.text.contexts([sampler.prompt_list[j % len(sampler.prompt_list)]
-                                     for j in range(n)])
+    context = sampler.text.contexts(sampler.prompts(0, n))
 
   @xla_options.jit
   def run(params, key, fs_args, context):

@@ -16,7 +16,7 @@ import numpy as np
 from diffusion_jax.diffusion import DenoiseFn, GaussianDiffusion
 
 METHODS = ("ancestral", "ddim", "dpm_solver")
-SPACINGS = ("uniform", "quadratic", "logsnr")
+SPACINGS = ("uniform", "quadratic", "logsnr", "leading", "linspace")
 
 
 def _batch_t(t, x):
@@ -158,19 +158,34 @@ def ddim_sample(diffusion, denoise_fn, x_T, key, num_steps: int = 50, eta: float
 
 
 # ----------------------------------------------------------------------------- DPM-Solver++
-def dpm_solver_timesteps(diffusion, num_steps: int, spacing: str = "logsnr") -> np.ndarray:
-  """num_steps + 1 distinct decreasing integer timesteps from T - 1 down to 0.
+DPM_SPACINGS = ("logsnr", "uniform", "leading", "linspace", "trailing")
 
-  "logsnr": uniform in lambda = log(alpha/sigma) (rounded to the nearest timestep), the
-  spacing DPM-Solver recommends for pixel-space models; "uniform": uniform in t.
+
+def dpm_solver_timesteps(diffusion, num_steps: int, spacing: str = "logsnr",
+                         steps_offset: int = 0) -> np.ndarray:
+  """num_steps + 1 distinct decreasing integer timesteps: the num_steps evaluated, then the end.
+
+  "logsnr": from T - 1 down to 0, uniform in lambda = log(alpha/sigma) (rounded to the nearest
+  timestep), the spacing DPM-Solver recommends for pixel-space models; "uniform": uniform in t.
+  "leading" (+ steps_offset), "linspace", "trailing": diffusers' DPMSolverMultistepScheduler's
+  timesteps, and its end, sigma = 0 (final_sigmas_type "zero"), written -1 (alphabar = 1).
   """
   T = diffusion.num_timesteps
   if not 1 <= num_steps < T:
     raise ValueError(f"num_steps={num_steps} must be in [1, {T - 1}]")
   if spacing == "uniform":
     return np.linspace(T - 1, 0, num_steps + 1).round().astype(np.int32)
+  if spacing == "leading":
+    ts = np.arange(num_steps + 1)[::-1][:-1] * (T // (num_steps + 1)) + steps_offset
+    return np.append(ts, -1).astype(np.int32)
+  if spacing == "linspace":
+    ts = np.linspace(0, T - 1, num_steps + 1).round()[::-1][:-1]
+    return np.append(ts, -1).astype(np.int32)
+  if spacing == "trailing":
+    ts = np.arange(T, 0, -T / num_steps).round() - 1
+    return np.append(ts, -1).astype(np.int32)
   if spacing != "logsnr":
-    raise ValueError(f"unknown DPM-Solver spacing {spacing!r}; choose 'logsnr' or 'uniform'")
+    raise ValueError(f"unknown DPM-Solver spacing {spacing!r}; choose one of {DPM_SPACINGS}")
   ab = diffusion.coefs["alphas_cumprod"]
   lam = 0.5 * (np.log(ab) - np.log1p(-ab))  # increasing as t decreases
   grid = np.linspace(lam[-1], lam[0], num_steps + 1)
@@ -182,20 +197,25 @@ def dpm_solver_timesteps(diffusion, num_steps: int, spacing: str = "logsnr") -> 
 
 
 def dpm_solver_sample(diffusion, denoise_fn, x_T, key=None, num_steps: int = 20,
-                      spacing: str = "logsnr", clip_denoised: bool = True):
+                      spacing: str = "logsnr", clip_denoised: bool = True,
+                      steps_offset: int = 0):
   """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in data prediction; num_steps evaluations.
 
   Multistep second order in lambda = log(alpha_t / sigma_t) (the first step is first order),
   integrating from t = T - 1 to t = 0; the result is x at t = 0 (sigma_0 = sqrt(beta_1)).
+  With diffusers' spacings ("leading", "linspace"; dpm_solver_timesteps) the last step goes to
+  sigma = 0 and is first order (the prediction of x_0), as DPMSolverMultistepScheduler's.
   """
   del key  # deterministic given x_T
-  ts = dpm_solver_timesteps(diffusion, num_steps, spacing)
-  ab = diffusion.coefs["alphas_cumprod"][ts]
+  ts = dpm_solver_timesteps(diffusion, num_steps, spacing, steps_offset)
+  ab = np.append(1.0, diffusion.coefs["alphas_cumprod"])[ts + 1]  # alphabar(-1) = 1
   alpha, sigma = np.sqrt(ab), np.sqrt(1.0 - ab)
-  lam = np.log(alpha) - np.log(sigma)
+  with np.errstate(divide="ignore"):  # sigma = 0 at the end: lambda = inf
+    lam = np.log(alpha) - np.log(sigma)
   h = lam[1:] - lam[:-1]
-  r = np.append(1.0, h[:-1] / h[1:])  # h_{i-1} / h_i; unused on the first step
-  second = np.arange(num_steps) > 0
+  second = (np.arange(num_steps) > 0) & np.isfinite(h)  # first order where h is infinite
+  with np.errstate(invalid="ignore"):
+    r = np.where(second, np.append(1.0, h[:-1] / h[1:]), 1.0)  # h_{i-1} / h_i
   sigma_ratio = sigma[1:] / sigma[:-1]
   phi = alpha[1:] * -np.expm1(-h)  # alpha_t (1 - e^{-h})
   dt = x_T.dtype
@@ -229,5 +249,5 @@ def sample(method: str, diffusion, denoise_fn, x_T, key, num_steps: int | None =
                        spacing or "uniform", clip_denoised, steps_offset, alpha_one_at_end)
   if method == "dpm_solver":
     return dpm_solver_sample(diffusion, denoise_fn, x_T, key, num_steps or 20,
-                             spacing or "logsnr", clip_denoised)
+                             spacing or "logsnr", clip_denoised, steps_offset)
   raise ValueError(f"unknown sampling method {method!r}; choose one of {METHODS}")

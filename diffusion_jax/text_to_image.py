@@ -13,7 +13,9 @@ needs the `transformers` package (its CLIPTokenizer reads tokenizer/); nothing e
 or transformers runs. Sampling follows the pipeline's scheduler_config.json: its betas,
 epsilon or v prediction, steps_offset, set_alpha_to_one and clip_sample (with the "leading"
 timestep spacing of SD's configs DDIM then equals diffusers' DDIMScheduler; "dpm_solver" is
-DPM-Solver++(2M) in the same chain).
+DPM-Solver++(2M) in the same chain, diffusers' DPMSolverMultistepScheduler made from the same
+config: its timestep_spacing (where absent, that class's default "linspace"), the last step
+first order to sigma = 0).
 """
 from __future__ import annotations
 
@@ -184,7 +186,9 @@ class StableDiffusion:
                                **ddim)
     else:
       z = samplers.dpm_solver_sample(self.diffusion, denoise, x_T, key, num_steps,
-                                     clip_denoised=False)
+                                     spacing=self.schedule["timestep_spacing"] or "linspace",
+                                     clip_denoised=False,
+                                     steps_offset=self.schedule["steps_offset"])
     z = z.astype(jnp.float32)
     return self.first_stage.decode_latents(vae_params, *scaling, z) if decode else z
 
@@ -239,6 +243,9 @@ class StableDiffusion:
   def _run_batch(self, prompts, negative_prompt, shape, x_T, init, seed, num_steps,
                  guidance_scale, method, eta, decode, skip):
     n = len(prompts)
+    if method == "ddim" and self.schedule["timestep_spacing"] not in (None, "leading"):
+      logging.warning("scheduler timestep_spacing=%r: DDIM uses 'leading' (uniform spacing plus "
+                      "steps_offset)", self.schedule["timestep_spacing"])
     key = jax.random.PRNGKey(seed)
     if x_T is None:
       x_T = jax.random.normal(jax.random.fold_in(key, 1), shape)

@@ -224,7 +224,8 @@ def _check_training(t, n_dev: int, n_proc: int):
 
 def _check_sampling(s, f, n_dev: int):
   _check(s.method in samplers.METHODS, "sampling.method", s.method, f"one of {samplers.METHODS}")
-  spacings = {"ddim": ("uniform", "quadratic"), "dpm_solver": ("logsnr", "uniform")}.get(s.method)
+  spacings = {"ddim": ("uniform", "quadratic"),
+              "dpm_solver": samplers.DPM_SPACINGS}.get(s.method)
   _check(s.spacing is None or spacings is None or s.spacing in spacings, "sampling.spacing",
          s.spacing, f"for {s.method}: one of {spacings}")
   if s.method != "ancestral":

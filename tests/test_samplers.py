@@ -150,3 +150,33 @@ def test_sampling_a_sharded_batch(setup):
   out = f(jax.device_put(x_T, sharding), jax.random.PRNGKey(1))
   assert out.sharding.is_equivalent_to(sharding, out.ndim)
   np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("spacing,num_steps,offset", [("leading", 10, 1), ("leading", 20, 1),
+                                                      ("linspace", 7, 0), ("trailing", 8, 0)])
+def test_dpm_solver_is_diffusers_multistep_scheduler(spacing, num_steps, offset):
+  """DPM-Solver++(2M) with diffusers' spacings against DPMSolverMultistepScheduler (its
+  defaults: dpmsolver++, order 2, final sigma 0) step for step, on Stable Diffusion's betas and
+  the Gaussian data's optimal eps."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  d = dm.GaussianDiffusion(dm.get_beta_schedule("scaled_linear", 1000, 0.00085, 0.012))
+  fn = functools.partial(optimal_eps, d)
+  sched = diffusers.DPMSolverMultistepScheduler(
+      beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+      timestep_spacing=spacing, steps_offset=offset)
+  sched.set_timesteps(num_steps)
+  want_ts = np.append(sched.timesteps.numpy(), -1)
+  np.testing.assert_array_equal(samplers.dpm_solver_timesteps(d, num_steps, spacing, offset),
+                                want_ts)
+  x_T = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (4, 4, 4, 2)))
+  x = torch.from_numpy(x_T.astype(np.float64))
+  for t in sched.timesteps:
+    eps = np.asarray(fn(jnp.asarray(x.numpy(), jnp.float32), jnp.full((4,), int(t))))
+    x = sched.step(torch.from_numpy(eps.astype(np.float64)), t, x).prev_sample
+  ours = samplers.dpm_solver_sample(d, fn, jnp.asarray(x_T), None, num_steps, spacing,
+                                    clip_denoised=False, steps_offset=offset)
+  diff = np.abs(np.asarray(ours) - x.numpy()).max()
+  print(f"DPM-Solver++(2M) {spacing} {num_steps}: max |ours - diffusers| = {diff:.3g}")
+  assert diff < 1e-4

@@ -301,3 +301,24 @@ def test_pipeline_imports_and_fine_tunes_on_captioned_images(epsilon_pipeline_di
            for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(want))]
   assert 0 < max(moved) < 1e-3  # fine-tuned (lr 1e-5), not re-initialised
   assert os.path.exists(os.path.join(work, "train_samples", "step_00000002.png"))
+
+
+def test_dpm_solver_gives_diffusers_multistep_scheduler_latents(epsilon_pipeline_dir):
+  """--method=dpm_solver against the pipeline with DPMSolverMultistepScheduler read from its
+  scheduler config ("leading" timesteps, steps_offset 1, final sigma 0)."""
+  src, pipe = epsilon_pipeline_dir
+  ours = StableDiffusion.load(str(src))
+  sched = diffusers.DPMSolverMultistepScheduler.from_pretrained(str(src / "scheduler"))
+  assert sched.config.timestep_spacing == "leading"
+  dpm = diffusers.StableDiffusionPipeline(**dict(pipe.components, scheduler=sched))
+  prompts = ["the man on a photo", "an orange cat!"]
+  latents = np.random.default_rng(1).normal(size=(2, 8, 8, 4)).astype(np.float32)
+  want = dpm(prompts, num_inference_steps=5, guidance_scale=5.0, output_type="latent",
+             latents=torch.from_numpy(latents.transpose(0, 3, 1, 2))).images
+  want = want.numpy().transpose(0, 2, 3, 1)
+  got = ours.generate(prompts, num_steps=5, guidance_scale=5.0, latents=latents,
+                      method="dpm_solver", decode=False)
+  ddim = ours.generate(prompts, num_steps=5, guidance_scale=5.0, latents=latents, decode=False)
+  diff, other = np.abs(got - want).max(), np.abs(ddim - want).max()
+  print(f"DPM-Solver++(2M) latents: max |ours - diffusers| = {diff:.3g} (DDIM's: {other:.3g})")
+  assert diff < 1e-4 < other
