@@ -86,8 +86,7 @@ class TextEncoder:
 
   def contexts(self, prompts) -> jax.Array:
     """The context of host prompts, batch-sharded (len(prompts) a multiple of the devices)."""
-    ids = jax.device_put(self.tokenize(prompts), parallel.batch_sharding(self.mesh))
-    return self.encode(ids)
+    return self.encode(parallel.replicated_to_global(self.tokenize(prompts), self.mesh))
 
 
 def load_text_encoder(config, mesh) -> TextEncoder | None:
