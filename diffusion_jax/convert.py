@@ -126,12 +126,17 @@ def import_diffusers_unet(src: str, config, workdir: str, ema: bool = False) -> 
   else:
     model_cfg, params = load_diffusers_unet(src)
     schedule = pipeline_schedule(src)
+    root = src if os.path.isdir(os.path.join(src, "unet")) else os.path.dirname(
+        os.path.abspath(src))  # the pipeline's directory
     if model_cfg.get("context_dim") and not config.get("text", {}).get("encoder"):
       raise ConversionError(
           "this U-Net cross-attends to a text encoder's output: name the encoder, "
-          f"--config.text.encoder={os.path.dirname(os.path.join(src, ''))} (a Stable Diffusion "
-          "pipeline directory, text_encoder/ and tokenizer/ inside), and its VAE, "
-          "--config.latent.autoencoder=.../vae (configs/sd15_finetune.py)")
+          f"--config.text.encoder={root} (a Stable Diffusion pipeline directory, text_encoder/ "
+          f"and tokenizer/ inside), and its VAE, --config.latent.autoencoder={root}/vae "
+          "(configs/sd15_finetune.py)")
+    if model_cfg.get("context_dim") and not config.get("latent", {}).get("autoencoder"):
+      raise ConversionError("this U-Net denoises a VAE's latents: name the VAE, "
+                            f"--config.latent.autoencoder={root}/vae")
   bad = config_mismatches(config, model_cfg, schedule)
   if bad:
     raise ConversionError("the config does not describe this network; add " + " ".join(bad))

@@ -13,6 +13,7 @@ import glob
 import gzip
 import json
 import os
+import re
 
 import grain
 import numpy as np
@@ -97,11 +98,8 @@ class MappedSource:
 
   def __getitem__(self, i):
     ex = self.source[int(i)]
-    out = {"image": _fit(np.asarray(ex["image"]), self.size, self.channels),
-           "label": int(ex.get("label", 0))}
-    if "caption" in ex:
-      out["caption"] = ex["caption"]
-    return out
+    return {"image": _fit(np.asarray(ex["image"]), self.size, self.channels),
+            "label": int(ex.get("label", 0))}
 
   @property
   def captions(self):
@@ -111,27 +109,28 @@ class MappedSource:
 class FolderSource:
   """Image files; labelled by class folder (ImageFolder's layout: root/<class>/...) when every
   image lies in a subfolder, the classes numbered in sorted order; else all label 0. Captions
-  (text conditioning), where given: root/metadata.jsonl lines {"file_name": path relative to
-  root, "text": caption} (Hugging Face's imagefolder layout; "caption" also read), or a text
-  file beside each image (cat.png -> cat.txt)."""
+  (text conditioning; read when asked for, so that other uses ignore them): root/metadata.jsonl
+  lines {"file_name": path relative to root, "text": caption} (Hugging Face's imagefolder
+  layout; "caption" also read), or a text file beside each image (cat.png -> cat.txt)."""
 
   def __init__(self, root: str, paths):
-    self.paths = paths
+    self.root, self.paths = root, paths
     tops = [os.path.relpath(p, root).split(os.sep) for p in paths]
     self.classes = (sorted({t[0] for t in tops}) if all(len(t) > 1 for t in tops) else None)
     index = {c: i for i, c in enumerate(self.classes or ())}
     self.labels = [index[t[0]] if self.classes else 0 for t in tops]
-    self.captions = _folder_captions(root, paths)
 
   def __len__(self):
     return len(self.paths)
 
   def __getitem__(self, i):
     with Image.open(self.paths[i]) as img:
-      ex = {"image": np.asarray(img.convert("RGB")), "label": self.labels[i]}
-    if self.captions is not None:
-      ex["caption"] = self.captions[i]
-    return ex
+      return {"image": np.asarray(img.convert("RGB")), "label": self.labels[i]}
+
+  @functools.cached_property
+  def captions(self) -> list[str] | None:
+    """Image i's caption at [i]; None when the folder has none."""
+    return _folder_captions(self.root, self.paths)
 
 
 def _folder_captions(root: str, paths) -> list[str] | None:
@@ -232,10 +231,11 @@ def load_source(data_cfg, split: str = "train"):
 
 def class_names(data_cfg, source=None) -> tuple[str, ...] | None:
   """The names of the labels: Fashion-MNIST's and CIFAR-10's, an image folder's class
-  subfolders (`source`, else the folder listed), a tfds dataset's label names; None if unknown."""
+  subfolders, a tfds dataset's label names (`source`, else the training split's); None if
+  unknown, or not words (imagenet2012's are WordNet ids, n01440764, ...)."""
   if data_cfg.name in CLASS_NAMES:
     return CLASS_NAMES[data_cfg.name]
-  if source is None and data_cfg.name == "folder":
+  if source is None:
     source = load_source(data_cfg, "train")
   names = getattr(source, "classes", None)
   if names is None and source is not None:
@@ -243,19 +243,22 @@ def class_names(data_cfg, source=None) -> tuple[str, ...] | None:
       names = source.source.dataset_info.features["label"].names
     except (AttributeError, KeyError, TypeError):
       names = None
-  return tuple(names) if names else None
+  if not names or all(re.fullmatch(r"n\d{8}", str(n)) for n in names):
+    return None
+  return tuple(str(n) for n in names)
 
 
 def caption_fn(config, source):
-  """example -> its caption (text conditioning): the source's own captions, else
+  """(index, example) -> its caption (text conditioning): the source's own captions, else
   text.caption_template with the class names; one message when there are neither."""
   from diffusion_jax.text_conditioning import class_captions
-  if getattr(source, "captions", None) is not None:
-    return lambda ex: ex["caption"]
+  own = getattr(source, "captions", None)
+  if own is not None:
+    return lambda index, ex: own[index]
   template, names = config.text.get("caption_template"), class_names(config.data, source)
   if template and names:
     captions = class_captions(template, names)
-    return lambda ex: captions[int(ex["label"])]
+    return lambda index, ex: captions[int(ex["label"])]
   raise DataError(
       f"text.encoder needs a caption per image: {config.data.name} has no captions of its own"
       + ("" if names else " and no class names")
@@ -314,7 +317,7 @@ def train_batches(config, start_step: int = 0, process_index: int | None = None,
     out = {"image": to_float(np.asarray(ex["image"]), flip and flip_ok),
            "label": np.int32(ex["label"])}
     if caption is not None:
-      out["tokens"] = tokenize([caption(ex)])[0]
+      out["tokens"] = tokenize([caption(index, ex)])[0]
     return out
 
   ds = grain.MapDataset.range(start_step * local, 1 << 50).map(load).batch(local)

@@ -93,9 +93,8 @@ class Sampler:
 
   @functools.cached_property
   def null_context(self):
-    """The empty prompt's context [1, L, width] (the unconditional model's)."""
-    n = self.mesh.shape[parallel.DATA]
-    return jax.device_put(self.text.contexts([""] * n)[:1], parallel.replicated(self.mesh))
+    """The empty prompt's context [1, L, width], replicated (the unconditional model's)."""
+    return self.text.null_context()
 
   def batches(self, params, num: int, seed: int = 0):
     """`num` images as uint8 NHWC batches; image i depends only on (seed, i // batch)."""
@@ -124,8 +123,9 @@ def prompt_list(config) -> list[str]:
   if not names:
     raise TextConditioningError(
         "a text-conditional model samples from prompts: set --config.sampling.prompts="
-        "\"('a photo of a cat', 'a photo of a dog')\" (or text.caption_template for the "
-        "captions of the classes)")
+        "\"('a photo of a cat', 'a photo of a dog')\""
+        + (f" ({config.data.name} has no class names for text.caption_template)" if template
+           else " (or text.caption_template, for labelled data, the captions of the classes)"))
   return class_captions(template, names)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from diffusion_jax.diffusion import DenoiseFn, GaussianDiffusion
 
 METHODS = ("ancestral", "ddim", "dpm_solver")
-SPACINGS = ("uniform", "quadratic", "logsnr", "leading", "linspace")
+SPACINGS = ("uniform", "quadratic")  # DDIM's (DPM-Solver's: DPM_SPACINGS)
 
 
 def _batch_t(t, x):
@@ -175,14 +175,15 @@ def dpm_solver_timesteps(diffusion, num_steps: int, spacing: str = "logsnr",
     raise ValueError(f"num_steps={num_steps} must be in [1, {T - 1}]")
   if spacing == "uniform":
     return np.linspace(T - 1, 0, num_steps + 1).round().astype(np.int32)
-  if spacing == "leading":
-    ts = np.arange(num_steps + 1)[::-1][:-1] * (T // (num_steps + 1)) + steps_offset
-    return np.append(ts, -1).astype(np.int32)
-  if spacing == "linspace":
-    ts = np.linspace(0, T - 1, num_steps + 1).round()[::-1][:-1]
-    return np.append(ts, -1).astype(np.int32)
-  if spacing == "trailing":
-    ts = np.arange(T, 0, -T / num_steps).round() - 1
+  diffusers = {  # the evaluated timesteps, decreasing
+      "leading": lambda: np.arange(num_steps, 0, -1) * (T // (num_steps + 1)) + steps_offset,
+      "linspace": lambda: np.linspace(0, T - 1, num_steps + 1).round()[::-1][:-1],
+      "trailing": lambda: np.round(T - np.arange(num_steps) * T / num_steps) - 1}
+  if spacing in diffusers:
+    ts = diffusers[spacing]()
+    if ts.max() >= T:
+      raise ValueError(f"num_steps={num_steps} with steps_offset={steps_offset} reaches "
+                       f"timestep {int(ts.max())} of {T}: fewer steps or a smaller offset")
     return np.append(ts, -1).astype(np.int32)
   if spacing != "logsnr":
     raise ValueError(f"unknown DPM-Solver spacing {spacing!r}; choose one of {DPM_SPACINGS}")
@@ -201,10 +202,11 @@ def dpm_solver_sample(diffusion, denoise_fn, x_T, key=None, num_steps: int = 20,
                       steps_offset: int = 0):
   """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in data prediction; num_steps evaluations.
 
-  Multistep second order in lambda = log(alpha_t / sigma_t) (the first step is first order),
-  integrating from t = T - 1 to t = 0; the result is x at t = 0 (sigma_0 = sqrt(beta_1)).
-  With diffusers' spacings ("leading", "linspace"; dpm_solver_timesteps) the last step goes to
-  sigma = 0 and is first order (the prediction of x_0), as DPMSolverMultistepScheduler's.
+  Multistep second order in lambda = log(alpha_t / sigma_t) (the first step is first order)
+  over dpm_solver_timesteps: with "logsnr" and "uniform" from t = T - 1 to t = 0, the result x
+  at t = 0 (sigma_0 = sqrt(beta_1)); with diffusers' spacings ("leading" + steps_offset,
+  "linspace", "trailing") the last step goes to sigma = 0 and is first order (the prediction of
+  x_0), as DPMSolverMultistepScheduler's.
   """
   del key  # deterministic given x_T
   ts = dpm_solver_timesteps(diffusion, num_steps, spacing, steps_offset)
@@ -240,7 +242,7 @@ def sample(method: str, diffusion, denoise_fn, x_T, key, num_steps: int | None =
   """Dispatch to one sampler by name (`config.sampling.method`).
 
   spacing=None takes each method's default: "uniform" for DDIM, "logsnr" for DPM-Solver.
-  steps_offset, alpha_one_at_end: DDIM's (ddim_sample).
+  steps_offset: DDIM's, and DPM-Solver's with "leading" spacing; alpha_one_at_end: DDIM's.
   """
   if method == "ancestral":
     return ancestral_sample(diffusion, denoise_fn, x_T, key, clip_denoised)

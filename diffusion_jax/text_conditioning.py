@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -61,15 +62,26 @@ class TextEncoder:
     self.width, self.max_length = int(fields["width"]), int(fields["max_length"])
     self.mesh = mesh
     self.params = jax.device_put(params, parallel.replicated(mesh))
-    self._apply = xla_options.jit(
-        lambda p, ids: self.module.apply({"params": p}, ids).astype(jnp.float32),
-        out_shardings=parallel.batch_sharding(mesh))
+    batch, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
+    self._apply = xla_options.jit(self._context, out_shardings=batch)
+    self._apply_replicated = xla_options.jit(self._context, out_shardings=replicated)
+    self._apply_dropped = xla_options.jit(self._dropped_context, out_shardings=batch)
+    self._lock = threading.Lock()  # grain's reader threads share the tokenizer
     self._cached = functools.lru_cache(maxsize=65536)(self._tokenize_one)
+    self.null_ids = self._cached("")  # the empty caption (and the tokenizer set up, at once)
 
   def _tokenize_one(self, caption: str) -> np.ndarray:
-    ids = self.tokenizer([caption], padding="max_length", truncation=True,
-                         max_length=self.max_length, return_tensors="np").input_ids
+    with self._lock:
+      ids = self.tokenizer([caption], padding="max_length", truncation=True,
+                           max_length=self.max_length, return_tensors="np").input_ids
     return np.asarray(ids[0], np.int32)
+
+  def _context(self, params, ids):
+    return self.module.apply({"params": params}, ids).astype(jnp.float32)
+
+  def _dropped_context(self, params, ids, key, rate):
+    drop = jax.random.bernoulli(key, rate, (ids.shape[0],))
+    return self._context(params, jnp.where(drop[:, None], self.null_ids[None], ids))
 
   def tokenize(self, captions) -> np.ndarray:
     """Token ids [B, L] of `captions` (padded and truncated to the encoder's positions)."""
@@ -79,10 +91,13 @@ class TextEncoder:
     """The context [B, L, width] of token ids [B, L] (on the mesh, batch-sharded); with a key,
     each caption is the empty one with probability `dropout` (classifier-free guidance)."""
     if key is not None and dropout > 0:
-      null = jnp.asarray(self.tokenize([""])[0])
-      drop = jax.random.bernoulli(key, dropout, (ids.shape[0],))
-      ids = jnp.where(drop[:, None], null[None], ids)
+      return self._apply_dropped(self.params, ids, key, jnp.float32(dropout))
     return self._apply(self.params, ids)
+
+  def null_context(self) -> jax.Array:
+    """The empty caption's context [1, L, width], replicated over the mesh."""
+    ids = jax.device_put(self.null_ids[None], parallel.replicated(self.mesh))
+    return self._apply_replicated(self.params, ids)
 
   def contexts(self, prompts) -> jax.Array:
     """The context of host prompts, batch-sharded (len(prompts) a multiple of the devices)."""

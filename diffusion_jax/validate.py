@@ -100,6 +100,10 @@ def validate_config(config, mode: str = "train") -> None:
     _check(not text.get("caption_template") or "{}" in text.caption_template,
            "text.caption_template", text.get("caption_template"),
            "a caption with {} where the class name goes, e.g. 'a photo of a {}'")
+    _check(bool(s.get("prompts")) or bool(text.get("caption_template")), "sampling.prompts",
+           s.get("prompts"), "the prompts that the training grids, sample and eval modes "
+           "sample, e.g. \"('a photo of a cat', 'a photo of a dog')\" (or "
+           "text.caption_template: the captions of the classes)")
     _check(mode != "eval" or "nll" not in parse_metrics(e.metrics), "eval.metrics", e.metrics,
            "fid and is for a text-conditional model (its bits/dim would need each test "
            "image's caption; not computed)")
@@ -231,6 +235,7 @@ def _check_sampling(s, f, n_dev: int):
   if s.method != "ancestral":
     _check(1 <= s.num_steps < f.num_timesteps + (s.method == "ddim"), "sampling.num_steps",
            s.num_steps, f"in [1, {f.num_timesteps}] for {s.method}")
+  _check(s.get("steps_offset", 0) >= 0, "sampling.steps_offset", s.get("steps_offset"), ">= 0")
   _check(s.batch_size >= 1 and s.batch_size % n_dev == 0, "sampling.batch_size", s.batch_size,
          f"a positive multiple of the device count ({n_dev})")
   _check(s.num_samples >= 1, "sampling.num_samples", s.num_samples, ">= 1")

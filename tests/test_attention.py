@@ -68,6 +68,17 @@ def test_sharded_batch_gives_the_same_result():
   np.testing.assert_allclose(out, _reference(q, k, v), atol=2e-6, rtol=1e-5)
 
 
+def test_auto_keeps_a_sharded_batch_on_its_devices():
+  """With several devices "auto" attends in place: no gather of q, k, v onto every device."""
+  q, k, v = _qkv(jax.device_count(), 16, 16, 2, 8, seed=4)
+  sharding = parallel.batch_sharding(parallel.make_mesh())
+  q, k, v = (jax.device_put(x, sharding) for x in (q, k, v))
+  f = jax.jit(lambda q, k, v: dot_product_attention(q, k, v, "auto"))
+  hlo = f.lower(q, k, v).compile().as_text()
+  assert "all-gather" not in hlo and "all-to-all" not in hlo
+  np.testing.assert_allclose(f(q, k, v), _reference(q, k, v), atol=2e-6, rtol=1e-5)
+
+
 def test_unknown_implementation_is_refused():
   with pytest.raises(ValueError, match="one of"):
     dot_product_attention(*_qkv(1, 4, 4, 1, 4), "flash")

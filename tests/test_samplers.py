@@ -131,6 +131,12 @@ def test_timestep_grids():
     for spacing in ("logsnr", "uniform"):
       ts = samplers.dpm_solver_timesteps(d, n, spacing)
       assert ts[0] == 999 and ts[-1] == 0 and len(ts) == n + 1 and np.all(np.diff(ts) < 0)
+  for n in range(1, 1000, 3):  # diffusers' spacings: n evaluations, then the end (-1)
+    for spacing in ("leading", "linspace", "trailing"):
+      ts = samplers.dpm_solver_timesteps(d, n, spacing, 1 if spacing == "leading" else 0)
+      assert len(ts) == n + 1 and ts[-1] == -1 and np.all(np.diff(ts) < 0) and ts[0] < 1000
+  with pytest.raises(ValueError, match="steps_offset=1 reaches timestep 1000"):
+    samplers.dpm_solver_timesteps(d, 999, "leading", 1)
   with pytest.raises(ValueError, match="spacing"):
     samplers.ddim_timesteps(1000, 10, "cubic")
   with pytest.raises(ValueError, match="num_steps"):

@@ -17,15 +17,14 @@ from diffusion_jax.validate import ConfigError, validate_config
 from configs.base import get_config  # noqa: E402
 from helpers import main_py, tiny_config_file, write_tokenizer
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
 WIDTH = 32
 
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
   """A CLIPTextModel directory (config.json, model.safetensors) with its tokenizer files."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
   directory = str(tmp_path_factory.mktemp("clip"))
   vocab = write_tokenizer(directory)
   torch.manual_seed(0)
@@ -86,18 +85,21 @@ def test_folder_captions_from_metadata_and_text_files(tmp_path):
     cfg = folder_config(root, "unused")
     source = data.load_source(cfg.data)
     fn = data.caption_fn(cfg, source)
-    assert sorted(fn(source[i]) for i in range(len(source))) == sorted(caps.values())
+    assert sorted(fn(i, source[i]) for i in range(len(source))) == sorted(caps.values())
 
 
 def test_images_without_a_caption_are_refused(tmp_path):
   root = write_folder(str(tmp_path / "f"), {"a.png": "a white square"})
   Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(os.path.join(root, "b.png"))
+  cfg = folder_config(root, "unused")
+  source = data.load_source(cfg.data)  # without text conditioning the captions are not read
+  assert len(source) == 2 and source[1]["image"].shape == (8, 8, 3)
   with pytest.raises(data.DataError, match="1 of 2 images .* have no caption"):
-    data.load_source(folder_config(root, "unused").data)
+    data.caption_fn(cfg, source)
   with open(os.path.join(root, "metadata.jsonl"), "w") as f:
     f.write('{"file": "a.png"}\n')
   with pytest.raises(data.DataError, match="line 1"):
-    data.load_source(folder_config(root, "unused").data)
+    data.caption_fn(cfg, data.load_source(cfg.data))
 
 
 def test_class_captions_and_the_message_without_captions(tmp_path):
@@ -113,11 +115,22 @@ def test_class_captions_and_the_message_without_captions(tmp_path):
     data.caption_fn(c, source)
   c.text.caption_template = "a photo of a {}"
   ex = source[0]
-  assert data.caption_fn(c, source)(ex) == "a photo of a " + data.CLASS_NAMES[
+  assert data.caption_fn(c, source)(0, ex) == "a photo of a " + data.CLASS_NAMES[
       "fashion_mnist"][ex["label"]]
 
 
+def test_wordnet_ids_are_not_class_names():
+  class Source:  # tfds imagenet2012's label names
+    source = type("S", (), {"dataset_info": type("I", (), {
+        "features": {"label": type("L", (), {"names": ["n01440764", "n01443537"]})}})})
+  c = get_config()
+  c.data.name = "imagenet2012"
+  assert data.class_names(c.data, Source()) is None
+
+
 def test_encoder_matches_transformers_and_dropout_gives_the_empty_caption(clip_dir):
+  import torch
+  import transformers
   enc = TextEncoder(clip_dir, parallel.make_mesh())
   prompts = ["a white square", "a black square"] * (jax.device_count() // 2 or 1)
   ids = enc.tokenize(prompts)
@@ -148,10 +161,33 @@ def test_config_checks(clip_dir):
   with pytest.raises(ConfigError, match="bits/dim"):
     validate_config(c, "eval")
   c = folder_config("/nonexistent", clip_dir)
+  c.sampling.prompts = ()
+  with pytest.raises(ConfigError, match="sampling.prompts"):
+    validate_config(c)
+  c = folder_config("/nonexistent", clip_dir)
   c.model.context_dim = 64
   from diffusion_jax.train import Trainer
   with pytest.raises(TextConditioningError, match="context_dim=32"):
     Trainer(c)
+
+
+def test_the_trainer_drops_captions_as_a_function_of_the_step(tmp_path, clip_dir):
+  """text.dropout: each caption the empty one with that probability, the same draw when the
+  step is repeated (a resumed run), another at another step."""
+  from diffusion_jax.train import Trainer
+  caps = {f"{i}.png": ("a white square" if i % 2 else "a black square") for i in range(16)}
+  cfg = folder_config(write_folder(str(tmp_path / "sq"), caps), clip_dir)
+  cfg.text.dropout = 0.5
+  trainer = Trainer(cfg)
+  host = next(data.train_batches(cfg, tokenize=trainer.text.tokenize))
+  empty = np.asarray(trainer.sampler.null_context)[0]
+  dropped = lambda step: np.array([np.allclose(c, empty, atol=1e-5) for c in np.asarray(
+      trainer.device_batch(dict(host), step)["context"])])
+  first = dropped(3)
+  np.testing.assert_array_equal(dropped(3), first)
+  assert 0 < first.sum() < 16 and not np.array_equal(dropped(4), first)
+  cfg.text.dropout = 0.0
+  assert not dropped(3).any()
 
 
 @pytest.mark.slow

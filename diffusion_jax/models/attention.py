@@ -7,10 +7,14 @@ implementation (config.model.attention):
     4-D dots and reductions over the whole [B, N, T, S] logits; one item and head at a time keeps
     the logits of one head in cache where they fit and runs plain 2-D matmuls. On this machine's
     2 cores (float32, forward): 2 x 8 heads x 4096 tokens x 40 (Stable Diffusion's 64x64 level
-    with guidance) 1,357 -> 507 ms; 64 x 256 tokens x 64 (one head) 27.9 -> 12.3 ms. Gradients
-    go through `_einsum_attention` (its vjp is saved on the forward pass): 7,571 -> 2,411 ms and
-    57 -> 53 ms (a scan's transpose would be slower than the einsum's, 3,108 ms).
-  "auto": "per_head" on CPU, jax.nn.dot_product_attention's choice elsewhere.
+    with guidance) 1,357 -> 507 ms; 64 x 256 tokens x 64 (one head) 27.9 -> 12.3 ms. That is
+    sampling's speed-up: under differentiation (training) the forward pass is
+    `_einsum_attention`, attention as two einsums over all items and heads, whose vjp is saved
+    (forward + backward 7,571 -> 2,411 ms and 57 -> 53 ms against jax.nn's; a scan's transpose
+    would be 3,108 ms).
+  "auto": on CPU "per_head" with one device; with several, `_einsum_attention` (the batch axis
+    stays split over the devices: a lax.map over a split axis would gather q, k, v onto each);
+    elsewhere jax.nn.dot_product_attention's choice.
 
 All are the same function: tests/test_attention.py compares values and gradients.
 """
@@ -56,7 +60,12 @@ def dot_product_attention(q, k, v, implementation: str = "auto"):
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r}: one of {IMPLEMENTATIONS}")
   if implementation == "auto":
-    implementation = "per_head" if jax.default_backend() == "cpu" else None
+    if jax.default_backend() != "cpu":
+      implementation = None
+    elif jax.device_count() > 1:
+      return _einsum_attention(q, k, v)
+    else:
+      implementation = "per_head"
   if implementation == "per_head":
     return per_head_attention(q, k, v)
   return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
