@@ -190,6 +190,28 @@ def test_the_trainer_drops_captions_as_a_function_of_the_step(tmp_path, clip_dir
   assert not dropped(3).any()
 
 
+def test_several_steps_per_call_encode_each_steps_captions(tmp_path, clip_dir):
+  """training.steps_per_dispatch = 2 with text conditioning (each step's captions encoded and
+  dropped with that step's key) gives the parameters of single steps."""
+  from diffusion_jax.train import Trainer
+  caps = {f"{i}.png": ("a white square" if i % 2 else "a black square") for i in range(16)}
+  cfg = folder_config(write_folder(str(tmp_path / "sq"), caps), clip_dir, steps=2)
+  cfg.text.dropout = 0.5
+  states = []
+  for k in (1, 2):
+    cfg.training.steps_per_dispatch = k
+    trainer = Trainer(cfg)
+    batches = data.train_batches(cfg, tokenize=trainer.text.tokenize)
+    state, step = trainer.init(), 0
+    while step < 2:
+      n = 2 if k == 2 else 1
+      state, _, _ = trainer.run_steps(state, [next(batches) for _ in range(n)], step)
+      step += n
+    states.append(state.params)
+  for a, b in zip(jax.tree.leaves(states[0]), jax.tree.leaves(states[1])):
+    np.testing.assert_allclose(a, b, atol=2e-5)
+
+
 @pytest.mark.slow
 def test_the_model_learns_to_follow_its_captions(tmp_path, clip_dir):
   """White squares captioned 'a white square', black ones 'a black square': after training,
