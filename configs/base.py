@@ -82,8 +82,11 @@ def get_config():
   # text conditioning (text_conditioning.py): captions -> a frozen CLIP text encoder -> the
   # context the U-Net cross-attends to (model.context_dim = the encoder's width)
   c.text = text = ml_collections.ConfigDict()
-  text.encoder = placeholder(str)  # None: none; a local SD pipeline dir (text_encoder/,
+  text.encoder = placeholder(str)  # None: none; "learned": LDM's transformer trained with the
+  #   U-Net on the captions' bytes; or a frozen CLIP: a local SD pipeline dir (text_encoder/,
   #   tokenizer/) or a CLIPTextModel dir with its tokenizer files
+  text.layers = 4                  # "learned": its transformer blocks (width model.context_dim)
+  text.max_length = 77             # "learned": tokens per caption (bytes + begin/end)
   text.caption_template = placeholder(str)  # labelled data: captions, e.g. "a photo of a {}"
   text.dropout = 0.1               # training: the empty caption instead (classifier-free guidance)
 

@@ -48,8 +48,10 @@ def _network(config):
   image = lambda size, ch: jax.ShapeDtypeStruct((1, size, size, ch), jnp.float32)
   if config.get("stage", "diffusion") == "autoencoder":
     return build_autoencoder(config), (image(config.data.image_size, config.data.channels),), {}
-  text = {}
-  if config.get("text", {}).get("encoder"):
+  text, encoder = {}, config.get("text", {}).get("encoder")
+  if encoder == "learned":  # token ids (models/text_unet.py)
+    text["context"] = jax.ShapeDtypeStruct((1, config.text.max_length), jnp.int32)
+  elif encoder:
     text["context"] = jax.ShapeDtypeStruct((1, 77, config.model.context_dim), jnp.float32)
   return build_model(config), (image(*model_input_shape(config)),
                                jax.ShapeDtypeStruct((1,), jnp.int32)), text

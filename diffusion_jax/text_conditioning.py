@@ -3,7 +3,9 @@ ids (in the data pipeline) -> a frozen text encoder tau(y) -> the context [B, 77
 U-Net cross-attends to (Eq. 3), as Stable Diffusion is trained and fine-tuned.
 
 config.text:
-  encoder: a local directory with a CLIP text encoder and its tokenizer: a diffusers Stable
+  encoder: "learned" (LDM's: a transformer trained with the U-Net on byte tokens; text.layers,
+    text.max_length; width model.context_dim), or
+    a local directory with a CLIP text encoder and its tokenizer: a diffusers Stable
     Diffusion pipeline (text_encoder/, tokenizer/), or a transformers CLIPTextModel directory
     (config.json, model.safetensors) with the tokenizer's vocab.json and merges.txt beside it.
     Frozen; read at every start (not part of the checkpoints). model.context_dim must be its
@@ -27,6 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import parallel, xla_options
+
+
+LEARNED = "learned"  # text.encoder: a transformer trained with the model (LearnedText)
 
 
 class TextConditioningError(ValueError):
@@ -60,8 +65,11 @@ class TextEncoder:
     self.tokenizer = load_tokenizer(_tokenizer_dir(directory))
     self.module = CLIPTextEncoder(**fields, dtype=dtype)
     self.width, self.max_length = int(fields["width"]), int(fields["max_length"])
-    self.mesh = mesh
-    self.params = jax.device_put(params, parallel.replicated(mesh))
+    self._compile(mesh, jax.device_put(params, parallel.replicated(mesh)))
+
+  def _compile(self, mesh, params):
+    """The jitted encoders (and the empty caption's ids) on `mesh`."""
+    self.mesh, self.params = mesh, params
     batch, replicated = parallel.batch_sharding(mesh), parallel.replicated(mesh)
     self._apply = xla_options.jit(self._context, out_shardings=batch)
     self._apply_replicated = xla_options.jit(self._context, out_shardings=replicated)
@@ -103,6 +111,37 @@ class TextEncoder:
     """The context of host prompts, batch-sharded (len(prompts) a multiple of the devices)."""
     return self.encode(parallel.replicated_to_global(self.tokenize(prompts), self.mesh))
 
+  @property
+  def context_spec(self) -> jax.ShapeDtypeStruct:
+    """What the model receives per caption: the encodings [L, width]."""
+    return jax.ShapeDtypeStruct((self.max_length, self.width), jnp.float32)
+
+
+class LearnedText(TextEncoder):
+  """text.encoder = "learned": LDM's text-to-image setting (Sec. 4.3.1), a transformer tau_theta
+  trained with the U-Net (models/text_unet.py), so no weights or vocabulary files are needed:
+  captions become their UTF-8 bytes between a begin and an end token, padded to max_length
+  (vocabulary 259; LDM used BERT's tokenizer). Here encode() only drops captions; the model
+  encodes the ids itself."""
+  vocab_size = 259
+  BOS, EOS, PAD = 256, 257, 258
+
+  def __init__(self, width: int, max_length: int, mesh):
+    self.width, self.max_length = int(width), int(max_length)
+    self._compile(mesh, None)
+
+  def _tokenize_one(self, caption: str) -> np.ndarray:
+    body = list(caption.encode("utf-8"))[: self.max_length - 2]
+    ids = [self.BOS] + body + [self.EOS]
+    return np.asarray(ids + [self.PAD] * (self.max_length - len(ids)), np.int32)
+
+  def _context(self, params, ids):
+    return ids
+
+  @property
+  def context_spec(self) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct((self.max_length,), jnp.int32)
+
 
 def load_text_encoder(config, mesh) -> TextEncoder | None:
   """config.text.encoder's TextEncoder (None without one), its width checked against the
@@ -110,6 +149,8 @@ def load_text_encoder(config, mesh) -> TextEncoder | None:
   text = config.get("text", {})
   if not text.get("encoder"):
     return None
+  if text.encoder == LEARNED:
+    return LearnedText(config.model.context_dim, text.max_length, mesh)
   from diffusion_jax.models import DTYPES
   encoder = TextEncoder(text.encoder, mesh, DTYPES[config.model.dtype])
   if config.model.context_dim != encoder.width:

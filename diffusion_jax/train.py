@@ -50,12 +50,14 @@ def make_optimizer(t) -> optax.GradientTransformation:
   return optax.chain(*chain, optax.adam(schedule))
 
 
-def init_state(config, model, tx, key, context_shape=None) -> TrainState:
+def init_state(config, model, tx, key, context_spec=None) -> TrainState:
+  """Step 0; context_spec: what a text-conditional model gets per caption (ShapeDtypeStruct)."""
   size, ch = latent.model_input_shape(config)
   init_key, state_key = jax.random.split(key)
   x = jnp.zeros((1, size, size, ch), jnp.float32)
   y = jnp.zeros((1,), jnp.int32) if config.model.num_classes else None
-  context = None if context_shape is None else jnp.zeros((1,) + context_shape, jnp.float32)
+  context = None if context_spec is None else jnp.zeros((1,) + context_spec.shape,
+                                                         context_spec.dtype)
   params = model.init(init_key, x, jnp.zeros((1,), jnp.int32), y, context=context)["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
                     opt_state=tx.init(params), rng=jax.random.key_data(state_key))
@@ -137,8 +139,8 @@ class Trainer:
     self.diffusion = dm.from_config(config.diffusion)
     self.tx = make_optimizer(config.training)
     key = jax.random.PRNGKey(config.training.seed)
-    init = functools.partial(init_state, config, self.model, self.tx, context_shape=None if (
-        self.text is None) else (self.text.max_length, self.text.width))
+    init = functools.partial(init_state, config, self.model, self.tx, context_spec=None if (
+        self.text is None) else self.text.context_spec)
     abstract = jax.eval_shape(init, key)
     self.state_sharding = parallel.state_shardings(abstract, self.mesh, config.training.fsdp)
     self.abstract_state = jax.tree.map(

@@ -92,6 +92,10 @@ def validate_config(config, mode: str = "train") -> None:
          guidance, ">= 0, and 1 unless the model is class-conditional (model.num_classes > 0, "
          "trained with model.label_dropout > 0) or text-conditional (text.encoder)")
   if text.get("encoder"):
+    if text.encoder == "learned":
+      _check(text.get("layers", 1) >= 1, "text.layers", text.get("layers"), ">= 1")
+      _check(text.get("max_length", 77) >= 3, "text.max_length", text.get("max_length"),
+             ">= 3 (the begin and end tokens and at least one byte)")
     _check(0.0 <= text.get("dropout", 0.0) < 1.0, "text.dropout", text.get("dropout"),
            "in [0, 1)")
     _check(m.num_classes == 0, "model.num_classes", m.num_classes,

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from diffusion_jax import data, parallel
-from diffusion_jax.text_conditioning import TextConditioningError, TextEncoder, class_captions
+from diffusion_jax.text_conditioning import (LearnedText, TextConditioningError, TextEncoder,
+                                             class_captions)
 from diffusion_jax.validate import ConfigError, validate_config
 from configs.base import get_config  # noqa: E402
 from helpers import main_py, tiny_config_file, write_tokenizer
@@ -212,15 +213,38 @@ def test_several_steps_per_call_encode_each_steps_captions(tmp_path, clip_dir):
     np.testing.assert_allclose(a, b, atol=2e-5)
 
 
+def test_learned_text_tokens_and_model():
+  """text.encoder = "learned": UTF-8 bytes between begin and end, padded, truncated; the model
+  takes token ids and refuses encodings."""
+  from diffusion_jax.models import build_model
+  enc = LearnedText(32, 8, parallel.make_mesh())
+  np.testing.assert_array_equal(enc.tokenize(["ab", "é", "abcdefghij"]), [
+      [256, 97, 98, 257, 258, 258, 258, 258], [256, 0xC3, 0xA9, 257, 258, 258, 258, 258],
+      [256, 97, 98, 99, 100, 101, 102, 257]])
+  assert enc.context_spec.shape == (8,) and enc.context_spec.dtype == jnp.int32
+  c = folder_config("/nonexistent", "learned")
+  c.text.max_length, c.text.layers = 8, 1
+  validate_config(c)
+  model = build_model(c)
+  x, t = jnp.zeros((2, 8, 8, 3)), jnp.zeros((2,), jnp.int32)
+  params = model.init(jax.random.PRNGKey(0), x, t, context=jnp.asarray(enc.tokenize(["a", "b"])))
+  assert set(params["params"]) == {"unet", "text"}
+  with pytest.raises(ValueError, match="token ids"):
+    model.apply(params, x, t, context=jnp.zeros((2, 8, 32)))
+
+
 @pytest.mark.slow
-def test_the_model_learns_to_follow_its_captions(tmp_path, clip_dir):
+@pytest.mark.parametrize("encoder", ["clip", "learned"])
+def test_the_model_learns_to_follow_its_captions(tmp_path, request, encoder):
   """White squares captioned 'a white square', black ones 'a black square': after training,
-  guided samples of each prompt have that brightness. x0-prediction (Table 2): its loss weighs
-  the high noise levels, where only the caption tells the colours apart (an eps-predicting
-  model learns the same, in many more steps)."""
+  guided samples of each prompt have that brightness, through a frozen CLIP or LDM's text
+  transformer trained with the U-Net. x0-prediction (Table 2): its loss weighs the high noise
+  levels, where only the caption tells the colours apart (an eps-predicting model learns the
+  same, in many more steps)."""
   from diffusion_jax.train import Trainer
   caps = {f"{i}.png": ("a white square" if i % 2 else "a black square") for i in range(16)}
-  cfg = folder_config(write_folder(str(tmp_path / "sq"), caps), clip_dir, steps=300)
+  encoder = request.getfixturevalue("clip_dir") if encoder == "clip" else encoder
+  cfg = folder_config(write_folder(str(tmp_path / "sq"), caps), encoder, steps=300)
   cfg.diffusion.mean_type = "x0"
   cfg.sampling.guidance_scale = 3.0
   trainer = Trainer(cfg)

@@ -30,6 +30,7 @@ class CLIPTextEncoder(nn.Module):
   activation: str = "quick_gelu"
   layer_norm_eps: float = 1e-5
   dtype: Dtype = jnp.float32
+  causal: bool = True  # False: each token sees all (BERT-like; LDM's trained text transformer)
 
   @nn.compact
   def __call__(self, ids):
@@ -51,7 +52,7 @@ class CLIPTextEncoder(nn.Module):
       h = norm(f"layer_{i}_norm_1")(x)
       q, k, v = (dense(self.width, f"layer_{i}_{n}")(h).reshape(b, length, self.heads, d)
                  for n in ("q", "k", "v"))
-      h = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(b, length, self.width)
+      h = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal).reshape(b, length, self.width)
       x = x + dense(self.width, f"layer_{i}_out")(h)
       h = act(dense(self.mlp_width, f"layer_{i}_fc1")(norm(f"layer_{i}_norm_2")(x)))
       x = x + dense(self.width, f"layer_{i}_fc2")(h)
