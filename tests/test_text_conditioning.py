@@ -261,16 +261,47 @@ def test_the_model_learns_to_follow_its_captions(tmp_path, request, encoder):
   assert brightness[0::2].min() > 150 and brightness[1::2].max() < 100, brightness
 
 
+def config_file(tmp_path, root, encoder, steps=4):
+  """folder_config(root, encoder) as a config file for main.py."""
+  path = tmp_path / "text_config.py"
+  path.write_text(
+      "import sys\nsys.path.insert(0, %r)\nfrom test_text_conditioning import folder_config\n\n"
+      "def get_config():\n  return folder_config(%r, %r, steps=%d)\n"
+      % (os.path.dirname(__file__), root, encoder, steps))
+  return str(path)
+
+
+@pytest.mark.multihost
+@pytest.mark.slow
+def test_two_processes_train_and_sample_a_learned_text_model(tmp_path):
+  """2 processes x 4 devices: captions tokenised on each host, contexts and the empty prompt's
+  made global, training grid, sample mode with both figures."""
+  from test_e2e import free_port
+  root = write_folder(str(tmp_path / "sq"), {f"{i}.png": ("a white square" if i % 2 else
+                                                          "a black square") for i in range(16)})
+  cfg_path, work = config_file(tmp_path, root, "learned"), str(tmp_path / "work")
+  for mode in ("train", "sample"):
+    port = free_port()
+    procs = [main_py(f"--config={cfg_path}", f"--workdir={work}", f"--mode={mode}", env={
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+        "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
+        "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+    for p in procs:
+      out = p.communicate(timeout=600)[0]
+      assert p.returncode == 0, out[-3000:]
+  assert os.path.exists(os.path.join(work, "train_samples", "step_00000004.png"))
+  for name in ("samples.png", "progressive.png", "interpolation.png"):
+    assert os.path.exists(os.path.join(work, "samples", "4", name)), name
+  with open(os.path.join(work, "samples", "4", "prompts.txt")) as f:
+    assert f.read().splitlines() == ["a white square", "a black square"] * 4
+
+
 @pytest.mark.slow
 def test_main_trains_samples_and_summarises_a_text_conditional_config(tmp_path, clip_dir):
   root = write_folder(str(tmp_path / "sq"), {f"{i}.png": ("a white square" if i % 2 else
                                                           "a black square") for i in range(8)},
                       metadata=False)
-  cfg_path = tmp_path / "text_config.py"
-  cfg_path.write_text(
-      "import sys\nsys.path.insert(0, %r)\nfrom test_text_conditioning import folder_config\n\n"
-      "def get_config():\n  return folder_config(%r, %r, steps=4)\n"
-      % (os.path.dirname(__file__), root, clip_dir))
+  cfg_path = config_file(tmp_path, root, clip_dir)
   work = str(tmp_path / "work")
   for mode in ("train", "sample", "summary"):
     proc = main_py(f"--config={cfg_path}", f"--workdir={work}", f"--mode={mode}")
