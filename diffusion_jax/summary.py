@@ -48,8 +48,9 @@ def _network(config):
   image = lambda size, ch: jax.ShapeDtypeStruct((1, size, size, ch), jnp.float32)
   if config.get("stage", "diffusion") == "autoencoder":
     return build_autoencoder(config), (image(config.data.image_size, config.data.channels),), {}
+  from diffusion_jax.text_conditioning import LEARNED
   text, encoder = {}, config.get("text", {}).get("encoder")
-  if encoder == "learned":  # token ids (models/text_unet.py)
+  if encoder == LEARNED:  # token ids (models/text_unet.py)
     text["context"] = jax.ShapeDtypeStruct((1, config.text.max_length), jnp.int32)
   elif encoder:
     text["context"] = jax.ShapeDtypeStruct((1, 77, config.model.context_dim), jnp.float32)

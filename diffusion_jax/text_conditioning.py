@@ -38,14 +38,10 @@ class TextConditioningError(ValueError):
   pass
 
 
-def _tokenizer_dir(directory: str) -> str:
-  """The pipeline's tokenizer/ if there is one, else the directory itself."""
-  sub = os.path.join(directory, "tokenizer")
-  return sub if os.path.isdir(sub) else directory
-
-
-def _encoder_dir(directory: str) -> str:
-  sub = os.path.join(directory, "text_encoder")
+def _part(directory: str, name: str) -> str:
+  """The pipeline's sub-folder `name` (tokenizer/, text_encoder/) if there is one, else the
+  directory itself."""
+  sub = os.path.join(directory, name)
   return sub if os.path.isdir(sub) else directory
 
 
@@ -61,8 +57,8 @@ class TextEncoder:
       raise TextConditioningError(
           f"text.encoder={directory!r} is not a directory: point it at a local Stable Diffusion "
           "pipeline (text_encoder/, tokenizer/) or a CLIPTextModel directory with its tokenizer")
-    fields, params = load_text_encoder(_encoder_dir(directory))
-    self.tokenizer = load_tokenizer(_tokenizer_dir(directory))
+    fields, params = load_text_encoder(_part(directory, "text_encoder"))
+    self.tokenizer = load_tokenizer(_part(directory, "tokenizer"))
     self.module = CLIPTextEncoder(**fields, dtype=dtype)
     self.width, self.max_length = int(fields["width"]), int(fields["max_length"])
     self._compile(mesh, jax.device_put(params, parallel.replicated(mesh)))
@@ -79,10 +75,9 @@ class TextEncoder:
     self.null_ids = self._cached("")  # the empty caption (and the tokenizer set up, at once)
 
   def _tokenize_one(self, caption: str) -> np.ndarray:
+    from diffusion_jax.text_to_image import clip_token_ids
     with self._lock:
-      ids = self.tokenizer([caption], padding="max_length", truncation=True,
-                           max_length=self.max_length, return_tensors="np").input_ids
-    return np.asarray(ids[0], np.int32)
+      return clip_token_ids(self.tokenizer, [caption], self.max_length)[0]
 
   def _context(self, params, ids):
     return self.module.apply({"params": params}, ids).astype(jnp.float32)

@@ -138,19 +138,17 @@ class StableDiffusion:
                              schedule["beta_start"], schedule["beta_end"]),
         mean_type=schedule["mean_type"])
     replicate = lambda tree: jax.device_put(tree, parallel.replicated(mesh))
-    first_stage = FirstStage(AutoencoderKL(**vae_fields, dtype=compute, attention=attention), replicate(vae_params),
-                             mesh, scaling["scale_factor"] or 0.18215,
+    first_stage = FirstStage(AutoencoderKL(**vae_fields, dtype=compute, attention=attention),
+                             replicate(vae_params), mesh, scaling["scale_factor"] or 0.18215,
                              float(scaling.get("shift_factor") or 0.0))
     return cls(tokenizer, CLIPTextEncoder(**text_fields, dtype=compute),
-               UNet(**unet_fields(unet_cfg), dtype=compute, attention=attention), first_stage, diffusion, schedule,
-               replicate({"text": text_params, "unet": unet_params}), mesh,
+               UNet(**unet_fields(unet_cfg), dtype=compute, attention=attention), first_stage,
+               diffusion, schedule, replicate({"text": text_params, "unet": unet_params}), mesh,
                unet_cfg["image_size"])
 
   def tokenize(self, prompts: list[str]) -> np.ndarray:
     """Token ids [B, 77], padded as the pipeline pads them (to the encoder's positions)."""
-    return np.asarray(self.tokenizer(list(prompts), padding="max_length", truncation=True,
-                                     max_length=self.text_encoder.max_length,
-                                     return_tensors="np").input_ids, np.int32)
+    return clip_token_ids(self.tokenizer, prompts, self.text_encoder.max_length)
 
   def latent_shape(self, num_images: int, height: int | None, width: int | None):
     f = self.first_stage.model.downsampling_factor
@@ -264,6 +262,12 @@ class StableDiffusion:
     if not decode:
       return np.asarray(out)
     return np.asarray(jnp.round((jnp.clip(out, -1, 1) + 1) * 127.5).astype(jnp.uint8))
+
+
+def clip_token_ids(tokenizer, texts, max_length: int) -> np.ndarray:
+  """int32 token ids [B, max_length] of `texts`, padded and truncated as diffusers' pipelines do."""
+  return np.asarray(tokenizer(list(texts), padding="max_length", truncation=True,
+                              max_length=max_length, return_tensors="np").input_ids, np.int32)
 
 
 def load_tokenizer(directory: str):

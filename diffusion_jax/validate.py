@@ -10,6 +10,7 @@ from diffusion_jax import diffusion as dm
 from diffusion_jax import samplers
 from diffusion_jax.models import ATTENTION, DTYPES, LAYOUT, MODELS, UPSAMPLE_CONV, onednn_conv
 from diffusion_jax.models.layers import DOWNSAMPLE_PADDING
+from diffusion_jax.text_conditioning import LEARNED
 
 DATASETS = ("fashion_mnist", "cifar10", "celeb_a_hq", "lsun_church", "imagenet2012", "folder")
 # autoencoder: of its reconstructions of the test split (fid: rFID, against the originals)
@@ -92,7 +93,7 @@ def validate_config(config, mode: str = "train") -> None:
          guidance, ">= 0, and 1 unless the model is class-conditional (model.num_classes > 0, "
          "trained with model.label_dropout > 0) or text-conditional (text.encoder)")
   if text.get("encoder"):
-    if text.encoder == "learned":
+    if text.encoder == LEARNED:
       _check(text.get("layers", 1) >= 1, "text.layers", text.get("layers"), ">= 1")
       _check(text.get("max_length", 77) >= 3, "text.max_length", text.get("max_length"),
              ">= 3 (the begin and end tokens and at least one byte)")

@@ -56,6 +56,11 @@ def write_folder(root, captions: dict, size=8, metadata=True):
   return root
 
 
+def squares(n):
+  """n image names captioned in turn 'a black square', 'a white square'."""
+  return {f"{i}.png": ("a white square" if i % 2 else "a black square") for i in range(n)}
+
+
 def folder_config(root, clip, steps=6):
   c = get_config()
   c.data.name, c.data.data_dir, c.data.image_size, c.data.channels = "folder", root, 8, 3
@@ -149,22 +154,15 @@ def test_encoder_matches_transformers_and_dropout_gives_the_empty_caption(clip_d
 
 
 def test_config_checks(clip_dir):
-  c = folder_config("/nonexistent", clip_dir)
-  c.model.context_dim = 0
-  with pytest.raises(ConfigError, match="text encoder's width"):
-    validate_config(c)
-  c = folder_config("/nonexistent", clip_dir)
-  c.model.num_classes = 10
-  with pytest.raises(ConfigError, match="model.num_classes"):
-    validate_config(c)
-  c = folder_config("/nonexistent", clip_dir)
-  c.eval.metrics = "fid,nll"
-  with pytest.raises(ConfigError, match="bits/dim"):
-    validate_config(c, "eval")
-  c = folder_config("/nonexistent", clip_dir)
-  c.sampling.prompts = ()
-  with pytest.raises(ConfigError, match="sampling.prompts"):
-    validate_config(c)
+  for section, key, value, mode, match in [
+      ("model", "context_dim", 0, "train", "text encoder's width"),
+      ("model", "num_classes", 10, "train", "model.num_classes"),
+      ("eval", "metrics", "fid,nll", "eval", "bits/dim"),
+      ("sampling", "prompts", (), "train", "sampling.prompts")]:
+    c = folder_config("/nonexistent", clip_dir)
+    c[section][key] = value
+    with pytest.raises(ConfigError, match=match):
+      validate_config(c, mode)
   c = folder_config("/nonexistent", clip_dir)
   c.model.context_dim = 64
   from diffusion_jax.train import Trainer
@@ -176,7 +174,7 @@ def test_the_trainer_drops_captions_as_a_function_of_the_step(tmp_path, clip_dir
   """text.dropout: each caption the empty one with that probability, the same draw when the
   step is repeated (a resumed run), another at another step."""
   from diffusion_jax.train import Trainer
-  caps = {f"{i}.png": ("a white square" if i % 2 else "a black square") for i in range(16)}
+  caps = squares(16)
   cfg = folder_config(write_folder(str(tmp_path / "sq"), caps), clip_dir)
   cfg.text.dropout = 0.5
   trainer = Trainer(cfg)
@@ -195,7 +193,7 @@ def test_several_steps_per_call_encode_each_steps_captions(tmp_path, clip_dir):
   """training.steps_per_dispatch = 2 with text conditioning (each step's captions encoded and
   dropped with that step's key) gives the parameters of single steps."""
   from diffusion_jax.train import Trainer
-  caps = {f"{i}.png": ("a white square" if i % 2 else "a black square") for i in range(16)}
+  caps = squares(16)
   cfg = folder_config(write_folder(str(tmp_path / "sq"), caps), clip_dir, steps=2)
   cfg.text.dropout = 0.5
   states = []
@@ -242,7 +240,7 @@ def test_the_model_learns_to_follow_its_captions(tmp_path, request, encoder):
   levels, where only the caption tells the colours apart (an eps-predicting model learns the
   same, in many more steps)."""
   from diffusion_jax.train import Trainer
-  caps = {f"{i}.png": ("a white square" if i % 2 else "a black square") for i in range(16)}
+  caps = squares(16)
   encoder = request.getfixturevalue("clip_dir") if encoder == "clip" else encoder
   cfg = folder_config(write_folder(str(tmp_path / "sq"), caps), encoder, steps=300)
   cfg.diffusion.mean_type = "x0"
@@ -277,8 +275,7 @@ def test_two_processes_train_and_sample_a_learned_text_model(tmp_path):
   """2 processes x 4 devices: captions tokenised on each host, contexts and the empty prompt's
   made global, training grid, sample mode with both figures."""
   from test_e2e import free_port
-  root = write_folder(str(tmp_path / "sq"), {f"{i}.png": ("a white square" if i % 2 else
-                                                          "a black square") for i in range(16)})
+  root = write_folder(str(tmp_path / "sq"), squares(16))
   cfg_path, work = config_file(tmp_path, root, "learned"), str(tmp_path / "work")
   for mode in ("train", "sample"):
     port = free_port()
@@ -298,9 +295,7 @@ def test_two_processes_train_and_sample_a_learned_text_model(tmp_path):
 
 @pytest.mark.slow
 def test_main_trains_samples_and_summarises_a_text_conditional_config(tmp_path, clip_dir):
-  root = write_folder(str(tmp_path / "sq"), {f"{i}.png": ("a white square" if i % 2 else
-                                                          "a black square") for i in range(8)},
-                      metadata=False)
+  root = write_folder(str(tmp_path / "sq"), squares(8), metadata=False)
   cfg_path = config_file(tmp_path, root, clip_dir)
   work = str(tmp_path / "work")
   for mode in ("train", "sample", "summary"):

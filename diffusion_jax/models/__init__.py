@@ -59,14 +59,18 @@ def build_model(config):
   """The network of `config.model`, its channels (the images' or, for latent diffusion, the
   latents') and variance output from data/latent/diffusion; with text.encoder = "learned", the
   U-Net and its text transformer (models/text_unet.py)."""
+  text = config.get("text", {})
+  from diffusion_jax.text_conditioning import LEARNED, LearnedText
+  if text.get("encoder") == LEARNED:
+    from diffusion_jax.models.text_unet import text_conditioned_unet
+    return text_conditioned_unet(_unet(config), text.layers, text.max_length,
+                                 LearnedText.vocab_size)
+  return _unet(config)
+
+
+def _unet(config):
   from diffusion_jax.latent import model_input_shape
   m = config.model
-  text = config.get("text", {})
-  if text.get("encoder") == "learned":
-    from diffusion_jax.models.text_unet import text_conditioned_unet
-    from diffusion_jax.text_conditioning import LearnedText
-    unet = build_model(_without_text(config))
-    return text_conditioned_unet(unet, text.layers, text.max_length, LearnedText.vocab_size)
   return MODELS[m.name](
       ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
       attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
@@ -75,13 +79,6 @@ def build_model(config):
       num_classes=m.num_classes, dtype=DTYPES[m.dtype], attention=m.attention, remat=m.remat,
       conv=m.get("conv", "auto"), upsample_conv=m.get("upsample_conv", "auto"),
       **{k: (tuple(v) if k == "attn_levels" else v) for k, v in m.items() if k in LAYOUT})
-
-
-def _without_text(config):
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.text.encoder = None
-  return config
 
 
 def build_autoencoder(config):
