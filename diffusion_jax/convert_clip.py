@@ -1,5 +1,6 @@
 """transformers `CLIPTextModel` weights (config.json + model.safetensors, e.g. a Stable
-Diffusion pipeline's text_encoder/) -> models.clip_text.CLIPTextEncoder's fields and parameters.
+Diffusion pipeline's text_encoder/; or `CLIPTextModelWithProjection`'s, SDXL's text_encoder_2/)
+-> models.clip_text.CLIPTextEncoder's fields and parameters.
 
 Pure numpy (no torch, no transformers); keys with or without the "text_model." prefix.
 """
@@ -30,7 +31,8 @@ def text_encoder_fields(cfg: Mapping[str, Any]) -> dict:
           "layers": int(cfg["num_hidden_layers"]), "heads": int(cfg["num_attention_heads"]),
           "mlp_width": int(cfg["intermediate_size"]),
           "max_length": int(cfg.get("max_position_embeddings", 77)), "activation": act,
-          "layer_norm_eps": float(cfg.get("layer_norm_eps", 1e-5))}
+          "layer_norm_eps": float(cfg.get("layer_norm_eps", 1e-5)),
+          "eos_token_id": int(cfg.get("eos_token_id", 2))}
 
 
 def text_encoder_params(state: Mapping[str, np.ndarray]) -> dict:
@@ -46,6 +48,9 @@ def text_encoder_params(state: Mapping[str, np.ndarray]) -> dict:
       continue
     if name == "embeddings.position_embedding.weight":
       params["position_embedding"] = value
+      continue
+    if name == "text_projection.weight":  # CLIPTextModelWithProjection's (no bias)
+      params["text_projection"] = {"kernel": value.T}
       continue
     m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
     n = re.fullmatch(r"final_layer_norm\.(weight|bias)", name)
@@ -69,7 +74,10 @@ def load_text_encoder(directory: str) -> tuple[dict, dict]:
                 "text_encoder/")
   with open(cfg_path) as f:
     fields = text_encoder_fields(json.load(f))
-  return fields, text_encoder_params(load_file(weights))
+  params = text_encoder_params(load_file(weights))
+  if "text_projection" in params:
+    fields["projection_dim"] = int(params["text_projection"]["kernel"].shape[1])
+  return fields, params
 
 
 def text_encoder_fields_from_params(params: Mapping[str, Any], activation: str = "quick_gelu",
@@ -82,3 +90,21 @@ def text_encoder_fields_from_params(params: Mapping[str, Any], activation: str =
           "heads": heads or max(1, int(width) // 64), "mlp_width": int(params["layer_0_fc1"]["kernel"].shape[1]),
           "max_length": int(params["position_embedding"].shape[0]), "activation": activation,
           "layer_norm_eps": 1e-5}
+
+
+def clip_token_ids(tokenizer, texts, max_length: int) -> np.ndarray:
+  """int32 token ids [B, max_length] of `texts`, padded and truncated as diffusers' pipelines do."""
+  return np.asarray(tokenizer(list(texts), padding="max_length", truncation=True,
+                              max_length=max_length, return_tensors="np").input_ids, np.int32)
+
+
+def load_tokenizer(directory: str):
+  """transformers' CLIPTokenizer from a pipeline's tokenizer/ (vocab.json, merges.txt)."""
+  try:
+    from transformers import CLIPTokenizer
+  except ImportError:
+    raise ConversionError("tokenising prompts needs the transformers package: "
+                          "pip install 'transformers>=5,<6'") from None
+  if not os.path.isdir(directory):
+    raise ConversionError(f"{directory} not found: the pipeline's tokenizer/ folder")
+  return CLIPTokenizer.from_pretrained(directory)

@@ -5,9 +5,9 @@ Pure numpy: reading the safetensors file needs no torch. The mapping covers
   google/ddpm-church-256 and their ema- variants, with the older attention names
   query/key/value/proj_attn) and LDM's unconditional U-Nets (CompVis/ldm-celebahq-256:
   multi-head attention, symmetric down-sampling padding, the flipped timestep embedding);
-- `UNet2DConditionModel`: LDM's and Stable Diffusion's (1.x, 2.x) cross-attention U-Nets,
+- `UNet2DConditionModel`: LDM's and Stable Diffusion's (1.x, 2.x, XL) cross-attention U-Nets,
   which our U-Net runs with `context_dim` (SpatialTransformer blocks) and a `context` [B, L, d]
-  from the caller's text encoder.
+  from the caller's text encoder (SDXL's: with its pooled text and size ids, UNet's docstring).
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ REQUIRED_CONDITIONAL = {
     "resnet_time_scale_shift": "default", "center_input_sample": False,
     "class_embed_type": None, "num_class_embeds": None, "mid_block_scale_factor": 1,
     "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False,
-    "dual_cross_attention": False, "addition_embed_type": None, "encoder_hid_dim": None,
+    "dual_cross_attention": False, "encoder_hid_dim": None,
     "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
     "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None,
     "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "attention_type": "default",
@@ -148,10 +148,13 @@ def conditional_model_config_from_diffusers(cfg: Mapping[str, Any]) -> dict:
     raise ConversionError(f"attention heads {heads} per level are neither one number nor one "
                           "width per head")
   depth = cfg.get("transformer_layers_per_block", 1)
-  if isinstance(depth, (list, tuple)):
-    if len(set(depth)) != 1:
-      raise ConversionError(f"transformer_layers_per_block={depth}: one depth for all levels")
-    depth = depth[0]
+  if isinstance(depth, (list, tuple)):  # one per level (SDXL: 1, 2, 10)
+    if len(depth) != levels or not all(isinstance(d, int) for d in depth):
+      raise ConversionError(f"transformer_layers_per_block={depth}: one depth per level "
+                            f"({levels})")
+    depth = int(depth[0]) if len(set(depth)) == 1 else tuple(int(d) for d in depth)
+  else:
+    depth = int(depth)
   context_dim = cfg.get("cross_attention_dim", 1280)
   if isinstance(context_dim, (list, tuple)):
     if len(set(context_dim)) != 1:
@@ -160,7 +163,19 @@ def conditional_model_config_from_diffusers(cfg: Mapping[str, Any]) -> dict:
   if not attn_levels:
     raise ConversionError("no CrossAttn blocks: convert a UNet2DModel instead")
   return dict(out, attn_resolutions=(), attn_levels=tuple(attn_levels),
-              context_dim=int(context_dim), transformer_depth=int(depth))
+              context_dim=int(context_dim), transformer_depth=depth, **_added_conditioning(cfg))
+
+
+def _added_conditioning(cfg: Mapping[str, Any]) -> dict:
+  """SDXL's micro-conditioning (addition_embed_type "text_time"), or none."""
+  kind = cfg.get("addition_embed_type")
+  if kind is None:
+    return {}
+  if kind != "text_time":
+    raise ConversionError(f"addition_embed_type={kind!r} is not supported (None, or SDXL's "
+                          "'text_time')")
+  return {"added_cond_dim": int(cfg["projection_class_embeddings_input_dim"]),
+          "added_time_dim": int(cfg["addition_time_embed_dim"])}
 
 
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
@@ -192,7 +207,19 @@ def scheduler_settings(cfg: dict) -> dict:
           "mean_type": PREDICTION_TYPES[prediction],
           "steps_offset": int(cfg.get("steps_offset", 0)),
           "alpha_one_at_end": bool(cfg.get("set_alpha_to_one", True)),
-          "timestep_spacing": spacing}
+          "timestep_spacing": spacing, "scheduler": cfg.get("_class_name"),
+          "sigmas": _sigma_schedule(cfg)}
+
+
+def _sigma_schedule(cfg: dict) -> str | None:
+  """The noise levels of Euler's and DPM-Solver's steps where they are not the timesteps' own
+  (Karras', exponential, beta; interpolated in log sigma): their name, else None."""
+  for kind in ("karras", "exponential", "beta"):
+    if cfg.get(f"use_{kind}_sigmas"):
+      return kind
+  if cfg.get("interpolation_type", "linear") != "linear":
+    return f"{cfg['interpolation_type']}-interpolated"
+  return None
 
 
 def unet_fields(model_cfg: Mapping[str, Any]) -> dict:
@@ -206,6 +233,8 @@ def _target(key: str, levels: int) -> tuple[list[str], str]:
   fixed = {"conv_in": ["conv_in"], "conv_out": ["conv_out"], "conv_norm_out": ["norm_out"],
            "time_embedding.linear_1": ["temb_dense_0"],
            "time_embedding.linear_2": ["temb_dense_1"],
+           "add_embedding.linear_1": ["add_embed_dense_0"],
+           "add_embedding.linear_2": ["add_embed_dense_1"],
            "mid_block.resnets.0": ["mid_block_1"], "mid_block.resnets.1": ["mid_block_2"]}
   for prefix, path in fixed.items():
     if mod == prefix:

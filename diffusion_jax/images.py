@@ -68,3 +68,17 @@ def save_curves(path: str, x: Sequence[float], curves: dict, xlabel: str, ylabel
   fig.savefig(path)
   plt.close(fig)
   return path
+
+
+def read_image(path: str, multiple: int = 1, height: int | None = None,
+               width: int | None = None) -> np.ndarray:
+  """An image file as uint8 RGB [H, W, 3] (EXIF orientation applied), resized (bicubic) to
+  height x width, by default its own size rounded down to a multiple of `multiple` (for
+  img2img: what the decoder and the U-Net's levels divide evenly, 64 for SD; diffusers rounds
+  to 8)."""
+  from PIL import ImageOps
+  with Image.open(path) as opened:
+    img = ImageOps.exif_transpose(opened).convert("RGB")
+  f = multiple
+  size = (width or max(f, img.width // f * f), height or max(f, img.height // f * f))
+  return np.asarray(img.resize(size, Image.BICUBIC) if size != img.size else img)

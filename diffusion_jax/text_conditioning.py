@@ -52,7 +52,7 @@ class TextEncoder:
   def __init__(self, directory: str, mesh, dtype=jnp.float32):
     from diffusion_jax.convert_clip import load_text_encoder
     from diffusion_jax.models.clip_text import CLIPTextEncoder
-    from diffusion_jax.text_to_image import load_tokenizer
+    from diffusion_jax.convert_clip import load_tokenizer
     if not os.path.isdir(directory):
       raise TextConditioningError(
           f"text.encoder={directory!r} is not a directory: point it at a local Stable Diffusion "
@@ -75,7 +75,7 @@ class TextEncoder:
     self.null_ids = self._cached("")  # the empty caption (and the tokenizer set up, at once)
 
   def _tokenize_one(self, caption: str) -> np.ndarray:
-    from diffusion_jax.text_to_image import clip_token_ids
+    from diffusion_jax.convert_clip import clip_token_ids
     with self._lock:
       return clip_token_ids(self.tokenizer, [caption], self.max_length)[0]
 

@@ -1,21 +1,26 @@
-"""Text-to-image with a Stable Diffusion (1.x, 2.x) pipeline directory you have on disk, in JAX:
-CLIP text encoder, cross-attention U-Net and KL decoder converted from diffusers' layout, the
-whole chain (text encoding, DDIM or DPM-Solver++ with classifier-free guidance, decoding) one
-compiled program, the batch sharded over the devices.
+"""Text-to-image with a Stable Diffusion (1.x, 2.x, XL) pipeline directory you have on disk, in
+JAX: CLIP text encoder(s), cross-attention U-Net and KL decoder converted from diffusers' layout,
+the whole chain (text encoding, DDIM, Euler or DPM-Solver++ with classifier-free guidance,
+decoding) one compiled program, the batch sharded over the devices.
 
   python -m diffusion_jax.text_to_image --src=/path/to/stable-diffusion-v1-5 \
       --prompt="a photograph of an astronaut riding a horse" --num_images=4 --out=astronaut.png
 
 --src is a diffusers pipeline directory (model_index.json beside text_encoder/, tokenizer/,
-unet/, vae/, scheduler/, each with safetensors weights), or a Stable Diffusion 1.x/2.x single-file
-checkpoint (CompVis naming, .safetensors; convert_ldm.py) with --tokenizer=DIR. Tokenising
+unet/, vae/, scheduler/, each with safetensors weights; SDXL's also text_encoder_2/ and
+tokenizer_2/, sdxl.py), or a Stable Diffusion 1.x/2.x single-file checkpoint (CompVis naming,
+.safetensors; convert_ldm.py) with --tokenizer=DIR. Tokenising
 needs the `transformers` package (its CLIPTokenizer reads tokenizer/); nothing else of torch
 or transformers runs. Sampling follows the pipeline's scheduler_config.json: its betas,
 epsilon or v prediction, steps_offset, set_alpha_to_one and clip_sample (with the "leading"
 timestep spacing of SD's configs DDIM then equals diffusers' DDIMScheduler; "dpm_solver" is
 DPM-Solver++(2M) in the same chain, diffusers' DPMSolverMultistepScheduler made from the same
 config: its timestep_spacing (where absent, that class's default "linspace"), the last step
-first order to sigma = 0).
+first order to sigma = 0). "euler" is EulerDiscreteScheduler (SDXL's), which is DDIM with
+eta = 0 written in sigma = sqrt((1 - alphabar) / alphabar), its last step to sigma = 0: the
+same chain with diffusers' "leading" timesteps. By default the method is the scheduler
+config's class where it is one of these three, else DDIM. SDXL's invisible watermark is not
+applied.
 """
 from __future__ import annotations
 
@@ -31,11 +36,14 @@ import numpy as np
 from absl import app, flags, logging
 
 from diffusion_jax import diffusion as dm
-from diffusion_jax import parallel, samplers, xla_options
+from diffusion_jax import parallel, samplers, sdxl, xla_options
+from diffusion_jax.convert_clip import clip_token_ids, load_tokenizer  # noqa: F401 (API)
 from diffusion_jax.convert_diffusers import (ConversionError, require_files,
                                              scheduler_settings, scheduler_settings_file)
 
-METHODS = ("ddim", "dpm_solver")
+METHODS = ("ddim", "euler", "dpm_solver")
+SCHEDULER_METHODS = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
+                     "DPMSolverMultistepScheduler": "dpm_solver"}
 
 
 @dataclasses.dataclass
@@ -47,13 +55,16 @@ class StableDiffusion:
   first_stage: Any  # latent.FirstStage: the KL decoder and the latent scaling
   diffusion: dm.GaussianDiffusion
   schedule: dict
-  params: dict  # {"text": ..., "unet": ...} (the decoder's are first_stage.params)
+  params: dict  # {"text": ..., ["text_2": ...,] "unet": ...} (the decoder's: first_stage's)
   mesh: Any
   sample_size: int  # the U-Net's native latent size
+  tokenizer_2: Any = None  # SDXL's second tokenizer and text encoder (OpenCLIP bigG)
+  text_encoder_2: Any = None
+  zero_negative: bool = False  # SDXL: no negative prompt -> zeros (force_zeros_for_empty_prompt)
 
   def __post_init__(self):
     self._run = xla_options.jit(self._chain, static_argnames=(
-        "num_steps", "guidance_scale", "method", "eta", "decode", "skip"),
+        "num_steps", "guidance_scale", "method", "eta", "decode", "skip", "zero_null"),
         out_shardings=parallel.batch_sharding(self.mesh))
 
   @classmethod
@@ -69,11 +80,15 @@ class StableDiffusion:
                   "(text_encoder/, tokenizer/, unet/, vae/, scheduler/) or a single "
                   ".safetensors checkpoint")
     schedule = scheduler_settings_file(sched_path)
+    xl = sdxl.pipeline_options(src) if sdxl.is_sdxl(src) else {}
     text = load_text_encoder(os.path.join(src, "text_encoder"))
     unet = load_diffusers_unet(os.path.join(src, "unet"))
     vae = load_autoencoder(os.path.join(src, "vae"))
     tokenizer = tokenizer or load_tokenizer(os.path.join(src, "tokenizer"))
-    return cls.assemble(tokenizer, text, unet, vae, schedule, dtype, mesh, attention)
+    if xl:
+      xl.update(text_2=load_text_encoder(os.path.join(src, "text_encoder_2")),
+                tokenizer_2=load_tokenizer(os.path.join(src, "tokenizer_2")))
+    return cls.assemble(tokenizer, text, unet, vae, schedule, dtype, mesh, attention, **xl)
 
   @classmethod
   def load_single_file(cls, path: str, tokenizer, prediction_type: str = "epsilon",
@@ -112,9 +127,11 @@ class StableDiffusion:
 
   @classmethod
   def assemble(cls, tokenizer, text, unet, vae, schedule: dict, dtype: str = "float32",
-               mesh=None, attention: str = "auto"):
+               mesh=None, attention: str = "auto", text_2=None, tokenizer_2=None,
+               zero_negative: bool = False):
     """The pipeline from converted parts: text = (fields, params), unet = (fields, params),
-    vae = (fields, params, scaling), schedule = convert_diffusers.scheduler_settings(...)."""
+    vae = (fields, params, scaling), schedule = convert_diffusers.scheduler_settings(...);
+    SDXL's: text_2 = (fields, params) and tokenizer_2, its second encoder."""
     from diffusion_jax.convert_diffusers import unet_fields
     from diffusion_jax.latent import FirstStage
     from diffusion_jax.models import DTYPES, UNet
@@ -128,7 +145,12 @@ class StableDiffusion:
       raise ConversionError(f"the U-Net takes {unet_cfg['in_channels']} input channels, the "
                             f"latents have {vae_fields['embed_dim']}: inpainting and depth "
                             "U-Nets (extra input channels) are not supported")
-    if unet_cfg["context_dim"] != text_fields["width"]:
+    if text_2 is not None:
+      sdxl.check_layout(unet_cfg, text_fields, text_2[0])
+    elif unet_cfg.get("added_cond_dim"):
+      raise ConversionError("the U-Net takes SDXL's pooled text and size conditioning: the "
+                            "pipeline needs text_encoder_2/ and tokenizer_2/")
+    elif unet_cfg["context_dim"] != text_fields["width"]:
       raise ConversionError(f"the U-Net attends to {unet_cfg['context_dim']} features; the text "
                             f"encoder gives {text_fields['width']}")
     mesh = mesh or parallel.make_mesh()
@@ -141,14 +163,31 @@ class StableDiffusion:
     first_stage = FirstStage(AutoencoderKL(**vae_fields, dtype=compute, attention=attention),
                              replicate(vae_params), mesh, scaling["scale_factor"] or 0.18215,
                              float(scaling.get("shift_factor") or 0.0))
+    params = {"text": text_params, "unet": unet_params}
+    if text_2 is not None:
+      params["text_2"] = text_2[1]
     return cls(tokenizer, CLIPTextEncoder(**text_fields, dtype=compute),
                UNet(**unet_fields(unet_cfg), dtype=compute, attention=attention), first_stage,
-               diffusion, schedule, replicate({"text": text_params, "unet": unet_params}), mesh,
-               unet_cfg["image_size"])
+               diffusion, schedule, replicate(params), mesh, unet_cfg["image_size"],
+               tokenizer_2, None if text_2 is None else CLIPTextEncoder(**text_2[0],
+                                                                        dtype=compute),
+               zero_negative)
 
   def tokenize(self, prompts: list[str]) -> np.ndarray:
-    """Token ids [B, 77], padded as the pipeline pads them (to the encoder's positions)."""
-    return clip_token_ids(self.tokenizer, prompts, self.text_encoder.max_length)
+    """Token ids [B, 77], padded as the pipeline pads them (to the encoder's positions); SDXL's:
+    [B, 2, 77], each tokenizer's."""
+    ids = clip_token_ids(self.tokenizer, prompts, self.text_encoder.max_length)
+    if self.text_encoder_2 is None:
+      return ids
+    return np.stack([ids, clip_token_ids(self.tokenizer_2, prompts,
+                                         self.text_encoder_2.max_length)], axis=1)
+
+  def _encode(self, params, ids, time_ids, zero: bool = False):
+    """The U-Net's context of token ids (SDXL's: a dict with the pooled text and size ids)."""
+    if self.text_encoder_2 is None:
+      return self.text_encoder.apply({"params": params["text"]}, ids)
+    return sdxl.prompt_context(self.text_encoder, self.text_encoder_2, params["text"],
+                               params["text_2"], ids, time_ids, zero)
 
   def latent_shape(self, num_images: int, height: int | None, width: int | None):
     f = self.first_stage.model.downsampling_factor
@@ -159,14 +198,15 @@ class StableDiffusion:
                        f"x{f} and the U-Net's {levels}x down-sampling); got {height}x{width}")
     return (num_images, height // f, width // f, self.unet.in_channels)
 
-  def _chain(self, params, vae_params, scaling, ids, null_ids, x_T, key, init, *, num_steps,
-             guidance_scale, method, eta, decode, skip):
+  def _chain(self, params, vae_params, scaling, ids, null_ids, time_ids, x_T, key, init, *,
+             num_steps, guidance_scale, method, eta, decode, skip, zero_null):
     """Text encodings, the sampler, the decoder; with `init` (img2img: clean latents, or
     images [B, H, W, 3] in [-1, 1] to encode) x_T is the noise that takes them to the first of
-    the DDIM steps left after skipping `skip`."""
+    the DDIM steps left after skipping `skip`. time_ids: SDXL's size ids [B, 6] (else unused);
+    zero_null: the unconditional context zeros (SDXL's default)."""
     from diffusion_jax.models import denoiser
-    context = self.text_encoder.apply({"params": params["text"]}, ids)
-    null = self.text_encoder.apply({"params": params["text"]}, null_ids)
+    context = self._encode(params, ids, time_ids)
+    null = self._encode(params, null_ids, time_ids, zero_null)
     denoise = denoiser(self.unet, params["unet"], guidance_scale=guidance_scale,
                        context=context, null_context=null)
     ddim = dict(clip_denoised=self.schedule["clip_sample"],
@@ -179,7 +219,9 @@ class StableDiffusion:
       t = samplers.ddim_timesteps(self.diffusion.num_timesteps, num_steps)[::-1][skip]
       x_T = self.diffusion.q_sample(init, jnp.full((x_T.shape[0],), t + ddim["steps_offset"]),
                                     x_T)
-    if method == "ddim":
+    if method == "euler":  # EulerDiscreteScheduler: DDIM (eta 0) to sigma = 0
+      ddim.update(clip_denoised=False, alpha_one_at_end=True)
+    if method in ("ddim", "euler"):
       z = samplers.ddim_sample(self.diffusion, denoise, x_T, key, num_steps, eta, skip=skip,
                                **ddim)
     else:
@@ -190,23 +232,43 @@ class StableDiffusion:
     z = z.astype(jnp.float32)
     return self.first_stage.decode_latents(vae_params, *scaling, z) if decode else z
 
-  def generate(self, prompts, negative_prompt: str = "", num_steps: int = 50,
+  def default_method(self) -> str:
+    """The sampler of the pipeline's scheduler class (DDIM where it is none of METHODS')."""
+    return SCHEDULER_METHODS.get(self.schedule.get("scheduler"), "ddim")
+
+  def generate(self, prompts, negative_prompt: str | None = None, num_steps: int = 50,
                guidance_scale: float = 7.5, seed: int = 0, height: int | None = None,
-               width: int | None = None, method: str = "ddim", eta: float = 0.0, latents=None,
-               decode: bool = True):
+               width: int | None = None, method: str | None = None, eta: float = 0.0,
+               latents=None, decode: bool = True, **sizes):
     """Images (uint8 [B, H, W, 3]) for `prompts`; latents: x_T [B, h, w, 4] to start from
     (else drawn from `seed`); decode=False: the final latents [B, h, w, 4] as the U-Net sees
-    them (float32; diffusers' output_type="latent") instead of images."""
+    them (float32; diffusers' output_type="latent") instead of images. negative_prompt None:
+    the empty prompt (SDXL: zeros, where the pipeline says so); method None: default_method().
+    sizes: SDXL's original_size, crop_top_left, target_size (sdxl.size_ids)."""
+    method = method or self.default_method()
     if method not in METHODS:
       raise ValueError(f"method {method!r}: one of {METHODS}")
+    self._check_sigmas(method, eta)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     shape = self.latent_shape(len(prompts), height, width)
     return self._run_batch(prompts, negative_prompt, shape, latents, None, seed, num_steps,
-                           guidance_scale, method, eta, decode, 0)
+                           guidance_scale, method, eta, decode, 0, sizes)
+
+  def _check_sigmas(self, method: str, eta: float) -> None:
+    """Euler and DPM-Solver++ follow the scheduler config's own noise levels only."""
+    spacing, sigmas = self.schedule["timestep_spacing"], self.schedule.get("sigmas")
+    if method != "ddim" and sigmas:
+      raise ValueError(f"the scheduler config asks for {sigmas} sigmas, which method "
+                       f"{method!r} does not implement: use method 'ddim'")
+    if method == "euler" and (spacing != "leading" or eta):
+      raise ValueError(f"method 'euler' is EulerDiscreteScheduler with 'leading' timesteps and "
+                       f"eta 0; got timestep_spacing={spacing!r}, eta {eta}: use method "
+                       "'ddim' or 'dpm_solver'")
 
   def img2img(self, prompts, images=None, latents=None, strength: float = 0.8,
-              negative_prompt: str = "", num_steps: int = 50, guidance_scale: float = 7.5,
-              seed: int = 0, eta: float = 0.0, noise=None, decode: bool = True):
+              negative_prompt: str | None = None, num_steps: int = 50,
+              guidance_scale: float = 7.5, seed: int = 0, eta: float = 0.0, noise=None,
+              decode: bool = True, **sizes):
     """SDEdit (Meng et al. 2022) as diffusers' StableDiffusionImg2ImgPipeline: the inputs'
     latents noised to the int(num_steps * strength)-th last DDIM step, then those steps.
     images: uint8 [B, H, W, 3] (encoded: a posterior sample); or latents [B, h, w, 4], already
@@ -236,11 +298,16 @@ class StableDiffusion:
     if kept < 1:
       raise ValueError(f"strength {strength} keeps no step of {num_steps}")
     return self._run_batch(prompts, negative_prompt, shape, noise, init, seed, num_steps,
-                           guidance_scale, "ddim", eta, decode, num_steps - kept)
+                           guidance_scale, "ddim", eta, decode, num_steps - kept, sizes)
 
   def _run_batch(self, prompts, negative_prompt, shape, x_T, init, seed, num_steps,
-                 guidance_scale, method, eta, decode, skip):
+                 guidance_scale, method, eta, decode, skip, sizes):
     n = len(prompts)
+    zero_null = negative_prompt is None and self.zero_negative
+    f = self.first_stage.model.downsampling_factor
+    if sizes and self.text_encoder_2 is None:
+      raise ValueError(f"{sorted(sizes)}: size conditioning is SDXL's")
+    time_ids = np.tile(sdxl.size_ids(shape[1] * f, shape[2] * f, **sizes), (n, 1))
     if method == "ddim" and self.schedule["timestep_spacing"] not in (None, "leading"):
       logging.warning("scheduler timestep_spacing=%r: DDIM uses 'leading' (uniform spacing plus "
                       "steps_offset)", self.schedule["timestep_spacing"])
@@ -255,52 +322,21 @@ class StableDiffusion:
     put = lambda a: jax.device_put(parallel.pad_to_multiple(np.asarray(a), n_dev), batch)
     scaling = tuple(jnp.float32(v) for v in self.first_stage.scaling())
     out = self._run(self.params, self.first_stage.params, scaling, put(self.tokenize(prompts)),
-                    put(self.tokenize([negative_prompt] * n)), put(x_T), key,
-                    None if init is None else put(init), num_steps=num_steps,
+                    put(self.tokenize([negative_prompt or ""] * n)), put(time_ids), put(x_T),
+                    key, None if init is None else put(init), num_steps=num_steps,
                     guidance_scale=float(guidance_scale), method=method, eta=float(eta),
-                    decode=decode, skip=skip)[:n]
+                    decode=decode, skip=skip, zero_null=zero_null)[:n]
     if not decode:
       return np.asarray(out)
     return np.asarray(jnp.round((jnp.clip(out, -1, 1) + 1) * 127.5).astype(jnp.uint8))
 
 
-def clip_token_ids(tokenizer, texts, max_length: int) -> np.ndarray:
-  """int32 token ids [B, max_length] of `texts`, padded and truncated as diffusers' pipelines do."""
-  return np.asarray(tokenizer(list(texts), padding="max_length", truncation=True,
-                              max_length=max_length, return_tensors="np").input_ids, np.int32)
-
-
-def load_tokenizer(directory: str):
-  """transformers' CLIPTokenizer from a pipeline's tokenizer/ (vocab.json, merges.txt)."""
-  try:
-    from transformers import CLIPTokenizer
-  except ImportError:
-    raise ConversionError("tokenising prompts needs the transformers package: "
-                          "pip install 'transformers>=5,<6'") from None
-  if not os.path.isdir(directory):
-    raise ConversionError(f"{directory} not found: the pipeline's tokenizer/ folder")
-  return CLIPTokenizer.from_pretrained(directory)
-
-
 FLAGS = flags.FLAGS
-
-
-def read_init_image(path: str, pipe: StableDiffusion, height: int | None,
-                    width: int | None) -> np.ndarray:
-  """An image file as uint8 RGB (EXIF orientation applied), resized (bicubic) to height x width,
-  by default its own size rounded down to a multiple of what the decoder and the U-Net's
-  levels divide evenly (64 for SD; diffusers rounds to 8)."""
-  from PIL import Image, ImageOps
-  with Image.open(path) as opened:
-    img = ImageOps.exif_transpose(opened).convert("RGB")
-  f = pipe.first_stage.model.downsampling_factor * 2 ** (len(pipe.unet.ch_mult) - 1)
-  size = (width or max(f, img.width // f * f), height or max(f, img.height // f * f))
-  return np.asarray(img.resize(size, Image.BICUBIC) if size != img.size else img)
 
 
 def main(argv):
   del argv
-  from diffusion_jax.images import save_grid
+  from diffusion_jax.images import read_image, save_grid
   try:
     if FLAGS.src.endswith(".safetensors"):
       if not FLAGS.tokenizer:
@@ -314,9 +350,10 @@ def main(argv):
     prompts = [p for p in FLAGS.prompt for _ in range(FLAGS.num_images)]
     start = time.perf_counter()
     if FLAGS.init_image:
-      if FLAGS.method != "ddim":
+      if FLAGS.method not in (None, "ddim"):
         raise ValueError("img2img samples with DDIM: drop --method")
-      init = read_init_image(FLAGS.init_image, pipe, FLAGS.height, FLAGS.width)
+      multiple = pipe.first_stage.model.downsampling_factor * 2 ** (len(pipe.unet.ch_mult) - 1)
+      init = read_image(FLAGS.init_image, multiple, FLAGS.height, FLAGS.width)
       images = pipe.img2img(prompts, images=np.stack([init] * len(prompts)),
                             strength=FLAGS.strength, negative_prompt=FLAGS.negative_prompt,
                             num_steps=FLAGS.steps, guidance_scale=FLAGS.guidance,
@@ -341,14 +378,16 @@ if __name__ == "__main__":
   flags.DEFINE_enum("prediction_type", "epsilon", ["epsilon", "v_prediction"],
                     "With a single file: what its U-Net predicts.")
   flags.DEFINE_multi_string("prompt", None, "Prompt (repeat the flag for several).")
-  flags.DEFINE_string("negative_prompt", "", "The unconditional prompt of guidance.")
+  flags.DEFINE_string("negative_prompt", None, "The unconditional prompt of guidance (default: "
+                      "the empty prompt; SDXL: zeros, as its pipeline).")
   flags.DEFINE_integer("num_images", 1, "Images per prompt.")
   flags.DEFINE_integer("steps", 50, "Sampler steps (network evaluations).")
   flags.DEFINE_float("guidance", 7.5, "Classifier-free guidance scale (1: none).")
   flags.DEFINE_integer("seed", 0, "Random seed of the starting latents.")
   flags.DEFINE_integer("height", None, "Image height (default: the U-Net's native size).")
   flags.DEFINE_integer("width", None, "Image width.")
-  flags.DEFINE_enum("method", "ddim", METHODS, "Sampler.")
+  flags.DEFINE_enum("method", None, METHODS, "Sampler (default: the pipeline scheduler's class "
+                    "where it is one of these, else ddim).")
   flags.DEFINE_float("eta", 0.0, "DDIM eta (0: deterministic).")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
   flags.DEFINE_string("init_image", None, "img2img (SDEdit): start from this image.")

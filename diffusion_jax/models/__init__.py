@@ -22,7 +22,8 @@ def denoiser(model, params, y=None, guidance_scale: float = 1.0, context=None,
 
   y: class labels [B] of a class-conditional model (None: its null label, unconditional).
   context: [B, L, d] for a U-Net that cross-attends to an outside context (a text encoder's
-  output); null_context: the unconditional one ([1 or B, L, d], e.g. the empty prompt's).
+  output; SDXL's: a dict of such arrays, UNet's docstring); null_context: the unconditional one
+  ([1 or B, L, d], e.g. the empty prompt's; the same structure).
   guidance_scale s != 1: classifier-free guidance (Ho & Salimans 2022, Eq. 6 with s = 1 + w),
   eps_u + s (eps_c - eps_u), the conditional and the unconditional pass as one batch; a learned
   variance is the conditional pass's.
@@ -37,8 +38,9 @@ def denoiser(model, params, y=None, guidance_scale: float = 1.0, context=None,
   def guided(x, t):
     b, c = x.shape[0], x.shape[-1]
     t = jnp.broadcast_to(jnp.asarray(t), (b,))
-    both = lambda cond, null: None if cond is None else jnp.concatenate(
-        [cond, jnp.broadcast_to(null, cond.shape).astype(cond.dtype)])
+    both = lambda cond, null: None if cond is None else jax.tree.map(  # SDXL's: a dict
+        lambda c, n: jnp.concatenate([c, jnp.broadcast_to(n, c.shape).astype(c.dtype)]),
+        cond, null)
     out = apply(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
                 both(y, model.num_classes), both(context, null_context))
     cond, uncond = out[:b], out[b:]

@@ -1,6 +1,9 @@
 """CLIP's text transformer (Radford et al. 2021), the text encoder of Stable Diffusion 1.x
 (OpenAI's ViT-L/14) and 2.x (OpenCLIP ViT-H/14, its last layer dropped): token ids [B, L] ->
-the last hidden states [B, L, width], which the U-Net cross-attends to.
+the last hidden states [B, L, width], which the U-Net cross-attends to. Stable Diffusion XL
+reads the penultimate layer's states of two encoders (OpenAI's ViT-L and OpenCLIP's bigG) and
+bigG's pooled, projected embedding (`penultimate`, `pooled`; transformers'
+CLIPTextModelWithProjection: the end-of-text token's final state times text_projection).
 
 Pre-LayerNorm blocks with causal self-attention (each token sees those before it), an MLP with
 quick_gelu (x sigmoid(1.702 x), OpenAI's) or exact GELU (OpenCLIP's), learned absolute
@@ -31,9 +34,15 @@ class CLIPTextEncoder(nn.Module):
   layer_norm_eps: float = 1e-5
   dtype: Dtype = jnp.float32
   causal: bool = True  # False: each token sees all (BERT-like; LDM's trained text transformer)
+  projection_dim: int = 0  # > 0: text_projection (CLIPTextModelWithProjection) for `pooled`
+  eos_token_id: int = 2  # where `pooled` reads: transformers' rule (2, the legacy: the argmax)
 
   @nn.compact
-  def __call__(self, ids):
+  def __call__(self, ids, penultimate: bool = False, pooled: bool = False):
+    """Hidden states [B, L, width]: the final LayerNorm's, or with `penultimate` those after
+    the last layer but one (transformers' hidden_states[-2], no LayerNorm; SDXL's); with
+    `pooled` also the end-of-text token's final state [B, width] (projected to
+    projection_dim when there is a text_projection)."""
     b, length = ids.shape
     if length > self.max_length:
       raise ValueError(f"{length} tokens; the text encoder has {self.max_length} positions")
@@ -48,7 +57,10 @@ class CLIPTextEncoder(nn.Module):
     norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)
     dense = lambda n, name: nn.Dense(n, dtype=self.dtype, name=name)
     d = self.width // self.heads
-    for i in range(self.layers):
+    hidden = None
+    for i in range(self.layers - (penultimate and not pooled)):
+      if i == self.layers - 1:
+        hidden = x
       h = norm(f"layer_{i}_norm_1")(x)
       q, k, v = (dense(self.width, f"layer_{i}_{n}")(h).reshape(b, length, self.heads, d)
                  for n in ("q", "k", "v"))
@@ -56,4 +68,17 @@ class CLIPTextEncoder(nn.Module):
       x = x + dense(self.width, f"layer_{i}_out")(h)
       h = act(dense(self.mlp_width, f"layer_{i}_fc1")(norm(f"layer_{i}_norm_2")(x)))
       x = x + dense(self.width, f"layer_{i}_fc2")(h)
-    return norm("final_norm")(x).astype(jnp.float32)
+    if penultimate and not pooled:
+      return x.astype(jnp.float32)
+    last = norm("final_norm")(x)
+    hidden = (hidden if penultimate else last).astype(jnp.float32)
+    if not pooled:
+      return hidden
+    # transformers' CLIPTextTransformer: the first end-of-text token (eos_token_id 2, the
+    # configs of old: the largest id, CLIP's end-of-text)
+    eos = jnp.argmax(ids if self.eos_token_id == 2 else (ids == self.eos_token_id), axis=-1)
+    out = jnp.take_along_axis(last, eos[:, None, None], axis=1)[:, 0]
+    if self.projection_dim:
+      out = nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype,
+                     name="text_projection")(out)
+    return hidden, out.astype(jnp.float32)

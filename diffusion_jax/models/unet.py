@@ -34,7 +34,13 @@ class UNet(nn.Module):
   context_dim > 0: the attention blocks are SpatialTransformers (models/transformer.py) that
   cross-attend to a context [B, L, context_dim]: with num_classes > 0 the labels' (an
   embedding of num_classes + 1 rows, [B, 1, context_dim], LDM's class-conditional models),
-  else the `context` argument (e.g. a text encoder's output). transformer_depth: blocks each.
+  else the `context` argument (e.g. a text encoder's output). transformer_depth: blocks each
+  (or one number per level; the middle block takes the last level's, as SDXL's 1, 2, 10).
+  Stable Diffusion XL's micro-conditioning, added_cond_dim > 0: `context` is a dict, "text"
+  [B, L, context_dim], "text_embeds" [B, P] (a pooled text embedding) and "time_ids" [B, K]
+  (sizes and crop), each id embedded sinusoidally in added_time_dim channels, all concatenated
+  (P + K * added_time_dim = added_cond_dim) through Dense-swish-Dense into the timestep
+  embedding (diffusers' addition_embed_type "text_time").
   attn_levels: levels (0 = full size) with attention, instead of attn_resolutions (so that a
   model keeps its layout at any input size). num_heads / head_channels: attention heads (the
   latter, when > 0, gives channels / head_channels heads per block). norm_eps: the GroupNorm
@@ -55,7 +61,7 @@ class UNet(nn.Module):
   conv: str = "auto"
   upsample_conv: str = "auto"
   context_dim: int = 0
-  transformer_depth: int = 1
+  transformer_depth: int | Sequence[int] = 1
   attn_levels: Sequence[int] = ()
   num_heads: int = 1
   head_channels: int = 0
@@ -63,6 +69,8 @@ class UNet(nn.Module):
   flip_sin_to_cos: bool = False
   freq_shift: float = 1.0
   downsample_padding: str = "same"
+  added_cond_dim: int = 0
+  added_time_dim: int = 0
 
   @property
   def out_channels(self) -> int:
@@ -82,6 +90,16 @@ class UNet(nn.Module):
         y = jnp.full((b,), self.num_classes, dtype=jnp.int32)  # the null label
       return nn.Embed(self.num_classes + 1, self.context_dim, dtype=self.dtype,
                       name="label_context")(y)[:, None, :]
+    if self.added_cond_dim:
+      if not (isinstance(context, dict) and {"text", "text_embeds", "time_ids"} <= set(context)):
+        raise ValueError("this U-Net (SDXL's) takes context={'text': [B, L, d], 'text_embeds': "
+                         "[B, P], 'time_ids': [B, K]}")
+      batch = lambda a: jnp.broadcast_to(a, (b,) + a.shape[1:]) if a.shape[0] == 1 else a
+      return {"text": self._text_context(b, context["text"]),
+              "text_embeds": batch(context["text_embeds"]), "time_ids": batch(context["time_ids"])}
+    return self._text_context(b, context)
+
+  def _text_context(self, b: int, context):
     if context is not None and context.ndim == 3 and context.shape[0] == 1:
       context = jnp.broadcast_to(context, (b,) + context.shape[1:])  # one for the whole batch
     if context is None or context.ndim != 3 or context.shape[0] != b or (
@@ -89,6 +107,28 @@ class UNet(nn.Module):
       raise ValueError(f"this U-Net cross-attends to a context [B={b}, L, {self.context_dim}]; "
                        f"got {None if context is None else context.shape}")
     return context
+
+  def _depth(self, level: int) -> int:
+    depth = self.transformer_depth
+    return depth if isinstance(depth, int) else depth[level]
+
+  def _added_embedding(self, cond):
+    """SDXL's text_time embedding [B, 4 ch] of the pooled text and the size/crop ids."""
+    b = cond["text"].shape[0]
+    if cond["time_ids"].ndim != 2 or cond["time_ids"].shape[0] != b:
+      raise ValueError(f"time_ids must be [B={b}, K]; got {cond['time_ids'].shape}")
+    ids = timestep_embedding(cond["time_ids"].reshape(-1), self.added_time_dim,
+                             flip_sin_to_cos=self.flip_sin_to_cos,
+                             freq_shift=self.freq_shift).reshape(b, -1)
+    h = jnp.concatenate([cond["text_embeds"].astype(jnp.float32), ids], axis=-1)
+    if h.shape != (b, self.added_cond_dim):
+      raise ValueError(f"text_embeds {cond['text_embeds'].shape} and time_ids "
+                       f"{cond['time_ids'].shape} give {h.shape[-1]} added features; this U-Net "
+                       f"takes {self.added_cond_dim}")
+    h = nn.Dense(4 * self.ch, kernel_init=default_init, dtype=self.dtype,
+                 name="add_embed_dense_0")(h)
+    return nn.Dense(4 * self.ch, kernel_init=default_init, dtype=self.dtype,
+                    name="add_embed_dense_1")(nn.swish(h))
 
   def _has_attention(self, level: int, size: int) -> bool:
     return level in self.attn_levels if self.attn_levels else size in self.attn_resolutions
@@ -111,6 +151,9 @@ class UNet(nn.Module):
     temb = nn.Dense(4 * self.ch, kernel_init=default_init, dtype=self.dtype,
                     name="temb_dense_1")(nn.swish(temb))
     context = self._context(b, y, context)
+    if self.added_cond_dim:
+      temb = temb + self._added_embedding(context)
+      context = context["text"]
     if self.num_classes and context is None:
       if y is None:
         y = jnp.full((b,), self.num_classes, dtype=jnp.int32)  # the null label
@@ -127,11 +170,11 @@ class UNet(nn.Module):
     res_block = lambda ch, name: block_cls(ch, self.dropout, self.dtype, onednn, self.norm_eps,
                                            name=name)
 
-    def attend(h, name):
+    def attend(h, level, name):
       heads = num_heads(h.shape[-1], self.num_heads, self.head_channels)
       if context is None:
         return attn_cls(self.dtype, impl, onednn, heads, self.norm_eps, name=name)(h)
-      return xattn_cls(heads, self.transformer_depth, self.dtype, impl, onednn,
+      return xattn_cls(heads, self._depth(level), self.dtype, impl, onednn,
                        name=name)(h, context)
 
     h = conv(self.ch, 3, "conv_in", self.dtype, onednn=onednn)(x.astype(self.dtype))
@@ -140,7 +183,7 @@ class UNet(nn.Module):
       for j in range(self.num_res_blocks):
         h = res_block(self.ch * mult, f"down_{i}_block_{j}")(h, temb, train)
         if self._has_attention(i, h.shape[1]):
-          h = attend(h, f"down_{i}_attn_{j}")
+          h = attend(h, i, f"down_{i}_attn_{j}")
         hs.append(h)
       if i != levels - 1:
         h = Downsample(self.dtype, onednn, self.downsample_padding,
@@ -148,7 +191,7 @@ class UNet(nn.Module):
         hs.append(h)
 
     h = res_block(h.shape[-1], "mid_block_1")(h, temb, train)  # middle
-    h = attend(h, "mid_attn")
+    h = attend(h, levels - 1, "mid_attn")
     h = res_block(h.shape[-1], "mid_block_2")(h, temb, train)
 
     for i, mult in reversed(list(enumerate(self.ch_mult))):  # up path, skips concatenated
@@ -156,7 +199,7 @@ class UNet(nn.Module):
         h = jnp.concatenate([h, hs.pop()], axis=-1)
         h = res_block(self.ch * mult, f"up_{i}_block_{j}")(h, temb, train)
         if self._has_attention(i, h.shape[1]):
-          h = attend(h, f"up_{i}_attn_{j}")
+          h = attend(h, i, f"up_{i}_attn_{j}")
       if i != 0:
         h = Upsample(self.dtype, onednn, subpixel, name=f"up_{i}_upsample")(h)
     assert not hs

@@ -1,0 +1,209 @@
+"""Stable Diffusion XL in JAX: a diffusers StableDiffusionXLPipeline directory in miniature
+(random weights, SDXL's layout: two CLIP text encoders, one with a projection, a U-Net with a
+transformer depth per level, no attention at full size, pooled-text and size conditioning,
+Euler's scheduler) converted and run end to end gives diffusers' latents and images."""
+import json
+import os
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from diffusion_jax.convert_clip import load_text_encoder  # noqa: E402
+from diffusion_jax.convert_diffusers import ConversionError  # noqa: E402
+from diffusion_jax.models.clip_text import CLIPTextEncoder  # noqa: E402
+from diffusion_jax.text_to_image import StableDiffusion  # noqa: E402
+from helpers import write_tokenizer  # noqa: E402
+from test_parity import build, randomise  # noqa: E402
+
+pytestmark = pytest.mark.parity
+PROMPTS = ["the man on a photo", "an orange cat!"]
+
+
+def close(got, want, moved_by):
+  """Within float32 rounding of latents that random weights make large (|z| ~ 20), and far
+  below what the inputs under test move them by."""
+  diff = float(np.abs(got - want).max())
+  return diff < min(1e-4 * float(np.abs(want).max()), moved_by / 100)
+
+
+def clip_config(vocab, eos, act):
+  return transformers.CLIPTextConfig(
+      vocab_size=vocab, hidden_size=32, intermediate_size=37, num_hidden_layers=3,
+      num_attention_heads=4, max_position_embeddings=77, hidden_act=act, projection_dim=32,
+      bos_token_id=vocab - 2, eos_token_id=eos, pad_token_id=vocab - 1)
+
+
+def unet_config():
+  return dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+              layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+              up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+              use_linear_projection=True, transformer_layers_per_block=(1, 2),
+              cross_attention_dim=64, addition_embed_type="text_time",
+              addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory):
+  """SDXL base's pipeline in miniature: 16x16 images, 8x8x4 latents. The first encoder finds
+  the end of text by its id, the second by transformers' legacy rule (eos_token_id 2: the
+  largest id) and pads with "!", as SDXL's OpenCLIP tokenizer."""
+  src = tmp_path_factory.mktemp("sdxl")
+  vocab = write_tokenizer(str(src / "tokenizer"))
+  text = randomise(transformers.CLIPTextModel(clip_config(vocab, vocab - 1, "quick_gelu")), 3)
+  text_2 = randomise(transformers.CLIPTextModelWithProjection(clip_config(vocab, 2, "gelu")), 4)
+  unet = randomise(diffusers.UNet2DConditionModel(**unet_config()), 2)
+  with torch.no_grad():  # cross-attention and the pooled text strong enough to show
+    for name, p in unet.named_parameters():
+      if ".attn2." in name:
+        p.mul_(4.0)
+  vae = diffusers.AutoencoderKL(
+      in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+      down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+      latent_channels=4, sample_size=16, scaling_factor=0.13025)
+  scheduler = diffusers.EulerDiscreteScheduler(
+      beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+      timestep_spacing="leading", interpolation_type="linear")
+  tokenizer = transformers.CLIPTokenizer.from_pretrained(str(src / "tokenizer"))
+  tokenizer_2 = transformers.CLIPTokenizer.from_pretrained(str(src / "tokenizer"), pad_token="!")
+  pipe = diffusers.StableDiffusionXLPipeline(
+      vae=randomise(vae, 1), text_encoder=text.eval(), text_encoder_2=text_2.eval(),
+      tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet.eval(), scheduler=scheduler,
+      force_zeros_for_empty_prompt=True, add_watermarker=False)
+  pipe.save_pretrained(str(src), safe_serialization=True)
+  return src, pipe
+
+
+def run(pipe, prompts, latents, output_type="latent", steps=4, **kw):
+  out = pipe(prompts, num_inference_steps=steps, guidance_scale=5.0, output_type=output_type,
+             latents=torch.from_numpy(latents.transpose(0, 3, 1, 2)), **kw).images
+  return out.numpy().transpose(0, 2, 3, 1) if output_type == "latent" else out
+
+
+def test_text_encoders_give_transformers_penultimate_and_pooled_states(sdxl_dir):
+  src, pipe = sdxl_dir
+  ids = np.asarray(pipe.tokenizer_2(PROMPTS, padding="max_length", max_length=77,
+                                    return_tensors="np").input_ids)
+  assert ids[0, -1] != pipe.tokenizer_2.eos_token_id  # padded with "!", not end-of-text
+  for name, ref in (("text_encoder", pipe.text_encoder), ("text_encoder_2", pipe.text_encoder_2)):
+    fields, params = load_text_encoder(str(src / name))
+    with torch.no_grad():
+      want = ref(torch.from_numpy(ids), output_hidden_states=True)
+    enc = CLIPTextEncoder(**fields)
+    hidden, pooled = enc.apply({"params": params}, jnp.asarray(ids, jnp.int32),
+                               penultimate=True, pooled=True)
+    alone = enc.apply({"params": params}, jnp.asarray(ids, jnp.int32), penultimate=True)
+    want_pooled = want.text_embeds if name == "text_encoder_2" else want.pooler_output
+    diffs = (np.abs(np.asarray(hidden) - want.hidden_states[-2].numpy()).max(),
+             np.abs(np.asarray(alone) - want.hidden_states[-2].numpy()).max(),
+             np.abs(np.asarray(pooled) - want_pooled.numpy()).max())
+    print(f"{name}: max |ours - transformers| penultimate {diffs[0]:.3g} (without the last "
+          f"layer {diffs[1]:.3g}), pooled {diffs[2]:.3g}")
+    assert max(diffs) < 1e-4
+  assert fields["projection_dim"] == 32 and fields["eos_token_id"] == 2
+
+
+def test_unet_with_size_conditioning_gives_diffusers_outputs():
+  unet, ours, params, fields = build(unet_config(), diffusers.UNet2DConditionModel)
+  assert fields["transformer_depth"] == (1, 2) and fields["attn_levels"] == (1,)
+  assert (fields["added_cond_dim"], fields["added_time_dim"]) == (80, 8)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
+  text, pooled = rng.normal(size=(2, 77, 64)), rng.normal(size=(2, 32))
+  time_ids = np.array([[1024, 1024, 0, 0, 1024, 1024], [512, 768, 16, 8, 1024, 1024]], float)
+  t = np.array([999, 10])
+  f32 = lambda a: torch.from_numpy(np.asarray(a, np.float32))
+  with torch.no_grad():
+    want = unet(f32(x.transpose(0, 3, 1, 2)), torch.from_numpy(t), f32(text),
+                added_cond_kwargs={"text_embeds": f32(pooled), "time_ids": f32(time_ids)}
+                ).sample.numpy().transpose(0, 2, 3, 1)
+  context = {"text": jnp.asarray(text, jnp.float32), "text_embeds": jnp.asarray(pooled,
+             jnp.float32), "time_ids": jnp.asarray(time_ids, jnp.float32)}
+  got = np.asarray(ours.apply(params, x, t, context=context))
+  moved = np.asarray(ours.apply(params, x, t, context=dict(context, time_ids=context[
+      "time_ids"][::-1])))
+  diff, effect = np.abs(got - want).max(), np.abs(moved - got).max()
+  print(f"SDXL U-Net: max |ours - diffusers| = {diff:.3g}; swapping the size ids moves it "
+        f"{effect:.3g}")
+  assert diff < 1e-4 < effect
+  with pytest.raises(ValueError, match="takes context="):
+    ours.apply(params, x, t, context=context["text"])
+
+
+def test_pipeline_gives_diffusers_euler_latents_and_images(sdxl_dir):
+  src, pipe = sdxl_dir
+  ours = StableDiffusion.load(str(src))
+  assert ours.zero_negative and ours.default_method() == "euler"
+  latents = np.random.default_rng(0).normal(size=(2, 8, 8, 4)).astype(np.float32)
+  want = run(pipe, PROMPTS, latents)
+  got = ours.generate(PROMPTS, num_steps=4, guidance_scale=5.0, latents=latents, decode=False)
+  effect = np.abs(run(pipe, PROMPTS[::-1], latents) - want).max()
+  diff = np.abs(got - want).max()
+  print(f"SDXL Euler latents: max |ours - diffusers| = {diff:.3g}; swapping the prompts moves "
+        f"them {effect:.3g}")
+  assert close(got, want, effect)
+  # a negative prompt (encoded, not zeros) and SDXL's size conditioning
+  kw = dict(negative_prompt="blurry", original_size=(32, 24), crops_coords_top_left=(4, 0))
+  want_2 = run(pipe, PROMPTS, latents, **kw)
+  got_2 = ours.generate(PROMPTS, "blurry", num_steps=4, guidance_scale=5.0, latents=latents,
+                        decode=False, original_size=(32, 24), crop_top_left=(4, 0))
+  diff_2, effect_2 = np.abs(got_2 - want_2).max(), np.abs(want_2 - want).max()
+  print(f"with a negative prompt and size ids: {diff_2:.3g} (they move diffusers' {effect_2:.3g})")
+  assert close(got_2, want_2, effect_2)
+  # decoded (scaling_factor 0.13025): the same 8-bit images
+  images = ours.generate(PROMPTS, num_steps=4, guidance_scale=5.0, latents=latents)
+  diff = np.abs(images / 255.0 - run(pipe, PROMPTS, latents, "np")).max()
+  assert images.shape == (2, 16, 16, 3) and diff <= 1.5 / 255, diff * 255
+  # DDIM and DPM-Solver++ from the same scheduler config, as diffusers' from_config
+  for method, cls in (("ddim", diffusers.DDIMScheduler),
+                      ("dpm_solver", diffusers.DPMSolverMultistepScheduler)):
+    other = diffusers.StableDiffusionXLPipeline(
+        **dict(pipe.components, scheduler=cls.from_config(pipe.scheduler.config)))
+    want_m = run(other, PROMPTS, latents, steps=5)
+    got_m = ours.generate(PROMPTS, num_steps=5, guidance_scale=5.0, latents=latents,
+                          method=method, decode=False)
+    print(f"{method}: max |ours - diffusers| = {np.abs(got_m - want_m).max():.3g}")
+    assert close(got_m, want_m, effect)
+
+
+def test_euler_is_refused_where_it_would_differ(sdxl_dir, tmp_path):
+  src, _ = sdxl_dir
+  copy = tmp_path / "linspace"
+  shutil.copytree(src, copy)
+  path = copy / "scheduler" / "scheduler_config.json"
+  cfg = json.loads(path.read_text())
+  path.write_text(json.dumps(dict(cfg, timestep_spacing="linspace")))
+  pipe = StableDiffusion.load(str(copy))
+  with pytest.raises(ValueError, match="'euler' is EulerDiscreteScheduler with 'leading'"):
+    pipe.generate("a cat", num_steps=2)
+  path.write_text(json.dumps(dict(cfg, use_karras_sigmas=True)))
+  pipe = StableDiffusion.load(str(copy))
+  with pytest.raises(ValueError, match="karras sigmas"):
+    pipe.generate("a cat", num_steps=2, method="dpm_solver")
+  assert pipe.generate("a cat", num_steps=2, method="ddim").shape == (1, 16, 16, 3)
+
+
+def test_refiner_half_pipelines_and_training_are_refused(sdxl_dir, tmp_path):
+  src, _ = sdxl_dir
+  refiner = tmp_path / "refiner"
+  shutil.copytree(src, refiner)
+  index = json.loads((refiner / "model_index.json").read_text())
+  (refiner / "model_index.json").write_text(json.dumps(dict(index,
+                                                            requires_aesthetics_score=True)))
+  with pytest.raises(ConversionError, match="SDXL refiner"):
+    StableDiffusion.load(str(refiner))
+  half = tmp_path / "half"
+  shutil.copytree(src, half)
+  shutil.rmtree(half / "text_encoder_2")
+  with pytest.raises(ConversionError, match="needs text_encoder_2"):
+    StableDiffusion.load(str(half))
+  # training an imported SDXL U-Net is refused before anything is written
+  from diffusion_jax.convert import import_diffusers_unet
+  with pytest.raises(ConversionError, match="training it is not supported"):
+    import_diffusers_unet(str(src), None, str(tmp_path / "work"))
+  assert not os.path.exists(tmp_path / "work")
