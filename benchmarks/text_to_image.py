@@ -108,7 +108,7 @@ def write_pipeline(layout: str, directory: str):
 
 
 def bench_ours(src: str) -> dict:
-  from diffusion_jax.text_to_image import StableDiffusion
+  from diffusion_jax.stable_diffusion import StableDiffusion
   dtype = "float32" if FLAGS.dtype == "float32" else "bfloat16"
   pipe = StableDiffusion.load(src, dtype, attention=FLAGS.attention)
   prompts = [PROMPT] * FLAGS.batch

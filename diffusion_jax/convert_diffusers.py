@@ -92,14 +92,17 @@ def _common(cfg: Mapping[str, Any], ch: int, ch_mult: list[int]) -> dict:
   size = cfg["sample_size"]
   size = size[0] if isinstance(size, (list, tuple)) else size
   in_ch, out_ch = cfg["in_channels"], cfg["out_channels"]
-  if out_ch not in (in_ch, 2 * in_ch):
-    raise ConversionError(f"out_channels={out_ch} must be in_channels ({in_ch}) or twice it")
+  inpainting = in_ch == 2 * out_ch + 1  # latents, mask, masked image's latents
+  if out_ch not in (in_ch, 2 * in_ch) and not inpainting:
+    raise ConversionError(f"out_channels={out_ch} must be in_channels ({in_ch}) or twice it "
+                          "(or in_channels = 2 out_channels + 1, an inpainting U-Net)")
   padding = cfg.get("downsample_padding", 1)
   if padding not in DOWNSAMPLE_PADDING:
     raise ConversionError(f"downsample_padding={padding} is not supported (0 or 1)")
   return {"name": "unet", "ch": ch, "ch_mult": tuple(ch_mult),
           "num_res_blocks": cfg["layers_per_block"], "dropout": float(cfg.get("dropout", 0.0)),
           "in_channels": in_ch, "learned_variance": out_ch == 2 * in_ch, "image_size": size,
+          **({"output_channels": out_ch} if inpainting else {}),
           "norm_eps": float(cfg.get("norm_eps", 1e-5)),
           "flip_sin_to_cos": bool(cfg.get("flip_sin_to_cos", True)),
           "freq_shift": float(cfg.get("freq_shift", 0)),

@@ -1,335 +1,27 @@
-"""Text-to-image with a Stable Diffusion (1.x, 2.x, XL) pipeline directory you have on disk, in
-JAX: CLIP text encoder(s), cross-attention U-Net and KL decoder converted from diffusers' layout,
-the whole chain (text encoding, DDIM, Euler or DPM-Solver++ with classifier-free guidance,
-decoding) one compiled program, the batch sharded over the devices.
+"""Text-to-image, img2img and inpainting from the command line with a Stable Diffusion (1.x, 2.x,
+XL) pipeline directory you have on disk (stable_diffusion.py runs it in JAX).
 
   python -m diffusion_jax.text_to_image --src=/path/to/stable-diffusion-v1-5 \
       --prompt="a photograph of an astronaut riding a horse" --num_images=4 --out=astronaut.png
+  # img2img: --init_image=photo.png --strength=0.6
+  # inpainting (an inpainting pipeline): --init_image=photo.png --mask_image=mask.png
 
 --src is a diffusers pipeline directory (model_index.json beside text_encoder/, tokenizer/,
 unet/, vae/, scheduler/, each with safetensors weights; SDXL's also text_encoder_2/ and
-tokenizer_2/, sdxl.py), or a Stable Diffusion 1.x/2.x single-file checkpoint (CompVis naming,
-.safetensors; convert_ldm.py) with --tokenizer=DIR. Tokenising
-needs the `transformers` package (its CLIPTokenizer reads tokenizer/); nothing else of torch
-or transformers runs. Sampling follows the pipeline's scheduler_config.json: its betas,
-epsilon or v prediction, steps_offset, set_alpha_to_one and clip_sample (with the "leading"
-timestep spacing of SD's configs DDIM then equals diffusers' DDIMScheduler; "dpm_solver" is
-DPM-Solver++(2M) in the same chain, diffusers' DPMSolverMultistepScheduler made from the same
-config: its timestep_spacing (where absent, that class's default "linspace"), the last step
-first order to sigma = 0). "euler" is EulerDiscreteScheduler (SDXL's), which is DDIM with
-eta = 0 written in sigma = sqrt((1 - alphabar) / alphabar), its last step to sigma = 0: the
-same chain with diffusers' "leading" timesteps. By default the method is the scheduler
-config's class where it is one of these three, else DDIM. SDXL's invisible watermark is not
-applied.
+tokenizer_2/), or a Stable Diffusion 1.x/2.x single-file checkpoint (CompVis naming,
+.safetensors; convert_ldm.py) with --tokenizer=DIR.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import time
-from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from diffusion_jax import diffusion as dm
-from diffusion_jax import parallel, samplers, sdxl, xla_options
-from diffusion_jax.convert_clip import clip_token_ids, load_tokenizer  # noqa: F401 (API)
-from diffusion_jax.convert_diffusers import (ConversionError, require_files,
-                                             scheduler_settings, scheduler_settings_file)
-
-METHODS = ("ddim", "euler", "dpm_solver")
-SCHEDULER_METHODS = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
-                     "DPMSolverMultistepScheduler": "dpm_solver"}
-
-
-@dataclasses.dataclass
-class StableDiffusion:
-  """The converted pipeline; `generate(prompts)` -> uint8 images [B, H, W, 3]."""
-  tokenizer: Any
-  text_encoder: Any
-  unet: Any
-  first_stage: Any  # latent.FirstStage: the KL decoder and the latent scaling
-  diffusion: dm.GaussianDiffusion
-  schedule: dict
-  params: dict  # {"text": ..., ["text_2": ...,] "unet": ...} (the decoder's: first_stage's)
-  mesh: Any
-  sample_size: int  # the U-Net's native latent size
-  tokenizer_2: Any = None  # SDXL's second tokenizer and text encoder (OpenCLIP bigG)
-  text_encoder_2: Any = None
-  zero_negative: bool = False  # SDXL: no negative prompt -> zeros (force_zeros_for_empty_prompt)
-
-  def __post_init__(self):
-    self._run = xla_options.jit(self._chain, static_argnames=(
-        "num_steps", "guidance_scale", "method", "eta", "decode", "skip", "zero_null"),
-        out_shardings=parallel.batch_sharding(self.mesh))
-
-  @classmethod
-  def load(cls, src: str, dtype: str = "float32", mesh=None, tokenizer=None,
-           attention: str = "auto"):
-    """Read a local diffusers pipeline directory (see the module docstring); attention:
-    models/attention.py's implementation for the U-Net and the decoder."""
-    from diffusion_jax.convert_autoencoder import load_autoencoder
-    from diffusion_jax.convert_clip import load_text_encoder
-    from diffusion_jax.convert_diffusers import load_diffusers_unet
-    sched_path = os.path.join(src, "scheduler", "scheduler_config.json")
-    require_files([sched_path], "--src must be a diffusers Stable Diffusion pipeline directory "
-                  "(text_encoder/, tokenizer/, unet/, vae/, scheduler/) or a single "
-                  ".safetensors checkpoint")
-    schedule = scheduler_settings_file(sched_path)
-    xl = sdxl.pipeline_options(src) if sdxl.is_sdxl(src) else {}
-    text = load_text_encoder(os.path.join(src, "text_encoder"))
-    unet = load_diffusers_unet(os.path.join(src, "unet"))
-    vae = load_autoencoder(os.path.join(src, "vae"))
-    tokenizer = tokenizer or load_tokenizer(os.path.join(src, "tokenizer"))
-    if xl:
-      xl.update(text_2=load_text_encoder(os.path.join(src, "text_encoder_2")),
-                tokenizer_2=load_tokenizer(os.path.join(src, "tokenizer_2")))
-    return cls.assemble(tokenizer, text, unet, vae, schedule, dtype, mesh, attention, **xl)
-
-  @classmethod
-  def load_single_file(cls, path: str, tokenizer, prediction_type: str = "epsilon",
-                       dtype: str = "float32", mesh=None, heads: dict | None = None,
-                       text_heads: int | None = None, ema: bool = False):
-    """A Stable Diffusion 1.x/2.x single-file checkpoint (CompVis naming, .safetensors) with the
-    tokenizer (a CLIPTokenizer, or the path of its vocab.json/merges.txt folder); the
-    scheduler is SD's (scaled_linear 0.00085 -> 0.012, steps_offset 1, set_alpha_to_one
-    False), `prediction_type` "epsilon" or "v_prediction" (the file does not say); heads,
-    text_heads: the attention heads where they are not Stable Diffusion's (convert_ldm); ema:
-    the file's model_ema.* U-Net instead of model.diffusion_model.*. The native size is 512
-    (768 for v prediction, SD 2.x's 768-v). The tokenizer must be the model's own (SD 2.x's
-    pads with "!", 1.x's with <|endoftext|>)."""
-    from diffusion_jax import convert_ldm
-    from diffusion_jax.convert_autoencoder import _read_safetensors, autoencoder_from_state
-    from diffusion_jax.convert_clip import text_encoder_fields_from_params
-    if not (path.endswith(".safetensors") and os.path.isfile(path)):
-      raise ConversionError(f"{path!r} is not a .safetensors file")
-    parts = convert_ldm.split_single_file(_read_safetensors(path), ema)
-    unet_cfg = dict(convert_ldm.unet_fields_from_ldm(parts["unet"], heads), name="unet",
-                    image_size=96 if prediction_type == "v_prediction" else 64)
-    text_params = parts["text"]
-    vae_cfg, vae_params = autoencoder_from_state(parts["vae"])
-    schedule = scheduler_settings({"beta_schedule": "scaled_linear", "beta_start": 0.00085,
-                                   "beta_end": 0.012, "steps_offset": 1, "clip_sample": False,
-                                   "set_alpha_to_one": False,
-                                   "prediction_type": prediction_type})
-    if isinstance(tokenizer, str):
-      tokenizer = load_tokenizer(tokenizer)
-    return cls.assemble(
-        tokenizer, (text_encoder_fields_from_params(text_params, parts["activation"],
-                                                    text_heads), text_params),
-        (unet_cfg, convert_ldm.unet_params_from_ldm(parts["unet"], unet_cfg)),
-        (vae_cfg, vae_params, {"scale_factor": 0.18215, "shift_factor": 0.0}), schedule,
-        dtype, mesh)
-
-  @classmethod
-  def assemble(cls, tokenizer, text, unet, vae, schedule: dict, dtype: str = "float32",
-               mesh=None, attention: str = "auto", text_2=None, tokenizer_2=None,
-               zero_negative: bool = False):
-    """The pipeline from converted parts: text = (fields, params), unet = (fields, params),
-    vae = (fields, params, scaling), schedule = convert_diffusers.scheduler_settings(...);
-    SDXL's: text_2 = (fields, params) and tokenizer_2, its second encoder."""
-    from diffusion_jax.convert_diffusers import unet_fields
-    from diffusion_jax.latent import FirstStage
-    from diffusion_jax.models import DTYPES, UNet
-    from diffusion_jax.models.autoencoder import AutoencoderKL
-    from diffusion_jax.models.clip_text import CLIPTextEncoder
-    (text_fields, text_params), (unet_cfg, unet_params) = text, unet
-    vae_fields, vae_params, scaling = vae
-    if not unet_cfg.get("context_dim"):
-      raise ConversionError("the U-Net is not a cross-attention U-Net (UNet2DConditionModel)")
-    if unet_cfg["in_channels"] != vae_fields["embed_dim"]:
-      raise ConversionError(f"the U-Net takes {unet_cfg['in_channels']} input channels, the "
-                            f"latents have {vae_fields['embed_dim']}: inpainting and depth "
-                            "U-Nets (extra input channels) are not supported")
-    if text_2 is not None:
-      sdxl.check_layout(unet_cfg, text_fields, text_2[0])
-    elif unet_cfg.get("added_cond_dim"):
-      raise ConversionError("the U-Net takes SDXL's pooled text and size conditioning: the "
-                            "pipeline needs text_encoder_2/ and tokenizer_2/")
-    elif unet_cfg["context_dim"] != text_fields["width"]:
-      raise ConversionError(f"the U-Net attends to {unet_cfg['context_dim']} features; the text "
-                            f"encoder gives {text_fields['width']}")
-    mesh = mesh or parallel.make_mesh()
-    compute = DTYPES[dtype]
-    diffusion = dm.GaussianDiffusion(
-        dm.get_beta_schedule(schedule["beta_schedule"], schedule["num_timesteps"],
-                             schedule["beta_start"], schedule["beta_end"]),
-        mean_type=schedule["mean_type"])
-    replicate = lambda tree: jax.device_put(tree, parallel.replicated(mesh))
-    first_stage = FirstStage(AutoencoderKL(**vae_fields, dtype=compute, attention=attention),
-                             replicate(vae_params), mesh, scaling["scale_factor"] or 0.18215,
-                             float(scaling.get("shift_factor") or 0.0))
-    params = {"text": text_params, "unet": unet_params}
-    if text_2 is not None:
-      params["text_2"] = text_2[1]
-    return cls(tokenizer, CLIPTextEncoder(**text_fields, dtype=compute),
-               UNet(**unet_fields(unet_cfg), dtype=compute, attention=attention), first_stage,
-               diffusion, schedule, replicate(params), mesh, unet_cfg["image_size"],
-               tokenizer_2, None if text_2 is None else CLIPTextEncoder(**text_2[0],
-                                                                        dtype=compute),
-               zero_negative)
-
-  def tokenize(self, prompts: list[str]) -> np.ndarray:
-    """Token ids [B, 77], padded as the pipeline pads them (to the encoder's positions); SDXL's:
-    [B, 2, 77], each tokenizer's."""
-    ids = clip_token_ids(self.tokenizer, prompts, self.text_encoder.max_length)
-    if self.text_encoder_2 is None:
-      return ids
-    return np.stack([ids, clip_token_ids(self.tokenizer_2, prompts,
-                                         self.text_encoder_2.max_length)], axis=1)
-
-  def _encode(self, params, ids, time_ids, zero: bool = False):
-    """The U-Net's context of token ids (SDXL's: a dict with the pooled text and size ids)."""
-    if self.text_encoder_2 is None:
-      return self.text_encoder.apply({"params": params["text"]}, ids)
-    return sdxl.prompt_context(self.text_encoder, self.text_encoder_2, params["text"],
-                               params["text_2"], ids, time_ids, zero)
-
-  def latent_shape(self, num_images: int, height: int | None, width: int | None):
-    f = self.first_stage.model.downsampling_factor
-    levels = 2 ** (len(self.unet.ch_mult) - 1)
-    height, width = height or self.sample_size * f, width or self.sample_size * f
-    if height % (f * levels) or width % (f * levels):
-      raise ValueError(f"height and width must be multiples of {f * levels} (the decoder's "
-                       f"x{f} and the U-Net's {levels}x down-sampling); got {height}x{width}")
-    return (num_images, height // f, width // f, self.unet.in_channels)
-
-  def _chain(self, params, vae_params, scaling, ids, null_ids, time_ids, x_T, key, init, *,
-             num_steps, guidance_scale, method, eta, decode, skip, zero_null):
-    """Text encodings, the sampler, the decoder; with `init` (img2img: clean latents, or
-    images [B, H, W, 3] in [-1, 1] to encode) x_T is the noise that takes them to the first of
-    the DDIM steps left after skipping `skip`. time_ids: SDXL's size ids [B, 6] (else unused);
-    zero_null: the unconditional context zeros (SDXL's default)."""
-    from diffusion_jax.models import denoiser
-    context = self._encode(params, ids, time_ids)
-    null = self._encode(params, null_ids, time_ids, zero_null)
-    denoise = denoiser(self.unet, params["unet"], guidance_scale=guidance_scale,
-                       context=context, null_context=null)
-    ddim = dict(clip_denoised=self.schedule["clip_sample"],
-                steps_offset=self.schedule["steps_offset"],
-                alpha_one_at_end=self.schedule["alpha_one_at_end"])
-    if init is not None:
-      if init.shape[1] != x_T.shape[1]:  # images: the posterior sampled, as diffusers does
-        init = self.first_stage.encode_latents(vae_params, *scaling, init,
-                                               jax.random.fold_in(key, 2))
-      t = samplers.ddim_timesteps(self.diffusion.num_timesteps, num_steps)[::-1][skip]
-      x_T = self.diffusion.q_sample(init, jnp.full((x_T.shape[0],), t + ddim["steps_offset"]),
-                                    x_T)
-    if method == "euler":  # EulerDiscreteScheduler: DDIM (eta 0) to sigma = 0
-      ddim.update(clip_denoised=False, alpha_one_at_end=True)
-    if method in ("ddim", "euler"):
-      z = samplers.ddim_sample(self.diffusion, denoise, x_T, key, num_steps, eta, skip=skip,
-                               **ddim)
-    else:
-      z = samplers.dpm_solver_sample(self.diffusion, denoise, x_T, key, num_steps,
-                                     spacing=self.schedule["timestep_spacing"] or "linspace",
-                                     clip_denoised=False,
-                                     steps_offset=self.schedule["steps_offset"])
-    z = z.astype(jnp.float32)
-    return self.first_stage.decode_latents(vae_params, *scaling, z) if decode else z
-
-  def default_method(self) -> str:
-    """The sampler of the pipeline's scheduler class (DDIM where it is none of METHODS')."""
-    return SCHEDULER_METHODS.get(self.schedule.get("scheduler"), "ddim")
-
-  def generate(self, prompts, negative_prompt: str | None = None, num_steps: int = 50,
-               guidance_scale: float = 7.5, seed: int = 0, height: int | None = None,
-               width: int | None = None, method: str | None = None, eta: float = 0.0,
-               latents=None, decode: bool = True, **sizes):
-    """Images (uint8 [B, H, W, 3]) for `prompts`; latents: x_T [B, h, w, 4] to start from
-    (else drawn from `seed`); decode=False: the final latents [B, h, w, 4] as the U-Net sees
-    them (float32; diffusers' output_type="latent") instead of images. negative_prompt None:
-    the empty prompt (SDXL: zeros, where the pipeline says so); method None: default_method().
-    sizes: SDXL's original_size, crop_top_left, target_size (sdxl.size_ids)."""
-    method = method or self.default_method()
-    if method not in METHODS:
-      raise ValueError(f"method {method!r}: one of {METHODS}")
-    self._check_sigmas(method, eta)
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    shape = self.latent_shape(len(prompts), height, width)
-    return self._run_batch(prompts, negative_prompt, shape, latents, None, seed, num_steps,
-                           guidance_scale, method, eta, decode, 0, sizes)
-
-  def _check_sigmas(self, method: str, eta: float) -> None:
-    """Euler and DPM-Solver++ follow the scheduler config's own noise levels only."""
-    spacing, sigmas = self.schedule["timestep_spacing"], self.schedule.get("sigmas")
-    if method != "ddim" and sigmas:
-      raise ValueError(f"the scheduler config asks for {sigmas} sigmas, which method "
-                       f"{method!r} does not implement: use method 'ddim'")
-    if method == "euler" and (spacing != "leading" or eta):
-      raise ValueError(f"method 'euler' is EulerDiscreteScheduler with 'leading' timesteps and "
-                       f"eta 0; got timestep_spacing={spacing!r}, eta {eta}: use method "
-                       "'ddim' or 'dpm_solver'")
-
-  def img2img(self, prompts, images=None, latents=None, strength: float = 0.8,
-              negative_prompt: str | None = None, num_steps: int = 50,
-              guidance_scale: float = 7.5, seed: int = 0, eta: float = 0.0, noise=None,
-              decode: bool = True, **sizes):
-    """SDEdit (Meng et al. 2022) as diffusers' StableDiffusionImg2ImgPipeline: the inputs'
-    latents noised to the int(num_steps * strength)-th last DDIM step, then those steps.
-    images: uint8 [B, H, W, 3] (encoded: a posterior sample); or latents [B, h, w, 4], already
-    scaled; noise: that of the noising (else drawn from `seed`). DDIM only."""
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if (images is None) == (latents is None):
-      raise ValueError("give either images or latents")
-    if not 0.0 < strength <= 1.0:
-      raise ValueError(f"strength={strength}: in (0, 1]")
-    f = self.first_stage.model.downsampling_factor
-    if images is not None:
-      images = np.asarray(images)
-      if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images: uint8 [B, H, W, 3]; got {images.dtype} {images.shape}")
-      shape = self.latent_shape(len(prompts), images.shape[1], images.shape[2])
-      init = images.astype(np.float32) / 127.5 - 1.0
-    else:
-      init = np.asarray(latents, np.float32)
-      if init.ndim != 4:
-        raise ValueError(f"latents: [B, h, w, C]; got {init.shape}")
-      shape = self.latent_shape(len(prompts), init.shape[1] * f, init.shape[2] * f)
-      if init.shape != shape:
-        raise ValueError(f"latents of shape {init.shape}; expected {shape}")
-    if len(init) != len(prompts):
-      raise ValueError(f"{len(init)} inputs for {len(prompts)} prompts")
-    kept = min(int(num_steps * strength), num_steps)  # diffusers' get_timesteps
-    if kept < 1:
-      raise ValueError(f"strength {strength} keeps no step of {num_steps}")
-    return self._run_batch(prompts, negative_prompt, shape, noise, init, seed, num_steps,
-                           guidance_scale, "ddim", eta, decode, num_steps - kept, sizes)
-
-  def _run_batch(self, prompts, negative_prompt, shape, x_T, init, seed, num_steps,
-                 guidance_scale, method, eta, decode, skip, sizes):
-    n = len(prompts)
-    zero_null = negative_prompt is None and self.zero_negative
-    f = self.first_stage.model.downsampling_factor
-    if sizes and self.text_encoder_2 is None:
-      raise ValueError(f"{sorted(sizes)}: size conditioning is SDXL's")
-    time_ids = np.tile(sdxl.size_ids(shape[1] * f, shape[2] * f, **sizes), (n, 1))
-    if method == "ddim" and self.schedule["timestep_spacing"] not in (None, "leading"):
-      logging.warning("scheduler timestep_spacing=%r: DDIM uses 'leading' (uniform spacing plus "
-                      "steps_offset)", self.schedule["timestep_spacing"])
-    key = jax.random.PRNGKey(seed)
-    if x_T is None:
-      x_T = jax.random.normal(jax.random.fold_in(key, 1), shape)
-    elif tuple(x_T.shape) != tuple(shape):
-      raise ValueError(f"latents or noise of shape {tuple(x_T.shape)}; expected {shape}")
-    # the batch padded to a multiple of the devices (the padding's images are dropped)
-    n_dev = self.mesh.shape[parallel.DATA]
-    batch = parallel.batch_sharding(self.mesh)
-    put = lambda a: jax.device_put(parallel.pad_to_multiple(np.asarray(a), n_dev), batch)
-    scaling = tuple(jnp.float32(v) for v in self.first_stage.scaling())
-    out = self._run(self.params, self.first_stage.params, scaling, put(self.tokenize(prompts)),
-                    put(self.tokenize([negative_prompt or ""] * n)), put(time_ids), put(x_T),
-                    key, None if init is None else put(init), num_steps=num_steps,
-                    guidance_scale=float(guidance_scale), method=method, eta=float(eta),
-                    decode=decode, skip=skip, zero_null=zero_null)[:n]
-    if not decode:
-      return np.asarray(out)
-    return np.asarray(jnp.round((jnp.clip(out, -1, 1) + 1) * 127.5).astype(jnp.uint8))
-
+from diffusion_jax.convert_diffusers import ConversionError
+from diffusion_jax.stable_diffusion import METHODS, StableDiffusion
 
 FLAGS = flags.FLAGS
 
@@ -349,15 +41,22 @@ def main(argv):
       pipe = StableDiffusion.load(FLAGS.src, FLAGS.dtype)
     prompts = [p for p in FLAGS.prompt for _ in range(FLAGS.num_images)]
     start = time.perf_counter()
+    common = dict(negative_prompt=FLAGS.negative_prompt, num_steps=FLAGS.steps,
+                  guidance_scale=FLAGS.guidance, seed=FLAGS.seed, eta=FLAGS.eta)
+    if FLAGS.mask_image and not FLAGS.init_image:
+      raise ValueError("--mask_image needs --init_image, the image to repaint")
     if FLAGS.init_image:
-      if FLAGS.method not in (None, "ddim"):
-        raise ValueError("img2img samples with DDIM: drop --method")
       multiple = pipe.first_stage.model.downsampling_factor * 2 ** (len(pipe.unet.ch_mult) - 1)
       init = read_image(FLAGS.init_image, multiple, FLAGS.height, FLAGS.width)
-      images = pipe.img2img(prompts, images=np.stack([init] * len(prompts)),
-                            strength=FLAGS.strength, negative_prompt=FLAGS.negative_prompt,
-                            num_steps=FLAGS.steps, guidance_scale=FLAGS.guidance,
-                            seed=FLAGS.seed, eta=FLAGS.eta)
+      inits = np.stack([init] * len(prompts))
+    if FLAGS.mask_image:
+      mask = read_image(FLAGS.mask_image, 1, init.shape[0], init.shape[1]).mean(-1)
+      images = pipe.inpaint(prompts, inits, np.stack([mask] * len(prompts)) >= 127.5,
+                            strength=FLAGS.strength or 1.0, method=FLAGS.method, **common)
+    elif FLAGS.init_image:
+      if FLAGS.method not in (None, "ddim"):
+        raise ValueError("img2img samples with DDIM: drop --method")
+      images = pipe.img2img(prompts, images=inits, strength=FLAGS.strength or 0.8, **common)
     else:
       images = pipe.generate(prompts, FLAGS.negative_prompt, FLAGS.steps, FLAGS.guidance,
                              FLAGS.seed, FLAGS.height, FLAGS.width, FLAGS.method, FLAGS.eta)
@@ -391,8 +90,11 @@ if __name__ == "__main__":
   flags.DEFINE_float("eta", 0.0, "DDIM eta (0: deterministic).")
   flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
   flags.DEFINE_string("init_image", None, "img2img (SDEdit): start from this image.")
-  flags.DEFINE_float("strength", 0.8, "img2img: the share of the DDIM steps run (1: all of "
-                     "them, from the noisiest step, where little of the image survives).")
+  flags.DEFINE_string("mask_image", None, "Inpainting (an inpainting pipeline): repaint "
+                      "--init_image where this image is white.")
+  flags.DEFINE_float("strength", None, "img2img (default 0.8) and inpainting (default 1): the "
+                     "share of the DDIM steps run (1: all of them, from the noisiest step, "
+                     "where little of the image survives).")
   flags.DEFINE_string("out", "text_to_image.png", "PNG grid (one row per prompt); .npz beside.")
   flags.mark_flags_as_required(["src", "prompt"])
   app.run(main)

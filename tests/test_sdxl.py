@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 from diffusion_jax.convert_clip import load_text_encoder  # noqa: E402
 from diffusion_jax.convert_diffusers import ConversionError  # noqa: E402
 from diffusion_jax.models.clip_text import CLIPTextEncoder  # noqa: E402
-from diffusion_jax.text_to_image import StableDiffusion  # noqa: E402
+from diffusion_jax.stable_diffusion import StableDiffusion  # noqa: E402
 from helpers import write_tokenizer  # noqa: E402
 from test_parity import build, randomise  # noqa: E402
 
@@ -159,6 +159,8 @@ def test_pipeline_gives_diffusers_euler_latents_and_images(sdxl_dir):
   images = ours.generate(PROMPTS, num_steps=4, guidance_scale=5.0, latents=latents)
   diff = np.abs(images / 255.0 - run(pipe, PROMPTS, latents, "np")).max()
   assert images.shape == (2, 16, 16, 3) and diff <= 1.5 / 255, diff * 255
+  with pytest.raises(ValueError, match="inpaint needs an inpainting U-Net"):
+    ours.inpaint(PROMPTS, np.zeros((2, 16, 16, 3), np.uint8), np.ones((2, 16, 16), bool))
   # DDIM and DPM-Solver++ from the same scheduler config, as diffusers' from_config
   for method, cls in (("ddim", diffusers.DDIMScheduler),
                       ("dpm_solver", diffusers.DPMSolverMultistepScheduler)):

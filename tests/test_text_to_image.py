@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 
 from diffusion_jax.convert_clip import load_text_encoder  # noqa: E402
 from diffusion_jax.models.clip_text import CLIPTextEncoder  # noqa: E402
-from diffusion_jax.text_to_image import StableDiffusion  # noqa: E402
+from diffusion_jax.stable_diffusion import StableDiffusion  # noqa: E402
 from helpers import REPO, write_tokenizer  # noqa: E402
 from test_parity import randomise  # noqa: E402
 

@@ -17,7 +17,7 @@ LAYOUT = {"context_dim": 0, "transformer_depth": 1, "attn_levels": (), "num_head
 
 
 def denoiser(model, params, y=None, guidance_scale: float = 1.0, context=None,
-             null_context=None):
+             null_context=None, x_cond=None):
   """The network in inference mode as the diffusion sees it: denoise_fn(x_t, t).
 
   y: class labels [B] of a class-conditional model (None: its null label, unconditional).
@@ -26,9 +26,13 @@ def denoiser(model, params, y=None, guidance_scale: float = 1.0, context=None,
   ([1 or B, L, d], e.g. the empty prompt's; the same structure).
   guidance_scale s != 1: classifier-free guidance (Ho & Salimans 2022, Eq. 6 with s = 1 + w),
   eps_u + s (eps_c - eps_u), the conditional and the unconditional pass as one batch; a learned
-  variance is the conditional pass's.
+  variance is the conditional pass's. x_cond: channels [B, H, W, k] the network reads after
+  x_t's (an inpainting U-Net's mask and masked image), the same in both passes.
   """
-  apply = lambda x, t, y, ctx: model.apply({"params": params}, x, t, y, context=ctx)
+  def apply(x, t, y, ctx, x_cond=x_cond):
+    if x_cond is not None:
+      x = jnp.concatenate([x, x_cond.astype(x.dtype)], axis=-1)
+    return model.apply({"params": params}, x, t, y, context=ctx)
   if (y is None and context is None) or guidance_scale == 1.0:
     return lambda x, t: apply(x, t, y, context)
   if context is not None and null_context is None:
@@ -42,7 +46,7 @@ def denoiser(model, params, y=None, guidance_scale: float = 1.0, context=None,
         lambda c, n: jnp.concatenate([c, jnp.broadcast_to(n, c.shape).astype(c.dtype)]),
         cond, null)
     out = apply(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                both(y, model.num_classes), both(context, null_context))
+                both(y, model.num_classes), both(context, null_context), both(x_cond, x_cond))
     cond, uncond = out[:b], out[b:]
     eps = uncond[..., :c] + guidance_scale * (cond[..., :c] - uncond[..., :c])
     return jnp.concatenate([eps, cond[..., c:]], axis=-1)

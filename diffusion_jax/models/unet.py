@@ -18,7 +18,8 @@ class UNet(nn.Module):
 
   ch: base channels; ch_mult: multiplier per resolution level; attn_resolutions: spatial
   sizes that get self-attention; out_channels defaults to in_channels (twice that when
-  `learned_variance`); num_classes > 0 adds a label embedding (index num_classes is the null
+  `learned_variance`; output_channels > 0 sets it, e.g. 4 for an inpainting U-Net whose 9 inputs
+  are the latents, the mask and the masked image's latents); num_classes > 0 adds a label embedding (index num_classes is the null
   label, for classifier-free guidance). `dtype` is the compute dtype; parameters stay float32.
   attention: "auto" | "xla" | "cudnn" | "per_head" (models/attention.py).
   conv: "auto" | "xla" | "onednn" -- whose convolution kernels run (models/onednn_conv.py;
@@ -71,9 +72,12 @@ class UNet(nn.Module):
   downsample_padding: str = "same"
   added_cond_dim: int = 0
   added_time_dim: int = 0
+  output_channels: int = 0
 
   @property
   def out_channels(self) -> int:
+    if self.output_channels:
+      return self.output_channels
     return self.in_channels * (2 if self.learned_variance else 1)
 
   def _context(self, b: int, y, context):

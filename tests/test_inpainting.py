@@ -1,0 +1,108 @@
+"""Inpainting in JAX: a diffusers StableDiffusionInpaintPipeline directory in miniature (random
+weights; the U-Net reads 9 channels: latents, mask, masked image's latents) converted and run
+gives diffusers' latents; the command line repaints an image file under a mask file."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from diffusion_jax.stable_diffusion import StableDiffusion  # noqa: E402
+from helpers import write_tokenizer  # noqa: E402
+from test_parity import randomise  # noqa: E402
+from test_text_to_image import text_encoder, text_to_image_command  # noqa: E402
+
+pytestmark = pytest.mark.parity
+PROMPTS = ["the man on a photo", "an orange cat!"]
+
+
+@pytest.fixture(scope="module")
+def inpaint_dir(tmp_path_factory):
+  src = tmp_path_factory.mktemp("inpaint")
+  vocab = write_tokenizer(str(src / "tokenizer"))
+  unet = diffusers.UNet2DConditionModel(
+      sample_size=8, in_channels=9, out_channels=4, block_out_channels=(32, 64),
+      layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
+      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+  vae = diffusers.AutoencoderKL(
+      in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+      down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+      latent_channels=4, sample_size=16)
+  scheduler = diffusers.DDIMScheduler(
+      beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+      set_alpha_to_one=False, steps_offset=1)
+  randomise(unet, 2)
+  with torch.no_grad():
+    for name, p in unet.named_parameters():
+      if ".attn2." in name:
+        p.mul_(4.0)
+  pipe = diffusers.StableDiffusionInpaintPipeline(
+      vae=randomise(vae, 1), text_encoder=text_encoder(vocab), unet=unet.eval(),
+      tokenizer=transformers.CLIPTokenizer.from_pretrained(str(src / "tokenizer")),
+      scheduler=scheduler, safety_checker=None, feature_extractor=None,
+      requires_safety_checker=False)
+  pipe.save_pretrained(str(src), safe_serialization=True)
+  return src, pipe
+
+
+def inputs(seed=0):
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+  masks = np.zeros((2, 16, 16), bool)
+  masks[0, 4:12, 2:10] = True  # repaint a square of the first image,
+  masks[1, :, 8:] = True       # the right half of the second
+  masked_latents = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
+  x_T = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
+  return images, masks, masked_latents, x_T
+
+
+def diffusers_latents(pipe, images, masks, masked_latents, x_T, steps=4):
+  nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
+  out = pipe(PROMPTS, image=nchw(images.astype(np.float32) / 255),
+             mask_image=nchw(masks[..., None].astype(np.float32)),
+             masked_image_latents=nchw(masked_latents), latents=nchw(x_T), height=16, width=16,
+             num_inference_steps=steps, guidance_scale=5.0, output_type="latent").images
+  return out.numpy().transpose(0, 2, 3, 1)
+
+
+def test_inpainting_gives_diffusers_latents(inpaint_dir):
+  src, pipe = inpaint_dir
+  ours = StableDiffusion.load(str(src))
+  assert ours.inpainting and ours.unet.out_channels == 4
+  images, masks, masked_latents, x_T = inputs()
+  want = diffusers_latents(pipe, images, masks, masked_latents, x_T)
+  got = ours.inpaint(PROMPTS, images, masks, masked_image_latents=masked_latents, num_steps=4,
+                     guidance_scale=5.0, latents=x_T, decode=False)
+  other_mask = diffusers_latents(pipe, images, ~masks, masked_latents, x_T)
+  diff, effect = np.abs(got - want).max(), np.abs(other_mask - want).max()
+  print(f"inpainting latents: max |ours - diffusers| = {diff:.3g}; inverting the masks moves "
+        f"them {effect:.3g}")
+  assert diff < effect / 100
+  # from the images themselves (their masked latents a posterior sample), and with strength < 1
+  for strength in (1.0, 0.5):
+    out = ours.inpaint(PROMPTS, images, masks.astype(np.uint8) * 255, strength=strength,
+                       num_steps=4, guidance_scale=5.0)
+    assert out.shape == (2, 16, 16, 3) and out.dtype == np.uint8
+  with pytest.raises(ValueError, match="use inpaint"):
+    ours.generate(PROMPTS, num_steps=2)
+  with pytest.raises(ValueError, match="masks of shape"):
+    ours.inpaint(PROMPTS, images, masks[:, :8], num_steps=2)
+
+
+def test_the_command_repaints_under_a_mask(inpaint_dir, tmp_path):
+  from PIL import Image
+  src, _ = inpaint_dir
+  images, masks, _, _ = inputs(1)
+  Image.fromarray(images[0]).save(tmp_path / "photo.png")
+  Image.fromarray(masks[1].astype(np.uint8) * 255).save(tmp_path / "mask.png")
+  out = tmp_path / "repainted.png"
+  proc = text_to_image_command(f"--src={src}", "--prompt=a cat", "--steps=2", f"--out={out}",
+                               f"--init_image={tmp_path / 'photo.png'}",
+                               f"--mask_image={tmp_path / 'mask.png'}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert np.load(str(out).replace(".png", ".npz"))["arr_0"].shape == (1, 16, 16, 3)
+  bad = text_to_image_command(f"--src={src}", "--prompt=a cat", f"--out={out}",
+                              f"--mask_image={tmp_path / 'mask.png'}")
+  assert bad.returncode != 0 and "--mask_image needs --init_image" in bad.stderr
