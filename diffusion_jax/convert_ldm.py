@@ -239,6 +239,10 @@ def split_single_file(state: Mapping[str, Any], ema: bool = False) -> dict:
   which convert_autoencoder reads), "text" (CLIPTextEncoder parameters) and "activation" (SD
   1.x's OpenAI CLIP: quick_gelu; SD 2.x's OpenCLIP: gelu)."""
   from diffusion_jax.convert_clip import text_encoder_params
+  if any(k.startswith("conditioner.embedders.") for k in state):
+    raise ConversionError("an SDXL single file (conditioner.embedders.*) is not read directly: "
+                          "save it as a pipeline directory once (diffusers: StableDiffusionXL"
+                          "Pipeline.from_single_file(path).save_pretrained(dir)) and pass that")
   parts = {"unet": unet_state(state, ema), "vae": {k: v for k, v in state.items()
                                               if k.startswith("first_stage_model.")}}
   openai = {k[len(TEXT_PREFIX):]: v for k, v in state.items() if k.startswith(TEXT_PREFIX)}

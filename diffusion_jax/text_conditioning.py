@@ -27,6 +27,7 @@ import threading
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from diffusion_jax import parallel, xla_options
 
@@ -77,7 +78,15 @@ class TextEncoder:
   def _tokenize_one(self, caption: str) -> np.ndarray:
     from diffusion_jax.convert_clip import clip_token_ids
     with self._lock:
+      self._check_length(caption, len(self.tokenizer(caption).input_ids))
       return clip_token_ids(self.tokenizer, [caption], self.max_length)[0]
+
+  def _check_length(self, caption: str, tokens: int) -> None:
+    """A warning (the first time) that captions are cut to the encoder's positions."""
+    if tokens > self.max_length and not getattr(self, "_warned", False):
+      self._warned = True
+      logging.warning("captions longer than the text encoder's %d positions are truncated "
+                      "(e.g. %d tokens: %r)", self.max_length, tokens, caption[:200])
 
   def _context(self, params, ids):
     return self.module.apply({"params": params}, ids).astype(jnp.float32)
@@ -126,7 +135,9 @@ class LearnedText(TextEncoder):
     self._compile(mesh, None)
 
   def _tokenize_one(self, caption: str) -> np.ndarray:
-    body = list(caption.encode("utf-8"))[: self.max_length - 2]
+    body = list(caption.encode("utf-8"))
+    self._check_length(caption, len(body) + 2)  # text.max_length counts begin and end
+    body = body[: self.max_length - 2]
     ids = [self.BOS] + body + [self.EOS]
     return np.asarray(ids + [self.PAD] * (self.max_length - len(ids)), np.int32)
 

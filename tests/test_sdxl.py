@@ -204,6 +204,13 @@ def test_refiner_half_pipelines_and_training_are_refused(sdxl_dir, tmp_path):
   shutil.rmtree(half / "text_encoder_2")
   with pytest.raises(ConversionError, match="needs text_encoder_2"):
     StableDiffusion.load(str(half))
+  # SDXL's single files: named as such, with the way through diffusers
+  from safetensors.numpy import save_file
+  one = np.ones(2, np.float32)
+  save_file({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": one,
+             "model.diffusion_model.out.0.weight": one}, str(tmp_path / "xl.safetensors"))
+  with pytest.raises(ConversionError, match="an SDXL single file"):
+    StableDiffusion.load_single_file(str(tmp_path / "xl.safetensors"), tokenizer=None)
   # training an imported SDXL U-Net is refused before anything is written
   from diffusion_jax.convert import import_diffusers_unet
   with pytest.raises(ConversionError, match="training it is not supported"):

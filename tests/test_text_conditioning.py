@@ -134,13 +134,15 @@ def test_wordnet_ids_are_not_class_names():
   assert data.class_names(c.data, Source()) is None
 
 
-def test_encoder_matches_transformers_and_dropout_gives_the_empty_caption(clip_dir):
+def test_encoder_matches_transformers_and_dropout_gives_the_empty_caption(clip_dir, caplog):
   import torch
   import transformers
   enc = TextEncoder(clip_dir, parallel.make_mesh())
   prompts = ["a white square", "a black square"] * (jax.device_count() // 2 or 1)
   ids = enc.tokenize(prompts)
   assert ids.shape == (len(prompts), 77) and ids.dtype == np.int32
+  assert "truncated" not in caplog.text
+  assert enc.tokenize(["x " * 80]).shape == (1, 77) and "truncated (e.g. 82 tokens" in caplog.text
   ours = np.asarray(enc.contexts(prompts))
   model = transformers.CLIPTextModel.from_pretrained(clip_dir).eval()
   with torch.no_grad():
@@ -211,14 +213,18 @@ def test_several_steps_per_call_encode_each_steps_captions(tmp_path, clip_dir):
     np.testing.assert_allclose(a, b, atol=2e-5)
 
 
-def test_learned_text_tokens_and_model():
-  """text.encoder = "learned": UTF-8 bytes between begin and end, padded, truncated; the model
-  takes token ids and refuses encodings."""
+def test_learned_text_tokens_and_model(caplog):
+  """text.encoder = "learned": UTF-8 bytes between begin and end, padded, truncated (with a
+  warning, once); the model takes token ids and refuses encodings."""
   from diffusion_jax.models import build_model
   enc = LearnedText(32, 8, parallel.make_mesh())
-  np.testing.assert_array_equal(enc.tokenize(["ab", "é", "abcdefghij"]), [
+  np.testing.assert_array_equal(enc.tokenize(["ab", "é", "abcdef"]), [
       [256, 97, 98, 257, 258, 258, 258, 258], [256, 0xC3, 0xA9, 257, 258, 258, 258, 258],
       [256, 97, 98, 99, 100, 101, 102, 257]])
+  assert "truncated" not in caplog.text  # 6 bytes + begin + end fill the 8 positions
+  np.testing.assert_array_equal(enc.tokenize(["abcdefghij", "abcdefghijk"]),
+                                [[256, 97, 98, 99, 100, 101, 102, 257]] * 2)
+  assert caplog.text.count("truncated") == 1 and "e.g. 12 tokens: 'abcdefghij'" in caplog.text
   assert enc.context_spec.shape == (8,) and enc.context_spec.dtype == jnp.int32
   c = folder_config("/nonexistent", "learned")
   c.text.max_length, c.text.layers = 8, 1
