@@ -244,6 +244,15 @@ def _target(key: str, levels: int) -> tuple[list[str], str]:
       return path, leaf
     if mod.startswith(prefix + "."):
       return path + [RESNET_RENAMES[mod[len(prefix) + 1:]]], leaf
+  control = {"controlnet_cond_embedding.conv_in": "control_embed_in",
+             "controlnet_cond_embedding.conv_out": "control_embed_out",
+             "controlnet_mid_block": "control_mid"}  # a ControlNetModel's own modules
+  if mod in control:
+    return [control[mod]], leaf
+  m = re.fullmatch(r"controlnet_(cond_embedding\.blocks|down_blocks)\.(\d+)", mod)
+  if m:
+    kind = "embed" if m.group(1) != "down_blocks" else "zero"
+    return [f"control_{kind}_{m.group(2)}"], leaf
   m = re.fullmatch(r"mid_block\.attentions\.0\.(.+)", mod)
   if m:
     return ["mid_attn"] + _attention_path(m.group(1), key), leaf
@@ -309,6 +318,41 @@ def unet_params_from_diffusers(state: Mapping[str, np.ndarray], model_cfg: Mappi
     path, leaf = _target(key, levels)
     put_torch_tensor(params, path, leaf, key, value)
   return params
+
+
+def controlnet_config_from_diffusers(cfg: Mapping[str, Any]) -> dict:
+  """models.controlnet.ControlNet's fields for a diffusers ControlNetModel config.json (the
+  U-Net layout it copies, and its hint encoder's channels)."""
+  if cfg.get("_class_name", "ControlNetModel") != "ControlNetModel":
+    raise ConversionError(f"expected a ControlNetModel's config.json, got "
+                          f"{cfg.get('_class_name')!r}")
+  if cfg.get("controlnet_conditioning_channel_order", "rgb") != "rgb":
+    raise ConversionError("controlnet_conditioning_channel_order='bgr' is not supported")
+  if cfg.get("global_pool_conditions"):
+    raise ConversionError("global_pool_conditions=True (pooled residuals) is not supported")
+  up = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
+  down = list(cfg["down_block_types"])
+  if any(t not in up for t in down):
+    raise ConversionError(f"down_block_types {down}: CrossAttnDownBlock2D or DownBlock2D")
+  as_unet = dict(cfg, _class_name="UNet2DConditionModel", out_channels=cfg["in_channels"],
+                 up_block_types=[up[t] for t in reversed(down)],
+                 sample_size=cfg.get("sample_size") or 64)
+  fields = conditional_model_config_from_diffusers(as_unet)
+  channels = cfg.get("conditioning_embedding_out_channels") or (16, 32, 96, 256)
+  return dict(fields, name="controlnet", embedding_channels=tuple(int(c) for c in channels))
+
+
+def load_diffusers_controlnet(directory: str) -> tuple[dict, dict]:
+  """(ControlNet fields, parameters) from a local diffusers ControlNetModel directory (e.g.
+  lllyasviel/sd-controlnet-canny: config.json, diffusion_pytorch_model.safetensors)."""
+  from safetensors.numpy import load_file
+  cfg_path = os.path.join(directory, "config.json")
+  weights = os.path.join(directory, "diffusion_pytorch_model.safetensors")
+  require_files((cfg_path, weights), "point at a diffusers ControlNetModel directory holding "
+                "config.json and diffusion_pytorch_model.safetensors")
+  with open(cfg_path) as f:
+    fields = controlnet_config_from_diffusers(json.load(f))
+  return fields, unet_params_from_diffusers(load_file(weights), fields)
 
 
 def load_diffusers_unet(directory: str) -> tuple[dict, dict]:

@@ -257,3 +257,25 @@ def split_single_file(state: Mapping[str, Any], ema: bool = False) -> dict:
     if not parts.get(name):
       raise ConversionError(f"no {hint}* weights: not a Stable Diffusion checkpoint")
   return parts
+
+
+def single_file_parts(path: str, prediction_type: str = "epsilon", heads: dict | None = None,
+                      text_heads: int | None = None, ema: bool = False):
+  """(text, unet, vae) of a Stable Diffusion 1.x/2.x single file, as StableDiffusion.assemble
+  takes them: (fields, params) twice and (fields, params, scaling); the U-Net's native size 64
+  latents (96 with v prediction, SD 2.x's 768-v)."""
+  import os
+
+  from diffusion_jax.convert_autoencoder import _read_safetensors, autoencoder_from_state
+  from diffusion_jax.convert_clip import text_encoder_fields_from_params
+  if not (path.endswith(".safetensors") and os.path.isfile(path)):
+    raise ConversionError(f"{path!r} is not a .safetensors file")
+  parts = split_single_file(_read_safetensors(path), ema)
+  unet_cfg = dict(unet_fields_from_ldm(parts["unet"], heads), name="unet",
+                  image_size=96 if prediction_type == "v_prediction" else 64)
+  text_params = parts["text"]
+  vae_cfg, vae_params = autoencoder_from_state(parts["vae"])
+  return ((text_encoder_fields_from_params(text_params, parts["activation"], text_heads),
+           text_params),
+          (unet_cfg, unet_params_from_ldm(parts["unet"], unet_cfg)),
+          (vae_cfg, vae_params, {"scale_factor": 0.18215, "shift_factor": 0.0}))

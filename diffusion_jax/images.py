@@ -82,3 +82,25 @@ def read_image(path: str, multiple: int = 1, height: int | None = None,
   f = multiple
   size = (width or max(f, img.width // f * f), height or max(f, img.height // f * f))
   return np.asarray(img.resize(size, Image.BICUBIC) if size != img.size else img)
+
+
+def binary_masks(masks, shape) -> np.ndarray:
+  """bool masks of `shape` [B, H, W] from [B, H, W] or [B, H, W, 1]: set where >= 0.5 (floats,
+  bools) or >= 128 (uint8: white), as diffusers binarises inpainting masks."""
+  masks = np.asarray(masks)
+  masks = masks[..., 0] if masks.ndim == 4 and masks.shape[-1] == 1 else masks
+  if masks.shape != tuple(shape):
+    raise ValueError(f"masks of shape {masks.shape}; the images need {tuple(shape)}")
+  return (masks >= 128) if masks.dtype == np.uint8 else (masks >= 0.5)
+
+
+def unit_range(images, batch: int, height: int, width: int, name: str) -> np.ndarray:
+  """uint8 images [B or 1, height, width, 3] as float32 in [0, 1], [batch, ...] (e.g. a
+  ControlNet's hint)."""
+  images = np.asarray(images)
+  images = images[None] if images.ndim == 3 else images
+  want = (height, width, 3)
+  if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != want:
+    raise ValueError(f"{name}: uint8 [B or 1, {height}, {width}, 3] (the output's size); got "
+                     f"{images.dtype} {images.shape}")
+  return np.broadcast_to(images.astype(np.float32) / 255.0, (batch,) + want)

@@ -30,6 +30,7 @@ from absl import logging
 from diffusion_jax import diffusion as dm
 from diffusion_jax import parallel, samplers, sdxl, xla_options
 from diffusion_jax.convert_clip import clip_token_ids, load_tokenizer
+from diffusion_jax.images import binary_masks, unit_range
 from diffusion_jax.convert_diffusers import (ConversionError, require_files,
                                              scheduler_settings, scheduler_settings_file)
 
@@ -53,15 +54,17 @@ class StableDiffusion:
   tokenizer_2: Any = None  # SDXL's second tokenizer and text encoder (OpenCLIP bigG)
   text_encoder_2: Any = None
   zero_negative: bool = False  # SDXL: no negative prompt -> zeros (force_zeros_for_empty_prompt)
+  controlnet: Any = None  # models.controlnet.ControlNet (its parameters: params["controlnet"])
 
   def __post_init__(self):
     self._run = xla_options.jit(self._chain, static_argnames=(
-        "num_steps", "guidance_scale", "method", "eta", "decode", "skip", "zero_null"),
+        "num_steps", "guidance_scale", "method", "eta", "decode", "skip", "zero_null",
+        "control_scale"),
         out_shardings=parallel.batch_sharding(self.mesh))
 
   @classmethod
   def load(cls, src: str, dtype: str = "float32", mesh=None, tokenizer=None,
-           attention: str = "auto"):
+           attention: str = "auto", controlnet: str | None = None):
     """Read a local diffusers pipeline directory (see the module docstring); attention:
     models/attention.py's implementation for the U-Net and the decoder."""
     from diffusion_jax.convert_autoencoder import load_autoencoder
@@ -80,6 +83,11 @@ class StableDiffusion:
     if xl:
       xl.update(text_2=load_text_encoder(os.path.join(src, "text_encoder_2")),
                 tokenizer_2=load_tokenizer(os.path.join(src, "tokenizer_2")))
+    controlnet = controlnet or (os.path.join(src, "controlnet") if os.path.isdir(
+        os.path.join(src, "controlnet")) else None)
+    if controlnet:
+      from diffusion_jax.convert_diffusers import load_diffusers_controlnet
+      xl["controlnet"] = load_diffusers_controlnet(controlnet)
     return cls.assemble(tokenizer, text, unet, vae, schedule, dtype, mesh, attention, **xl)
 
   @classmethod
@@ -94,36 +102,24 @@ class StableDiffusion:
     the file's model_ema.* U-Net instead of model.diffusion_model.*. The native size is 512
     (768 for v prediction, SD 2.x's 768-v). The tokenizer must be the model's own (SD 2.x's
     pads with "!", 1.x's with <|endoftext|>)."""
-    from diffusion_jax import convert_ldm
-    from diffusion_jax.convert_autoencoder import _read_safetensors, autoencoder_from_state
-    from diffusion_jax.convert_clip import text_encoder_fields_from_params
-    if not (path.endswith(".safetensors") and os.path.isfile(path)):
-      raise ConversionError(f"{path!r} is not a .safetensors file")
-    parts = convert_ldm.split_single_file(_read_safetensors(path), ema)
-    unet_cfg = dict(convert_ldm.unet_fields_from_ldm(parts["unet"], heads), name="unet",
-                    image_size=96 if prediction_type == "v_prediction" else 64)
-    text_params = parts["text"]
-    vae_cfg, vae_params = autoencoder_from_state(parts["vae"])
+    from diffusion_jax.convert_ldm import single_file_parts
+    if isinstance(tokenizer, str):
+      tokenizer = load_tokenizer(tokenizer)
+    text, unet, vae = single_file_parts(path, prediction_type, heads, text_heads, ema)
     schedule = scheduler_settings({"beta_schedule": "scaled_linear", "beta_start": 0.00085,
                                    "beta_end": 0.012, "steps_offset": 1, "clip_sample": False,
                                    "set_alpha_to_one": False,
                                    "prediction_type": prediction_type})
-    if isinstance(tokenizer, str):
-      tokenizer = load_tokenizer(tokenizer)
-    return cls.assemble(
-        tokenizer, (text_encoder_fields_from_params(text_params, parts["activation"],
-                                                    text_heads), text_params),
-        (unet_cfg, convert_ldm.unet_params_from_ldm(parts["unet"], unet_cfg)),
-        (vae_cfg, vae_params, {"scale_factor": 0.18215, "shift_factor": 0.0}), schedule,
-        dtype, mesh)
+    return cls.assemble(tokenizer, text, unet, vae, schedule, dtype, mesh)
 
   @classmethod
   def assemble(cls, tokenizer, text, unet, vae, schedule: dict, dtype: str = "float32",
                mesh=None, attention: str = "auto", text_2=None, tokenizer_2=None,
-               zero_negative: bool = False):
+               zero_negative: bool = False, controlnet=None):
     """The pipeline from converted parts: text = (fields, params), unet = (fields, params),
     vae = (fields, params, scaling), schedule = convert_diffusers.scheduler_settings(...);
-    SDXL's: text_2 = (fields, params) and tokenizer_2, its second encoder."""
+    SDXL's: text_2 = (fields, params) and tokenizer_2, its second encoder; controlnet =
+    (fields, params) of a ControlNet (convert_diffusers.load_diffusers_controlnet)."""
     from diffusion_jax.convert_diffusers import unet_fields
     from diffusion_jax.latent import FirstStage
     from diffusion_jax.models import DTYPES, UNet
@@ -159,12 +155,23 @@ class StableDiffusion:
     params = {"text": text_params, "unet": unet_params}
     if text_2 is not None:
       params["text_2"] = text_2[1]
+    control = None
+    if controlnet is not None:
+      from diffusion_jax.models.controlnet import ControlNet
+      fields, params["controlnet"] = controlnet
+      if (fields["context_dim"], fields["in_channels"], fields.get("added_cond_dim")) != (
+          unet_cfg["context_dim"], unet_cfg["in_channels"], unet_cfg.get("added_cond_dim")):
+        raise ConversionError("the ControlNet was made for another U-Net (its context width, "
+                              "input channels or added conditioning differ)")
+      if unet_cfg["in_channels"] != vae_fields["embed_dim"]:
+        raise ConversionError("a ControlNet with an inpainting U-Net is not supported")
+      control = ControlNet(**unet_fields(fields), dtype=compute, attention=attention)
     return cls(tokenizer, CLIPTextEncoder(**text_fields, dtype=compute),
                UNet(**unet_fields(unet_cfg), dtype=compute, attention=attention), first_stage,
                diffusion, schedule, replicate(params), mesh, unet_cfg["image_size"],
                tokenizer_2, None if text_2 is None else CLIPTextEncoder(**text_2[0],
                                                                         dtype=compute),
-               zero_negative)
+               zero_negative, control)
 
   def tokenize(self, prompts: list[str]) -> np.ndarray:
     """Token ids [B, 77], padded as the pipeline pads them (to the encoder's positions); SDXL's:
@@ -197,7 +204,8 @@ class StableDiffusion:
     return self.unet.in_channels != self.first_stage.model.embed_dim
 
   def _chain(self, params, vae_params, scaling, ids, null_ids, time_ids, x_T, key, init,
-             inpaint, *, num_steps, guidance_scale, method, eta, decode, skip, zero_null):
+             inpaint, hint, *, num_steps, guidance_scale, method, eta, decode, skip, zero_null,
+             control_scale):
     """Text encodings, the sampler, the decoder; with `init` (img2img: clean latents, or
     images [B, H, W, 3] in [-1, 1] to encode) x_T is the noise that takes them to the first of
     the DDIM steps left after skipping `skip`. time_ids: SDXL's size ids [B, 6] (else unused);
@@ -213,8 +221,14 @@ class StableDiffusion:
         masked = self.first_stage.encode_latents(vae_params, *scaling, masked,
                                                  jax.random.fold_in(key, 3))
       x_cond = jnp.concatenate([mask, masked], axis=-1)
-    denoise = denoiser(self.unet, params["unet"], guidance_scale=guidance_scale,
-                       context=context, null_context=null, x_cond=x_cond)
+    model, model_params = self.unet, params["unet"]
+    if hint is not None:  # the ControlNet's residuals, for both halves of the guided batch
+      from diffusion_jax.models.controlnet import ControlledUNet
+      model = ControlledUNet(self.unet, self.controlnet, control_scale)
+      model_params = {"unet": params["unet"], "controlnet": params["controlnet"]}
+      context, null = {"context": context, "hint": hint}, {"context": null, "hint": hint}
+    denoise = denoiser(model, model_params, guidance_scale=guidance_scale, context=context,
+                       null_context=null, x_cond=x_cond)
     ddim = dict(clip_denoised=self.schedule["clip_sample"],
                 steps_offset=self.schedule["steps_offset"],
                 alpha_one_at_end=self.schedule["alpha_one_at_end"])
@@ -245,20 +259,36 @@ class StableDiffusion:
   def generate(self, prompts, negative_prompt: str | None = None, num_steps: int = 50,
                guidance_scale: float = 7.5, seed: int = 0, height: int | None = None,
                width: int | None = None, method: str | None = None, eta: float = 0.0,
-               latents=None, decode: bool = True, **sizes):
+               latents=None, decode: bool = True, control_image=None,
+               control_scale: float = 1.0, **sizes):
     """Images (uint8 [B, H, W, 3]) for `prompts`; latents: x_T [B, h, w, 4] to start from
     (else drawn from `seed`); decode=False: the final latents [B, h, w, 4] as the U-Net sees
     them (float32; diffusers' output_type="latent") instead of images. negative_prompt None:
     the empty prompt (SDXL: zeros, where the pipeline says so); method None: default_method().
-    sizes: SDXL's original_size, crop_top_left, target_size (sdxl.size_ids)."""
+    sizes: SDXL's original_size, crop_top_left, target_size (sdxl.size_ids). control_image:
+    a ControlNet pipeline's hint, uint8 [B or 1, H, W, 3] at the output's size (its residuals
+    times control_scale)."""
     method = method or self.default_method()
     if method not in METHODS:
       raise ValueError(f"method {method!r}: one of {METHODS}")
     self._check_sigmas(method, eta)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     shape = self.latent_shape(len(prompts), height, width)
+    hint = None
+    if control_image is not None or self.controlnet is not None:
+      hint = self._hint(control_image, shape)
     return self._run_batch(prompts, negative_prompt, shape, latents, None, seed, num_steps,
-                           guidance_scale, method, eta, decode, 0, sizes)
+                           guidance_scale, method, eta, decode, 0, sizes, hint=hint,
+                           control_scale=control_scale)
+
+  def _hint(self, image, shape) -> np.ndarray:
+    """A ControlNet's hint [B, H, W, 3] in [0, 1] (diffusers' control image processing)."""
+    if self.controlnet is None:
+      raise ValueError("control_image: this pipeline has no ControlNet (load(..., controlnet=))")
+    if image is None:
+      raise ValueError("this pipeline has a ControlNet: pass control_image")
+    f = self.first_stage.model.downsampling_factor
+    return unit_range(image, shape[0], shape[1] * f, shape[2] * f, "control_image")
 
   def _check_sigmas(self, method: str, eta: float) -> None:
     """Euler and DPM-Solver++ follow the scheduler config's own noise levels only."""
@@ -302,13 +332,9 @@ class StableDiffusion:
                        "the latents only: use img2img")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     shape, init = self._inputs(prompts, images, None)
-    masks = np.asarray(masks)
-    masks = masks[..., 0] if masks.ndim == 4 and masks.shape[-1] == 1 else masks
-    if masks.shape != init.shape[:3]:
-      raise ValueError(f"masks of shape {masks.shape}; the images need {init.shape[:3]}")
-    keep = (masks < 128) if masks.dtype == np.uint8 else (masks < 0.5)
+    keep = ~binary_masks(masks, init.shape[:3])
     f = self.first_stage.model.downsampling_factor
-    mask = (~keep[:, ::f, ::f, None]).astype(np.float32)
+    mask = (~keep[:, ::f, ::f, None]).astype(np.float32)  # torch's nearest, to latent size
     if masked_image_latents is None:
       masked = init * keep[..., None]
     else:
@@ -359,8 +385,12 @@ class StableDiffusion:
     return shape, init
 
   def _run_batch(self, prompts, negative_prompt, shape, x_T, init, seed, num_steps,
-                 guidance_scale, method, eta, decode, skip, sizes, inpaint=None):
+                 guidance_scale, method, eta, decode, skip, sizes, inpaint=None, hint=None,
+                 control_scale=1.0):
     n = len(prompts)
+    if self.controlnet is not None and hint is None:
+      raise ValueError("this pipeline has a ControlNet, which runs with generate(..., "
+                       "control_image=) (img2img and inpainting with it are not supported)")
     if self.inpainting and inpaint is None:
       raise ValueError("this pipeline's U-Net is an inpainting one (latents, mask and masked "
                        "image as inputs): use inpaint(prompts, images, masks)")
@@ -386,6 +416,7 @@ class StableDiffusion:
                     put(self.tokenize([negative_prompt or ""] * n)), put(time_ids), put(x_T),
                     key, None if init is None else put(init),
                     None if inpaint is None else tuple(put(a) for a in inpaint),
+                    None if hint is None else put(hint), control_scale=float(control_scale),
                     num_steps=num_steps,
                     guidance_scale=float(guidance_scale), method=method, eta=float(eta),
                     decode=decode, skip=skip, zero_null=zero_null)[:n]

@@ -5,6 +5,7 @@ XL) pipeline directory you have on disk (stable_diffusion.py runs it in JAX).
       --prompt="a photograph of an astronaut riding a horse" --num_images=4 --out=astronaut.png
   # img2img: --init_image=photo.png --strength=0.6
   # inpainting (an inpainting pipeline): --init_image=photo.png --mask_image=mask.png
+  # ControlNet: --controlnet=sd-controlnet-canny --control_image=edges.png
 
 --src is a diffusers pipeline directory (model_index.json beside text_encoder/, tokenizer/,
 unet/, vae/, scheduler/, each with safetensors weights; SDXL's also text_encoder_2/ and
@@ -38,7 +39,7 @@ def main(argv):
       pipe = StableDiffusion.load_single_file(FLAGS.src, FLAGS.tokenizer, FLAGS.prediction_type,
                                               FLAGS.dtype, ema=FLAGS.ema)
     else:
-      pipe = StableDiffusion.load(FLAGS.src, FLAGS.dtype)
+      pipe = StableDiffusion.load(FLAGS.src, FLAGS.dtype, controlnet=FLAGS.controlnet)
     prompts = [p for p in FLAGS.prompt for _ in range(FLAGS.num_images)]
     start = time.perf_counter()
     common = dict(negative_prompt=FLAGS.negative_prompt, num_steps=FLAGS.steps,
@@ -58,8 +59,14 @@ def main(argv):
         raise ValueError("img2img samples with DDIM: drop --method")
       images = pipe.img2img(prompts, images=inits, strength=FLAGS.strength or 0.8, **common)
     else:
+      control = None
+      if FLAGS.control_image:  # resized to the output's size
+        _, h, w, _ = pipe.latent_shape(1, FLAGS.height, FLAGS.width)
+        f = pipe.first_stage.model.downsampling_factor
+        control = read_image(FLAGS.control_image, 1, h * f, w * f)
       images = pipe.generate(prompts, FLAGS.negative_prompt, FLAGS.steps, FLAGS.guidance,
-                             FLAGS.seed, FLAGS.height, FLAGS.width, FLAGS.method, FLAGS.eta)
+                             FLAGS.seed, FLAGS.height, FLAGS.width, FLAGS.method, FLAGS.eta,
+                             control_image=control, control_scale=FLAGS.control_scale)
   except (ConversionError, ValueError, OSError) as e:
     sys.exit(f"{type(e).__name__}: {e}")
   logging.info("%d images in %.1f s (with compilation)", len(images), time.perf_counter() - start)
@@ -95,6 +102,11 @@ if __name__ == "__main__":
   flags.DEFINE_float("strength", None, "img2img (default 0.8) and inpainting (default 1): the "
                      "share of the DDIM steps run (1: all of them, from the noisiest step, "
                      "where little of the image survives).")
+  flags.DEFINE_string("controlnet", None, "A diffusers ControlNetModel directory (e.g. "
+                      "sd-controlnet-canny) to guide the U-Net with --control_image.")
+  flags.DEFINE_string("control_image", None, "The ControlNet's hint image (edges, depth, pose, "
+                      "...; resized to the output's size).")
+  flags.DEFINE_float("control_scale", 1.0, "The ControlNet residuals' weight.")
   flags.DEFINE_string("out", "text_to_image.png", "PNG grid (one row per prompt); .npz beside.")
   flags.mark_flags_as_required(["src", "prompt"])
   app.run(main)

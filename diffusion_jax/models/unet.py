@@ -138,7 +138,37 @@ class UNet(nn.Module):
     return level in self.attn_levels if self.attn_levels else size in self.attn_resolutions
 
   @nn.compact
-  def __call__(self, x, t, y=None, train: bool = False, context=None):
+  def __call__(self, x, t, y=None, train: bool = False, context=None, residuals=None):
+    """residuals: a ControlNet's (models/controlnet.py), ([one per skip], middle), added to the
+    skip connections and to the middle block's output (diffusers' down_block_additional_
+    residuals and mid_block_additional_residual)."""
+    temb, context = self._embeddings(x, t, y, context)
+    h, hs = self._down_and_middle(x, temb, context, train)
+    if residuals is not None:
+      skips, middle = residuals
+      if len(skips) != len(hs):
+        raise ValueError(f"{len(skips)} skip residuals for the U-Net's {len(hs)} skips")
+      hs = [a + r.astype(a.dtype) for a, r in zip(hs, skips)]
+      h = h + middle.astype(h.dtype)
+    onednn = onednn_conv.use_onednn(self.conv, self.dtype)
+    subpixel = use_subpixel(self.upsample_conv)
+    for i, mult in reversed(list(enumerate(self.ch_mult))):  # up path, skips concatenated
+      for j in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, hs.pop()], axis=-1)
+        h = self._res_block(self.ch * mult, f"up_{i}_block_{j}")(h, temb, train)
+        if self._has_attention(i, h.shape[1]):
+          h = self._attend(h, i, f"up_{i}_attn_{j}", context)
+      if i != 0:
+        h = Upsample(self.dtype, onednn, subpixel, name=f"up_{i}_upsample")(h)
+    assert not hs
+
+    h = group_norm("norm_out", self.dtype, swish=True, native=onednn, eps=self.norm_eps)(h)
+    h = conv(self.out_channels, 3, "conv_out", self.dtype, init=zero_init, onednn=onednn)(h)
+    return h.astype(jnp.float32)
+
+  def _embeddings(self, x, t, y, context):
+    """(the timestep embedding [B, 4 ch] with the labels' or SDXL's added one, the
+    cross-attention context or None), the input checked."""
     b, height, width, c = x.shape
     levels = len(self.ch_mult)
     if c != self.in_channels:
@@ -163,51 +193,45 @@ class UNet(nn.Module):
         y = jnp.full((b,), self.num_classes, dtype=jnp.int32)  # the null label
       temb = temb + nn.Embed(self.num_classes + 1, 4 * self.ch, dtype=self.dtype,
                              name="label_emb")(y)
+    return temb, context
 
+  def _res_block(self, ch: int, name: str):
     # remat: static_argnums counts self, so 3 is `train` in ResBlock(x, temb, train)
     block_cls = nn.remat(ResBlock, static_argnums=(3,)) if self.remat else ResBlock
-    attn_cls = nn.remat(AttnBlock) if self.remat else AttnBlock
-    xattn_cls = nn.remat(SpatialTransformer) if self.remat else SpatialTransformer
-    impl = self.attention
+    return block_cls(ch, self.dropout, self.dtype, onednn_conv.use_onednn(self.conv, self.dtype),
+                     self.norm_eps, name=name)
+
+  def _attend(self, h, level: int, name: str, context):
     onednn = onednn_conv.use_onednn(self.conv, self.dtype)
-    subpixel = use_subpixel(self.upsample_conv)
-    res_block = lambda ch, name: block_cls(ch, self.dropout, self.dtype, onednn, self.norm_eps,
-                                           name=name)
+    heads = num_heads(h.shape[-1], self.num_heads, self.head_channels)
+    if context is None:
+      attn_cls = nn.remat(AttnBlock) if self.remat else AttnBlock
+      return attn_cls(self.dtype, self.attention, onednn, heads, self.norm_eps, name=name)(h)
+    xattn_cls = nn.remat(SpatialTransformer) if self.remat else SpatialTransformer
+    return xattn_cls(heads, self._depth(level), self.dtype, self.attention, onednn,
+                     name=name)(h, context)
 
-    def attend(h, level, name):
-      heads = num_heads(h.shape[-1], self.num_heads, self.head_channels)
-      if context is None:
-        return attn_cls(self.dtype, impl, onednn, heads, self.norm_eps, name=name)(h)
-      return xattn_cls(heads, self._depth(level), self.dtype, impl, onednn,
-                       name=name)(h, context)
-
+  def _down_and_middle(self, x, temb, context, train, added_input=None):
+    """conv_in (+ added_input, a ControlNet's hint), the down path and the middle blocks: (h,
+    the skips)."""
+    levels = len(self.ch_mult)
+    onednn = onednn_conv.use_onednn(self.conv, self.dtype)
     h = conv(self.ch, 3, "conv_in", self.dtype, onednn=onednn)(x.astype(self.dtype))
+    if added_input is not None:
+      h = h + added_input.astype(h.dtype)
     hs = [h]
     for i, mult in enumerate(self.ch_mult):  # down path
       for j in range(self.num_res_blocks):
-        h = res_block(self.ch * mult, f"down_{i}_block_{j}")(h, temb, train)
+        h = self._res_block(self.ch * mult, f"down_{i}_block_{j}")(h, temb, train)
         if self._has_attention(i, h.shape[1]):
-          h = attend(h, i, f"down_{i}_attn_{j}")
+          h = self._attend(h, i, f"down_{i}_attn_{j}", context)
         hs.append(h)
       if i != levels - 1:
         h = Downsample(self.dtype, onednn, self.downsample_padding,
                        name=f"down_{i}_downsample")(h)
         hs.append(h)
 
-    h = res_block(h.shape[-1], "mid_block_1")(h, temb, train)  # middle
-    h = attend(h, levels - 1, "mid_attn")
-    h = res_block(h.shape[-1], "mid_block_2")(h, temb, train)
-
-    for i, mult in reversed(list(enumerate(self.ch_mult))):  # up path, skips concatenated
-      for j in range(self.num_res_blocks + 1):
-        h = jnp.concatenate([h, hs.pop()], axis=-1)
-        h = res_block(self.ch * mult, f"up_{i}_block_{j}")(h, temb, train)
-        if self._has_attention(i, h.shape[1]):
-          h = attend(h, i, f"up_{i}_attn_{j}")
-      if i != 0:
-        h = Upsample(self.dtype, onednn, subpixel, name=f"up_{i}_upsample")(h)
-    assert not hs
-
-    h = group_norm("norm_out", self.dtype, swish=True, native=onednn, eps=self.norm_eps)(h)
-    h = conv(self.out_channels, 3, "conv_out", self.dtype, init=zero_init, onednn=onednn)(h)
-    return h.astype(jnp.float32)
+    h = self._res_block(h.shape[-1], "mid_block_1")(h, temb, train)  # middle
+    h = self._attend(h, levels - 1, "mid_attn", context)
+    h = self._res_block(h.shape[-1], "mid_block_2")(h, temb, train)
+    return h, hs

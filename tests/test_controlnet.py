@@ -1,0 +1,135 @@
+"""ControlNet in JAX: diffusers' ControlNetModel (random weights, copied from a miniature Stable
+Diffusion U-Net) converted gives its residuals, the U-Net takes them as diffusers' does, and a
+StableDiffusionControlNetPipeline directory runs to diffusers' latents."""
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+import jax.numpy as jnp  # noqa: E402
+
+from diffusion_jax.convert_diffusers import (ConversionError,  # noqa: E402
+                                             controlnet_config_from_diffusers, unet_fields,
+                                             unet_params_from_diffusers)
+from diffusion_jax.models.controlnet import ControlNet  # noqa: E402
+from diffusion_jax.stable_diffusion import StableDiffusion  # noqa: E402
+from helpers import write_tokenizer  # noqa: E402
+from test_parity import build, randomise  # noqa: E402
+from test_text_to_image import text_encoder, text_to_image_command  # noqa: E402
+
+pytestmark = pytest.mark.parity
+PROMPTS = ["the man on a photo", "an orange cat!"]
+UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+            layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+
+
+def controlnet_for(unet, seed=5):
+  """diffusers' ControlNet copied from `unet`, every weight (the zero convolutions too) random."""
+  net = diffusers.ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+  return randomise(net, seed).eval()
+
+
+def nchw(a):
+  return torch.from_numpy(np.ascontiguousarray(np.asarray(a, np.float32).transpose(0, 3, 1, 2)))
+
+
+def test_controlnet_residuals_and_the_unet_with_them_match_diffusers():
+  unet, ours, params, _ = build(UNET, diffusers.UNet2DConditionModel)
+  net = controlnet_for(unet)
+  fields = controlnet_config_from_diffusers(dict(net.config, _class_name="ControlNetModel"))
+  assert fields["embedding_channels"] == (16, 32)
+  state = {k: v.numpy() for k, v in net.state_dict().items()}
+  control = ControlNet(**unet_fields(fields))
+  cparams = {"params": unet_params_from_diffusers(state, fields)}
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
+  hint = rng.uniform(size=(2, 16, 16, 3)).astype(np.float32)
+  text = rng.normal(size=(2, 77, 32)).astype(np.float32)
+  t = np.array([999, 10])
+  with torch.no_grad():
+    down, mid = net(nchw(x), torch.from_numpy(t), torch.from_numpy(text), nchw(hint),
+                    conditioning_scale=0.7, return_dict=False)
+    want = unet(nchw(x), torch.from_numpy(t), torch.from_numpy(text),
+                down_block_additional_residuals=down,
+                mid_block_additional_residual=mid).sample.numpy().transpose(0, 2, 3, 1)
+  skips, middle = control.apply(cparams, x, t, context=text, hint=hint, scale=0.7)
+  assert len(skips) == len(down) == 4  # conv_in, level 0 block and down-sampling, level 1
+  diffs = [np.abs(np.asarray(a) - b.numpy().transpose(0, 2, 3, 1)).max()
+           for a, b in zip(skips + [middle], list(down) + [mid])]
+  got = np.asarray(ours.apply(params, x, t, context=text, residuals=(skips, middle)))
+  alone = np.asarray(ours.apply(params, x, t, context=text))
+  diff, effect = np.abs(got - want).max(), np.abs(alone - want).max()
+  print(f"ControlNet residuals: max |ours - diffusers| = {max(diffs):.3g}; the U-Net with them "
+        f"{diff:.3g} (without them it differs by {effect:.3g})")
+  assert max(diffs) < 1e-4 and diff < min(1e-4, effect / 100)
+  with pytest.raises(ValueError, match="reads 16x16 for 8x8 latents"):
+    control.apply(cparams, x, t, context=text, hint=hint[:, :8, :8])
+  with pytest.raises(ConversionError, match="bgr"):
+    controlnet_config_from_diffusers(dict(net.config, controlnet_conditioning_channel_order="bgr"))
+
+
+@pytest.fixture(scope="module")
+def controlnet_dir(tmp_path_factory):
+  src = tmp_path_factory.mktemp("controlnet")
+  vocab = write_tokenizer(str(src / "tokenizer"))
+  unet = randomise(diffusers.UNet2DConditionModel(**UNET), 2).eval()
+  vae = diffusers.AutoencoderKL(
+      in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
+      down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+      latent_channels=4, sample_size=16)
+  scheduler = diffusers.DDIMScheduler(
+      beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+      set_alpha_to_one=False, steps_offset=1)
+  pipe = diffusers.StableDiffusionControlNetPipeline(
+      vae=randomise(vae, 1), text_encoder=text_encoder(vocab), unet=unet,
+      controlnet=controlnet_for(unet),
+      tokenizer=transformers.CLIPTokenizer.from_pretrained(str(src / "tokenizer")),
+      scheduler=scheduler, safety_checker=None, feature_extractor=None,
+      requires_safety_checker=False)
+  pipe.save_pretrained(str(src), safe_serialization=True)
+  return src, pipe
+
+
+def test_controlnet_pipeline_gives_diffusers_latents(controlnet_dir):
+  src, pipe = controlnet_dir
+  ours = StableDiffusion.load(str(src))  # its controlnet/ folder, found
+  rng = np.random.default_rng(1)
+  hints = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+  x_T = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
+  run = lambda h, scale=0.8: pipe(
+      PROMPTS, image=nchw(h / 255.0), latents=nchw(x_T), num_inference_steps=4,
+      guidance_scale=5.0, controlnet_conditioning_scale=scale,
+      output_type="latent").images.numpy().transpose(0, 2, 3, 1)
+  want = run(hints)
+  got = ours.generate(PROMPTS, num_steps=4, guidance_scale=5.0, latents=x_T, decode=False,
+                      control_image=hints, control_scale=0.8)
+  effect = np.abs(run(hints[::-1]) - want).max()
+  diff = np.abs(got - want).max()
+  print(f"ControlNet pipeline latents: max |ours - diffusers| = {diff:.3g}; swapping the hints "
+        f"moves them {effect:.3g}")
+  assert diff < effect / 100
+  with pytest.raises(ValueError, match="pass control_image"):
+    ours.generate(PROMPTS, num_steps=2)
+  with pytest.raises(ValueError, match="control_image: uint8"):
+    ours.generate(PROMPTS, num_steps=2, control_image=hints[:, :8])
+  with pytest.raises(ValueError, match="img2img and inpainting with it are not supported"):
+    ours.img2img(PROMPTS, latents=x_T, num_steps=2)
+
+
+def test_the_command_guides_with_a_control_image(controlnet_dir, tmp_path):
+  from PIL import Image
+  src, _ = controlnet_dir
+  Image.fromarray(np.random.default_rng(2).integers(0, 256, (24, 20, 3), np.uint8)).save(
+      tmp_path / "edges.png")
+  out = tmp_path / "guided.png"
+  proc = text_to_image_command(f"--src={src}", f"--controlnet={src / 'controlnet'}",
+                               f"--control_image={tmp_path / 'edges.png'}", "--prompt=a cat",
+                               "--steps=2", "--control_scale=0.5", f"--out={out}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert np.load(str(out).replace(".png", ".npz"))["arr_0"].shape == (1, 16, 16, 3)
+  bad = text_to_image_command(f"--src={src}", "--prompt=a cat", "--steps=2", f"--out={out}")
+  assert bad.returncode != 0 and "pass control_image" in bad.stderr
