@@ -125,11 +125,12 @@ def import_diffusers_unet(src: str, config, workdir: str, ema: bool = False) -> 
     model_cfg, params, schedule = _ldm_single_file(src, config, ema)
   else:
     model_cfg, params = load_diffusers_unet(src)
-    kind = ("an SDXL U-Net (pooled-text and size conditioning, a transformer depth per level)"
-            if model_cfg.get("added_cond_dim") or not isinstance(
-                model_cfg.get("transformer_depth", 1), int) else
-            "an inpainting U-Net (mask and masked image as inputs)"
-            if model_cfg.get("output_channels") else None)
+    kind = None
+    if model_cfg.get("added_cond_dim") or not isinstance(model_cfg.get("transformer_depth", 1),
+                                                         int):
+      kind = "an SDXL U-Net (pooled-text and size conditioning, a transformer depth per level)"
+    elif model_cfg.get("output_channels"):
+      kind = "an inpainting U-Net (mask and masked image as inputs)"
     if kind:
       raise ConversionError(f"{kind}: python -m diffusion_jax.text_to_image runs it; training "
                             "it is not supported")

@@ -211,18 +211,24 @@ def scheduler_settings(cfg: dict) -> dict:
           "steps_offset": int(cfg.get("steps_offset", 0)),
           "alpha_one_at_end": bool(cfg.get("set_alpha_to_one", True)),
           "timestep_spacing": spacing, "scheduler": cfg.get("_class_name"),
-          "sigmas": _sigma_schedule(cfg)}
+          "unsupported": _unsupported_solver_options(cfg)}
 
 
-def _sigma_schedule(cfg: dict) -> str | None:
-  """The noise levels of Euler's and DPM-Solver's steps where they are not the timesteps' own
-  (Karras', exponential, beta; interpolated in log sigma): their name, else None."""
-  for kind in ("karras", "exponential", "beta"):
-    if cfg.get(f"use_{kind}_sigmas"):
-      return kind
-  if cfg.get("interpolation_type", "linear") != "linear":
-    return f"{cfg['interpolation_type']}-interpolated"
-  return None
+# Euler's and DPM-Solver++(2M)'s settings as ours run them (diffusers' defaults)
+SOLVER_DEFAULTS = {"interpolation_type": "linear", "final_sigmas_type": "zero",
+                   "timestep_type": "discrete", "algorithm_type": "dpmsolver++",
+                   "solver_order": 2, "solver_type": "midpoint", "euler_at_final": False,
+                   "use_lu_lambdas": False, "variance_type": None}
+
+
+def _unsupported_solver_options(cfg: dict) -> str | None:
+  """The scheduler config's options that make diffusers' Euler or DPM-Solver steps differ from
+  ours (other noise levels: Karras', exponential, beta sigmas; another solver), or None."""
+  found = [f"use_{kind}_sigmas" for kind in ("karras", "exponential", "beta")
+           if cfg.get(f"use_{kind}_sigmas")]
+  found += [f"{k}={cfg[k]!r}" for k, v in SOLVER_DEFAULTS.items()
+            if cfg.get(k, v) != v]
+  return ", ".join(found) or None
 
 
 def unet_fields(model_cfg: Mapping[str, Any]) -> dict:
@@ -328,6 +334,9 @@ def controlnet_config_from_diffusers(cfg: Mapping[str, Any]) -> dict:
                           f"{cfg.get('_class_name')!r}")
   if cfg.get("controlnet_conditioning_channel_order", "rgb") != "rgb":
     raise ConversionError("controlnet_conditioning_channel_order='bgr' is not supported")
+  if cfg.get("conditioning_channels", 3) != 3:
+    raise ConversionError(f"conditioning_channels={cfg['conditioning_channels']}: the hint is "
+                          "an RGB image (3)")
   if cfg.get("global_pool_conditions"):
     raise ConversionError("global_pool_conditions=True (pooled residuals) is not supported")
   up = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}

@@ -97,6 +97,9 @@ def unet_fields_from_ldm(state: Mapping[str, Any], heads: dict | None = None) ->
   return {"ch": ch, "ch_mult": ch_mult, "num_res_blocks": num_res_blocks, "attn_resolutions": (),
           "attn_levels": attn_levels, "dropout": 0.0, "in_channels": conv_in.shape[1],
           "learned_variance": False, "context_dim": int(context_dim), "transformer_depth": depth,
+          **({"output_channels": int(state["out.2.weight"].shape[0])}
+             if "out.2.weight" in state and state["out.2.weight"].shape[0] != conv_in.shape[1]
+             else {}),
           "num_heads": 1, "head_channels": 0, **heads, "norm_eps": 1e-5,
           "flip_sin_to_cos": True, "freq_shift": 0.0, "downsample_padding": "symmetric"}
 

@@ -1,5 +1,5 @@
 """Stable Diffusion XL's conditioning (Podell et al. 2023, Sec. 2.1-2.2) as diffusers'
-StableDiffusionXLPipeline computes it, for text_to_image.StableDiffusion:
+StableDiffusionXLPipeline computes it, for stable_diffusion.StableDiffusion:
 
 - the context [B, 77, 768 + 1280]: the penultimate layer's states of two text encoders, OpenAI's
   CLIP ViT-L and OpenCLIP's ViT-bigG, side by side (each with its own tokenizer);
@@ -39,15 +39,15 @@ def pipeline_options(src: str) -> dict:
   return {"zero_negative": bool(index.get("force_zeros_for_empty_prompt", True))}
 
 
-def size_ids(height: int, width: int, original_size=None, crop_top_left=(0, 0),
+def size_ids(height: int, width: int, original_size=None, crops_coords_top_left=(0, 0),
              target_size=None) -> np.ndarray:
   """SDXL's time_ids [6] (diffusers' _get_add_time_ids): original_size and target_size
   (height, width) default to the output's."""
   original = tuple(original_size or (height, width))
   target = tuple(target_size or (height, width))
-  ids = original + tuple(crop_top_left) + target
+  ids = original + tuple(crops_coords_top_left) + target
   if len(ids) != 6:
-    raise ValueError(f"original_size, crop_top_left, target_size: pairs; got {ids}")
+    raise ValueError(f"original_size, crops_coords_top_left, target_size: pairs; got {ids}")
   return np.asarray(ids, np.float32)
 
 

@@ -65,8 +65,10 @@ class StableDiffusion:
   @classmethod
   def load(cls, src: str, dtype: str = "float32", mesh=None, tokenizer=None,
            attention: str = "auto", controlnet: str | None = None):
-    """Read a local diffusers pipeline directory (see the module docstring); attention:
-    models/attention.py's implementation for the U-Net and the decoder."""
+    """Read a local diffusers pipeline directory (see the module docstring; SDXL's when it has
+    text_encoder_2/); attention: models/attention.py's implementation for the U-Net and the
+    decoder; controlnet: a diffusers ControlNetModel directory (by default the pipeline's
+    controlnet/ folder, where it has one)."""
     from diffusion_jax.convert_autoencoder import load_autoencoder
     from diffusion_jax.convert_clip import load_text_encoder
     from diffusion_jax.convert_diffusers import load_diffusers_unet
@@ -252,28 +254,43 @@ class StableDiffusion:
     z = z.astype(jnp.float32)
     return self.first_stage.decode_latents(vae_params, *scaling, z) if decode else z
 
-  def default_method(self) -> str:
-    """The sampler of the pipeline's scheduler class (DDIM where it is none of METHODS')."""
-    return SCHEDULER_METHODS.get(self.schedule.get("scheduler"), "ddim")
+  def default_method(self, eta: float = 0.0) -> str:
+    """The sampler of the pipeline's scheduler class; DDIM where it is none of METHODS' or
+    uses options ours do not implement (with a warning)."""
+    method = SCHEDULER_METHODS.get(self.schedule.get("scheduler"), "ddim")
+    try:
+      self._check_solver(method, eta)
+    except ValueError as e:
+      logging.warning("%s; sampling with DDIM instead", e)
+      return "ddim"
+    return method
+
+  def _method(self, method: str | None, eta: float) -> str:
+    if method is None:
+      return self.default_method(eta)
+    if method not in METHODS:
+      raise ValueError(f"method {method!r}: one of {METHODS}")
+    self._check_solver(method, eta)
+    return method
 
   def generate(self, prompts, negative_prompt: str | None = None, num_steps: int = 50,
                guidance_scale: float = 7.5, seed: int = 0, height: int | None = None,
                width: int | None = None, method: str | None = None, eta: float = 0.0,
                latents=None, decode: bool = True, control_image=None,
-               control_scale: float = 1.0, **sizes):
+               control_scale: float = 1.0, original_size=None, crops_coords_top_left=(0, 0),
+               target_size=None):
     """Images (uint8 [B, H, W, 3]) for `prompts`; latents: x_T [B, h, w, 4] to start from
     (else drawn from `seed`); decode=False: the final latents [B, h, w, 4] as the U-Net sees
-    them (float32; diffusers' output_type="latent") instead of images. negative_prompt None:
-    the empty prompt (SDXL: zeros, where the pipeline says so); method None: default_method().
-    sizes: SDXL's original_size, crop_top_left, target_size (sdxl.size_ids). control_image:
+    them (float32; diffusers' output_type="latent") instead of images. negative_prompt: one for
+    all prompts or one each; None: the empty prompt (SDXL: zeros, where the pipeline says so).
+    method None: default_method(). original_size, crops_coords_top_left, target_size: SDXL's
+    size conditioning (sdxl.size_ids; default: the output's size, no crop). control_image:
     a ControlNet pipeline's hint, uint8 [B or 1, H, W, 3] at the output's size (its residuals
     times control_scale)."""
-    method = method or self.default_method()
-    if method not in METHODS:
-      raise ValueError(f"method {method!r}: one of {METHODS}")
-    self._check_sigmas(method, eta)
+    method = self._method(method, eta)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     shape = self.latent_shape(len(prompts), height, width)
+    sizes = (original_size, crops_coords_top_left, target_size)
     hint = None
     if control_image is not None or self.controlnet is not None:
       hint = self._hint(control_image, shape)
@@ -290,12 +307,12 @@ class StableDiffusion:
     f = self.first_stage.model.downsampling_factor
     return unit_range(image, shape[0], shape[1] * f, shape[2] * f, "control_image")
 
-  def _check_sigmas(self, method: str, eta: float) -> None:
-    """Euler and DPM-Solver++ follow the scheduler config's own noise levels only."""
-    spacing, sigmas = self.schedule["timestep_spacing"], self.schedule.get("sigmas")
-    if method != "ddim" and sigmas:
-      raise ValueError(f"the scheduler config asks for {sigmas} sigmas, which method "
-                       f"{method!r} does not implement: use method 'ddim'")
+  def _check_solver(self, method: str, eta: float) -> None:
+    """Euler and DPM-Solver++ as the scheduler config has them, or a ValueError."""
+    spacing, unsupported = self.schedule["timestep_spacing"], self.schedule.get("unsupported")
+    if method != "ddim" and unsupported:
+      raise ValueError(f"the scheduler config sets {unsupported}, which method {method!r} does "
+                       "not implement: use method 'ddim'")
     if method == "euler" and (spacing != "leading" or eta):
       raise ValueError(f"method 'euler' is EulerDiscreteScheduler with 'leading' timesteps and "
                        f"eta 0; got timestep_spacing={spacing!r}, eta {eta}: use method "
@@ -304,7 +321,8 @@ class StableDiffusion:
   def img2img(self, prompts, images=None, latents=None, strength: float = 0.8,
               negative_prompt: str | None = None, num_steps: int = 50,
               guidance_scale: float = 7.5, seed: int = 0, eta: float = 0.0, noise=None,
-              decode: bool = True, **sizes):
+              decode: bool = True, original_size=None, crops_coords_top_left=(0, 0),
+              target_size=None):
     """SDEdit (Meng et al. 2022) as diffusers' StableDiffusionImg2ImgPipeline: the inputs'
     latents noised to the int(num_steps * strength)-th last DDIM step, then those steps.
     images: uint8 [B, H, W, 3] (encoded: a posterior sample); or latents [B, h, w, 4], already
@@ -313,12 +331,14 @@ class StableDiffusion:
     shape, init = self._inputs(prompts, images, latents)
     return self._run_batch(prompts, negative_prompt, shape, noise, init, seed, num_steps,
                            guidance_scale, "ddim", eta, decode,
-                           self._skipped(num_steps, strength), sizes)
+                           self._skipped(num_steps, strength),
+                           (original_size, crops_coords_top_left, target_size))
 
   def inpaint(self, prompts, images, masks, masked_image_latents=None, strength: float = 1.0,
               negative_prompt: str | None = None, num_steps: int = 50,
               guidance_scale: float = 7.5, seed: int = 0, method: str | None = None,
-              eta: float = 0.0, latents=None, decode: bool = True, **sizes):
+              eta: float = 0.0, latents=None, decode: bool = True, original_size=None,
+              crops_coords_top_left=(0, 0), target_size=None):
     """Repaint the images where `masks` are set, with an inpainting U-Net, as diffusers'
     StableDiffusionInpaintPipeline: the U-Net reads x_t, the mask at latent size (every f-th
     pixel, torch's nearest) and the masked image's latents (images where the mask is off,
@@ -342,15 +362,14 @@ class StableDiffusion:
       if masked.shape != shape:
         raise ValueError(f"masked_image_latents of shape {masked.shape}; expected {shape}")
     if strength == 1.0:
-      method = method or self.default_method()
-      self._check_sigmas(method, eta)
-      skip, init = 0, None
+      method, skip, init = self._method(method, eta), 0, None
     elif method not in (None, "ddim"):
       raise ValueError("strength < 1 starts from the noised images with DDIM: drop method")
     else:
       method, skip = "ddim", self._skipped(num_steps, strength)
     return self._run_batch(prompts, negative_prompt, shape, latents, init, seed, num_steps,
-                           guidance_scale, method, eta, decode, skip, sizes, (mask, masked))
+                           guidance_scale, method, eta, decode, skip,
+                           (original_size, crops_coords_top_left, target_size), (mask, masked))
 
   @staticmethod
   def _skipped(num_steps: int, strength: float) -> int:
@@ -393,12 +412,21 @@ class StableDiffusion:
                        "control_image=) (img2img and inpainting with it are not supported)")
     if self.inpainting and inpaint is None:
       raise ValueError("this pipeline's U-Net is an inpainting one (latents, mask and masked "
-                       "image as inputs): use inpaint(prompts, images, masks)")
+                       "image as inputs): use inpaint(prompts, images, masks) (command line: "
+                       "--init_image and --mask_image)")
     zero_null = negative_prompt is None and self.zero_negative
     f = self.first_stage.model.downsampling_factor
-    if sizes and self.text_encoder_2 is None:
-      raise ValueError(f"{sorted(sizes)}: size conditioning is SDXL's")
-    time_ids = np.tile(sdxl.size_ids(shape[1] * f, shape[2] * f, **sizes), (n, 1))
+    if sizes != (None, (0, 0), None) and self.text_encoder_2 is None:
+      raise ValueError("original_size, crops_coords_top_left, target_size: size conditioning "
+                       "is SDXL's")
+    time_ids = np.tile(sdxl.size_ids(shape[1] * f, shape[2] * f, *sizes), (n, 1))
+    negatives = [negative_prompt or ""] * n if negative_prompt is None or isinstance(
+        negative_prompt, str) else list(negative_prompt)
+    if len(negatives) == 1:
+      negatives *= n
+    if len(negatives) != n:
+      raise ValueError(f"{len(negatives)} negative prompts for {n} prompts: give one, or one "
+                       "each")
     if method == "ddim" and self.schedule["timestep_spacing"] not in (None, "leading"):
       logging.warning("scheduler timestep_spacing=%r: DDIM uses 'leading' (uniform spacing plus "
                       "steps_offset)", self.schedule["timestep_spacing"])
@@ -413,7 +441,7 @@ class StableDiffusion:
     put = lambda a: jax.device_put(parallel.pad_to_multiple(np.asarray(a), n_dev), batch)
     scaling = tuple(jnp.float32(v) for v in self.first_stage.scaling())
     out = self._run(self.params, self.first_stage.params, scaling, put(self.tokenize(prompts)),
-                    put(self.tokenize([negative_prompt or ""] * n)), put(time_ids), put(x_T),
+                    put(self.tokenize(negatives)), put(time_ids), put(x_T),
                     key, None if init is None else put(init),
                     None if inpaint is None else tuple(put(a) for a in inpaint),
                     None if hint is None else put(hint), control_scale=float(control_scale),

@@ -32,6 +32,8 @@ def main(argv):
   from diffusion_jax.images import read_image, save_grid
   try:
     if FLAGS.src.endswith(".safetensors"):
+      if FLAGS.controlnet:
+        raise ValueError("--controlnet runs with a pipeline directory as --src")
       if not FLAGS.tokenizer:
         raise ConversionError("a single-file checkpoint holds no tokenizer: add "
                               "--tokenizer=DIR (vocab.json + merges.txt of CLIP's, e.g. a "
@@ -46,18 +48,24 @@ def main(argv):
                   guidance_scale=FLAGS.guidance, seed=FLAGS.seed, eta=FLAGS.eta)
     if FLAGS.mask_image and not FLAGS.init_image:
       raise ValueError("--mask_image needs --init_image, the image to repaint")
+    if FLAGS.control_image and FLAGS.init_image:
+      raise ValueError("--control_image runs without --init_image (img2img and inpainting "
+                       "with a ControlNet are not supported)")
     if FLAGS.init_image:
       multiple = pipe.first_stage.model.downsampling_factor * 2 ** (len(pipe.unet.ch_mult) - 1)
       init = read_image(FLAGS.init_image, multiple, FLAGS.height, FLAGS.width)
       inits = np.stack([init] * len(prompts))
     if FLAGS.mask_image:
-      mask = read_image(FLAGS.mask_image, 1, init.shape[0], init.shape[1]).mean(-1)
-      images = pipe.inpaint(prompts, inits, np.stack([mask] * len(prompts)) >= 127.5,
-                            strength=FLAGS.strength or 1.0, method=FLAGS.method, **common)
+      rgb = read_image(FLAGS.mask_image, 1, init.shape[0], init.shape[1])
+      mask = rgb @ np.array([0.299, 0.587, 0.114]) >= 127.5  # PIL's "L", binarised
+      images = pipe.inpaint(prompts, inits, np.stack([mask] * len(prompts)),
+                            strength=1.0 if FLAGS.strength is None else FLAGS.strength,
+                            method=FLAGS.method, **common)
     elif FLAGS.init_image:
       if FLAGS.method not in (None, "ddim"):
         raise ValueError("img2img samples with DDIM: drop --method")
-      images = pipe.img2img(prompts, images=inits, strength=FLAGS.strength or 0.8, **common)
+      images = pipe.img2img(prompts, images=inits,
+                            strength=0.8 if FLAGS.strength is None else FLAGS.strength, **common)
     else:
       control = None
       if FLAGS.control_image:  # resized to the output's size

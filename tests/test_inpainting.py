@@ -106,3 +106,18 @@ def test_the_command_repaints_under_a_mask(inpaint_dir, tmp_path):
   bad = text_to_image_command(f"--src={src}", "--prompt=a cat", f"--out={out}",
                               f"--mask_image={tmp_path / 'mask.png'}")
   assert bad.returncode != 0 and "--mask_image needs --init_image" in bad.stderr
+
+
+def test_single_file_inpainting_unet_reads_back(inpaint_dir):
+  """An inpainting U-Net in CompVis' names (sd-v1-5-inpainting's single file): 9 inputs, 4
+  outputs, the same parameters."""
+  import jax
+  from diffusion_jax import convert_ldm
+  from diffusion_jax.convert_diffusers import load_diffusers_unet
+  src, _ = inpaint_dir
+  fields, params = load_diffusers_unet(str(src / "unet"))
+  state = convert_ldm.unet_state(convert_ldm.ldm_state_dict(params, fields))
+  back = convert_ldm.unet_fields_from_ldm(state, {"num_heads": fields["num_heads"]})
+  assert (back["in_channels"], back["output_channels"]) == (9, 4)
+  again = convert_ldm.unet_params_from_ldm(state, dict(back, name="unet", image_size=8))
+  assert jax.tree.structure(again) == jax.tree.structure(params)

@@ -151,10 +151,17 @@ def test_pipeline_gives_diffusers_euler_latents_and_images(sdxl_dir):
   kw = dict(negative_prompt="blurry", original_size=(32, 24), crops_coords_top_left=(4, 0))
   want_2 = run(pipe, PROMPTS, latents, **kw)
   got_2 = ours.generate(PROMPTS, "blurry", num_steps=4, guidance_scale=5.0, latents=latents,
-                        decode=False, original_size=(32, 24), crop_top_left=(4, 0))
+                        decode=False, original_size=(32, 24), crops_coords_top_left=(4, 0))
   diff_2, effect_2 = np.abs(got_2 - want_2).max(), np.abs(want_2 - want).max()
   print(f"with a negative prompt and size ids: {diff_2:.3g} (they move diffusers' {effect_2:.3g})")
   assert close(got_2, want_2, effect_2)
+  # one negative prompt each
+  negatives = ["blurry", "a dog"]
+  want_3 = run(pipe, PROMPTS, latents, negative_prompt=negatives)
+  got_3 = ours.generate(PROMPTS, negatives, num_steps=4, guidance_scale=5.0, latents=latents,
+                        decode=False)
+  one = run(pipe, PROMPTS, latents, negative_prompt="blurry")
+  assert close(got_3, want_3, np.abs(want_3 - one).max())
   # decoded (scaling_factor 0.13025): the same 8-bit images
   images = ours.generate(PROMPTS, num_steps=4, guidance_scale=5.0, latents=latents)
   diff = np.abs(images / 255.0 - run(pipe, PROMPTS, latents, "np")).max()
@@ -173,7 +180,8 @@ def test_pipeline_gives_diffusers_euler_latents_and_images(sdxl_dir):
     assert close(got_m, want_m, effect)
 
 
-def test_euler_is_refused_where_it_would_differ(sdxl_dir, tmp_path):
+def test_euler_and_dpm_are_refused_where_they_would_differ(sdxl_dir, tmp_path, caplog):
+  """Asked for by name: refused; the scheduler's own class by default: DDIM, with a warning."""
   src, _ = sdxl_dir
   copy = tmp_path / "linspace"
   shutil.copytree(src, copy)
@@ -182,12 +190,17 @@ def test_euler_is_refused_where_it_would_differ(sdxl_dir, tmp_path):
   path.write_text(json.dumps(dict(cfg, timestep_spacing="linspace")))
   pipe = StableDiffusion.load(str(copy))
   with pytest.raises(ValueError, match="'euler' is EulerDiscreteScheduler with 'leading'"):
-    pipe.generate("a cat", num_steps=2)
-  path.write_text(json.dumps(dict(cfg, use_karras_sigmas=True)))
-  pipe = StableDiffusion.load(str(copy))
-  with pytest.raises(ValueError, match="karras sigmas"):
-    pipe.generate("a cat", num_steps=2, method="dpm_solver")
-  assert pipe.generate("a cat", num_steps=2, method="ddim").shape == (1, 16, 16, 3)
+    pipe.generate("a cat", num_steps=2, method="euler")
+  assert pipe.default_method() == "ddim" and "sampling with DDIM instead" in caplog.text
+  for option in ({"use_karras_sigmas": True}, {"final_sigmas_type": "sigma_min"},
+                 {"algorithm_type": "sde-dpmsolver++"}, {"solver_order": 3}):
+    path.write_text(json.dumps(dict(cfg, **option)))
+    pipe = StableDiffusion.load(str(copy))
+    with pytest.raises(ValueError, match=f"sets {next(iter(option))}"):
+      pipe.generate("a cat", num_steps=2, method="dpm_solver")
+  assert pipe.generate("a cat", num_steps=2).shape == (1, 16, 16, 3)  # DDIM
+  with pytest.raises(ValueError, match="3 negative prompts for 1 prompts"):
+    pipe.generate("a cat", ["a", "b", "c"], num_steps=2)
 
 
 def test_refiner_half_pipelines_and_training_are_refused(sdxl_dir, tmp_path):

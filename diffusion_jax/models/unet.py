@@ -18,9 +18,9 @@ class UNet(nn.Module):
 
   ch: base channels; ch_mult: multiplier per resolution level; attn_resolutions: spatial
   sizes that get self-attention; out_channels defaults to in_channels (twice that when
-  `learned_variance`; output_channels > 0 sets it, e.g. 4 for an inpainting U-Net whose 9 inputs
-  are the latents, the mask and the masked image's latents); num_classes > 0 adds a label embedding (index num_classes is the null
-  label, for classifier-free guidance). `dtype` is the compute dtype; parameters stay float32.
+  `learned_variance`; output_channels > 0 sets it, e.g. 4 for an inpainting U-Net whose 9
+  inputs are the latents, the mask and the masked image's latents); num_classes > 0 adds a
+  label embedding (index num_classes is the null label, for classifier-free guidance). `dtype` is the compute dtype; parameters stay float32.
   attention: "auto" | "xla" | "cudnn" | "per_head" (models/attention.py).
   conv: "auto" | "xla" | "onednn" -- whose convolution kernels run (models/onednn_conv.py;
   "auto": oneDNN's for float32 on a single CPU device where they are installed, else XLA's);
