@@ -122,7 +122,7 @@ def get_config():
   sampling.num_steps = 1000        # network evaluations for ddim / dpm_solver
   sampling.eta = 0.0               # DDIM eta
   sampling.spacing = placeholder(str)  # DDIM: uniform | quadratic; DPM-Solver: logsnr | uniform
-  #                                  | leading | linspace | trailing (diffusers' spacings)
+  #                                  | leading | linspace | trailing (diffusers' spacings) | karras
   sampling.steps_offset = 0        # DDIM, DPM-Solver "leading": timesteps shifted by this
   #                                  (diffusers' steps_offset)
   sampling.alpha_one_at_end = True  # DDIM: the last step to alphabar = 1 (set_alpha_to_one)

@@ -211,6 +211,7 @@ def scheduler_settings(cfg: dict) -> dict:
           "steps_offset": int(cfg.get("steps_offset", 0)),
           "alpha_one_at_end": bool(cfg.get("set_alpha_to_one", True)),
           "timestep_spacing": spacing, "scheduler": cfg.get("_class_name"),
+          "karras": bool(cfg.get("use_karras_sigmas")),
           "unsupported": _unsupported_solver_options(cfg)}
 
 
@@ -223,8 +224,9 @@ SOLVER_DEFAULTS = {"interpolation_type": "linear", "final_sigmas_type": "zero",
 
 def _unsupported_solver_options(cfg: dict) -> str | None:
   """The scheduler config's options that make diffusers' Euler or DPM-Solver steps differ from
-  ours (other noise levels: Karras', exponential, beta sigmas; another solver), or None."""
-  found = [f"use_{kind}_sigmas" for kind in ("karras", "exponential", "beta")
+  ours (other noise levels: exponential, beta sigmas; another solver), or None. (Karras'
+  sigmas: DPM-Solver's "karras" spacing.)"""
+  found = [f"use_{kind}_sigmas" for kind in ("exponential", "beta")
            if cfg.get(f"use_{kind}_sigmas")]
   found += [f"{k}={cfg[k]!r}" for k, v in SOLVER_DEFAULTS.items()
             if cfg.get(k, v) != v]

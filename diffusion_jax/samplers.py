@@ -158,7 +158,22 @@ def ddim_sample(diffusion, denoise_fn, x_T, key, num_steps: int = 50, eta: float
 
 
 # ----------------------------------------------------------------------------- DPM-Solver++
-DPM_SPACINGS = ("logsnr", "uniform", "leading", "linspace", "trailing")
+DPM_SPACINGS = ("logsnr", "uniform", "leading", "linspace", "trailing", "karras")
+
+
+def karras_timesteps(diffusion, num_steps: int, rho: float = 7.0):
+  """Karras et al. (2022), Eq. 5, as diffusers' use_karras_sigmas: num_steps noise levels
+  sigma = sqrt((1 - alphabar) / alphabar) from the schedule's largest to its smallest, even in
+  sigma^(1/rho), then 0; and the timesteps the network sees, each level's (log sigma
+  interpolated over t, rounded). Returns (timesteps [n], sigmas [n + 1])."""
+  if num_steps < 2:
+    raise ValueError(f"num_steps={num_steps}: Karras' levels need at least 2")
+  ab = np.asarray(diffusion.coefs["alphas_cumprod"], np.float64)
+  levels = np.sqrt((1.0 - ab) / ab)  # increasing in t
+  lo, hi = levels[0] ** (1.0 / rho), levels[-1] ** (1.0 / rho)
+  sigmas = (hi + np.linspace(0.0, 1.0, num_steps) * (lo - hi)) ** rho
+  t = np.interp(np.log(sigmas), np.log(levels), np.arange(len(levels)))
+  return np.round(t).astype(np.int32), np.append(sigmas, 0.0)
 
 
 def dpm_solver_timesteps(diffusion, num_steps: int, spacing: str = "logsnr",
@@ -206,12 +221,20 @@ def dpm_solver_sample(diffusion, denoise_fn, x_T, key=None, num_steps: int = 20,
   over dpm_solver_timesteps: with "logsnr" and "uniform" from t = T - 1 to t = 0, the result x
   at t = 0 (sigma_0 = sqrt(beta_1)); with diffusers' spacings ("leading" + steps_offset,
   "linspace", "trailing") the last step goes to sigma = 0 and is first order (the prediction of
-  x_0), as DPMSolverMultistepScheduler's.
+  x_0), as DPMSolverMultistepScheduler's. "karras": over karras_timesteps' noise levels, the
+  network at the nearest timestep, x_0 from its output at the level itself (diffusers'
+  use_karras_sigmas; eps, v or x0 prediction).
   """
   del key  # deterministic given x_T
-  ts = dpm_solver_timesteps(diffusion, num_steps, spacing, steps_offset)
-  ab = np.append(1.0, diffusion.coefs["alphas_cumprod"])[ts + 1]  # alphabar(-1) = 1
-  alpha, sigma = np.sqrt(ab), np.sqrt(1.0 - ab)
+  karras = spacing == "karras"
+  if karras:
+    ts, levels = karras_timesteps(diffusion, num_steps)
+    alpha = 1.0 / np.sqrt(1.0 + levels ** 2)
+    sigma = levels * alpha
+  else:
+    ts = dpm_solver_timesteps(diffusion, num_steps, spacing, steps_offset)
+    ab = np.append(1.0, diffusion.coefs["alphas_cumprod"])[ts + 1]  # alphabar(-1) = 1
+    alpha, sigma = np.sqrt(ab), np.sqrt(1.0 - ab)
   with np.errstate(divide="ignore"):  # sigma = 0 at the end: lambda = inf
     lam = np.log(alpha) - np.log(sigma)
   h = lam[1:] - lam[:-1]
@@ -222,17 +245,35 @@ def dpm_solver_sample(diffusion, denoise_fn, x_T, key=None, num_steps: int = 20,
   phi = alpha[1:] * -np.expm1(-h)  # alpha_t (1 - e^{-h})
   dt = x_T.dtype
   consts = tuple(jnp.asarray(a, dt) for a in (sigma_ratio, phi, r)) + (jnp.asarray(second),)
+  consts += (jnp.asarray(alpha[:-1], dt), jnp.asarray(sigma[:-1], dt))
 
   def body(carry, inputs):
     x, x0_prev = carry
-    t, s_ratio, ph, ri, use_second = inputs
+    t, s_ratio, ph, ri, use_second, alpha_t, sigma_t = inputs
     tb = _batch_t(t, x)
-    _, x0 = diffusion.predict_eps_and_start(denoise_fn(x, tb), x, tb, clip_denoised)
+    if karras:
+      x0 = _start_at_level(diffusion, denoise_fn(x, tb), x, alpha_t, sigma_t, clip_denoised)
+    else:
+      _, x0 = diffusion.predict_eps_and_start(denoise_fn(x, tb), x, tb, clip_denoised)
     d = jnp.where(use_second, (1 + 0.5 / ri) * x0 - (0.5 / ri) * x0_prev, x0)
     return (s_ratio * x + ph * d, x0), None
 
-  (x, _), _ = jax.lax.scan(body, (x_T, jnp.zeros_like(x_T)), (jnp.asarray(ts[:-1]),) + consts)
+  (x, _), _ = jax.lax.scan(body, (x_T, jnp.zeros_like(x_T)),
+                          (jnp.asarray(ts[:len(ts) - (not karras)]),) + consts)
   return x
+
+
+def _start_at_level(diffusion, model_output, x, alpha, sigma, clip_denoised: bool):
+  """x_0 from the network's output where x = alpha x_0 + sigma eps (a level between the
+  schedule's timesteps)."""
+  out, _ = diffusion.split_model_output(model_output, x)
+  out = out.astype(x.dtype)
+  rules = {"eps": lambda: (x - sigma * out) / alpha, "v": lambda: alpha * x - sigma * out,
+           "x0": lambda: out}
+  if diffusion.mean_type not in rules:
+    raise ValueError(f"Karras' levels need eps, v or x0 prediction; got {diffusion.mean_type}")
+  x0 = rules[diffusion.mean_type]()
+  return jnp.clip(x0, -1.0, 1.0) if clip_denoised else x0
 
 
 # ----------------------------------------------------------------------------- one entry

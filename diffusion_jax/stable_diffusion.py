@@ -247,8 +247,10 @@ class StableDiffusion:
       z = samplers.ddim_sample(self.diffusion, denoise, x_T, key, num_steps, eta, skip=skip,
                                **ddim)
     else:
+      spacing = "karras" if self.schedule.get("karras") else (
+          self.schedule["timestep_spacing"] or "linspace")
       z = samplers.dpm_solver_sample(self.diffusion, denoise, x_T, key, num_steps,
-                                     spacing=self.schedule["timestep_spacing"] or "linspace",
+                                     spacing=spacing,
                                      clip_denoised=False,
                                      steps_offset=self.schedule["steps_offset"])
     z = z.astype(jnp.float32)
@@ -313,10 +315,11 @@ class StableDiffusion:
     if method != "ddim" and unsupported:
       raise ValueError(f"the scheduler config sets {unsupported}, which method {method!r} does "
                        "not implement: use method 'ddim'")
-    if method == "euler" and (spacing != "leading" or eta):
-      raise ValueError(f"method 'euler' is EulerDiscreteScheduler with 'leading' timesteps and "
-                       f"eta 0; got timestep_spacing={spacing!r}, eta {eta}: use method "
-                       "'ddim' or 'dpm_solver'")
+    if method == "euler" and (spacing != "leading" or eta or self.schedule.get("karras")):
+      raise ValueError(f"method 'euler' is EulerDiscreteScheduler with 'leading' timesteps, "
+                       f"its own sigmas and eta 0; got timestep_spacing={spacing!r}, "
+                       f"use_karras_sigmas={self.schedule.get('karras')}, eta {eta}: use "
+                       "method 'ddim' or 'dpm_solver'")
 
   def img2img(self, prompts, images=None, latents=None, strength: float = 0.8,
               negative_prompt: str | None = None, num_steps: int = 50,

@@ -240,6 +240,9 @@ def _check_sampling(s, f, n_dev: int):
   if s.method != "ancestral":
     _check(1 <= s.num_steps < f.num_timesteps + (s.method == "ddim"), "sampling.num_steps",
            s.num_steps, f"in [1, {f.num_timesteps}] for {s.method}")
+  if s.method == "dpm_solver" and s.spacing == "karras":
+    _check(f.mean_type in ("eps", "v", "x0") and s.num_steps >= 2, "sampling.spacing",
+           s.spacing, "for a model predicting eps, v or x0, with sampling.num_steps >= 2")
   _check(s.get("steps_offset", 0) >= 0, "sampling.steps_offset", s.get("steps_offset"), ">= 0")
   _check(s.batch_size >= 1 and s.batch_size % n_dev == 0, "sampling.batch_size", s.batch_size,
          f"a positive multiple of the device count ({n_dev})")

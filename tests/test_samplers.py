@@ -186,3 +186,51 @@ def test_dpm_solver_is_diffusers_multistep_scheduler(spacing, num_steps, offset)
   diff = np.abs(np.asarray(ours) - x.numpy()).max()
   print(f"DPM-Solver++(2M) {spacing} {num_steps}: max |ours - diffusers| = {diff:.3g}")
   assert diff < 1e-4
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("num_steps,mean_type", [(7, "eps"), (20, "eps"), (25, "v")])
+def test_dpm_solver_karras_is_diffusers_use_karras_sigmas(num_steps, mean_type):
+  """"DPM++ 2M Karras": Karras' noise levels, the network at the rounded nearest timestep,
+  against DPMSolverMultistepScheduler(use_karras_sigmas=True) step for step."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  d = dm.GaussianDiffusion(dm.get_beta_schedule("scaled_linear", 1000, 0.00085, 0.012),
+                           mean_type=mean_type)
+  eps_fn = functools.partial(optimal_eps, d)
+  # the optimal eps, written as the model's output of its mean type at the rounded timestep
+  fn = eps_fn if mean_type == "eps" else lambda x, t: (
+      d._extract("sqrt_alphas_cumprod", t, x.shape, x.dtype) * eps_fn(x, t)
+      - d._extract("sqrt_one_minus_alphas_cumprod", t, x.shape, x.dtype) * x)
+  sched = diffusers.DPMSolverMultistepScheduler(
+      beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", use_karras_sigmas=True,
+      prediction_type="epsilon" if mean_type == "eps" else "v_prediction")
+  sched.set_timesteps(num_steps)
+  ts, levels = samplers.karras_timesteps(d, num_steps)
+  np.testing.assert_array_equal(ts, sched.timesteps.numpy())
+  np.testing.assert_allclose(levels, sched.sigmas.numpy(), rtol=1e-4)  # theirs: float32
+  x_T = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (4, 4, 4, 2)))
+  x = torch.from_numpy(x_T.astype(np.float64))
+  for t in sched.timesteps:
+    out = np.asarray(fn(jnp.asarray(x.numpy(), jnp.float32), jnp.full((4,), int(t))))
+    x = sched.step(torch.from_numpy(out.astype(np.float64)), t, x).prev_sample
+  ours = samplers.dpm_solver_sample(d, fn, jnp.asarray(x_T), None, num_steps, "karras",
+                                    clip_denoised=False)
+  plain = samplers.dpm_solver_sample(d, fn, jnp.asarray(x_T), None, num_steps, "linspace",
+                                     clip_denoised=False)
+  diff = np.abs(np.asarray(ours) - x.numpy()).max()
+  other = np.abs(np.asarray(plain) - x.numpy()).max()
+  print(f"DPM-Solver++(2M) Karras {num_steps} ({mean_type}): max |ours - diffusers| = "
+        f"{diff:.3g} (linspace spacing's: {other:.3g})")
+  assert diff < 1e-4 and other > 100 * diff
+
+
+def test_karras_levels_need_a_prediction_they_can_convert(tmp_path):
+  from diffusion_jax.validate import ConfigError, validate_config
+  from helpers import tiny_config
+  c = tiny_config(tmp_path)
+  c.sampling.method, c.sampling.spacing, c.sampling.num_steps = "dpm_solver", "karras", 5
+  validate_config(c)
+  c.diffusion.mean_type = "mean"
+  with pytest.raises(ConfigError, match="sampling.spacing.*eps, v or x0"):
+    validate_config(c)

@@ -192,13 +192,30 @@ def test_euler_and_dpm_are_refused_where_they_would_differ(sdxl_dir, tmp_path, c
   with pytest.raises(ValueError, match="'euler' is EulerDiscreteScheduler with 'leading'"):
     pipe.generate("a cat", num_steps=2, method="euler")
   assert pipe.default_method() == "ddim" and "sampling with DDIM instead" in caplog.text
-  for option in ({"use_karras_sigmas": True}, {"final_sigmas_type": "sigma_min"},
-                 {"algorithm_type": "sde-dpmsolver++"}, {"solver_order": 3}):
+  for option in ({"final_sigmas_type": "sigma_min"}, {"algorithm_type": "sde-dpmsolver++"},
+                 {"solver_order": 3}, {"use_exponential_sigmas": True}):
     path.write_text(json.dumps(dict(cfg, **option)))
     pipe = StableDiffusion.load(str(copy))
     with pytest.raises(ValueError, match=f"sets {next(iter(option))}"):
       pipe.generate("a cat", num_steps=2, method="dpm_solver")
   assert pipe.generate("a cat", num_steps=2).shape == (1, 16, 16, 3)  # DDIM
+  # "DPM++ 2M Karras": DPM-Solver over Karras' levels, as diffusers' (Euler's: refused)
+  karras = dict(cfg, use_karras_sigmas=True, timestep_spacing="leading")
+  path.write_text(json.dumps(karras))
+  pipe = StableDiffusion.load(str(copy))
+  with pytest.raises(ValueError, match="use_karras_sigmas=True"):
+    pipe.generate("a cat", num_steps=2, method="euler")
+  ref = diffusers.StableDiffusionXLPipeline(**dict(
+      sdxl_dir[1].components, scheduler=diffusers.DPMSolverMultistepScheduler.from_config(karras)))
+  latents = np.random.default_rng(3).normal(size=(2, 8, 8, 4)).astype(np.float32)
+  want = run(ref, PROMPTS, latents, steps=6)
+  got = pipe.generate(PROMPTS, num_steps=6, guidance_scale=5.0, latents=latents,
+                      method="dpm_solver", decode=False)
+  plain = StableDiffusion.load(str(src)).generate(PROMPTS, num_steps=6, guidance_scale=5.0,
+                                                  latents=latents, method="dpm_solver",
+                                                  decode=False)
+  print(f"DPM-Solver++ Karras latents: max |ours - diffusers| = {np.abs(got - want).max():.3g}")
+  assert close(got, want, np.abs(plain - want).max())
   with pytest.raises(ValueError, match="3 negative prompts for 1 prompts"):
     pipe.generate("a cat", ["a", "b", "c"], num_steps=2)
 
