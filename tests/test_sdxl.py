@@ -180,6 +180,27 @@ def test_pipeline_gives_diffusers_euler_latents_and_images(sdxl_dir):
     assert close(got_m, want_m, effect)
 
 
+def test_img2img_gives_diffusers_sdxl_img2img_latents(sdxl_dir):
+  """SDEdit from latents with SDXL's conditioning (DDIM from the pipeline's config, as
+  StableDiffusionXLImg2ImgPipeline; the size ids: the image's), the same noise."""
+  from diffusers.utils.torch_utils import randn_tensor
+  src, pipe = sdxl_dir
+  ours = StableDiffusion.load(str(src))
+  ddim = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+  ref = diffusers.StableDiffusionXLImg2ImgPipeline(**dict(pipe.components, scheduler=ddim))
+  init = np.random.default_rng(4).normal(size=(2, 4, 8, 8)).astype(np.float32)
+  run_ref = lambda strength: ref(
+      PROMPTS, image=torch.from_numpy(init), strength=strength, num_inference_steps=5,
+      guidance_scale=5.0, output_type="latent",
+      generator=torch.Generator().manual_seed(3)).images.numpy().transpose(0, 2, 3, 1)
+  noise = randn_tensor((2, 4, 8, 8), generator=torch.Generator().manual_seed(3)).numpy()
+  got = ours.img2img(PROMPTS, latents=init.transpose(0, 2, 3, 1), strength=0.6, num_steps=5,
+                     guidance_scale=5.0, noise=noise.transpose(0, 2, 3, 1), decode=False)
+  want = run_ref(0.6)
+  print(f"SDXL img2img latents: max |ours - diffusers| = {np.abs(got - want).max():.3g}")
+  assert close(got, want, np.abs(run_ref(0.8) - want).max())
+
+
 def test_euler_and_dpm_are_refused_where_they_would_differ(sdxl_dir, tmp_path, caplog):
   """Asked for by name: refused; the scheduler's own class by default: DDIM, with a warning."""
   src, _ = sdxl_dir
