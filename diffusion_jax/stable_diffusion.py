@@ -175,6 +175,19 @@ class StableDiffusion:
                                                                         dtype=compute),
                zero_negative, control)
 
+  def with_lora(self, path: str, weight: float = 1.0) -> "StableDiffusion":
+    """This pipeline with a LoRA file's changes merged into its U-Net and text encoder(s),
+    times `weight` (lora.py: diffusers' and kohya's formats); this one is left as it was."""
+    from diffusion_jax import lora
+    from diffusion_jax.convert_clip import text_encoder_params
+    from diffusion_jax.convert_diffusers import unet_params_from_diffusers
+    levels = {"ch_mult": self.unet.ch_mult}
+    converters = {"unet": lambda state: unet_params_from_diffusers(state, levels),
+                  "text_encoder": text_encoder_params, "text_encoder_2": text_encoder_params}
+    deltas = lora.lora_deltas(*lora.read_lora(path))
+    return dataclasses.replace(self, params=lora.merged_params(self.params, deltas, converters,
+                                                               weight))
+
   def tokenize(self, prompts: list[str]) -> np.ndarray:
     """Token ids [B, 77], padded as the pipeline pads them (to the encoder's positions); SDXL's:
     [B, 2, 77], each tokenizer's."""

@@ -42,6 +42,8 @@ def main(argv):
                                               FLAGS.dtype, ema=FLAGS.ema)
     else:
       pipe = StableDiffusion.load(FLAGS.src, FLAGS.dtype, controlnet=FLAGS.controlnet)
+    for path in FLAGS.lora or ():
+      pipe = pipe.with_lora(path, FLAGS.lora_weight)
     prompts = [p for p in FLAGS.prompt for _ in range(FLAGS.num_images)]
     start = time.perf_counter()
     common = dict(negative_prompt=FLAGS.negative_prompt, num_steps=FLAGS.steps,
@@ -110,6 +112,9 @@ if __name__ == "__main__":
   flags.DEFINE_float("strength", None, "img2img (default 0.8) and inpainting (default 1): the "
                      "share of the DDIM steps run (1: all of them, from the noisiest step, "
                      "where little of the image survives).")
+  flags.DEFINE_multi_string("lora", None, "LoRA weights to merge (.safetensors, diffusers' or "
+                            "kohya's format; repeat the flag for several).")
+  flags.DEFINE_float("lora_weight", 1.0, "The LoRA changes' weight (diffusers' lora_scale).")
   flags.DEFINE_string("controlnet", None, "A diffusers ControlNetModel directory (e.g. "
                       "sd-controlnet-canny) to guide the U-Net with --control_image.")
   flags.DEFINE_string("control_image", None, "The ControlNet's hint image (edges, depth, pose, "
