@@ -11,8 +11,11 @@ chain, diffusers' DPMSolverMultistepScheduler made from the same config: its tim
 (where absent, that class's default "linspace"), the last step first order to sigma = 0).
 "euler" is EulerDiscreteScheduler (SDXL's), which is DDIM with eta = 0 written in
 sigma = sqrt((1 - alphabar) / alphabar), its last step to sigma = 0: the same chain with
-diffusers' "leading" timesteps. By default the method is the scheduler config's class where it
-is one of these three, else DDIM. SDXL's conditioning: sdxl.py (its invisible watermark is not
+diffusers' "leading" timesteps; "euler_ancestral" (EulerAncestralDiscreteScheduler) is the
+same with eta = 1 (its sigma_up is DDIM's eta = 1 noise, its sigma_down the rest).
+"dpm_solver_karras" is DPM-Solver++(2M) over Karras' noise levels whatever the config says
+("DPM++ 2M Karras"). By default the method is the scheduler config's class where it is one of
+these, else DDIM. SDXL's conditioning: sdxl.py (its invisible watermark is not
 applied). Tokenising needs the `transformers` package (its CLIPTokenizer reads tokenizer/);
 nothing else of torch or transformers runs.
 """
@@ -34,8 +37,9 @@ from diffusion_jax.images import binary_masks, unit_range
 from diffusion_jax.convert_diffusers import (ConversionError, require_files,
                                              scheduler_settings, scheduler_settings_file)
 
-METHODS = ("ddim", "euler", "dpm_solver")
+METHODS = ("ddim", "euler", "euler_ancestral", "dpm_solver", "dpm_solver_karras")
 SCHEDULER_METHODS = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
+                     "EulerAncestralDiscreteScheduler": "euler_ancestral",
                      "DPMSolverMultistepScheduler": "dpm_solver"}
 
 
@@ -254,14 +258,15 @@ class StableDiffusion:
       t = samplers.ddim_timesteps(self.diffusion.num_timesteps, num_steps)[::-1][skip]
       x_T = self.diffusion.q_sample(init, jnp.full((x_T.shape[0],), t + ddim["steps_offset"]),
                                     x_T)
-    if method == "euler":  # EulerDiscreteScheduler: DDIM (eta 0) to sigma = 0
+    if method.startswith("euler"):  # Euler: DDIM to sigma = 0, eta 0 (ancestral: 1)
       ddim.update(clip_denoised=False, alpha_one_at_end=True)
-    if method in ("ddim", "euler"):
+      eta = 1.0 if method == "euler_ancestral" else 0.0
+    if method in ("ddim", "euler", "euler_ancestral"):
       z = samplers.ddim_sample(self.diffusion, denoise, x_T, key, num_steps, eta, skip=skip,
                                **ddim)
     else:
-      spacing = "karras" if self.schedule.get("karras") else (
-          self.schedule["timestep_spacing"] or "linspace")
+      karras = self.schedule.get("karras") or method == "dpm_solver_karras"
+      spacing = "karras" if karras else self.schedule["timestep_spacing"] or "linspace"
       z = samplers.dpm_solver_sample(self.diffusion, denoise, x_T, key, num_steps,
                                      spacing=spacing,
                                      clip_denoised=False,
@@ -328,11 +333,13 @@ class StableDiffusion:
     if method != "ddim" and unsupported:
       raise ValueError(f"the scheduler config sets {unsupported}, which method {method!r} does "
                        "not implement: use method 'ddim'")
-    if method == "euler" and (spacing != "leading" or eta or self.schedule.get("karras")):
-      raise ValueError(f"method 'euler' is EulerDiscreteScheduler with 'leading' timesteps, "
-                       f"its own sigmas and eta 0; got timestep_spacing={spacing!r}, "
-                       f"use_karras_sigmas={self.schedule.get('karras')}, eta {eta}: use "
-                       "method 'ddim' or 'dpm_solver'")
+    if method.startswith("euler") and (spacing != "leading" or eta or
+                                       self.schedule.get("karras")):
+      raise ValueError(f"method {method!r} is diffusers' Euler (ancestral) scheduler with "
+                       f"'leading' timesteps and its own sigmas (eta: not set); got "
+                       f"timestep_spacing={spacing!r}, use_karras_sigmas="
+                       f"{self.schedule.get('karras')}, eta {eta}: use method 'ddim' or "
+                       "'dpm_solver'")
 
   def img2img(self, prompts, images=None, latents=None, strength: float = 0.8,
               negative_prompt: str | None = None, num_steps: int = 50,

@@ -234,3 +234,39 @@ def test_karras_levels_need_a_prediction_they_can_convert(tmp_path):
   c.diffusion.mean_type = "mean"
   with pytest.raises(ConfigError, match="sampling.spacing.*eps, v or x0"):
     validate_config(c)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("ancestral", [False, True])
+def test_euler_schedulers_are_ddim_written_in_sigma(ancestral):
+  """diffusers' EulerDiscreteScheduler is DDIM at eta 0 to sigma = 0, EulerAncestral DDIM at
+  eta 1 (its sigma_up is eq. 16's sigma / sqrt(alphabar_prev)): the same chain step for step
+  ("leading" + steps_offset 1, SD's betas), the ancestral one given our noise draws."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  import unittest.mock
+  d = dm.GaussianDiffusion(dm.get_beta_schedule("scaled_linear", 1000, 0.00085, 0.012))
+  fn = functools.partial(optimal_eps, d)
+  cls = (diffusers.EulerAncestralDiscreteScheduler if ancestral
+         else diffusers.EulerDiscreteScheduler)
+  sched = cls(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+              timestep_spacing="leading", steps_offset=1)
+  num_steps, key = 8, jax.random.PRNGKey(5)
+  sched.set_timesteps(num_steps)
+  x_T = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (4, 4, 4, 2)))
+  draws = iter([np.asarray(jax.random.normal(k, x_T.shape)) for k in
+                jax.random.split(key, num_steps)])  # ddim_sample's, in order
+  module = type(sched).__module__
+  with unittest.mock.patch(f"{module}.randn_tensor",
+                           lambda *a, **k: torch.from_numpy(next(draws).astype(np.float64))):
+    x = torch.from_numpy(x_T.astype(np.float64)) * sched.init_noise_sigma
+    for t in sched.timesteps:
+      scaled = sched.scale_model_input(x, t).numpy()
+      eps = np.asarray(fn(jnp.asarray(scaled, jnp.float32), jnp.full((4,), int(t))))
+      x = sched.step(torch.from_numpy(eps.astype(np.float64)), t, x).prev_sample
+  ours = samplers.ddim_sample(d, fn, jnp.asarray(x_T), key, num_steps, 1.0 if ancestral else 0.0,
+                              clip_denoised=False, steps_offset=1, alpha_one_at_end=True)
+  diff = np.abs(np.asarray(ours) - x.numpy()).max()
+  print(f"Euler{' ancestral' if ancestral else ''} vs DDIM eta {int(ancestral)}: max diff "
+        f"{diff:.3g}")
+  assert diff < 1e-4

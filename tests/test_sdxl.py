@@ -210,9 +210,18 @@ def test_euler_and_dpm_are_refused_where_they_would_differ(sdxl_dir, tmp_path, c
   cfg = json.loads(path.read_text())
   path.write_text(json.dumps(dict(cfg, timestep_spacing="linspace")))
   pipe = StableDiffusion.load(str(copy))
-  with pytest.raises(ValueError, match="'euler' is EulerDiscreteScheduler with 'leading'"):
+  with pytest.raises(ValueError, match="method 'euler' is diffusers' Euler .* with 'leading'"):
     pipe.generate("a cat", num_steps=2, method="euler")
   assert pipe.default_method() == "ddim" and "sampling with DDIM instead" in caplog.text
+  path.write_text(json.dumps(dict(cfg, _class_name="EulerAncestralDiscreteScheduler")))
+  pipe = StableDiffusion.load(str(copy))
+  assert pipe.default_method() == "euler_ancestral"
+  x_T = np.random.default_rng(5).normal(size=(1, 8, 8, 4)).astype(np.float32)
+  ancestral, plain = (pipe.generate("a cat", num_steps=3, latents=x_T, method=m, decode=False)
+                      for m in (None, "euler"))
+  assert np.isfinite(ancestral).all() and np.abs(ancestral - plain).max() > 0.1  # new noise
+  with pytest.raises(ValueError, match="'euler_ancestral'.*eta: not set"):
+    pipe.generate("a cat", num_steps=2, method="euler_ancestral", eta=0.5)
   for option in ({"final_sigmas_type": "sigma_min"}, {"algorithm_type": "sde-dpmsolver++"},
                  {"solver_order": 3}, {"use_exponential_sigmas": True}):
     path.write_text(json.dumps(dict(cfg, **option)))

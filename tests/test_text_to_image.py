@@ -322,3 +322,15 @@ def test_dpm_solver_gives_diffusers_multistep_scheduler_latents(epsilon_pipeline
   diff, other = np.abs(got - want).max(), np.abs(ddim - want).max()
   print(f"DPM-Solver++(2M) latents: max |ours - diffusers| = {diff:.3g} (DDIM's: {other:.3g})")
   assert diff < 1e-4 < other
+  # "DPM++ 2M Karras" over a config that does not ask for it, as from_config(...,
+  # use_karras_sigmas=True)
+  sched_k = diffusers.DPMSolverMultistepScheduler.from_pretrained(str(src / "scheduler"),
+                                                                  use_karras_sigmas=True)
+  want_k = diffusers.StableDiffusionPipeline(**dict(pipe.components, scheduler=sched_k))(
+      prompts, num_inference_steps=5, guidance_scale=5.0, output_type="latent",
+      latents=torch.from_numpy(latents.transpose(0, 3, 1, 2))).images
+  got_k = ours.generate(prompts, num_steps=5, guidance_scale=5.0, latents=latents,
+                        method="dpm_solver_karras", decode=False)
+  diff_k = np.abs(got_k - want_k.numpy().transpose(0, 2, 3, 1)).max()
+  print(f"DPM++ 2M Karras latents: max |ours - diffusers| = {diff_k:.3g}")
+  assert diff_k < 1e-4 < np.abs(got_k - got).max()
