@@ -345,17 +345,23 @@ class StableDiffusion:
               negative_prompt: str | None = None, num_steps: int = 50,
               guidance_scale: float = 7.5, seed: int = 0, eta: float = 0.0, noise=None,
               decode: bool = True, original_size=None, crops_coords_top_left=(0, 0),
-              target_size=None):
+              target_size=None, control_image=None, control_scale: float = 1.0):
     """SDEdit (Meng et al. 2022) as diffusers' StableDiffusionImg2ImgPipeline: the inputs'
     latents noised to the int(num_steps * strength)-th last DDIM step, then those steps.
     images: uint8 [B, H, W, 3] (encoded: a posterior sample); or latents [B, h, w, 4], already
-    scaled; noise: that of the noising (else drawn from `seed`). DDIM only."""
+    scaled; noise: that of the noising (else drawn from `seed`). DDIM only. control_image,
+    control_scale: a ControlNet pipeline's hint (generate; diffusers'
+    StableDiffusionControlNetImg2ImgPipeline)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     shape, init = self._inputs(prompts, images, latents)
+    hint = None
+    if control_image is not None or self.controlnet is not None:
+      hint = self._hint(control_image, shape)
     return self._run_batch(prompts, negative_prompt, shape, noise, init, seed, num_steps,
                            guidance_scale, "ddim", eta, decode,
                            self._skipped(num_steps, strength),
-                           (original_size, crops_coords_top_left, target_size))
+                           (original_size, crops_coords_top_left, target_size), hint=hint,
+                           control_scale=control_scale)
 
   def inpaint(self, prompts, images, masks, masked_image_latents=None, strength: float = 1.0,
               negative_prompt: str | None = None, num_steps: int = 50,
@@ -432,7 +438,7 @@ class StableDiffusion:
     n = len(prompts)
     if self.controlnet is not None and hint is None:
       raise ValueError("this pipeline has a ControlNet, which runs with generate(..., "
-                       "control_image=) (img2img and inpainting with it are not supported)")
+                       "control_image=) or img2img (inpainting with it is not supported)")
     if self.inpainting and inpaint is None:
       raise ValueError("this pipeline's U-Net is an inpainting one (latents, mask and masked "
                        "image as inputs): use inpaint(prompts, images, masks) (command line: "

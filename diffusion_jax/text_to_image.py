@@ -50,13 +50,19 @@ def main(argv):
                   guidance_scale=FLAGS.guidance, seed=FLAGS.seed, eta=FLAGS.eta)
     if FLAGS.mask_image and not FLAGS.init_image:
       raise ValueError("--mask_image needs --init_image, the image to repaint")
-    if FLAGS.control_image and FLAGS.init_image:
-      raise ValueError("--control_image runs without --init_image (img2img and inpainting "
-                       "with a ControlNet are not supported)")
+    if FLAGS.control_image and FLAGS.mask_image:
+      raise ValueError("--control_image runs without --mask_image (inpainting with a "
+                       "ControlNet is not supported)")
+    f = pipe.first_stage.model.downsampling_factor
     if FLAGS.init_image:
-      multiple = pipe.first_stage.model.downsampling_factor * 2 ** (len(pipe.unet.ch_mult) - 1)
-      init = read_image(FLAGS.init_image, multiple, FLAGS.height, FLAGS.width)
+      init = read_image(FLAGS.init_image, f * 2 ** (len(pipe.unet.ch_mult) - 1), FLAGS.height,
+                        FLAGS.width)
       inits = np.stack([init] * len(prompts))
+    control = None
+    if FLAGS.control_image:  # resized to the output's size
+      _, h, w, _ = pipe.latent_shape(1, *(init.shape[:2] if FLAGS.init_image else
+                                          (FLAGS.height, FLAGS.width)))
+      control = read_image(FLAGS.control_image, 1, h * f, w * f)
     if FLAGS.mask_image:
       rgb = read_image(FLAGS.mask_image, 1, init.shape[0], init.shape[1])
       mask = rgb @ np.array([0.299, 0.587, 0.114]) >= 127.5  # PIL's "L", binarised
@@ -67,13 +73,9 @@ def main(argv):
       if FLAGS.method not in (None, "ddim"):
         raise ValueError("img2img samples with DDIM: drop --method")
       images = pipe.img2img(prompts, images=inits,
-                            strength=0.8 if FLAGS.strength is None else FLAGS.strength, **common)
+                            strength=0.8 if FLAGS.strength is None else FLAGS.strength,
+                            control_image=control, control_scale=FLAGS.control_scale, **common)
     else:
-      control = None
-      if FLAGS.control_image:  # resized to the output's size
-        _, h, w, _ = pipe.latent_shape(1, FLAGS.height, FLAGS.width)
-        f = pipe.first_stage.model.downsampling_factor
-        control = read_image(FLAGS.control_image, 1, h * f, w * f)
       images = pipe.generate(prompts, FLAGS.negative_prompt, FLAGS.steps, FLAGS.guidance,
                              FLAGS.seed, FLAGS.height, FLAGS.width, FLAGS.method, FLAGS.eta,
                              control_image=control, control_scale=FLAGS.control_scale)

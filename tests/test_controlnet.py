@@ -8,8 +8,6 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-import jax.numpy as jnp  # noqa: E402
-
 from diffusion_jax.convert_diffusers import (ConversionError,  # noqa: E402
                                              controlnet_config_from_diffusers, unet_fields,
                                              unet_params_from_diffusers)
@@ -17,6 +15,7 @@ from diffusion_jax.models.controlnet import ControlNet  # noqa: E402
 from diffusion_jax.stable_diffusion import StableDiffusion  # noqa: E402
 from helpers import write_tokenizer  # noqa: E402
 from test_parity import build, randomise  # noqa: E402
+from test_sdxl import build_sdxl_dir  # noqa: E402
 from test_text_to_image import text_encoder, text_to_image_command  # noqa: E402
 
 pytestmark = pytest.mark.parity
@@ -116,8 +115,26 @@ def test_controlnet_pipeline_gives_diffusers_latents(controlnet_dir):
     ours.generate(PROMPTS, num_steps=2)
   with pytest.raises(ValueError, match="control_image: uint8"):
     ours.generate(PROMPTS, num_steps=2, control_image=hints[:, :8])
-  with pytest.raises(ValueError, match="img2img and inpainting with it are not supported"):
-    ours.img2img(PROMPTS, latents=x_T, num_steps=2)
+  # img2img with the hint, as StableDiffusionControlNetImg2ImgPipeline (the same noise)
+  from diffusers.utils.torch_utils import randn_tensor
+  ref = diffusers.StableDiffusionControlNetImg2ImgPipeline(**pipe.components)
+  z0 = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
+  run_i2i = lambda h: ref(
+      PROMPTS, image=nchw(z0), control_image=nchw(h / 255.0), strength=0.5,
+      num_inference_steps=6, guidance_scale=5.0, controlnet_conditioning_scale=0.8,
+      output_type="latent", generator=torch.Generator().manual_seed(3)
+  ).images.numpy().transpose(0, 2, 3, 1)
+  noise = randn_tensor((2, 4, 8, 8), generator=torch.Generator().manual_seed(3)).numpy()
+  want = run_i2i(hints)
+  got = ours.img2img(PROMPTS, latents=z0, strength=0.5, num_steps=6, guidance_scale=5.0,
+                     noise=noise.transpose(0, 2, 3, 1), decode=False, control_image=hints,
+                     control_scale=0.8)
+  diff, effect = np.abs(got - want).max(), np.abs(run_i2i(hints[::-1]) - want).max()
+  print(f"ControlNet img2img latents: max |ours - diffusers| = {diff:.3g}; swapping the hints "
+        f"moves them {effect:.3g}")
+  assert diff < effect / 100
+  with pytest.raises(ValueError, match="pass control_image"):
+    ours.img2img(PROMPTS, latents=z0, num_steps=2)
 
 
 def test_the_command_guides_with_a_control_image(controlnet_dir, tmp_path):
@@ -133,3 +150,37 @@ def test_the_command_guides_with_a_control_image(controlnet_dir, tmp_path):
   assert np.load(str(out).replace(".png", ".npz"))["arr_0"].shape == (1, 16, 16, 3)
   bad = text_to_image_command(f"--src={src}", "--prompt=a cat", "--steps=2", f"--out={out}")
   assert bad.returncode != 0 and "pass control_image" in bad.stderr
+  # img2img guided by the hint, resized to the init image's (rounded) size
+  Image.fromarray(np.full((20, 18, 3), 200, np.uint8)).save(tmp_path / "init.png")
+  proc = text_to_image_command(f"--src={src}", f"--control_image={tmp_path / 'edges.png'}",
+                               f"--init_image={tmp_path / 'init.png'}", "--prompt=a cat",
+                               "--steps=4", "--strength=0.5", f"--out={out}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert np.load(str(out).replace(".png", ".npz"))["arr_0"].shape == (1, 20, 16, 3)
+
+
+def test_sdxl_controlnet_pipeline_gives_diffusers_latents(tmp_path_factory, tmp_path):
+  """A ControlNet copied from SDXL's U-Net (its pooled-text and size conditioning too)
+  against StableDiffusionXLControlNetPipeline."""
+  src, pipe = build_sdxl_dir(tmp_path_factory)
+  net = randomise(diffusers.ControlNetModel.from_unet(
+      pipe.unet, conditioning_embedding_out_channels=(16, 32)), 6).eval()
+  net.save_pretrained(str(tmp_path / "controlnet"), safe_serialization=True)
+  ref = diffusers.StableDiffusionXLControlNetPipeline(
+      **{k: v for k, v in pipe.components.items()
+         if k not in ("image_encoder", "feature_extractor")},
+      controlnet=net, add_watermarker=False)
+  ours = StableDiffusion.load(str(src), controlnet=str(tmp_path / "controlnet"))
+  rng = np.random.default_rng(7)
+  hints = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+  x_T = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
+  run = lambda h: ref(PROMPTS, image=nchw(h / 255.0), latents=nchw(x_T), num_inference_steps=4,
+                      guidance_scale=5.0, controlnet_conditioning_scale=0.8,
+                      output_type="latent").images.numpy().transpose(0, 2, 3, 1)
+  want = run(hints)
+  got = ours.generate(PROMPTS, num_steps=4, guidance_scale=5.0, latents=x_T, decode=False,
+                      control_image=hints, control_scale=0.8)
+  diff, effect = np.abs(got - want).max(), np.abs(run(hints[::-1]) - want).max()
+  print(f"SDXL ControlNet latents: max |ours - diffusers| = {diff:.3g}; swapping the hints "
+        f"moves them {effect:.3g}")
+  assert diff < effect / 100

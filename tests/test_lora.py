@@ -108,13 +108,15 @@ def test_kohya_names_and_refusals(lora_files, tmp_path):
     kohya_module("input_blocks_1_1_proj_in")
   src = lora_files[0]
   base = StableDiffusion.load(str(src))
-  bad = {"lora_unet_down_blocks_9_resnets_0_conv1.lora_down.weight": np.ones((2, 32, 3, 3), np.float32),
-         "lora_unet_down_blocks_9_resnets_0_conv1.lora_up.weight": np.ones((32, 2, 1, 1), np.float32)}
-  save_file(bad, str(tmp_path / "bad.safetensors"))
+  conv = "lora_unet_down_blocks_9_resnets_0_conv1"  # no such level
+  save_file({f"{conv}.lora_down.weight": np.ones((2, 32, 3, 3), np.float32),
+             f"{conv}.lora_up.weight": np.ones((32, 2, 1, 1), np.float32)},
+            str(tmp_path / "bad.safetensors"))
   with pytest.raises(ConversionError, match="which the model does not have"):
     base.with_lora(str(tmp_path / "bad.safetensors"))
-  save_file({"text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_A.weight": np.ones((2, 32), np.float32),
-             "text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_B.weight": np.ones((37, 2), np.float32)},
+  fc1 = "text_encoder_2.text_model.encoder.layers.0.mlp.fc1"
+  save_file({f"{fc1}.lora_A.weight": np.ones((2, 32), np.float32),
+             f"{fc1}.lora_B.weight": np.ones((37, 2), np.float32)},
             str(tmp_path / "xl.safetensors"), metadata={"lora_adapter_metadata": json.dumps({})})
   with pytest.raises(ConversionError, match="adapts text_encoder_2"):
     base.with_lora(str(tmp_path / "xl.safetensors"))

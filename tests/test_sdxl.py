@@ -50,6 +50,10 @@ def unet_config():
 
 @pytest.fixture(scope="module")
 def sdxl_dir(tmp_path_factory):
+  return build_sdxl_dir(tmp_path_factory)
+
+
+def build_sdxl_dir(tmp_path_factory):
   """SDXL base's pipeline in miniature: 16x16 images, 8x8x4 latents. The first encoder finds
   the end of text by its id, the second by transformers' legacy rule (eos_token_id 2: the
   largest id) and pads with "!", as SDXL's OpenCLIP tokenizer."""

@@ -20,7 +20,8 @@ class UNet(nn.Module):
   sizes that get self-attention; out_channels defaults to in_channels (twice that when
   `learned_variance`; output_channels > 0 sets it, e.g. 4 for an inpainting U-Net whose 9
   inputs are the latents, the mask and the masked image's latents); num_classes > 0 adds a
-  label embedding (index num_classes is the null label, for classifier-free guidance). `dtype` is the compute dtype; parameters stay float32.
+  label embedding (index num_classes is the null label, for classifier-free guidance). `dtype`
+  is the compute dtype; parameters stay float32.
   attention: "auto" | "xla" | "cudnn" | "per_head" (models/attention.py).
   conv: "auto" | "xla" | "onednn" -- whose convolution kernels run (models/onednn_conv.py;
   "auto": oneDNN's for float32 on a single CPU device where they are installed, else XLA's);
@@ -181,7 +182,8 @@ class UNet(nn.Module):
     # timestep embedding -> Dense(4ch) -> swish -> Dense(4ch)
     temb = timestep_embedding(t, self.ch, flip_sin_to_cos=self.flip_sin_to_cos,
                               freq_shift=self.freq_shift)
-    temb = nn.Dense(4 * self.ch, kernel_init=default_init, dtype=self.dtype, name="temb_dense_0")(temb)
+    temb = nn.Dense(4 * self.ch, kernel_init=default_init, dtype=self.dtype,
+                    name="temb_dense_0")(temb)
     temb = nn.Dense(4 * self.ch, kernel_init=default_init, dtype=self.dtype,
                     name="temb_dense_1")(nn.swish(temb))
     context = self._context(b, y, context)
