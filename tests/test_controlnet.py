@@ -13,17 +13,13 @@ from diffusion_jax.convert_diffusers import (ConversionError,  # noqa: E402
                                              unet_params_from_diffusers)
 from diffusion_jax.models.controlnet import ControlNet  # noqa: E402
 from diffusion_jax.stable_diffusion import StableDiffusion  # noqa: E402
-from helpers import write_tokenizer  # noqa: E402
 from test_parity import build, randomise  # noqa: E402
 from test_sdxl import build_sdxl_dir  # noqa: E402
-from test_text_to_image import text_encoder, text_to_image_command  # noqa: E402
+from test_text_to_image import (SD_UNET, build_pipeline_dir,  # noqa: E402
+                                text_to_image_command)
 
 pytestmark = pytest.mark.parity
 PROMPTS = ["the man on a photo", "an orange cat!"]
-UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
-            layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
 
 
 def controlnet_for(unet, seed=5):
@@ -37,7 +33,7 @@ def nchw(a):
 
 
 def test_controlnet_residuals_and_the_unet_with_them_match_diffusers():
-  unet, ours, params, _ = build(UNET, diffusers.UNet2DConditionModel)
+  unet, ours, params, _ = build(SD_UNET, diffusers.UNet2DConditionModel)
   net = controlnet_for(unet)
   fields = controlnet_config_from_diffusers(dict(net.config, _class_name="ControlNetModel"))
   assert fields["embedding_channels"] == (16, 32)
@@ -73,24 +69,9 @@ def test_controlnet_residuals_and_the_unet_with_them_match_diffusers():
 
 @pytest.fixture(scope="module")
 def controlnet_dir(tmp_path_factory):
-  src = tmp_path_factory.mktemp("controlnet")
-  vocab = write_tokenizer(str(src / "tokenizer"))
-  unet = randomise(diffusers.UNet2DConditionModel(**UNET), 2).eval()
-  vae = diffusers.AutoencoderKL(
-      in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
-      down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-      latent_channels=4, sample_size=16)
-  scheduler = diffusers.DDIMScheduler(
-      beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-      set_alpha_to_one=False, steps_offset=1)
-  pipe = diffusers.StableDiffusionControlNetPipeline(
-      vae=randomise(vae, 1), text_encoder=text_encoder(vocab), unet=unet,
-      controlnet=controlnet_for(unet),
-      tokenizer=transformers.CLIPTokenizer.from_pretrained(str(src / "tokenizer")),
-      scheduler=scheduler, safety_checker=None, feature_extractor=None,
-      requires_safety_checker=False)
-  pipe.save_pretrained(str(src), safe_serialization=True)
-  return src, pipe
+  return build_pipeline_dir("epsilon", tmp_path_factory, cross_gain=1.0,
+                            pipeline_cls=diffusers.StableDiffusionControlNetPipeline,
+                            controlnet=controlnet_for)
 
 
 def test_controlnet_pipeline_gives_diffusers_latents(controlnet_dir):

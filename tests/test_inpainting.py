@@ -9,9 +9,7 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from diffusion_jax.stable_diffusion import StableDiffusion  # noqa: E402
-from helpers import write_tokenizer  # noqa: E402
-from test_parity import randomise  # noqa: E402
-from test_text_to_image import text_encoder, text_to_image_command  # noqa: E402
+from test_text_to_image import build_pipeline_dir, text_to_image_command  # noqa: E402
 
 pytestmark = pytest.mark.parity
 PROMPTS = ["the man on a photo", "an orange cat!"]
@@ -19,32 +17,8 @@ PROMPTS = ["the man on a photo", "an orange cat!"]
 
 @pytest.fixture(scope="module")
 def inpaint_dir(tmp_path_factory):
-  src = tmp_path_factory.mktemp("inpaint")
-  vocab = write_tokenizer(str(src / "tokenizer"))
-  unet = diffusers.UNet2DConditionModel(
-      sample_size=8, in_channels=9, out_channels=4, block_out_channels=(32, 64),
-      layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
-      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-  vae = diffusers.AutoencoderKL(
-      in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
-      down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-      latent_channels=4, sample_size=16)
-  scheduler = diffusers.DDIMScheduler(
-      beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-      set_alpha_to_one=False, steps_offset=1)
-  randomise(unet, 2)
-  with torch.no_grad():
-    for name, p in unet.named_parameters():
-      if ".attn2." in name:
-        p.mul_(4.0)
-  pipe = diffusers.StableDiffusionInpaintPipeline(
-      vae=randomise(vae, 1), text_encoder=text_encoder(vocab), unet=unet.eval(),
-      tokenizer=transformers.CLIPTokenizer.from_pretrained(str(src / "tokenizer")),
-      scheduler=scheduler, safety_checker=None, feature_extractor=None,
-      requires_safety_checker=False)
-  pipe.save_pretrained(str(src), safe_serialization=True)
-  return src, pipe
+  return build_pipeline_dir("epsilon", tmp_path_factory, in_channels=9,
+                            pipeline_cls=diffusers.StableDiffusionInpaintPipeline)
 
 
 def inputs(seed=0):

@@ -43,14 +43,22 @@ def epsilon_pipeline_dir(tmp_path_factory):
   return build_pipeline_dir("epsilon", tmp_path_factory)
 
 
-def build_pipeline_dir(prediction, tmp_path_factory):
+# Stable Diffusion's U-Net layout in miniature (8x8x4 latents, 32-wide text)
+SD_UNET = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+               layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
+               down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+
+
+def build_pipeline_dir(prediction, tmp_path_factory, in_channels=4, cross_gain=4.0,
+                       pipeline_cls=None, **extra):
+  """A miniature pipeline saved to a new directory: (directory, the diffusers pipeline).
+  in_channels 9: an inpainting U-Net; cross_gain: cross-attention weights scaled up so that
+  the prompt shows in the latents; pipeline_cls (StableDiffusionPipeline) and extra
+  components, each a function of the U-Net (a ControlNet)."""
   src = tmp_path_factory.mktemp(prediction)
   vocab = write_tokenizer(str(src / "tokenizer"))
-  unet = diffusers.UNet2DConditionModel(
-      sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
-      layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
-      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+  unet = diffusers.UNet2DConditionModel(**dict(SD_UNET, in_channels=in_channels))
   vae = diffusers.AutoencoderKL(
       in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1,
       down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
@@ -62,12 +70,12 @@ def build_pipeline_dir(prediction, tmp_path_factory):
   with torch.no_grad():  # cross-attention strong enough that the prompt shows in the latents
     for name, p in unet.named_parameters():
       if ".attn2." in name:
-        p.mul_(4.0)
-  pipe = diffusers.StableDiffusionPipeline(
-      vae=randomise(vae, 1), text_encoder=text_encoder(vocab), unet=unet,
+        p.mul_(cross_gain)
+  pipe = (pipeline_cls or diffusers.StableDiffusionPipeline)(
+      vae=randomise(vae, 1), text_encoder=text_encoder(vocab), unet=unet.eval(),
       tokenizer=transformers.CLIPTokenizer.from_pretrained(str(src / "tokenizer")),
       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-      requires_safety_checker=False)
+      requires_safety_checker=False, **{k: make(unet) for k, make in extra.items()})
   pipe.save_pretrained(str(src), safe_serialization=True)
   return src, pipe
 
