@@ -2,7 +2,8 @@
 CLIP text encoder(s), cross-attention U-Net and KL decoder converted from a diffusers pipeline
 directory (or an SD 1.x/2.x single file), the whole chain (text encoding, DDIM, Euler or
 DPM-Solver++ with classifier-free guidance, decoding) one compiled program, the batch sharded
-over the devices. text_to_image.py is its command line.
+over the devices. stable_diffusion_loading.py reads and assembles it; text_to_image.py is its
+command line.
 
 Sampling follows the pipeline's scheduler_config.json: its betas, epsilon or v prediction,
 steps_offset, set_alpha_to_one and clip_sample (with the "leading" timestep spacing of SD's
@@ -22,7 +23,6 @@ nothing else of torch or transformers runs.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import jax
@@ -32,10 +32,8 @@ from absl import logging
 
 from diffusion_jax import diffusion as dm
 from diffusion_jax import parallel, samplers, sdxl, xla_options
-from diffusion_jax.convert_clip import clip_token_ids, load_tokenizer
+from diffusion_jax.convert_clip import clip_token_ids
 from diffusion_jax.images import binary_masks, unit_range
-from diffusion_jax.convert_diffusers import (ConversionError, require_files,
-                                             scheduler_settings, scheduler_settings_file)
 
 METHODS = ("ddim", "euler", "euler_ancestral", "dpm_solver", "dpm_solver_karras")
 SCHEDULER_METHODS = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
@@ -68,116 +66,19 @@ class StableDiffusion:
 
   @classmethod
   def load(cls, src: str, dtype: str = "float32", mesh=None, tokenizer=None,
-           attention: str = "auto", controlnet: str | None = None):
-    """Read a local diffusers pipeline directory (see the module docstring; SDXL's when it has
-    text_encoder_2/); attention: models/attention.py's implementation for the U-Net and the
-    decoder; controlnet: a diffusers ControlNetModel directory (by default the pipeline's
-    controlnet/ folder, where it has one)."""
-    from diffusion_jax.convert_autoencoder import load_autoencoder
-    from diffusion_jax.convert_clip import load_text_encoder
-    from diffusion_jax.convert_diffusers import load_diffusers_unet
-    sched_path = os.path.join(src, "scheduler", "scheduler_config.json")
-    require_files([sched_path], "--src must be a diffusers Stable Diffusion pipeline directory "
-                  "(text_encoder/, tokenizer/, unet/, vae/, scheduler/) or a single "
-                  ".safetensors checkpoint")
-    schedule = scheduler_settings_file(sched_path)
-    xl = sdxl.pipeline_options(src) if sdxl.is_sdxl(src) else {}
-    text = load_text_encoder(os.path.join(src, "text_encoder"))
-    unet = load_diffusers_unet(os.path.join(src, "unet"))
-    vae = load_autoencoder(os.path.join(src, "vae"))
-    tokenizer = tokenizer or load_tokenizer(os.path.join(src, "tokenizer"))
-    if xl:
-      xl.update(text_2=load_text_encoder(os.path.join(src, "text_encoder_2")),
-                tokenizer_2=load_tokenizer(os.path.join(src, "tokenizer_2")))
-    controlnet = controlnet or (os.path.join(src, "controlnet") if os.path.isdir(
-        os.path.join(src, "controlnet")) else None)
-    if controlnet:
-      from diffusion_jax.convert_diffusers import load_diffusers_controlnet
-      xl["controlnet"] = load_diffusers_controlnet(controlnet)
-    return cls.assemble(tokenizer, text, unet, vae, schedule, dtype, mesh, attention, **xl)
+           attention: str = "auto", controlnet: str | None = None) -> "StableDiffusion":
+    """A local diffusers pipeline directory (stable_diffusion_loading.load_pipeline)."""
+    from diffusion_jax.stable_diffusion_loading import load_pipeline
+    return load_pipeline(src, dtype, mesh, tokenizer, attention, controlnet)
 
   @classmethod
   def load_single_file(cls, path: str, tokenizer, prediction_type: str = "epsilon",
                        dtype: str = "float32", mesh=None, heads: dict | None = None,
-                       text_heads: int | None = None, ema: bool = False):
-    """A Stable Diffusion 1.x/2.x single-file checkpoint (CompVis naming, .safetensors) with the
-    tokenizer (a CLIPTokenizer, or the path of its vocab.json/merges.txt folder); the
-    scheduler is SD's (scaled_linear 0.00085 -> 0.012, steps_offset 1, set_alpha_to_one
-    False), `prediction_type` "epsilon" or "v_prediction" (the file does not say); heads,
-    text_heads: the attention heads where they are not Stable Diffusion's (convert_ldm); ema:
-    the file's model_ema.* U-Net instead of model.diffusion_model.*. The native size is 512
-    (768 for v prediction, SD 2.x's 768-v). The tokenizer must be the model's own (SD 2.x's
-    pads with "!", 1.x's with <|endoftext|>)."""
-    from diffusion_jax.convert_ldm import single_file_parts
-    if isinstance(tokenizer, str):
-      tokenizer = load_tokenizer(tokenizer)
-    text, unet, vae = single_file_parts(path, prediction_type, heads, text_heads, ema)
-    schedule = scheduler_settings({"beta_schedule": "scaled_linear", "beta_start": 0.00085,
-                                   "beta_end": 0.012, "steps_offset": 1, "clip_sample": False,
-                                   "set_alpha_to_one": False,
-                                   "prediction_type": prediction_type})
-    return cls.assemble(tokenizer, text, unet, vae, schedule, dtype, mesh)
-
-  @classmethod
-  def assemble(cls, tokenizer, text, unet, vae, schedule: dict, dtype: str = "float32",
-               mesh=None, attention: str = "auto", text_2=None, tokenizer_2=None,
-               zero_negative: bool = False, controlnet=None):
-    """The pipeline from converted parts: text = (fields, params), unet = (fields, params),
-    vae = (fields, params, scaling), schedule = convert_diffusers.scheduler_settings(...);
-    SDXL's: text_2 = (fields, params) and tokenizer_2, its second encoder; controlnet =
-    (fields, params) of a ControlNet (convert_diffusers.load_diffusers_controlnet)."""
-    from diffusion_jax.convert_diffusers import unet_fields
-    from diffusion_jax.latent import FirstStage
-    from diffusion_jax.models import DTYPES, UNet
-    from diffusion_jax.models.autoencoder import AutoencoderKL
-    from diffusion_jax.models.clip_text import CLIPTextEncoder
-    (text_fields, text_params), (unet_cfg, unet_params) = text, unet
-    vae_fields, vae_params, scaling = vae
-    if not unet_cfg.get("context_dim"):
-      raise ConversionError("the U-Net is not a cross-attention U-Net (UNet2DConditionModel)")
-    if unet_cfg["in_channels"] not in (vae_fields["embed_dim"], 2 * vae_fields["embed_dim"] + 1):
-      raise ConversionError(f"the U-Net takes {unet_cfg['in_channels']} input channels, the "
-                            f"latents have {vae_fields['embed_dim']}: only inpainting U-Nets "
-                            "(latents, mask, masked image) take more; depth U-Nets are not "
-                            "supported")
-    if text_2 is not None:
-      sdxl.check_layout(unet_cfg, text_fields, text_2[0])
-    elif unet_cfg.get("added_cond_dim"):
-      raise ConversionError("the U-Net takes SDXL's pooled text and size conditioning: the "
-                            "pipeline needs text_encoder_2/ and tokenizer_2/")
-    elif unet_cfg["context_dim"] != text_fields["width"]:
-      raise ConversionError(f"the U-Net attends to {unet_cfg['context_dim']} features; the text "
-                            f"encoder gives {text_fields['width']}")
-    mesh = mesh or parallel.make_mesh()
-    compute = DTYPES[dtype]
-    diffusion = dm.GaussianDiffusion(
-        dm.get_beta_schedule(schedule["beta_schedule"], schedule["num_timesteps"],
-                             schedule["beta_start"], schedule["beta_end"]),
-        mean_type=schedule["mean_type"])
-    replicate = lambda tree: jax.device_put(tree, parallel.replicated(mesh))
-    first_stage = FirstStage(AutoencoderKL(**vae_fields, dtype=compute, attention=attention),
-                             replicate(vae_params), mesh, scaling["scale_factor"] or 0.18215,
-                             float(scaling.get("shift_factor") or 0.0))
-    params = {"text": text_params, "unet": unet_params}
-    if text_2 is not None:
-      params["text_2"] = text_2[1]
-    control = None
-    if controlnet is not None:
-      from diffusion_jax.models.controlnet import ControlNet
-      fields, params["controlnet"] = controlnet
-      if (fields["context_dim"], fields["in_channels"], fields.get("added_cond_dim")) != (
-          unet_cfg["context_dim"], unet_cfg["in_channels"], unet_cfg.get("added_cond_dim")):
-        raise ConversionError("the ControlNet was made for another U-Net (its context width, "
-                              "input channels or added conditioning differ)")
-      if unet_cfg["in_channels"] != vae_fields["embed_dim"]:
-        raise ConversionError("a ControlNet with an inpainting U-Net is not supported")
-      control = ControlNet(**unet_fields(fields), dtype=compute, attention=attention)
-    return cls(tokenizer, CLIPTextEncoder(**text_fields, dtype=compute),
-               UNet(**unet_fields(unet_cfg), dtype=compute, attention=attention), first_stage,
-               diffusion, schedule, replicate(params), mesh, unet_cfg["image_size"],
-               tokenizer_2, None if text_2 is None else CLIPTextEncoder(**text_2[0],
-                                                                        dtype=compute),
-               zero_negative, control)
+                       text_heads: int | None = None, ema: bool = False) -> "StableDiffusion":
+    """An SD 1.x/2.x single-file checkpoint (stable_diffusion_loading.load_single_file)."""
+    from diffusion_jax.stable_diffusion_loading import load_single_file
+    return load_single_file(path, tokenizer, prediction_type, dtype, mesh, heads, text_heads,
+                            ema)
 
   def with_lora(self, path: str, weight: float = 1.0) -> "StableDiffusion":
     """This pipeline with a LoRA file's changes merged into its U-Net and text encoder(s),

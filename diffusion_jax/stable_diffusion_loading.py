@@ -1,0 +1,128 @@
+"""Stable Diffusion pipelines (stable_diffusion.StableDiffusion) from weights on disk: a
+diffusers pipeline directory (SD 1.x/2.x/XL, inpainting, with a ControlNet) or an SD 1.x/2.x
+single file, its parts converted (convert_clip, convert_diffusers, convert_autoencoder,
+convert_ldm), checked against each other and put together on the mesh.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+
+from diffusion_jax import diffusion as dm
+from diffusion_jax import parallel, sdxl
+from diffusion_jax.convert_autoencoder import load_autoencoder
+from diffusion_jax.convert_clip import load_text_encoder, load_tokenizer
+from diffusion_jax.convert_diffusers import (ConversionError, load_diffusers_controlnet,
+                                             load_diffusers_unet, require_files,
+                                             scheduler_settings, scheduler_settings_file,
+                                             unet_fields)
+from diffusion_jax.convert_ldm import single_file_parts
+from diffusion_jax.latent import FirstStage
+from diffusion_jax.models import DTYPES, UNet
+from diffusion_jax.models.autoencoder import AutoencoderKL
+from diffusion_jax.models.clip_text import CLIPTextEncoder
+from diffusion_jax.models.controlnet import ControlNet
+from diffusion_jax.stable_diffusion import StableDiffusion
+
+
+def load_pipeline(src: str, dtype: str = "float32", mesh=None, tokenizer=None,
+                  attention: str = "auto", controlnet: str | None = None) -> StableDiffusion:
+  """Read a local diffusers pipeline directory (stable_diffusion's docstring; SDXL's when it
+  has text_encoder_2/); attention: models/attention.py's implementation for the U-Net and the
+  decoder; controlnet: a diffusers ControlNetModel directory (by default the pipeline's
+  controlnet/ folder, where it has one)."""
+  sched_path = os.path.join(src, "scheduler", "scheduler_config.json")
+  require_files([sched_path], "--src must be a diffusers Stable Diffusion pipeline directory "
+                "(text_encoder/, tokenizer/, unet/, vae/, scheduler/) or a single "
+                ".safetensors checkpoint")
+  schedule = scheduler_settings_file(sched_path)
+  parts = sdxl.pipeline_options(src) if sdxl.is_sdxl(src) else {}  # and SDXL's second encoder
+  text = load_text_encoder(os.path.join(src, "text_encoder"))
+  unet = load_diffusers_unet(os.path.join(src, "unet"))
+  vae = load_autoencoder(os.path.join(src, "vae"))
+  tokenizer = tokenizer or load_tokenizer(os.path.join(src, "tokenizer"))
+  if parts:
+    parts.update(text_2=load_text_encoder(os.path.join(src, "text_encoder_2")),
+                 tokenizer_2=load_tokenizer(os.path.join(src, "tokenizer_2")))
+  saved = os.path.join(src, "controlnet")  # a saved ControlNet pipeline's
+  controlnet = controlnet or (saved if os.path.isdir(saved) else None)
+  if controlnet:
+    parts["controlnet"] = load_diffusers_controlnet(controlnet)
+  return assemble(tokenizer, text, unet, vae, schedule, dtype, mesh, attention, **parts)
+
+
+def load_single_file(path: str, tokenizer, prediction_type: str = "epsilon",
+                     dtype: str = "float32", mesh=None, heads: dict | None = None,
+                     text_heads: int | None = None, ema: bool = False) -> StableDiffusion:
+  """A Stable Diffusion 1.x/2.x single-file checkpoint (CompVis naming, .safetensors) with the
+  tokenizer (a CLIPTokenizer, or the path of its vocab.json/merges.txt folder); the
+  scheduler is SD's (scaled_linear 0.00085 -> 0.012, steps_offset 1, set_alpha_to_one
+  False), `prediction_type` "epsilon" or "v_prediction" (the file does not say); heads,
+  text_heads: the attention heads where they are not Stable Diffusion's (convert_ldm); ema:
+  the file's model_ema.* U-Net instead of model.diffusion_model.*. The native size is 512
+  (768 for v prediction, SD 2.x's 768-v). The tokenizer must be the model's own (SD 2.x's
+  pads with "!", 1.x's with <|endoftext|>)."""
+  if isinstance(tokenizer, str):
+    tokenizer = load_tokenizer(tokenizer)
+  text, unet, vae = single_file_parts(path, prediction_type, heads, text_heads, ema)
+  schedule = scheduler_settings({"beta_schedule": "scaled_linear", "beta_start": 0.00085,
+                                 "beta_end": 0.012, "steps_offset": 1, "clip_sample": False,
+                                 "set_alpha_to_one": False,
+                                 "prediction_type": prediction_type})
+  return assemble(tokenizer, text, unet, vae, schedule, dtype, mesh)
+
+
+def assemble(tokenizer, text, unet, vae, schedule: dict, dtype: str = "float32",
+             mesh=None, attention: str = "auto", text_2=None, tokenizer_2=None,
+             zero_negative: bool = False, controlnet=None) -> StableDiffusion:
+  """The pipeline from converted parts: text = (fields, params), unet = (fields, params),
+  vae = (fields, params, scaling), schedule = convert_diffusers.scheduler_settings(...);
+  SDXL's: text_2 = (fields, params) and tokenizer_2, its second encoder; controlnet =
+  (fields, params) of a ControlNet (convert_diffusers.load_diffusers_controlnet)."""
+  (text_fields, text_params), (unet_cfg, unet_params) = text, unet
+  vae_fields, vae_params, scaling = vae
+  if not unet_cfg.get("context_dim"):
+    raise ConversionError("the U-Net is not a cross-attention U-Net (UNet2DConditionModel)")
+  if unet_cfg["in_channels"] not in (vae_fields["embed_dim"], 2 * vae_fields["embed_dim"] + 1):
+    raise ConversionError(f"the U-Net takes {unet_cfg['in_channels']} input channels, the "
+                          f"latents have {vae_fields['embed_dim']}: only inpainting U-Nets "
+                          "(latents, mask, masked image) take more; depth U-Nets are not "
+                          "supported")
+  if text_2 is not None:
+    sdxl.check_layout(unet_cfg, text_fields, text_2[0])
+  elif unet_cfg.get("added_cond_dim"):
+    raise ConversionError("the U-Net takes SDXL's pooled text and size conditioning: the "
+                          "pipeline needs text_encoder_2/ and tokenizer_2/")
+  elif unet_cfg["context_dim"] != text_fields["width"]:
+    raise ConversionError(f"the U-Net attends to {unet_cfg['context_dim']} features; the text "
+                          f"encoder gives {text_fields['width']}")
+  mesh = mesh or parallel.make_mesh()
+  compute = DTYPES[dtype]
+  diffusion = dm.GaussianDiffusion(
+      dm.get_beta_schedule(schedule["beta_schedule"], schedule["num_timesteps"],
+                           schedule["beta_start"], schedule["beta_end"]),
+      mean_type=schedule["mean_type"])
+  replicate = lambda tree: jax.device_put(tree, parallel.replicated(mesh))
+  first_stage = FirstStage(AutoencoderKL(**vae_fields, dtype=compute, attention=attention),
+                           replicate(vae_params), mesh, scaling["scale_factor"] or 0.18215,
+                           float(scaling.get("shift_factor") or 0.0))
+  params = {"text": text_params, "unet": unet_params}
+  if text_2 is not None:
+    params["text_2"] = text_2[1]
+  control = None
+  if controlnet is not None:
+    fields, params["controlnet"] = controlnet
+    if (fields["context_dim"], fields["in_channels"], fields.get("added_cond_dim")) != (
+        unet_cfg["context_dim"], unet_cfg["in_channels"], unet_cfg.get("added_cond_dim")):
+      raise ConversionError("the ControlNet was made for another U-Net (its context width, "
+                            "input channels or added conditioning differ)")
+    if unet_cfg["in_channels"] != vae_fields["embed_dim"]:
+      raise ConversionError("a ControlNet with an inpainting U-Net is not supported")
+    control = ControlNet(**unet_fields(fields), dtype=compute, attention=attention)
+  text_encoder_2 = None if text_2 is None else CLIPTextEncoder(**text_2[0], dtype=compute)
+  return StableDiffusion(tokenizer, CLIPTextEncoder(**text_fields, dtype=compute),
+                         UNet(**unet_fields(unet_cfg), dtype=compute, attention=attention),
+                         first_stage, diffusion, schedule, replicate(params), mesh,
+                         unet_cfg["image_size"], tokenizer_2, text_encoder_2, zero_negative,
+                         control)
