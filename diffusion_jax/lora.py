@@ -99,28 +99,22 @@ def merged_params(params: Mapping, deltas: Mapping, converters: Mapping, weight:
   component's through its converter (a function of a {diffusers key: torch tensor} dict to our
   tree); a LoRA for a component or parameter the pipeline lacks is refused."""
   import jax
+  from flax.traverse_util import flatten_dict, unflatten_dict
   out = dict(params)
   for component, by_module in deltas.items():
     ours = COMPONENTS[component]
     if ours not in params:
       raise ConversionError(f"the LoRA adapts {component}, which this pipeline does not have")
     change = converters[component]({f"{m}.weight": d for m, d in by_module.items()})
-    tree = jax.tree_util.tree_map(lambda a: a, out[ours])  # a copy of the containers
-    for path, delta in jax.tree_util.tree_flatten_with_path(change)[0]:
-      names = [p.key for p in path]
-      node = tree
-      for n in names[:-1]:
-        node = node.get(n) if isinstance(node, dict) else None
-        if node is None:
-          break
-      if node is None or names[-1] not in node:
-        raise ConversionError(f"the LoRA changes {component} parameter {'/'.join(names)}, "
+    flat = flatten_dict(out[ours])
+    for path, delta in flatten_dict(change).items():
+      if path not in flat:
+        raise ConversionError(f"the LoRA changes {component} parameter {'/'.join(path)}, "
                               "which the model does not have")
-      old = node[names[-1]]
+      old = flat[path]
       if tuple(old.shape) != tuple(np.shape(delta)):
-        raise ConversionError(f"LoRA change of {'/'.join(names)}: shape {np.shape(delta)}, "
+        raise ConversionError(f"LoRA change of {'/'.join(path)}: shape {np.shape(delta)}, "
                               f"the parameter's {tuple(old.shape)}")
-      node[names[-1]] = jax.device_put(old + weight * np.asarray(delta, old.dtype),
-                                       old.sharding)
-    out[ours] = tree
+      flat[path] = jax.device_put(old + weight * np.asarray(delta, old.dtype), old.sharding)
+    out[ours] = unflatten_dict(flat)
   return out

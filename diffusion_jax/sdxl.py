@@ -53,13 +53,16 @@ def size_ids(height: int, width: int, original_size=None, crops_coords_top_left=
 
 def prompt_context(encoder, encoder_2, params, params_2, ids, time_ids, zero: bool = False):
   """The U-Net's context dict of token ids [B, 2, 77] (the two tokenizers'); zero: zeros for
-  the text and pooled embedding (the time ids stay)."""
+  the text and pooled embedding (the time ids stay), the encoders not run."""
+  if zero:
+    b, length = ids.shape[0], ids.shape[-1]
+    pooled = encoder_2.projection_dim or encoder_2.width
+    return {"text": jnp.zeros((b, length, encoder.width + encoder_2.width), jnp.float32),
+            "text_embeds": jnp.zeros((b, pooled), jnp.float32), "time_ids": time_ids}
   h = encoder.apply({"params": params}, ids[:, 0], penultimate=True)
   h_2, pooled = encoder_2.apply({"params": params_2}, ids[:, 1], penultimate=True, pooled=True)
-  text = jnp.concatenate([h, h_2], axis=-1)
-  if zero:
-    text, pooled = jnp.zeros_like(text), jnp.zeros_like(pooled)
-  return {"text": text, "text_embeds": pooled, "time_ids": time_ids}
+  return {"text": jnp.concatenate([h, h_2], axis=-1), "text_embeds": pooled,
+          "time_ids": time_ids}
 
 
 def check_layout(unet_cfg: dict, text_fields: dict, text_fields_2: dict) -> None:

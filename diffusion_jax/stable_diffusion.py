@@ -212,15 +212,15 @@ class StableDiffusion:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     shape = self.latent_shape(len(prompts), height, width)
     sizes = (original_size, crops_coords_top_left, target_size)
-    hint = None
-    if control_image is not None or self.controlnet is not None:
-      hint = self._hint(control_image, shape)
     return self._run_batch(prompts, negative_prompt, shape, latents, None, seed, num_steps,
-                           guidance_scale, method, eta, decode, 0, sizes, hint=hint,
-                           control_scale=control_scale)
+                           guidance_scale, method, eta, decode, 0, sizes,
+                           hint=self._hint(control_image, shape), control_scale=control_scale)
 
-  def _hint(self, image, shape) -> np.ndarray:
-    """A ControlNet's hint [B, H, W, 3] in [0, 1] (diffusers' control image processing)."""
+  def _hint(self, image, shape) -> np.ndarray | None:
+    """A ControlNet's hint [B, H, W, 3] in [0, 1] (diffusers' control image processing); None
+    without a ControlNet and an image."""
+    if image is None and self.controlnet is None:
+      return None
     if self.controlnet is None:
       raise ValueError("control_image: this pipeline has no ControlNet (load(..., controlnet=))")
     if image is None:
@@ -255,14 +255,11 @@ class StableDiffusion:
     StableDiffusionControlNetImg2ImgPipeline)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     shape, init = self._inputs(prompts, images, latents)
-    hint = None
-    if control_image is not None or self.controlnet is not None:
-      hint = self._hint(control_image, shape)
     return self._run_batch(prompts, negative_prompt, shape, noise, init, seed, num_steps,
                            guidance_scale, "ddim", eta, decode,
                            self._skipped(num_steps, strength),
-                           (original_size, crops_coords_top_left, target_size), hint=hint,
-                           control_scale=control_scale)
+                           (original_size, crops_coords_top_left, target_size),
+                           hint=self._hint(control_image, shape), control_scale=control_scale)
 
   def inpaint(self, prompts, images, masks, masked_image_latents=None, strength: float = 1.0,
               negative_prompt: str | None = None, num_steps: int = 50,
@@ -350,7 +347,7 @@ class StableDiffusion:
       raise ValueError("original_size, crops_coords_top_left, target_size: size conditioning "
                        "is SDXL's")
     time_ids = np.tile(sdxl.size_ids(shape[1] * f, shape[2] * f, *sizes), (n, 1))
-    negatives = [negative_prompt or ""] * n if negative_prompt is None or isinstance(
+    negatives = [negative_prompt or ""] if negative_prompt is None or isinstance(
         negative_prompt, str) else list(negative_prompt)
     if len(negatives) == 1:
       negatives *= n
