@@ -357,13 +357,20 @@ def load_diffusers_controlnet(directory: str) -> tuple[dict, dict]:
   """(ControlNet fields, parameters) from a local diffusers ControlNetModel directory (e.g.
   lllyasviel/sd-controlnet-canny: config.json, diffusion_pytorch_model.safetensors)."""
   from safetensors.numpy import load_file
+  cfg, weights = _model_dir(directory, "point at a diffusers ControlNetModel directory "
+                            "holding config.json and diffusion_pytorch_model.safetensors")
+  fields = controlnet_config_from_diffusers(cfg)
+  return fields, unet_params_from_diffusers(load_file(weights), fields)
+
+
+def _model_dir(directory: str, hint: str) -> tuple[dict, str]:
+  """(its config.json, the path of its weights) of a diffusers model directory; `hint` says
+  what to point at where either is missing."""
   cfg_path = os.path.join(directory, "config.json")
   weights = os.path.join(directory, "diffusion_pytorch_model.safetensors")
-  require_files((cfg_path, weights), "point at a diffusers ControlNetModel directory holding "
-                "config.json and diffusion_pytorch_model.safetensors")
+  require_files((cfg_path, weights), hint)
   with open(cfg_path) as f:
-    fields = controlnet_config_from_diffusers(json.load(f))
-  return fields, unet_params_from_diffusers(load_file(weights), fields)
+    return json.load(f), weights
 
 
 def load_diffusers_unet(directory: str) -> tuple[dict, dict]:
@@ -374,17 +381,13 @@ def load_diffusers_unet(directory: str) -> tuple[dict, dict]:
     unet = UNet(**unet_fields(fields))
     eps = unet.apply({"params": params}, z_t, t, context=text_embeddings)  # NHWC latents
   """
+  if not os.path.exists(os.path.join(directory, "config.json")) and os.path.exists(
+      os.path.join(directory, "unet")):
+    directory = os.path.join(directory, "unet")  # a whole pipeline directory
   from safetensors.numpy import load_file
-  cfg_path = os.path.join(directory, "config.json")
-  unet_dir = directory
-  if not os.path.exists(cfg_path) and os.path.exists(os.path.join(directory, "unet")):
-    unet_dir = os.path.join(directory, "unet")  # a whole pipeline directory
-    cfg_path = os.path.join(unet_dir, "config.json")
-  weights = os.path.join(unet_dir, "diffusion_pytorch_model.safetensors")
-  require_files((cfg_path, weights), "point at a diffusers U-Net directory holding config.json "
-                "and diffusion_pytorch_model.safetensors (e.g. a local copy of "
-                "google/ddpm-cifar10-32; a .bin file can be re-saved with safetensors)")
-  with open(cfg_path) as f:
-    cfg = json.load(f)
-  model_cfg = model_config_from_diffusers(cfg)
+  cfg, weights = _model_dir(directory, "point at a diffusers U-Net directory holding "
+                            "config.json and diffusion_pytorch_model.safetensors (e.g. a local "
+                            "copy of google/ddpm-cifar10-32; a .bin file can be re-saved with "
+                            "safetensors)")
+  model_cfg = model_config_from_diffusers(cfg)  # checked before the weights are read
   return model_cfg, unet_params_from_diffusers(load_file(weights), model_cfg)

@@ -15,6 +15,7 @@ the penultimate layer: its last block is dropped, ln_final kept (as diffusers co
 """
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Mapping
 
@@ -264,11 +265,9 @@ def split_single_file(state: Mapping[str, Any], ema: bool = False) -> dict:
 
 def single_file_parts(path: str, prediction_type: str = "epsilon", heads: dict | None = None,
                       text_heads: int | None = None, ema: bool = False):
-  """(text, unet, vae) of a Stable Diffusion 1.x/2.x single file, as StableDiffusion.assemble
-  takes them: (fields, params) twice and (fields, params, scaling); the U-Net's native size 64
+  """(text, unet, vae) of a Stable Diffusion 1.x/2.x single file, as
+  stable_diffusion_loading.assemble takes them: (fields, params) twice and (fields, params, scaling); the U-Net's native size 64
   latents (96 with v prediction, SD 2.x's 768-v)."""
-  import os
-
   from diffusion_jax.convert_autoencoder import _read_safetensors, autoencoder_from_state
   from diffusion_jax.convert_clip import text_encoder_fields_from_params
   if not (path.endswith(".safetensors") and os.path.isfile(path)):
