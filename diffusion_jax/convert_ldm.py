@@ -27,16 +27,21 @@ from diffusion_jax.convert_diffusers import (ConversionError, _attention_path,
 UNET_PREFIX = "model.diffusion_model."
 TEXT_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
+SDXL_PREFIX = "conditioner.embedders."
+SDXL_TEXT_PREFIX = SDXL_PREFIX + "0.transformer."  # OpenAI CLIP ViT-L (transformers' names)
+SDXL_OPEN_CLIP_PREFIX = SDXL_PREFIX + "1.model."  # OpenCLIP ViT-bigG
 CLASS_EMBEDDER = "cond_stage_model.embedding.weight"  # [classes + 1 (the null), context_dim]
 RESBLOCK = {"in_layers.0": "norm_1", "in_layers.2": "conv_1", "emb_layers.1": "temb_proj",
             "out_layers.0": "norm_2", "out_layers.3": "conv_2", "skip_connection": "nin_shortcut"}
 HEADS_BY_CONTEXT = {768: {"num_heads": 8, "head_channels": 0},      # SD 1.x
-                    1024: {"num_heads": 1, "head_channels": 64}}    # SD 2.x
+                    1024: {"num_heads": 1, "head_channels": 64},    # SD 2.x
+                    2048: {"num_heads": 1, "head_channels": 64}}    # SDXL
 
 
 def ldm_modules(ch_mult, num_res_blocks: int, attn_levels) -> dict[str, str]:
   """Our U-Net's module names -> openaimodel's module prefixes."""
   out = {"temb_dense_0": "time_embed.0", "temb_dense_1": "time_embed.2",
+         "add_embed_dense_0": "label_emb.0.0", "add_embed_dense_1": "label_emb.0.2",  # SDXL's
          "conv_in": "input_blocks.0.0", "mid_block_1": "middle_block.0",
          "mid_attn": "middle_block.1", "mid_block_2": "middle_block.2", "norm_out": "out.0",
          "conv_out": "out.2"}
@@ -64,8 +69,11 @@ def ldm_modules(ch_mult, num_res_blocks: int, attn_levels) -> dict[str, str]:
   return out
 
 
-def unet_fields_from_ldm(state: Mapping[str, Any], heads: dict | None = None) -> dict:
-  """Our U-Net's fields from openaimodel weights (`model.diffusion_model.` stripped)."""
+def unet_fields_from_ldm(state: Mapping[str, Any], heads: dict | None = None,
+                         added_time_dim: int = 256) -> dict:
+  """Our U-Net's fields from openaimodel weights (`model.diffusion_model.` stripped): SD 1.x/2.x,
+  or SDXL's (a transformer depth per level; label_emb: the pooled text and size ids, each id
+  embedded in `added_time_dim` channels, which the weights do not say)."""
   try:
     conv_in = state["input_blocks.0.0.weight"]
   except KeyError:
@@ -87,22 +95,38 @@ def unet_fields_from_ldm(state: Mapping[str, Any], heads: dict | None = None) ->
   if not to_k:
     raise ConversionError("no cross-attention (attn2) in this U-Net")
   context_dim = to_k[0].shape[1]
-  depth = 1 + max(int(m.group(1)) for k in state
-                  if (m := re.match(r"middle_block\.1\.transformer_blocks\.(\d+)\.", k)))
+  depth_of = lambda prefix: 1 + max(
+      (int(m.group(1)) for k in state
+       if (m := re.match(re.escape(prefix) + r"\.transformer_blocks\.(\d+)\.", k))), default=0)
+  middle = depth_of("middle_block.1")  # ours: the last level's depth
+  depths = tuple(depth_of(f"input_blocks.{n}.1") if i in attn_levels
+                 else middle if i == levels - 1 else 1 for i, n in enumerate(firsts))
+  if depths[-1] != middle:
+    raise ConversionError(f"the middle block's transformer depth {middle} is not the last "
+                          f"level's ({depths[-1]}), which ours takes")
   if heads is None:
     if context_dim not in HEADS_BY_CONTEXT:
-      raise ConversionError(f"a {context_dim}-wide context is neither SD 1.x's (768) nor 2.x's "
-                            "(1024): say the heads, heads={'num_heads': n} or "
+      raise ConversionError(f"a {context_dim}-wide context is neither SD 1.x's (768), 2.x's "
+                            "(1024) nor XL's (2048): say the heads, heads={'num_heads': n} or "
                             "{'head_channels': c}")
     heads = HEADS_BY_CONTEXT[context_dim]
+  added = {}
+  if "label_emb.0.0.weight" in state:
+    added = {"added_cond_dim": int(state["label_emb.0.0.weight"].shape[1]),
+             "added_time_dim": int(added_time_dim)}
+  elif any(k.startswith("label_emb.") for k in state):
+    raise ConversionError("this U-Net's label_emb is not SDXL's pooled-text and size "
+                          "conditioning (label_emb.0.0/0.2): not supported")
   return {"ch": ch, "ch_mult": ch_mult, "num_res_blocks": num_res_blocks, "attn_resolutions": (),
           "attn_levels": attn_levels, "dropout": 0.0, "in_channels": conv_in.shape[1],
-          "learned_variance": False, "context_dim": int(context_dim), "transformer_depth": depth,
+          "learned_variance": False, "context_dim": int(context_dim),
+          "transformer_depth": depths[0] if len(set(depths)) == 1 else depths,
           **({"output_channels": int(state["out.2.weight"].shape[0])}
              if "out.2.weight" in state and state["out.2.weight"].shape[0] != conv_in.shape[1]
              else {}),
           "num_heads": 1, "head_channels": 0, **heads, "norm_eps": 1e-5,
-          "flip_sin_to_cos": True, "freq_shift": 0.0, "downsample_padding": "symmetric"}
+          "flip_sin_to_cos": True, "freq_shift": 0.0, "downsample_padding": "symmetric",
+          **added}
 
 
 def _inner(our_module: str, rest: str, key: str) -> list[str]:
@@ -137,10 +161,11 @@ def unet_params_from_ldm(state: Mapping[str, Any], fields: Mapping[str, Any]) ->
   return params
 
 
-def ldm_state_dict(params: Mapping[str, Any], fields: Mapping[str, Any]) -> dict:
+def ldm_state_dict(params: Mapping[str, Any], fields: Mapping[str, Any],
+                   linear_proj: bool = False) -> dict:
   """Our U-Net's parameters in openaimodel's naming (under model.diffusion_model.), torch
   layouts (OIHW convs, [out, in] linears; the SpatialTransformer's proj_in/proj_out as 1x1
-  convs, as SD 1.x has them)."""
+  convs, as SD 1.x has them, or with `linear_proj` linears, as SD 2.x and XL)."""
   from flax import traverse_util
   inverse = {v: k for k, v in RESBLOCK.items()}
   attn = {"q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
@@ -169,7 +194,7 @@ def ldm_state_dict(params: Mapping[str, Any], fields: Mapping[str, Any]) -> dict
       if value.ndim == 4:
         value = value.transpose(3, 2, 0, 1)
       elif sub and sub[-1] in ("proj_in", "proj_out") and "_attn" in ours:
-        value = value.T[:, :, None, None]
+        value = value.T if linear_proj else value.T[:, :, None, None]
       else:
         value = value.T
     else:
@@ -210,9 +235,10 @@ def class_conditional_unet(state: Mapping[str, Any], heads: dict | None = None,
   return dict(fields, num_classes=table.shape[0] - 1), params
 
 
-def open_clip_text_params(state: Mapping[str, Any]) -> dict:
+def open_clip_text_params(state: Mapping[str, Any], penultimate_only: bool = True) -> dict:
   """CLIPTextEncoder parameters from OpenCLIP's text tower (prefix stripped): the blocks but
-  the last (SD 2.x's penultimate layer), ln_final."""
+  the last (SD 2.x's penultimate layer), ln_final; or with `penultimate_only=False` all of
+  them and the text projection (SDXL's ViT-bigG, whose pooled output counts)."""
   f32 = lambda k: np.asarray(state[k], np.float32)
   blocks = sorted({int(m.group(1)) for k in state
                    if (m := re.match(r"transformer\.resblocks\.(\d+)\.", k))})
@@ -221,8 +247,12 @@ def open_clip_text_params(state: Mapping[str, Any]) -> dict:
   params = {"token_embedding": {"embedding": f32("token_embedding.weight")},
             "position_embedding": f32("positional_embedding"),
             "final_norm": {"scale": f32("ln_final.weight"), "bias": f32("ln_final.bias")}}
+  if not penultimate_only:
+    if "text_projection" not in state:
+      raise ConversionError("OpenCLIP text tower without its text_projection")
+    params["text_projection"] = {"kernel": f32("text_projection")}  # x @ P: [width, dim]
   dense = lambda w, b: {"kernel": f32(w).T, "bias": f32(b)}
-  for n, i in enumerate(blocks[:-1]):
+  for n, i in enumerate(blocks[:-1] if penultimate_only else blocks):
     p = f"transformer.resblocks.{i}."
     w, b = f32(p + "attn.in_proj_weight"), f32(p + "attn.in_proj_bias")
     d = w.shape[1]
@@ -238,23 +268,31 @@ def open_clip_text_params(state: Mapping[str, Any]) -> dict:
   return params
 
 
+def _under(state: Mapping[str, Any], prefix: str) -> dict:
+  return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
 def split_single_file(state: Mapping[str, Any], ema: bool = False) -> dict:
   """A Stable Diffusion checkpoint's parts: "unet" (prefix stripped), "vae" (its own prefix,
-  which convert_autoencoder reads), "text" (CLIPTextEncoder parameters) and "activation" (SD
-  1.x's OpenAI CLIP: quick_gelu; SD 2.x's OpenCLIP: gelu)."""
+  which convert_autoencoder reads), "text" (CLIPTextEncoder parameters), "activation" (SD
+  1.x's and XL's OpenAI CLIP: quick_gelu; SD 2.x's OpenCLIP: gelu) and, in an SDXL file,
+  "text_2" (OpenCLIP bigG's parameters, all its blocks and its projection)."""
   from diffusion_jax.convert_clip import text_encoder_params
-  if any(k.startswith("conditioner.embedders.") for k in state):
-    raise ConversionError("an SDXL single file (conditioner.embedders.*) is not read directly: "
-                          "save it as a pipeline directory once (diffusers: StableDiffusionXL"
-                          "Pipeline.from_single_file(path).save_pretrained(dir)) and pass that")
   parts = {"unet": unet_state(state, ema), "vae": {k: v for k, v in state.items()
                                               if k.startswith("first_stage_model.")}}
-  openai = {k[len(TEXT_PREFIX):]: v for k, v in state.items() if k.startswith(TEXT_PREFIX)}
-  open_clip = {k[len(OPEN_CLIP_PREFIX):]: v for k, v in state.items()
-               if k.startswith(OPEN_CLIP_PREFIX)}
-  if openai:
+  if any(k.startswith(SDXL_PREFIX) for k in state):
+    openai, bigg = _under(state, SDXL_TEXT_PREFIX), _under(state, SDXL_OPEN_CLIP_PREFIX)
+    if not openai:
+      raise ConversionError("this SDXL file has no OpenAI CLIP as its first text encoder "
+                            f"({SDXL_TEXT_PREFIX}*): the SDXL refiner is not supported")
+    if not bigg:
+      raise ConversionError(f"no {SDXL_OPEN_CLIP_PREFIX}* weights: an SDXL file holds "
+                            "OpenCLIP ViT-bigG as its second text encoder")
+    parts.update(text=text_encoder_params(openai), activation="quick_gelu",
+                 text_2=open_clip_text_params(bigg, penultimate_only=False))
+  elif openai := _under(state, TEXT_PREFIX):
     parts.update(text=text_encoder_params(openai), activation="quick_gelu")
-  elif open_clip:
+  elif open_clip := _under(state, OPEN_CLIP_PREFIX):
     parts.update(text=open_clip_text_params(open_clip), activation="gelu")
   for name, hint in (("unet", UNET_PREFIX), ("text", f"{TEXT_PREFIX}* or {OPEN_CLIP_PREFIX}"),
                      ("vae", "first_stage_model.")):
@@ -263,21 +301,43 @@ def split_single_file(state: Mapping[str, Any], ema: bool = False) -> dict:
   return parts
 
 
+def is_sdxl_file(path: str) -> bool:
+  """Whether a .safetensors file holds SDXL base's second text encoder (read from its header
+  alone)."""
+  from safetensors import safe_open
+  if not (path.endswith(".safetensors") and os.path.isfile(path)):
+    return False
+  try:
+    with safe_open(path, "numpy") as f:
+      return any(k.startswith(SDXL_OPEN_CLIP_PREFIX) for k in f.keys())
+  except Exception:  # single_file_parts names what is wrong with the file
+    return False
+
+
 def single_file_parts(path: str, prediction_type: str = "epsilon", heads: dict | None = None,
-                      text_heads: int | None = None, ema: bool = False):
-  """(text, unet, vae) of a Stable Diffusion 1.x/2.x single file, as
-  stable_diffusion_loading.assemble takes them: (fields, params) twice and (fields, params, scaling); the U-Net's native size 64
-  latents (96 with v prediction, SD 2.x's 768-v)."""
+                      text_heads: int | None = None, ema: bool = False) -> dict:
+  """The parts of a Stable Diffusion 1.x/2.x/XL single file as
+  stable_diffusion_loading.assemble takes them: "text", "unet" (fields, params), "vae"
+  (fields, params, scaling) and SDXL's "text_2" (fields, params); the U-Net's native size 64
+  latents (96 with v prediction, SD 2.x's 768-v; 128, SDXL's 1024 pixels)."""
   from diffusion_jax.convert_autoencoder import _read_safetensors, autoencoder_from_state
   from diffusion_jax.convert_clip import text_encoder_fields_from_params
   if not (path.endswith(".safetensors") and os.path.isfile(path)):
     raise ConversionError(f"{path!r} is not a .safetensors file")
   parts = split_single_file(_read_safetensors(path), ema)
+  xl = "text_2" in parts
   unet_cfg = dict(unet_fields_from_ldm(parts["unet"], heads), name="unet",
-                  image_size=96 if prediction_type == "v_prediction" else 64)
-  text_params = parts["text"]
+                  image_size=128 if xl else 96 if prediction_type == "v_prediction" else 64)
   vae_cfg, vae_params = autoencoder_from_state(parts["vae"])
-  return ((text_encoder_fields_from_params(text_params, parts["activation"], text_heads),
-           text_params),
-          (unet_cfg, unet_params_from_ldm(parts["unet"], unet_cfg)),
-          (vae_cfg, vae_params, {"scale_factor": 0.18215, "shift_factor": 0.0}))
+  out = {"text": (text_encoder_fields_from_params(parts["text"], parts["activation"],
+                                                  text_heads), parts["text"]),
+         "unet": (unet_cfg, unet_params_from_ldm(parts["unet"], unet_cfg)),
+         "vae": (vae_cfg, vae_params, {"scale_factor": 0.13025 if xl else 0.18215,
+                                       "shift_factor": 0.0})}
+  if xl:
+    fields_2 = text_encoder_fields_from_params(parts["text_2"], "gelu", text_heads)
+    fields_2["projection_dim"] = int(parts["text_2"]["text_projection"]["kernel"].shape[1])
+    if unet_cfg.get("added_cond_dim"):  # pooled text + 6 size ids of added_time_dim each
+      unet_cfg["added_time_dim"] = (unet_cfg["added_cond_dim"] - fields_2["projection_dim"]) // 6
+    out["text_2"] = (fields_2, parts["text_2"])
+  return out

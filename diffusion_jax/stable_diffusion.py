@@ -74,11 +74,12 @@ class StableDiffusion:
   @classmethod
   def load_single_file(cls, path: str, tokenizer, prediction_type: str = "epsilon",
                        dtype: str = "float32", mesh=None, heads: dict | None = None,
-                       text_heads: int | None = None, ema: bool = False) -> "StableDiffusion":
-    """An SD 1.x/2.x single-file checkpoint (stable_diffusion_loading.load_single_file)."""
+                       text_heads: int | None = None, ema: bool = False,
+                       tokenizer_2=None) -> "StableDiffusion":
+    """An SD 1.x/2.x/XL single-file checkpoint (stable_diffusion_loading.load_single_file)."""
     from diffusion_jax.stable_diffusion_loading import load_single_file
     return load_single_file(path, tokenizer, prediction_type, dtype, mesh, heads, text_heads,
-                            ema)
+                            ema, tokenizer_2)
 
   def with_lora(self, path: str, weight: float = 1.0) -> "StableDiffusion":
     """This pipeline with a LoRA file's changes merged into its U-Net and text encoder(s),

@@ -1,5 +1,5 @@
 """Stable Diffusion pipelines (stable_diffusion.StableDiffusion) from weights on disk: a
-diffusers pipeline directory (SD 1.x/2.x/XL, inpainting, with a ControlNet) or an SD 1.x/2.x
+diffusers pipeline directory (SD 1.x/2.x/XL, inpainting, with a ControlNet) or an SD 1.x/2.x/XL
 single file, its parts converted (convert_clip, convert_diffusers, convert_autoencoder,
 convert_ldm), checked against each other and put together on the mesh.
 """
@@ -17,7 +17,7 @@ from diffusion_jax.convert_diffusers import (ConversionError, load_diffusers_con
                                              load_diffusers_unet, require_files,
                                              scheduler_settings, scheduler_settings_file,
                                              unet_fields)
-from diffusion_jax.convert_ldm import single_file_parts
+from diffusion_jax.convert_ldm import is_sdxl_file, single_file_parts
 from diffusion_jax.latent import FirstStage
 from diffusion_jax.models import DTYPES, UNet
 from diffusion_jax.models.autoencoder import AutoencoderKL
@@ -52,25 +52,40 @@ def load_pipeline(src: str, dtype: str = "float32", mesh=None, tokenizer=None,
   return assemble(tokenizer, text, unet, vae, schedule, dtype, mesh, attention, **parts)
 
 
+# the schedulers of SD 1.x/2.x (DDIM / PNDM) and of SDXL base (Euler) as their pipelines ship
+SD_SCHEDULE = {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012,
+               "steps_offset": 1, "clip_sample": False, "set_alpha_to_one": False}
+SDXL_SCHEDULE = dict(SD_SCHEDULE, _class_name="EulerDiscreteScheduler",
+                     timestep_spacing="leading", interpolation_type="linear")
+
+
 def load_single_file(path: str, tokenizer, prediction_type: str = "epsilon",
                      dtype: str = "float32", mesh=None, heads: dict | None = None,
-                     text_heads: int | None = None, ema: bool = False) -> StableDiffusion:
-  """A Stable Diffusion 1.x/2.x single-file checkpoint (CompVis naming, .safetensors) with the
-  tokenizer (a CLIPTokenizer, or the path of its vocab.json/merges.txt folder); the
-  scheduler is SD's (scaled_linear 0.00085 -> 0.012, steps_offset 1, set_alpha_to_one
-  False), `prediction_type` "epsilon" or "v_prediction" (the file does not say); heads,
-  text_heads: the attention heads where they are not Stable Diffusion's (convert_ldm); ema:
-  the file's model_ema.* U-Net instead of model.diffusion_model.*. The native size is 512
-  (768 for v prediction, SD 2.x's 768-v). The tokenizer must be the model's own (SD 2.x's
-  pads with "!", 1.x's with <|endoftext|>)."""
-  if isinstance(tokenizer, str):
-    tokenizer = load_tokenizer(tokenizer)
-  text, unet, vae = single_file_parts(path, prediction_type, heads, text_heads, ema)
-  schedule = scheduler_settings({"beta_schedule": "scaled_linear", "beta_start": 0.00085,
-                                 "beta_end": 0.012, "steps_offset": 1, "clip_sample": False,
-                                 "set_alpha_to_one": False,
-                                 "prediction_type": prediction_type})
-  return assemble(tokenizer, text, unet, vae, schedule, dtype, mesh)
+                     text_heads: int | None = None, ema: bool = False,
+                     tokenizer_2=None) -> StableDiffusion:
+  """A Stable Diffusion 1.x/2.x/XL single-file checkpoint (CompVis' or Stability's naming,
+  .safetensors) with the tokenizer (a CLIPTokenizer, or the path of its vocab.json/merges.txt
+  folder), and for SDXL (conditioner.embedders.*) tokenizer_2, OpenCLIP bigG's (pads with
+  "!"). The scheduler is the model's: SD 1.x/2.x's DDIM (scaled_linear 0.00085 -> 0.012,
+  steps_offset 1, set_alpha_to_one False), SDXL's Euler; `prediction_type` "epsilon" or
+  "v_prediction" (the file does not say); heads, text_heads: the attention heads where they
+  are not Stable Diffusion's (convert_ldm); ema: the file's model_ema.* U-Net instead of
+  model.diffusion_model.*. The native size is 512 (768 for v prediction, SD 2.x's 768-v;
+  1024 for SDXL). The tokenizers must be the model's own (SD 2.x's pads with "!", 1.x's with
+  <|endoftext|>)."""
+  load = lambda t: load_tokenizer(t) if isinstance(t, str) else t
+  if tokenizer_2 is None and is_sdxl_file(path):
+    raise ConversionError("an SDXL single file needs its second tokenizer too (OpenCLIP "
+                          "bigG's, e.g. an SDXL pipeline's tokenizer_2/): tokenizer_2=DIR, "
+                          "--tokenizer_2=DIR")
+  parts = single_file_parts(path, prediction_type, heads, text_heads, ema)
+  xl = {}
+  if "text_2" in parts:
+    xl = {"text_2": parts["text_2"], "tokenizer_2": load(tokenizer_2), "zero_negative": True}
+  schedule = scheduler_settings(dict(SDXL_SCHEDULE if xl else SD_SCHEDULE,
+                                     prediction_type=prediction_type))
+  return assemble(load(tokenizer), parts["text"], parts["unet"], parts["vae"], schedule, dtype,
+                  mesh, **xl)
 
 
 def assemble(tokenizer, text, unet, vae, schedule: dict, dtype: str = "float32",

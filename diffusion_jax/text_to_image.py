@@ -9,8 +9,8 @@ XL) pipeline directory you have on disk (stable_diffusion.py runs it in JAX).
 
 --src is a diffusers pipeline directory (model_index.json beside text_encoder/, tokenizer/,
 unet/, vae/, scheduler/, each with safetensors weights; SDXL's also text_encoder_2/ and
-tokenizer_2/), or a Stable Diffusion 1.x/2.x single-file checkpoint (CompVis naming,
-.safetensors; convert_ldm.py) with --tokenizer=DIR.
+tokenizer_2/), or a Stable Diffusion 1.x/2.x/XL single-file checkpoint (CompVis' or Stability's
+naming, .safetensors; convert_ldm.py) with --tokenizer=DIR (and SDXL's --tokenizer_2=DIR).
 """
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ def main(argv):
                               "--tokenizer=DIR (vocab.json + merges.txt of CLIP's, e.g. a "
                               "Stable Diffusion pipeline's tokenizer/)")
       pipe = StableDiffusion.load_single_file(FLAGS.src, FLAGS.tokenizer, FLAGS.prediction_type,
-                                              FLAGS.dtype, ema=FLAGS.ema)
+                                              FLAGS.dtype, ema=FLAGS.ema,
+                                              tokenizer_2=FLAGS.tokenizer_2)
     else:
       pipe = StableDiffusion.load(FLAGS.src, FLAGS.dtype, controlnet=FLAGS.controlnet)
     for path in FLAGS.lora or ():
@@ -89,9 +90,11 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.DEFINE_string("src", None, "Local diffusers Stable Diffusion pipeline directory, or a "
-                      "SD 1.x/2.x single-file .safetensors checkpoint.")
+                      "SD 1.x/2.x/XL single-file .safetensors checkpoint.")
   flags.DEFINE_string("tokenizer", None, "With a single file: the model's CLIP tokenizer folder "
                       "(SD 2.x: its own, which pads with '!').")
+  flags.DEFINE_string("tokenizer_2", None, "With an SDXL single file: its second tokenizer "
+                      "folder (OpenCLIP bigG's, e.g. an SDXL pipeline's tokenizer_2/).")
   flags.DEFINE_bool("ema", False, "With a single file: its model_ema.* U-Net.")
   flags.DEFINE_enum("prediction_type", "epsilon", ["epsilon", "v_prediction"],
                     "With a single file: what its U-Net predicts.")

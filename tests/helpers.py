@@ -137,3 +137,30 @@ def write_tokenizer(directory):
   with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
     json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77}, f)
   return len(tokens)
+
+
+def open_clip_state(hf_state, extra_blocks=(), projection=None):
+  """A transformers CLIPTextModel's state dict (numpy, with or without "text_model.") in
+  OpenCLIP's text-tower naming (fused in_proj, resblocks, ln_final), as SD 2.x and XL files
+  hold it; extra_blocks: more resblocks (dicts in transformers' layer names) after the model's
+  own; projection: CLIPTextModelWithProjection's text_projection.weight, stored transposed."""
+  sd = {k.removeprefix("text_model."): v for k, v in hf_state.items()}
+  clip = {"token_embedding.weight": sd["embeddings.token_embedding.weight"],
+          "positional_embedding": sd["embeddings.position_embedding.weight"],
+          "ln_final.weight": sd["final_layer_norm.weight"],
+          "ln_final.bias": sd["final_layer_norm.bias"]}
+  layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers."))
+  blocks = [{k.split(".", 3)[3]: v for k, v in sd.items() if k.startswith(f"encoder.layers.{i}.")}
+            for i in range(layers)] + list(extra_blocks)
+  for i, layer in enumerate(blocks):
+    p = f"transformer.resblocks.{i}."
+    for kind in ("weight", "bias"):
+      clip[p + f"attn.in_proj_{kind}"] = np.concatenate(
+          [layer[f"self_attn.{x}_proj.{kind}"] for x in "qkv"])
+      for theirs, hf in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"),
+                         ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"),
+                         ("mlp.c_proj", "mlp.fc2")):
+        clip[p + f"{theirs}.{kind}"] = layer[f"{hf}.{kind}"]
+  if projection is not None:
+    clip["text_projection"] = np.ascontiguousarray(projection.T)
+  return clip

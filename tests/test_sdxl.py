@@ -18,7 +18,7 @@ from diffusion_jax.convert_clip import load_text_encoder  # noqa: E402
 from diffusion_jax.convert_diffusers import ConversionError  # noqa: E402
 from diffusion_jax.models.clip_text import CLIPTextEncoder  # noqa: E402
 from diffusion_jax.stable_diffusion import StableDiffusion  # noqa: E402
-from helpers import write_tokenizer  # noqa: E402
+from helpers import open_clip_state, write_tokenizer  # noqa: E402
 from test_parity import build, randomise  # noqa: E402
 
 pytestmark = pytest.mark.parity
@@ -268,15 +268,77 @@ def test_refiner_half_pipelines_and_training_are_refused(sdxl_dir, tmp_path):
   shutil.rmtree(half / "text_encoder_2")
   with pytest.raises(ConversionError, match="needs text_encoder_2"):
     StableDiffusion.load(str(half))
-  # SDXL's single files: named as such, with the way through diffusers
+  # the refiner's single file: OpenCLIP bigG as its only text encoder
   from safetensors.numpy import save_file
   one = np.ones(2, np.float32)
-  save_file({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": one,
+  save_file({"conditioner.embedders.0.model.ln_final.weight": one,
              "model.diffusion_model.out.0.weight": one}, str(tmp_path / "xl.safetensors"))
-  with pytest.raises(ConversionError, match="an SDXL single file"):
+  with pytest.raises(ConversionError, match="SDXL refiner is not supported"):
     StableDiffusion.load_single_file(str(tmp_path / "xl.safetensors"), tokenizer=None)
   # training an imported SDXL U-Net is refused before anything is written
   from diffusion_jax.convert import import_diffusers_unet
   with pytest.raises(ConversionError, match="training it is not supported"):
     import_diffusers_unet(str(src), None, str(tmp_path / "work"))
   assert not os.path.exists(tmp_path / "work")
+
+
+def test_single_file_in_stabilitys_naming_gives_the_pipelines_latents(sdxl_dir, tmp_path):
+  """The miniature as one SDXL file (sgm's names: model.diffusion_model.* with label_emb and
+  linear proj_in/out, conditioner.embedders.0.transformer.* and OpenCLIP's
+  conditioner.embedders.1.model.*, first_stage_model.*): each part loads strictly through
+  diffusers' own single-file converters, and load_single_file with the two tokenizers gives
+  the pipeline's Euler latents and images."""
+  from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint,
+                                                   convert_open_clip_checkpoint)
+  from safetensors.numpy import save_file
+  from diffusion_jax.convert_diffusers import load_diffusers_unet
+  from diffusion_jax.convert_ldm import ldm_state_dict
+  src, pipe = sdxl_dir
+  fields, params = load_diffusers_unet(str(src / "unet"))
+  state = ldm_state_dict(params, fields, linear_proj=True)
+  assert "model.diffusion_model.label_emb.0.2.weight" in state
+  bigg = {"conditioner.embedders.1.model." + k: v for k, v in open_clip_state(
+      {k: v.numpy() for k, v in pipe.text_encoder_2.state_dict().items()
+       if k != "text_projection.weight"},
+      projection=pipe.text_encoder_2.text_projection.weight.detach().numpy()).items()}
+  for ours, convert, ref in (
+      (state, lambda sd: convert_ldm_unet_checkpoint(sd, dict(pipe.unet.config)), pipe.unet),
+      (bigg, lambda sd: convert_open_clip_checkpoint(
+          type(pipe.text_encoder_2)(pipe.text_encoder_2.config), sd,
+          prefix="conditioner.embedders.1.model."), pipe.text_encoder_2)):
+    fresh = type(ref)(ref.config) if hasattr(ref.config, "to_dict") else type(ref)(**ref.config)
+    fresh.load_state_dict(convert({k: torch.from_numpy(np.ascontiguousarray(v))
+                                   for k, v in ours.items()}), strict=True)
+    for name, value in ref.state_dict().items():
+      np.testing.assert_array_equal(fresh.state_dict()[name].numpy(), value.numpy(), name)
+  state.update(bigg)
+  state.update({"conditioner.embedders.0.transformer.text_model." + k.removeprefix(
+      "text_model."): v.numpy() for k, v in pipe.text_encoder.state_dict().items()})
+  state.update({"first_stage_model." + k: v.numpy() for k, v in pipe.vae.state_dict().items()})
+  path = str(tmp_path / "sdxl-mini.safetensors")
+  save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, path)
+  with pytest.raises(ConversionError, match="needs its second tokenizer"):
+    StableDiffusion.load_single_file(path, str(src / "tokenizer"))
+  ours = StableDiffusion.load_single_file(path, str(src / "tokenizer"), heads={
+      "head_channels": 16}, text_heads=4, tokenizer_2=str(src / "tokenizer_2"))
+  assert ours.schedule["scheduler"] == "EulerDiscreteScheduler" and ours.sample_size == 128
+  latents = np.random.default_rng(1).normal(size=(2, 8, 8, 4)).astype(np.float32)
+  want, want_images = (run(pipe, PROMPTS, latents, output_type=kind) for kind in ("latent", "np"))
+  got = ours.generate(PROMPTS, num_steps=4, guidance_scale=5.0, latents=latents, height=16,
+                      width=16, decode=False)
+  images = ours.generate(PROMPTS, num_steps=4, guidance_scale=5.0, latents=latents, height=16,
+                         width=16)
+  moved = ours.generate(PROMPTS[::-1], num_steps=4, guidance_scale=5.0, latents=latents,
+                        height=16, width=16, decode=False)
+  print(f"SDXL single file: max |ours - diffusers| latents {np.abs(got - want).max():.3g} "
+        f"(the prompts swapped move them {np.abs(moved - want).max():.3g}), images "
+        f"{np.abs(images / 255.0 - want_images).max() * 255:.2f} / 255")
+  assert close(got, want, np.abs(moved - want).max())
+  assert np.abs(images / 255.0 - want_images).max() <= 1.5 / 255
+  from test_text_to_image import text_to_image_command
+  args = (f"--src={path}", f"--tokenizer={src / 'tokenizer'}", "--prompt=an orange cat!",
+          "--steps=2", "--height=16", "--width=16", f"--out={tmp_path / 'xl.png'}")
+  proc = text_to_image_command(*args)
+  assert "needs its second tokenizer" in proc.stderr and proc.returncode != 0
+  proc = text_to_image_command(*args, f"--tokenizer_2={src / 'tokenizer_2'}")
+  assert "context is neither" in proc.stderr  # the miniature's heads are not SDXL's

@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 from diffusion_jax.convert_clip import load_text_encoder  # noqa: E402
 from diffusion_jax.models.clip_text import CLIPTextEncoder  # noqa: E402
 from diffusion_jax.stable_diffusion import StableDiffusion  # noqa: E402
-from helpers import REPO, write_tokenizer  # noqa: E402
+from helpers import REPO, open_clip_state, write_tokenizer  # noqa: E402
 from test_parity import randomise  # noqa: E402
 
 pytestmark = pytest.mark.parity
@@ -236,23 +236,9 @@ def test_open_clip_text_tower_of_sd2_files_converts_like_diffusers():
   ref = text_encoder(60, "gelu", seed=4)  # 2 layers: the penultimate network
   sd = {k.removeprefix("text_model."): v.numpy() for k, v in ref.state_dict().items()}
   rng = np.random.default_rng(0)
-  clip = {"token_embedding.weight": sd["embeddings.token_embedding.weight"],
-          "positional_embedding": sd["embeddings.position_embedding.weight"],
-          "ln_final.weight": sd["final_layer_norm.weight"],
-          "ln_final.bias": sd["final_layer_norm.bias"]}
-  for i in range(3):  # block 2: a last block that SD 2.x leaves out
-    src = (lambda n: sd[f"encoder.layers.{i}.{n}"]) if i < 2 else (
-        lambda n: rng.normal(size=sd[f"encoder.layers.0.{n}"].shape).astype(np.float32))
-    p = f"transformer.resblocks.{i}."
-    clip[p + "attn.in_proj_weight"] = np.concatenate(
-        [src(f"self_attn.{x}_proj.weight") for x in "qkv"])
-    clip[p + "attn.in_proj_bias"] = np.concatenate(
-        [src(f"self_attn.{x}_proj.bias") for x in "qkv"])
-    for theirs, hf in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"),
-                       ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"),
-                       ("mlp.c_proj", "mlp.fc2")):
-      clip[p + theirs + ".weight"], clip[p + theirs + ".bias"] = (src(hf + ".weight"),
-                                                                   src(hf + ".bias"))
+  last = {k[len("encoder.layers.0."):]: rng.normal(size=v.shape).astype(np.float32)
+          for k, v in sd.items() if k.startswith("encoder.layers.0.")}  # SD 2.x leaves it out
+  clip = open_clip_state(sd, extra_blocks=[last])
   ckpt = {"cond_stage_model.model." + k: torch.from_numpy(v) for k, v in clip.items()
           if not k.startswith("transformer.resblocks.2.")}
   fresh = transformers.CLIPTextModel(ref.config)
