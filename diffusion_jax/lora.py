@@ -6,8 +6,9 @@ Reads the two formats people have (.safetensors):
   "lora.down" / "lora.up"), "text_encoder." / "text_encoder_2." likewise; alpha and r from the
   file's "lora_adapter_metadata" ("unet.lora_alpha", "unet.r"), else alpha = r;
 - kohya-ss / A1111: "lora_unet_<module with _>.lora_down.weight" / "lora_up.weight" / "alpha",
-  "lora_te_" (SDXL: "lora_te1_", "lora_te2_") for the text encoders; modules named as
-  diffusers' (SD 1.x/2.x trainers). Names in LDM's layout (input_blocks, ...) are refused.
+  "lora_te_" (SDXL: "lora_te1_", "lora_te2_") for the text encoders; U-Net modules named as
+  diffusers' (SD 1.x/2.x trainers) or in LDM's layout (input_blocks, middle_block, ...:
+  kohya's SDXL trainer, which trains Stability's U-Net; convert_ldm maps them).
 Module names map onto ours through the converters (convert_diffusers, convert_clip), so a
 LoRA reaches exactly the parameters the same weights in a full checkpoint would.
 """
@@ -22,7 +23,8 @@ import numpy as np
 
 from diffusion_jax.convert_diffusers import ConversionError
 
-COMPONENTS = {"unet": "unet", "text_encoder": "text", "text_encoder_2": "text_2"}  # -> params
+COMPONENTS = {"unet": "unet", "unet_ldm": "unet", "text_encoder": "text",
+              "text_encoder_2": "text_2"}  # -> params ("unet_ldm": a U-Net in LDM's names)
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                   "lora_te2_": "text_encoder_2"}
 # diffusers' module names that hold an underscore (kohya writes every "." as "_")
@@ -31,6 +33,10 @@ COMPOUNDS = ("down_blocks", "up_blocks", "mid_block", "transformer_blocks", "to_
              "conv_in", "conv_out", "conv_norm_out", "time_embedding", "linear_1", "linear_2",
              "add_embedding", "text_model", "self_attn", "q_proj", "k_proj", "v_proj",
              "out_proj", "final_layer_norm")
+LDM_COMPOUNDS = ("input_blocks", "middle_block", "output_blocks", "transformer_blocks",
+                 "in_layers", "out_layers", "emb_layers", "skip_connection", "time_embed",
+                 "label_emb", "proj_in", "proj_out", "to_q", "to_k", "to_v", "to_out")
+LDM_NAME = re.compile(r"(input_blocks|middle_block|output_blocks|time_embed|label_emb)_|out_2$")
 
 
 def read_lora(path: str) -> tuple[dict, dict]:
@@ -42,21 +48,21 @@ def read_lora(path: str) -> tuple[dict, dict]:
     return {k: np.asarray(f.get_tensor(k), np.float32) for k in f.keys()}, f.metadata() or {}
 
 
-def kohya_module(name: str) -> str:
-  """diffusers' module name of a kohya key body (down_blocks_0_attentions_0_proj_in ->
-  down_blocks.0.attentions.0.proj_in)."""
-  if re.match(r"(input|output|middle)_block", name):
-    raise ConversionError(f"LoRA key {name!r} names LDM's U-Net layout (input_blocks, ...), "
-                          "which is not supported: convert it to diffusers' names first")
+def kohya_module(name: str) -> tuple[str, str]:
+  """(naming, module) of a kohya U-Net key body: ("diffusers", down_blocks.0.attentions.0.proj_in)
+  for down_blocks_0_attentions_0_proj_in, ("ldm", input_blocks.4.1.proj_in) for
+  input_blocks_4_1_proj_in."""
+  naming, compounds = ("ldm", LDM_COMPOUNDS) if LDM_NAME.match(name) else ("diffusers",
+                                                                            COMPOUNDS)
   name = name.replace("_", ".")
-  for compound in COMPOUNDS:
+  for compound in compounds:
     name = name.replace(compound.replace("_", "."), compound)
-  return name
+  return naming, name
 
 
 def lora_deltas(state: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> dict:
-  """{component ("unet", "text_encoder", "text_encoder_2"): {diffusers module name: the
-  weight's change (alpha / r) B A, in torch's layout}}."""
+  """{component ("unet", "unet_ldm", "text_encoder", "text_encoder_2"): {module name (diffusers'
+  or, for "unet_ldm", LDM's): the weight's change (alpha / r) B A, in torch's layout}}."""
   pairs: dict = {}  # (component, module) -> {"down", "up", "alpha"}
   for key, value in state.items():
     m = re.fullmatch(r"(unet|text_encoder|text_encoder_2)\.(.+)\.(lora_A|lora_B|lora\.down|"
@@ -68,7 +74,11 @@ def lora_deltas(state: Mapping[str, np.ndarray], metadata: Mapping[str, str]) ->
       pairs.setdefault((m.group(1), m.group(2)), {})[part] = value
     elif k:
       part = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}[k.group(3)]
-      pairs.setdefault((KOHYA_PREFIXES[k.group(1)], kohya_module(k.group(2))), {})[part] = value
+      component = KOHYA_PREFIXES[k.group(1)]
+      naming, module = kohya_module(k.group(2))
+      if component == "unet" and naming == "ldm":
+        component = "unet_ldm"
+      pairs.setdefault((component, module), {})[part] = value
     else:
       raise ConversionError(f"unexpected key {key!r} in the LoRA file (diffusers' or kohya's "
                             "LoRA formats; LyCORIS' LoHa / LoKr are not supported)")

@@ -87,8 +87,11 @@ class StableDiffusion:
     from diffusion_jax import lora
     from diffusion_jax.convert_clip import text_encoder_params
     from diffusion_jax.convert_diffusers import unet_params_from_diffusers
-    levels = {"ch_mult": self.unet.ch_mult}
-    converters = {"unet": lambda state: unet_params_from_diffusers(state, levels),
+    from diffusion_jax.convert_ldm import unet_params_from_ldm
+    layout = {"ch_mult": self.unet.ch_mult, "num_res_blocks": self.unet.num_res_blocks,
+              "attn_levels": self.unet.attn_levels}
+    converters = {"unet": lambda state: unet_params_from_diffusers(state, layout),
+                  "unet_ldm": lambda state: unet_params_from_ldm(state, layout),
                   "text_encoder": text_encoder_params, "text_encoder_2": text_encoder_params}
     deltas = lora.lora_deltas(*lora.read_lora(path))
     return dataclasses.replace(self, params=lora.merged_params(self.params, deltas, converters,

@@ -101,11 +101,13 @@ def test_lora_gives_diffusers_load_lora_weights_latents(lora_files, kind):
 def test_kohya_names_and_refusals(lora_files, tmp_path):
   from safetensors.numpy import save_file
   assert kohya_module("down_blocks_0_attentions_1_transformer_blocks_0_attn2_to_out_0") == (
-      "down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_out.0")
+      "diffusers", "down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_out.0")
   assert kohya_module("text_model_encoder_layers_11_self_attn_q_proj") == (
-      "text_model.encoder.layers.11.self_attn.q_proj")
-  with pytest.raises(ConversionError, match="LDM's U-Net layout"):
-    kohya_module("input_blocks_1_1_proj_in")
+      "diffusers", "text_model.encoder.layers.11.self_attn.q_proj")
+  assert kohya_module("output_blocks_2_1_transformer_blocks_0_attn1_to_out_0") == (
+      "ldm", "output_blocks.2.1.transformer_blocks.0.attn1.to_out.0")
+  assert kohya_module("input_blocks_1_0_emb_layers_1") == ("ldm", "input_blocks.1.0.emb_layers.1")
+  assert kohya_module("out_2") == ("ldm", "out.2")
   src = lora_files[0]
   base = StableDiffusion.load(str(src))
   conv = "lora_unet_down_blocks_9_resnets_0_conv1"  # no such level
@@ -120,3 +122,75 @@ def test_kohya_names_and_refusals(lora_files, tmp_path):
             str(tmp_path / "xl.safetensors"), metadata={"lora_adapter_metadata": json.dumps({})})
   with pytest.raises(ConversionError, match="adapts text_encoder_2"):
     base.with_lora(str(tmp_path / "xl.safetensors"))
+
+
+# the SDXL miniature's modules (test_sdxl.unet_config: 2 levels, 1 block each, attention at
+# level 1) in Stability's (LDM) naming, as kohya's SDXL trainer names them
+SDXL_LDM_MODULES = {
+    "conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_1":
+    "time_embed.0", "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1":
+    "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2", "down_blocks.0.resnets.0":
+    "input_blocks.1.0", "down_blocks.0.downsamplers.0.conv": "input_blocks.2.0.op",
+    "down_blocks.1.resnets.0": "input_blocks.3.0", "down_blocks.1.attentions.0":
+    "input_blocks.3.1", "mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0":
+    "middle_block.1", "mid_block.resnets.1": "middle_block.2", "up_blocks.0.resnets.0":
+    "output_blocks.0.0", "up_blocks.0.attentions.0": "output_blocks.0.1",
+    "up_blocks.0.resnets.1": "output_blocks.1.0", "up_blocks.0.attentions.1": "output_blocks.1.1",
+    "up_blocks.0.upsamplers.0.conv": "output_blocks.1.2.conv", "up_blocks.1.resnets.0":
+    "output_blocks.2.0", "up_blocks.1.resnets.1": "output_blocks.3.0"}
+SDXL_LDM_RESNET = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj":
+                   "emb_layers.1", "conv_shortcut": "skip_connection"}
+
+
+def test_kohya_sdxl_lora_in_ldm_names_gives_diffusers_latents(tmp_path_factory):
+  """kohya's SDXL LoRAs name the U-Net's modules as Stability's U-Net (input_blocks_4_1_...):
+  a random LoRA on every kind of layer (attention, feed-forward, projections, res-block and
+  sampling convolutions, the time and pooled-text embeddings) and on both text encoders,
+  merged into the SDXL miniature, gives diffusers' load_lora_weights latents."""
+  from peft.utils import get_peft_model_state_dict
+  from safetensors.numpy import save_file
+  from test_sdxl import build_sdxl_dir, run
+  src, pipe = build_sdxl_dir(tmp_path_factory)
+  torch.manual_seed(0)
+  targets = UNET_TARGETS + ["proj_out", "ff.net.2", "conv2", "conv_shortcut", "conv",
+                            "linear_1", "linear_2", "conv_in", "conv_out"]
+  pipe.unet.add_adapter(peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                        init_lora_weights=False))
+  unet_sd = get_peft_model_state_dict(pipe.unet)
+  pipe.unet.delete_adapters("default")
+  kohya, g = {}, torch.Generator().manual_seed(1)
+  for key, value in unet_sd.items():
+    module, part = key.rsplit(".lora_", 1)
+    prefix = max((p for p in SDXL_LDM_MODULES if module == p or module.startswith(p + ".")),
+                 key=len)
+    rest = module[len(prefix) + 1:]
+    ldm = ".".join(filter(None, [SDXL_LDM_MODULES[prefix], SDXL_LDM_RESNET.get(rest, rest)]))
+    name = "lora_unet_" + ldm.replace(".", "_")
+    kohya[f"{name}.lora_{'up' if part == 'B.weight' else 'down'}.weight"] = value.numpy()
+    kohya[f"{name}.alpha"] = np.asarray(8.0, np.float32)
+  assert {"lora_unet_input_blocks_2_0_op.alpha", "lora_unet_label_emb_0_2.alpha",
+          "lora_unet_output_blocks_1_1_transformer_blocks_1_ff_net_2.alpha"} <= set(kohya)
+  for prefix, encoder in (("lora_te1_", pipe.text_encoder), ("lora_te2_", pipe.text_encoder_2)):
+    for name, module in encoder.named_modules():
+      if name.rsplit(".", 1)[-1] in TEXT_TARGETS:
+        body = prefix + ("text_model." + name.removeprefix("text_model.")).replace(".", "_")
+        kohya[f"{body}.lora_down.weight"] = (torch.randn((2, module.in_features), generator=g)
+                                             * 0.3).numpy()
+        kohya[f"{body}.lora_up.weight"] = (torch.randn((module.out_features, 2), generator=g)
+                                           * 0.3).numpy()
+        kohya[f"{body}.alpha"] = np.asarray(3.0, np.float32)
+  path = str(src / "kohya_xl.safetensors")
+  save_file(kohya, path)
+  x_T = np.random.default_rng(0).normal(size=(2, 8, 8, 4)).astype(np.float32)
+  plain = run(pipe, PROMPTS, x_T)
+  pipe.load_lora_weights(path)
+  try:
+    want = run(pipe, PROMPTS, x_T)
+  finally:
+    pipe.unload_lora_weights()
+  got = StableDiffusion.load(str(src)).with_lora(path).generate(
+      PROMPTS, num_steps=4, guidance_scale=5.0, latents=x_T, decode=False)
+  diff, effect = np.abs(got - want).max(), np.abs(plain - want).max()
+  print(f"kohya SDXL LoRA (LDM names): max |ours - diffusers| = {diff:.3g}; the LoRA moves the "
+        f"latents {effect:.3g}")
+  assert diff < effect / 100
