@@ -1,23 +1,23 @@
 """A Stable Diffusion (1.x, 2.x, XL; text-to-image, img2img, inpainting) pipeline in JAX:
 CLIP text encoder(s), cross-attention U-Net and KL decoder converted from a diffusers pipeline
-directory (or an SD 1.x/2.x single file), the whole chain (text encoding, DDIM, Euler or
+directory (or an SD 1.x/2.x/XL single file), the whole chain (text encoding, DDIM, Euler or
 DPM-Solver++ with classifier-free guidance, decoding) one compiled program, the batch sharded
 over the devices. stable_diffusion_loading.py reads and assembles it; text_to_image.py is its
 command line.
 
 Sampling follows the pipeline's scheduler_config.json: its betas, epsilon or v prediction,
-steps_offset, set_alpha_to_one and clip_sample (with the "leading" timestep spacing of SD's
-configs DDIM then equals diffusers' DDIMScheduler; "dpm_solver" is DPM-Solver++(2M) in the same
-chain, diffusers' DPMSolverMultistepScheduler made from the same config: its timestep_spacing
-(where absent, that class's default "linspace"), the last step first order to sigma = 0).
+steps_offset, set_alpha_to_one, clip_sample and timestep_spacing ("leading", "linspace",
+"trailing"; where absent, the default of the method's diffusers class): "ddim" is diffusers'
+DDIMScheduler; "dpm_solver" is DPM-Solver++(2M) in the same chain, diffusers'
+DPMSolverMultistepScheduler made from the same config, the last step first order to sigma = 0.
 "euler" is EulerDiscreteScheduler (SDXL's), which is DDIM with eta = 0 written in
-sigma = sqrt((1 - alphabar) / alphabar), its last step to sigma = 0: the same chain with
-diffusers' "leading" timesteps; "euler_ancestral" (EulerAncestralDiscreteScheduler) is the
-same with eta = 1 (its sigma_up is DDIM's eta = 1 noise, its sigma_down the rest).
-"dpm_solver_karras" is DPM-Solver++(2M) over Karras' noise levels whatever the config says
-("DPM++ 2M Karras"). By default the method is the scheduler config's class where it is one of
-these, else DDIM. SDXL's conditioning: sdxl.py (its invisible watermark is not
-applied). Tokenising needs the `transformers` package (its CLIPTokenizer reads tokenizer/);
+sigma = sqrt((1 - alphabar) / alphabar), its last step to sigma = 0, the network at
+fractional timesteps where the spacing or Karras' sigmas put them; "euler_ancestral"
+(EulerAncestralDiscreteScheduler, e.g. SDXL-Turbo's) is the same with eta = 1 (its sigma_up
+is DDIM's eta = 1 noise, its sigma_down the rest). "dpm_solver_karras" is DPM-Solver++(2M)
+over Karras' noise levels whatever the config says ("DPM++ 2M Karras"). By default the method
+is the scheduler config's class where it is one of these, else DDIM. SDXL's conditioning:
+sdxl.py (its invisible watermark is not applied). Tokenising needs the `transformers` package (its CLIPTokenizer reads tokenizer/);
 nothing else of torch or transformers runs.
 """
 from __future__ import annotations
@@ -156,24 +156,28 @@ class StableDiffusion:
     ddim = dict(clip_denoised=self.schedule["clip_sample"],
                 steps_offset=self.schedule["steps_offset"],
                 alpha_one_at_end=self.schedule["alpha_one_at_end"])
+    ts = samplers.diffusers_timesteps(self.diffusion.num_timesteps, num_steps,
+                                      self.spacing("ddim"), ddim["steps_offset"]).round()
     if init is not None:
       if init.shape[1] != x_T.shape[1]:  # images: the posterior sampled, as diffusers does
         init = self.first_stage.encode_latents(vae_params, *scaling, init,
                                                jax.random.fold_in(key, 2))
-      t = samplers.ddim_timesteps(self.diffusion.num_timesteps, num_steps)[::-1][skip]
-      x_T = self.diffusion.q_sample(init, jnp.full((x_T.shape[0],), t + ddim["steps_offset"]),
-                                    x_T)
+      x_T = self.diffusion.q_sample(init, jnp.full((x_T.shape[0],), int(ts[skip])), x_T)
     if method.startswith("euler"):  # Euler: DDIM to sigma = 0, eta 0 (ancestral: 1)
-      ddim.update(clip_denoised=False, alpha_one_at_end=True)
-      eta = 1.0 if method == "euler_ancestral" else 0.0
-    if method in ("ddim", "euler", "euler_ancestral"):
+      spacing = self.spacing(method)
+      ts, sigmas = samplers.euler_levels(self.diffusion, num_steps, spacing,
+                                         ddim["steps_offset"],
+                                         method == "euler" and self.schedule.get("karras"))
+      z = samplers.euler_sample(self.diffusion, denoise,
+                                x_T * samplers.euler_start_scale(sigmas, spacing), key, ts,
+                                sigmas, eta=1.0 if method == "euler_ancestral" else 0.0)
+    elif method == "ddim":
       z = samplers.ddim_sample(self.diffusion, denoise, x_T, key, num_steps, eta, skip=skip,
-                               **ddim)
+                               timesteps=ts, **ddim)
     else:
       karras = self.schedule.get("karras") or method == "dpm_solver_karras"
-      spacing = "karras" if karras else self.schedule["timestep_spacing"] or "linspace"
       z = samplers.dpm_solver_sample(self.diffusion, denoise, x_T, key, num_steps,
-                                     spacing=spacing,
+                                     spacing="karras" if karras else self.spacing(method),
                                      clip_denoised=False,
                                      steps_offset=self.schedule["steps_offset"])
     z = z.astype(jnp.float32)
@@ -232,19 +236,21 @@ class StableDiffusion:
     f = self.first_stage.model.downsampling_factor
     return unit_range(image, shape[0], shape[1] * f, shape[2] * f, "control_image")
 
+  def spacing(self, method: str) -> str:
+    """The scheduler config's timestep_spacing, or where it has none the default of the
+    method's diffusers class (DDIM's "leading", Euler's and DPM-Solver's "linspace"), as
+    `Scheduler.from_config` would have it."""
+    return self.schedule["timestep_spacing"] or ("leading" if method == "ddim" else "linspace")
+
   def _check_solver(self, method: str, eta: float) -> None:
     """Euler and DPM-Solver++ as the scheduler config has them, or a ValueError."""
-    spacing, unsupported = self.schedule["timestep_spacing"], self.schedule.get("unsupported")
+    unsupported = self.schedule.get("unsupported")
     if method != "ddim" and unsupported:
       raise ValueError(f"the scheduler config sets {unsupported}, which method {method!r} does "
                        "not implement: use method 'ddim'")
-    if method.startswith("euler") and (spacing != "leading" or eta or
-                                       self.schedule.get("karras")):
-      raise ValueError(f"method {method!r} is diffusers' Euler (ancestral) scheduler with "
-                       f"'leading' timesteps and its own sigmas (eta: not set); got "
-                       f"timestep_spacing={spacing!r}, use_karras_sigmas="
-                       f"{self.schedule.get('karras')}, eta {eta}: use method 'ddim' or "
-                       "'dpm_solver'")
+    if method.startswith("euler") and eta:
+      raise ValueError(f"method {method!r} is diffusers' Euler (ancestral) scheduler, whose "
+                       f"noise is its own: eta (DDIM's) must be 0, got {eta}")
 
   def img2img(self, prompts, images=None, latents=None, strength: float = 0.8,
               negative_prompt: str | None = None, num_steps: int = 50,
@@ -358,9 +364,6 @@ class StableDiffusion:
     if len(negatives) != n:
       raise ValueError(f"{len(negatives)} negative prompts for {n} prompts: give one, or one "
                        "each")
-    if method == "ddim" and self.schedule["timestep_spacing"] not in (None, "leading"):
-      logging.warning("scheduler timestep_spacing=%r: DDIM uses 'leading' (uniform spacing plus "
-                      "steps_offset)", self.schedule["timestep_spacing"])
     key = jax.random.PRNGKey(seed)
     if x_T is None:
       x_T = jax.random.normal(jax.random.fold_in(key, 1), shape)

@@ -236,37 +236,97 @@ def test_karras_levels_need_a_prediction_they_can_convert(tmp_path):
     validate_config(c)
 
 
+def optimal_eps_between(d, x, t):
+  """optimal_eps at fractional timesteps: alphabar = 1 / (1 + sigma^2), sigma interpolated
+  linearly in t (as diffusers' Euler schedulers place their levels)."""
+  levels = jnp.asarray(samplers.noise_levels(d), jnp.float32)
+  sigma = jnp.interp(t.astype(jnp.float32), jnp.arange(len(levels), dtype=jnp.float32), levels)
+  ab = (1.0 / (1.0 + sigma ** 2)).reshape(-1, 1, 1, 1)
+  return jnp.sqrt(1 - ab) * (x - jnp.sqrt(ab) * MU) / (ab * S ** 2 + 1 - ab)
+
+
 @pytest.mark.parity
-@pytest.mark.parametrize("ancestral", [False, True])
-def test_euler_schedulers_are_ddim_written_in_sigma(ancestral):
+@pytest.mark.parametrize("ancestral,spacing,karras", [
+    (False, "leading", False), (True, "leading", False), (False, "linspace", False),
+    (True, "linspace", False), (True, "trailing", False), (False, "trailing", True),
+    (False, "linspace", True)])
+def test_euler_schedulers_are_ddim_written_in_sigma(ancestral, spacing, karras):
   """diffusers' EulerDiscreteScheduler is DDIM at eta 0 to sigma = 0, EulerAncestral DDIM at
-  eta 1 (its sigma_up is eq. 16's sigma / sqrt(alphabar_prev)): the same chain step for step
-  ("leading" + steps_offset 1, SD's betas), the ancestral one given our noise draws."""
+  eta 1 (its sigma_up is eq. 16's sigma / sqrt(alphabar_prev)), between its noise levels: the
+  same timesteps (fractional with "linspace" or Karras' sigmas) and levels, and the same chain
+  step for step (SD's betas; the ancestral one given our noise draws)."""
   torch = pytest.importorskip("torch")
   diffusers = pytest.importorskip("diffusers")
   import unittest.mock
   d = dm.GaussianDiffusion(dm.get_beta_schedule("scaled_linear", 1000, 0.00085, 0.012))
-  fn = functools.partial(optimal_eps, d)
+  fn = functools.partial(optimal_eps_between, d)
   cls = (diffusers.EulerAncestralDiscreteScheduler if ancestral
          else diffusers.EulerDiscreteScheduler)
+  offset = 1 if spacing == "leading" else 0
   sched = cls(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-              timestep_spacing="leading", steps_offset=1)
+              timestep_spacing=spacing, steps_offset=offset,
+              **({"use_karras_sigmas": True} if karras else {}))
   num_steps, key = 8, jax.random.PRNGKey(5)
   sched.set_timesteps(num_steps)
+  ts, sigmas = samplers.euler_levels(d, num_steps, spacing, offset, karras)
+  np.testing.assert_allclose(ts, sched.timesteps.numpy(), rtol=1e-5, atol=1e-3)
+  np.testing.assert_allclose(sigmas, sched.sigmas.numpy(), rtol=5e-5)  # theirs: float32
+  assert (ts != np.round(ts)).any() == (spacing == "linspace" or karras)
   x_T = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (4, 4, 4, 2)))
   draws = iter([np.asarray(jax.random.normal(k, x_T.shape)) for k in
-                jax.random.split(key, num_steps)])  # ddim_sample's, in order
+                jax.random.split(key, num_steps)])  # euler_sample's, in order
   module = type(sched).__module__
   with unittest.mock.patch(f"{module}.randn_tensor",
                            lambda *a, **k: torch.from_numpy(next(draws).astype(np.float64))):
     x = torch.from_numpy(x_T.astype(np.float64)) * sched.init_noise_sigma
     for t in sched.timesteps:
       scaled = sched.scale_model_input(x, t).numpy()
-      eps = np.asarray(fn(jnp.asarray(scaled, jnp.float32), jnp.full((4,), int(t))))
+      eps = np.asarray(fn(jnp.asarray(scaled, jnp.float32), jnp.full((4,), float(t))))
       x = sched.step(torch.from_numpy(eps.astype(np.float64)), t, x).prev_sample
-  ours = samplers.ddim_sample(d, fn, jnp.asarray(x_T), key, num_steps, 1.0 if ancestral else 0.0,
-                              clip_denoised=False, steps_offset=1, alpha_one_at_end=True)
+  scale = samplers.euler_start_scale(sigmas, spacing)  # init_noise_sigma in our scale
+  np.testing.assert_allclose(scale * np.sqrt(sigmas[0] ** 2 + 1), sched.init_noise_sigma,
+                             rtol=5e-5)
+  ours = samplers.euler_sample(d, fn, jnp.asarray(x_T) * scale, key, ts, sigmas,
+                               eta=1.0 if ancestral else 0.0)
   diff = np.abs(np.asarray(ours) - x.numpy()).max()
-  print(f"Euler{' ancestral' if ancestral else ''} vs DDIM eta {int(ancestral)}: max diff "
-        f"{diff:.3g}")
+  print(f"Euler{' ancestral' if ancestral else ''} {spacing}{' karras' if karras else ''}: "
+        f"max |ours - diffusers| {diff:.3g}")
+  assert diff < 1e-4
+  if spacing == "leading" and not karras:  # leading's integer levels: DDIM's own chain
+    ddim = samplers.ddim_sample(d, fn, jnp.asarray(x_T), key, num_steps, float(ancestral),
+                                clip_denoised=False, steps_offset=1, alpha_one_at_end=True)
+    assert np.abs(np.asarray(ddim) - np.asarray(ours)).max() < 1e-4
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("spacing,num_steps,eta", [("leading", 7, 0.0), ("linspace", 7, 0.0),
+                                                   ("trailing", 7, 1.0), ("trailing", 6, 0.0)])
+def test_ddim_with_diffusers_spacings_is_ddim_scheduler(spacing, num_steps, eta):
+  """ddim_sample over diffusers_timesteps (rounded) is DDIMScheduler with that timestep_spacing
+  (SD's betas, steps_offset 1 where leading, set_alpha_to_one False), step for step, each step
+  to t - T // n as its (also where trailing's rounding puts the next timestep elsewhere)."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  d = dm.GaussianDiffusion(dm.get_beta_schedule("scaled_linear", 1000, 0.00085, 0.012))
+  fn = functools.partial(optimal_eps, d)
+  offset = 1 if spacing == "leading" else 0
+  sched = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012,
+                                  beta_schedule="scaled_linear", clip_sample=False,
+                                  set_alpha_to_one=False, steps_offset=offset,
+                                  timestep_spacing=spacing)
+  sched.set_timesteps(num_steps)
+  ts = samplers.diffusers_timesteps(1000, num_steps, spacing, offset).round()
+  np.testing.assert_array_equal(ts, sched.timesteps.numpy())
+  key = jax.random.PRNGKey(2)
+  x_T = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (4, 4, 4, 2)))
+  draws = [np.asarray(jax.random.normal(k, x_T.shape)) for k in jax.random.split(key, num_steps)]
+  x = torch.from_numpy(x_T.astype(np.float64))
+  for t, noise in zip(sched.timesteps, draws):
+    eps = np.asarray(fn(jnp.asarray(x.numpy(), jnp.float32), jnp.full((4,), int(t))))
+    x = sched.step(torch.from_numpy(eps.astype(np.float64)), t, x, eta=eta,
+                   variance_noise=torch.from_numpy(noise.astype(np.float64))).prev_sample
+  ours = samplers.ddim_sample(d, fn, jnp.asarray(x_T), key, num_steps, eta, clip_denoised=False,
+                              alpha_one_at_end=False, timesteps=ts)
+  diff = np.abs(np.asarray(ours) - x.numpy()).max()
+  print(f"DDIM {spacing} {num_steps} eta {eta}: max |ours - diffusers| {diff:.3g}")
   assert diff < 1e-4

@@ -205,27 +205,46 @@ def test_img2img_gives_diffusers_sdxl_img2img_latents(sdxl_dir):
   assert close(got, want, np.abs(run_ref(0.8) - want).max())
 
 
-def test_euler_and_dpm_are_refused_where_they_would_differ(sdxl_dir, tmp_path, caplog):
-  """Asked for by name: refused; the scheduler's own class by default: DDIM, with a warning."""
-  src, _ = sdxl_dir
+def test_euler_spacings_karras_and_refusals(sdxl_dir, tmp_path, caplog):
+  """Euler with "linspace" timesteps (fractional: the U-Net at t = 856.4, ...) and with Karras'
+  sigmas gives diffusers' latents; options ours do not implement are refused when the method
+  is asked for by name, and by default the pipeline samples with DDIM, with a warning."""
+  src, ref_pipe = sdxl_dir
   copy = tmp_path / "linspace"
   shutil.copytree(src, copy)
   path = copy / "scheduler" / "scheduler_config.json"
   cfg = json.loads(path.read_text())
-  path.write_text(json.dumps(dict(cfg, timestep_spacing="linspace")))
-  pipe = StableDiffusion.load(str(copy))
-  with pytest.raises(ValueError, match="method 'euler' is diffusers' Euler .* with 'leading'"):
-    pipe.generate("a cat", num_steps=2, method="euler")
-  assert pipe.default_method() == "ddim" and "sampling with DDIM instead" in caplog.text
-  path.write_text(json.dumps(dict(cfg, _class_name="EulerAncestralDiscreteScheduler")))
+  latents = np.random.default_rng(3).normal(size=(2, 8, 8, 4)).astype(np.float32)
+  leading = StableDiffusion.load(str(src)).generate(PROMPTS, num_steps=5, guidance_scale=5.0,
+                                                    latents=latents, decode=False)
+  for name, option in (("linspace", {"timestep_spacing": "linspace"}),
+                       ("Karras", {"use_karras_sigmas": True})):
+    path.write_text(json.dumps(dict(cfg, **option)))
+    pipe = StableDiffusion.load(str(copy))
+    assert pipe.default_method() == "euler"
+    ref = diffusers.StableDiffusionXLPipeline(**dict(ref_pipe.components, scheduler=(
+        diffusers.EulerDiscreteScheduler.from_config(dict(cfg, **option)))))
+    want = run(ref, PROMPTS, latents, steps=5)
+    got = pipe.generate(PROMPTS, num_steps=5, guidance_scale=5.0, latents=latents,
+                        decode=False)
+    print(f"Euler {name}: max |ours - diffusers| = {np.abs(got - want).max():.3g} (the "
+          f"leading spacing's: {np.abs(leading - want).max():.3g})")
+    assert close(got, want, np.abs(leading - want).max())
+  path.write_text(json.dumps(dict(cfg, _class_name="EulerAncestralDiscreteScheduler",
+                                  timestep_spacing="trailing")))  # SDXL-Turbo's
   pipe = StableDiffusion.load(str(copy))
   assert pipe.default_method() == "euler_ancestral"
-  x_T = np.random.default_rng(5).normal(size=(1, 8, 8, 4)).astype(np.float32)
+  x_T = latents[:1]
   ancestral, plain = (pipe.generate("a cat", num_steps=3, latents=x_T, method=m, decode=False)
                       for m in (None, "euler"))
   assert np.isfinite(ancestral).all() and np.abs(ancestral - plain).max() > 0.1  # new noise
-  with pytest.raises(ValueError, match="'euler_ancestral'.*eta: not set"):
+  with pytest.raises(ValueError, match="'euler_ancestral'.*eta .* must be 0"):
     pipe.generate("a cat", num_steps=2, method="euler_ancestral", eta=0.5)
+  path.write_text(json.dumps(dict(cfg, final_sigmas_type="sigma_min")))
+  pipe = StableDiffusion.load(str(copy))
+  with pytest.raises(ValueError, match="sets final_sigmas_type"):
+    pipe.generate("a cat", num_steps=2, method="euler")
+  assert pipe.default_method() == "ddim" and "sampling with DDIM instead" in caplog.text
   for option in ({"final_sigmas_type": "sigma_min"}, {"algorithm_type": "sde-dpmsolver++"},
                  {"solver_order": 3}, {"use_exponential_sigmas": True}):
     path.write_text(json.dumps(dict(cfg, **option)))
@@ -233,15 +252,12 @@ def test_euler_and_dpm_are_refused_where_they_would_differ(sdxl_dir, tmp_path, c
     with pytest.raises(ValueError, match=f"sets {next(iter(option))}"):
       pipe.generate("a cat", num_steps=2, method="dpm_solver")
   assert pipe.generate("a cat", num_steps=2).shape == (1, 16, 16, 3)  # DDIM
-  # "DPM++ 2M Karras": DPM-Solver over Karras' levels, as diffusers' (Euler's: refused)
+  # "DPM++ 2M Karras": DPM-Solver over Karras' levels, as diffusers'
   karras = dict(cfg, use_karras_sigmas=True, timestep_spacing="leading")
   path.write_text(json.dumps(karras))
   pipe = StableDiffusion.load(str(copy))
-  with pytest.raises(ValueError, match="use_karras_sigmas=True"):
-    pipe.generate("a cat", num_steps=2, method="euler")
   ref = diffusers.StableDiffusionXLPipeline(**dict(
       sdxl_dir[1].components, scheduler=diffusers.DPMSolverMultistepScheduler.from_config(karras)))
-  latents = np.random.default_rng(3).normal(size=(2, 8, 8, 4)).astype(np.float32)
   want = run(ref, PROMPTS, latents, steps=6)
   got = pipe.generate(PROMPTS, num_steps=6, guidance_scale=5.0, latents=latents,
                       method="dpm_solver", decode=False)
