@@ -5,20 +5,10 @@ DPM-Solver++ with classifier-free guidance, decoding) one compiled program, the 
 over the devices. stable_diffusion_loading.py reads and assembles it; text_to_image.py is its
 command line.
 
-Sampling follows the pipeline's scheduler_config.json: its betas, epsilon or v prediction,
-steps_offset, set_alpha_to_one, clip_sample and timestep_spacing ("leading", "linspace",
-"trailing"; where absent, the default of the method's diffusers class): "ddim" is diffusers'
-DDIMScheduler; "dpm_solver" is DPM-Solver++(2M) in the same chain, diffusers'
-DPMSolverMultistepScheduler made from the same config, the last step first order to sigma = 0.
-"euler" is EulerDiscreteScheduler (SDXL's), which is DDIM with eta = 0 written in
-sigma = sqrt((1 - alphabar) / alphabar), its last step to sigma = 0, the network at
-fractional timesteps where the spacing or Karras' sigmas put them; "euler_ancestral"
-(EulerAncestralDiscreteScheduler, e.g. SDXL-Turbo's) is the same with eta = 1 (its sigma_up
-is DDIM's eta = 1 noise, its sigma_down the rest). "dpm_solver_karras" is DPM-Solver++(2M)
-over Karras' noise levels whatever the config says ("DPM++ 2M Karras"). By default the method
-is the scheduler config's class where it is one of these, else DDIM. SDXL's conditioning:
-sdxl.py (its invisible watermark is not applied). Tokenising needs the `transformers` package (its CLIPTokenizer reads tokenizer/);
-nothing else of torch or transformers runs.
+Sampling follows the pipeline's scheduler_config.json (its betas, prediction, offsets, spacing
+and class: DDIM, Euler, Euler ancestral or DPM-Solver++; schedulers.py). SDXL's conditioning:
+sdxl.py (its invisible watermark is not applied). Tokenising needs the `transformers` package
+(its CLIPTokenizer reads tokenizer/); nothing else of torch or transformers runs.
 """
 from __future__ import annotations
 
@@ -28,17 +18,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from diffusion_jax import diffusion as dm
-from diffusion_jax import parallel, samplers, sdxl, xla_options
+from diffusion_jax import parallel, schedulers, sdxl, xla_options
 from diffusion_jax.convert_clip import clip_token_ids
 from diffusion_jax.images import binary_masks, unit_range
-
-METHODS = ("ddim", "euler", "euler_ancestral", "dpm_solver", "dpm_solver_karras")
-SCHEDULER_METHODS = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
-                     "EulerAncestralDiscreteScheduler": "euler_ancestral",
-                     "DPMSolverMultistepScheduler": "dpm_solver"}
 
 
 @dataclasses.dataclass
@@ -153,54 +137,19 @@ class StableDiffusion:
       context, null = {"context": context, "hint": hint}, {"context": null, "hint": hint}
     denoise = denoiser(model, model_params, guidance_scale=guidance_scale, context=context,
                        null_context=null, x_cond=x_cond)
-    ddim = dict(clip_denoised=self.schedule["clip_sample"],
-                steps_offset=self.schedule["steps_offset"],
-                alpha_one_at_end=self.schedule["alpha_one_at_end"])
-    ts = samplers.diffusers_timesteps(self.diffusion.num_timesteps, num_steps,
-                                      self.spacing("ddim"), ddim["steps_offset"]).round()
     if init is not None:
       if init.shape[1] != x_T.shape[1]:  # images: the posterior sampled, as diffusers does
         init = self.first_stage.encode_latents(vae_params, *scaling, init,
                                                jax.random.fold_in(key, 2))
-      x_T = self.diffusion.q_sample(init, jnp.full((x_T.shape[0],), int(ts[skip])), x_T)
-    if method.startswith("euler"):  # Euler: DDIM to sigma = 0, eta 0 (ancestral: 1)
-      spacing = self.spacing(method)
-      ts, sigmas = samplers.euler_levels(self.diffusion, num_steps, spacing,
-                                         ddim["steps_offset"],
-                                         method == "euler" and self.schedule.get("karras"))
-      z = samplers.euler_sample(self.diffusion, denoise,
-                                x_T * samplers.euler_start_scale(sigmas, spacing), key, ts,
-                                sigmas, eta=1.0 if method == "euler_ancestral" else 0.0)
-    elif method == "ddim":
-      z = samplers.ddim_sample(self.diffusion, denoise, x_T, key, num_steps, eta, skip=skip,
-                               timesteps=ts, **ddim)
-    else:
-      karras = self.schedule.get("karras") or method == "dpm_solver_karras"
-      z = samplers.dpm_solver_sample(self.diffusion, denoise, x_T, key, num_steps,
-                                     spacing="karras" if karras else self.spacing(method),
-                                     clip_denoised=False,
-                                     steps_offset=self.schedule["steps_offset"])
+      x_T = schedulers.noise_to(self.diffusion, self.schedule, init, x_T, num_steps, skip)
+    z = schedulers.run_chain(self.schedule, self.diffusion, method, denoise, x_T, key,
+                             num_steps, eta, skip)
     z = z.astype(jnp.float32)
     return self.first_stage.decode_latents(vae_params, *scaling, z) if decode else z
 
   def default_method(self, eta: float = 0.0) -> str:
-    """The sampler of the pipeline's scheduler class; DDIM where it is none of METHODS' or
-    uses options ours do not implement (with a warning)."""
-    method = SCHEDULER_METHODS.get(self.schedule.get("scheduler"), "ddim")
-    try:
-      self._check_solver(method, eta)
-    except ValueError as e:
-      logging.warning("%s; sampling with DDIM instead", e)
-      return "ddim"
-    return method
-
-  def _method(self, method: str | None, eta: float) -> str:
-    if method is None:
-      return self.default_method(eta)
-    if method not in METHODS:
-      raise ValueError(f"method {method!r}: one of {METHODS}")
-    self._check_solver(method, eta)
-    return method
+    """The sampler of the pipeline's scheduler class (schedulers.default_method)."""
+    return schedulers.default_method(self.schedule, eta)
 
   def generate(self, prompts, negative_prompt: str | None = None, num_steps: int = 50,
                guidance_scale: float = 7.5, seed: int = 0, height: int | None = None,
@@ -216,7 +165,7 @@ class StableDiffusion:
     size conditioning (sdxl.size_ids; default: the output's size, no crop). control_image:
     a ControlNet pipeline's hint, uint8 [B or 1, H, W, 3] at the output's size (its residuals
     times control_scale)."""
-    method = self._method(method, eta)
+    method = schedulers.resolve_method(self.schedule, method, eta)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     shape = self.latent_shape(len(prompts), height, width)
     sizes = (original_size, crops_coords_top_left, target_size)
@@ -235,22 +184,6 @@ class StableDiffusion:
       raise ValueError("this pipeline has a ControlNet: pass control_image")
     f = self.first_stage.model.downsampling_factor
     return unit_range(image, shape[0], shape[1] * f, shape[2] * f, "control_image")
-
-  def spacing(self, method: str) -> str:
-    """The scheduler config's timestep_spacing, or where it has none the default of the
-    method's diffusers class (DDIM's "leading", Euler's and DPM-Solver's "linspace"), as
-    `Scheduler.from_config` would have it."""
-    return self.schedule["timestep_spacing"] or ("leading" if method == "ddim" else "linspace")
-
-  def _check_solver(self, method: str, eta: float) -> None:
-    """Euler and DPM-Solver++ as the scheduler config has them, or a ValueError."""
-    unsupported = self.schedule.get("unsupported")
-    if method != "ddim" and unsupported:
-      raise ValueError(f"the scheduler config sets {unsupported}, which method {method!r} does "
-                       "not implement: use method 'ddim'")
-    if method.startswith("euler") and eta:
-      raise ValueError(f"method {method!r} is diffusers' Euler (ancestral) scheduler, whose "
-                       f"noise is its own: eta (DDIM's) must be 0, got {eta}")
 
   def img2img(self, prompts, images=None, latents=None, strength: float = 0.8,
               negative_prompt: str | None = None, num_steps: int = 50,
@@ -299,7 +232,7 @@ class StableDiffusion:
       if masked.shape != shape:
         raise ValueError(f"masked_image_latents of shape {masked.shape}; expected {shape}")
     if strength == 1.0:
-      method, skip, init = self._method(method, eta), 0, None
+      method, skip, init = schedulers.resolve_method(self.schedule, method, eta), 0, None
     elif method not in (None, "ddim"):
       raise ValueError("strength < 1 starts from the noised images with DDIM: drop method")
     else:

@@ -22,7 +22,8 @@ import numpy as np
 from absl import app, flags, logging
 
 from diffusion_jax.convert_diffusers import ConversionError
-from diffusion_jax.stable_diffusion import METHODS, StableDiffusion
+from diffusion_jax.schedulers import METHODS
+from diffusion_jax.stable_diffusion import StableDiffusion
 
 FLAGS = flags.FLAGS
 
