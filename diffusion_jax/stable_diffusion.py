@@ -44,7 +44,7 @@ class StableDiffusion:
 
   def __post_init__(self):
     self._run = xla_options.jit(self._chain, static_argnames=(
-        "num_steps", "guidance_scale", "method", "eta", "decode", "skip", "zero_null",
+        "num_steps", "guidance", "method", "eta", "decode", "skip", "zero_null",
         "control_scale"),
         out_shardings=parallel.batch_sharding(self.mesh))
 
@@ -112,7 +112,7 @@ class StableDiffusion:
     return self.unet.in_channels != self.first_stage.model.embed_dim
 
   def _chain(self, params, vae_params, scaling, ids, null_ids, time_ids, x_T, key, init,
-             inpaint, hint, *, num_steps, guidance_scale, method, eta, decode, skip, zero_null,
+             inpaint, hint, *, num_steps, guidance, method, eta, decode, skip, zero_null,
              control_scale):
     """Text encodings, the sampler, the decoder; with `init` (img2img: clean latents, or
     images [B, H, W, 3] in [-1, 1] to encode) x_T is the noise that takes them to the first of
@@ -135,7 +135,8 @@ class StableDiffusion:
       model = ControlledUNet(self.unet, self.controlnet, control_scale)
       model_params = {"unet": params["unet"], "controlnet": params["controlnet"]}
       context, null = {"context": context, "hint": hint}, {"context": null, "hint": hint}
-    denoise = denoiser(model, model_params, guidance_scale=guidance_scale, context=context,
+    denoise = denoiser(model, model_params, guidance_scale=guidance[0], context=context,
+                       guidance_rescale=guidance[1],
                        null_context=null, x_cond=x_cond)
     if init is not None:
       if init.shape[1] != x_T.shape[1]:  # images: the posterior sampled, as diffusers does
@@ -156,7 +157,7 @@ class StableDiffusion:
                width: int | None = None, method: str | None = None, eta: float = 0.0,
                latents=None, decode: bool = True, control_image=None,
                control_scale: float = 1.0, original_size=None, crops_coords_top_left=(0, 0),
-               target_size=None):
+               target_size=None, guidance_rescale: float = 0.0):
     """Images (uint8 [B, H, W, 3]) for `prompts`; latents: x_T [B, h, w, 4] to start from
     (else drawn from `seed`); decode=False: the final latents [B, h, w, 4] as the U-Net sees
     them (float32; diffusers' output_type="latent") instead of images. negative_prompt: one for
@@ -164,13 +165,13 @@ class StableDiffusion:
     method None: default_method(). original_size, crops_coords_top_left, target_size: SDXL's
     size conditioning (sdxl.size_ids; default: the output's size, no crop). control_image:
     a ControlNet pipeline's hint, uint8 [B or 1, H, W, 3] at the output's size (its residuals
-    times control_scale)."""
+    times control_scale). guidance_rescale: models.denoiser's (diffusers'; e.g. 0.7)."""
     method = schedulers.resolve_method(self.schedule, method, eta)
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     shape = self.latent_shape(len(prompts), height, width)
     sizes = (original_size, crops_coords_top_left, target_size)
     return self._run_batch(prompts, negative_prompt, shape, latents, None, seed, num_steps,
-                           guidance_scale, method, eta, decode, 0, sizes,
+                           (guidance_scale, guidance_rescale), method, eta, decode, 0, sizes,
                            hint=self._hint(control_image, shape), control_scale=control_scale)
 
   def _hint(self, image, shape) -> np.ndarray | None:
@@ -189,17 +190,18 @@ class StableDiffusion:
               negative_prompt: str | None = None, num_steps: int = 50,
               guidance_scale: float = 7.5, seed: int = 0, eta: float = 0.0, noise=None,
               decode: bool = True, original_size=None, crops_coords_top_left=(0, 0),
-              target_size=None, control_image=None, control_scale: float = 1.0):
+              target_size=None, control_image=None, control_scale: float = 1.0,
+              guidance_rescale: float = 0.0):
     """SDEdit (Meng et al. 2022) as diffusers' StableDiffusionImg2ImgPipeline: the inputs'
     latents noised to the int(num_steps * strength)-th last DDIM step, then those steps.
     images: uint8 [B, H, W, 3] (encoded: a posterior sample); or latents [B, h, w, 4], already
     scaled; noise: that of the noising (else drawn from `seed`). DDIM only. control_image,
     control_scale: a ControlNet pipeline's hint (generate; diffusers'
-    StableDiffusionControlNetImg2ImgPipeline)."""
+    StableDiffusionControlNetImg2ImgPipeline); guidance_rescale: generate's."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     shape, init = self._inputs(prompts, images, latents)
     return self._run_batch(prompts, negative_prompt, shape, noise, init, seed, num_steps,
-                           guidance_scale, "ddim", eta, decode,
+                           (guidance_scale, guidance_rescale), "ddim", eta, decode,
                            self._skipped(num_steps, strength),
                            (original_size, crops_coords_top_left, target_size),
                            hint=self._hint(control_image, shape), control_scale=control_scale)
@@ -208,7 +210,7 @@ class StableDiffusion:
               negative_prompt: str | None = None, num_steps: int = 50,
               guidance_scale: float = 7.5, seed: int = 0, method: str | None = None,
               eta: float = 0.0, latents=None, decode: bool = True, original_size=None,
-              crops_coords_top_left=(0, 0), target_size=None):
+              crops_coords_top_left=(0, 0), target_size=None, guidance_rescale: float = 0.0):
     """Repaint the images where `masks` are set, with an inpainting U-Net, as diffusers'
     StableDiffusionInpaintPipeline: the U-Net reads x_t, the mask at latent size (every f-th
     pixel, torch's nearest) and the masked image's latents (images where the mask is off,
@@ -238,7 +240,7 @@ class StableDiffusion:
     else:
       method, skip = "ddim", self._skipped(num_steps, strength)
     return self._run_batch(prompts, negative_prompt, shape, latents, init, seed, num_steps,
-                           guidance_scale, method, eta, decode, skip,
+                           (guidance_scale, guidance_rescale), method, eta, decode, skip,
                            (original_size, crops_coords_top_left, target_size), (mask, masked))
 
   @staticmethod
@@ -274,7 +276,7 @@ class StableDiffusion:
     return shape, init
 
   def _run_batch(self, prompts, negative_prompt, shape, x_T, init, seed, num_steps,
-                 guidance_scale, method, eta, decode, skip, sizes, inpaint=None, hint=None,
+                 guidance, method, eta, decode, skip, sizes, inpaint=None, hint=None,
                  control_scale=1.0):
     n = len(prompts)
     if self.controlnet is not None and hint is None:
@@ -313,7 +315,7 @@ class StableDiffusion:
                     None if inpaint is None else tuple(put(a) for a in inpaint),
                     None if hint is None else put(hint), control_scale=float(control_scale),
                     num_steps=num_steps,
-                    guidance_scale=float(guidance_scale), method=method, eta=float(eta),
+                    guidance=tuple(map(float, guidance)), method=method, eta=float(eta),
                     decode=decode, skip=skip, zero_null=zero_null)[:n]
     if not decode:
       return np.asarray(out)

@@ -49,7 +49,8 @@ def main(argv):
     prompts = [p for p in FLAGS.prompt for _ in range(FLAGS.num_images)]
     start = time.perf_counter()
     common = dict(negative_prompt=FLAGS.negative_prompt, num_steps=FLAGS.steps,
-                  guidance_scale=FLAGS.guidance, seed=FLAGS.seed, eta=FLAGS.eta)
+                  guidance_scale=FLAGS.guidance, seed=FLAGS.seed, eta=FLAGS.eta,
+                  guidance_rescale=FLAGS.guidance_rescale)
     if FLAGS.mask_image and not FLAGS.init_image:
       raise ValueError("--mask_image needs --init_image, the image to repaint")
     if FLAGS.control_image and FLAGS.mask_image:
@@ -78,9 +79,9 @@ def main(argv):
                             strength=0.8 if FLAGS.strength is None else FLAGS.strength,
                             control_image=control, control_scale=FLAGS.control_scale, **common)
     else:
-      images = pipe.generate(prompts, FLAGS.negative_prompt, FLAGS.steps, FLAGS.guidance,
-                             FLAGS.seed, FLAGS.height, FLAGS.width, FLAGS.method, FLAGS.eta,
-                             control_image=control, control_scale=FLAGS.control_scale)
+      images = pipe.generate(prompts, height=FLAGS.height, width=FLAGS.width,
+                             method=FLAGS.method, control_image=control,
+                             control_scale=FLAGS.control_scale, **common)
   except (ConversionError, ValueError, OSError) as e:
     sys.exit(f"{type(e).__name__}: {e}")
   logging.info("%d images in %.1f s (with compilation)", len(images), time.perf_counter() - start)
@@ -105,6 +106,8 @@ if __name__ == "__main__":
   flags.DEFINE_integer("num_images", 1, "Images per prompt.")
   flags.DEFINE_integer("steps", 50, "Sampler steps (network evaluations).")
   flags.DEFINE_float("guidance", 7.5, "Classifier-free guidance scale (1: none).")
+  flags.DEFINE_float("guidance_rescale", 0.0, "Rescale the guided prediction towards the "
+                     "conditional one's std (Lin et al. 2024; e.g. 0.7; 0: off).")
   flags.DEFINE_integer("seed", 0, "Random seed of the starting latents.")
   flags.DEFINE_integer("height", None, "Image height (default: the U-Net's native size).")
   flags.DEFINE_integer("width", None, "Image width.")

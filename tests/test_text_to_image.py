@@ -118,6 +118,16 @@ def test_pipeline_gives_diffusers_images(pipeline_dir):
   print(f"latents: max |ours - diffusers| = {diff:.3g}; swapping the prompts moves them "
         f"{effect:.3g}")
   assert diff < effect / 10
+  # guidance_rescale (Lin et al.): the guided prediction's std pulled towards the conditional's
+  want_r = pipe(prompts, num_inference_steps=4, guidance_scale=5.0, output_type="latent",
+                guidance_rescale=0.7, latents=torch.from_numpy(latents.transpose(0, 3, 1, 2))
+                ).images.numpy().transpose(0, 2, 3, 1)
+  got_r = ours.generate(prompts, num_steps=4, guidance_scale=5.0, latents=latents,
+                        decode=False, guidance_rescale=0.7)
+  diff_r, effect_r = np.abs(got_r - want_r).max(), np.abs(want_r - want_z).max()
+  print(f"guidance_rescale 0.7: max |ours - diffusers| = {diff_r:.3g}; it moves them "
+        f"{effect_r:.3g}")
+  assert diff_r < effect_r / 10
   with pytest.raises(ValueError, match="multiples of 4 .*got 18x16"):  # f 2, 2 U-Net levels
     ours.generate(prompts, num_steps=4, height=18)
   # bf16 compute (the GPU setting; parameters stay float32): the same images, give or take

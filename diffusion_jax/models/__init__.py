@@ -17,7 +17,7 @@ LAYOUT = {"context_dim": 0, "transformer_depth": 1, "attn_levels": (), "num_head
 
 
 def denoiser(model, params, y=None, guidance_scale: float = 1.0, context=None,
-             null_context=None, x_cond=None):
+             null_context=None, x_cond=None, guidance_rescale: float = 0.0):
   """The network in inference mode as the diffusion sees it: denoise_fn(x_t, t).
 
   y: class labels [B] of a class-conditional model (None: its null label, unconditional).
@@ -28,6 +28,9 @@ def denoiser(model, params, y=None, guidance_scale: float = 1.0, context=None,
   eps_u + s (eps_c - eps_u), the conditional and the unconditional pass as one batch; a learned
   variance is the conditional pass's. x_cond: channels [B, H, W, k] the network reads after
   x_t's (an inpainting U-Net's mask and masked image), the same in both passes.
+  guidance_rescale phi > 0: the guided output rescaled towards the conditional one's standard
+  deviation per example (Lin et al. 2024, Sec. 3.4: phi * out * std(cond) / std(out) +
+  (1 - phi) * out), against the over-exposure of strong guidance.
   """
   def apply(x, t, y, ctx, x_cond=x_cond):
     if x_cond is not None:
@@ -49,6 +52,11 @@ def denoiser(model, params, y=None, guidance_scale: float = 1.0, context=None,
                 both(y, model.num_classes), both(context, null_context), both(x_cond, x_cond))
     cond, uncond = out[:b], out[b:]
     eps = uncond[..., :c] + guidance_scale * (cond[..., :c] - uncond[..., :c])
+    if guidance_rescale:
+      axes = tuple(range(1, eps.ndim))
+      ratio = jnp.std(cond[..., :c], axis=axes, keepdims=True) / jnp.std(eps, axis=axes,
+                                                                          keepdims=True)
+      eps = guidance_rescale * eps * ratio + (1.0 - guidance_rescale) * eps
     return jnp.concatenate([eps, cond[..., c:]], axis=-1)
   return guided
 
