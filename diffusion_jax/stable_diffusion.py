@@ -81,14 +81,23 @@ class StableDiffusion:
     return dataclasses.replace(self, params=lora.merged_params(self.params, deltas, converters,
                                                                weight))
 
+  def with_textual_inversion(self, path: str, token: str | None = None) -> "StableDiffusion":
+    """This pipeline with a textual inversion embedding's tokens added (textual_inversion.py:
+    diffusers', A1111's and SDXL's files; `token`: its name where the file does not say it);
+    this one is left as it was."""
+    from diffusion_jax.textual_inversion import with_embedding
+    return with_embedding(self, path, token)
+
   def tokenize(self, prompts: list[str]) -> np.ndarray:
     """Token ids [B, 77], padded as the pipeline pads them (to the encoder's positions); SDXL's:
-    [B, 2, 77], each tokenizer's."""
-    ids = clip_token_ids(self.tokenizer, prompts, self.text_encoder.max_length)
+    [B, 2, 77], each tokenizer's. A multi-vector embedding's token stands for all its tokens."""
+    from diffusion_jax.textual_inversion import expand_prompt
+    ids = lambda tok, enc: clip_token_ids(tok, [expand_prompt(p, tok) for p in prompts],
+                                          enc.max_length)
     if self.text_encoder_2 is None:
-      return ids
-    return np.stack([ids, clip_token_ids(self.tokenizer_2, prompts,
-                                         self.text_encoder_2.max_length)], axis=1)
+      return ids(self.tokenizer, self.text_encoder)
+    return np.stack([ids(self.tokenizer, self.text_encoder),
+                     ids(self.tokenizer_2, self.text_encoder_2)], axis=1)
 
   def _encode(self, params, ids, time_ids, zero: bool = False):
     """The U-Net's context of token ids (SDXL's: a dict with the pooled text and size ids)."""

@@ -46,6 +46,9 @@ def main(argv):
       pipe = StableDiffusion.load(FLAGS.src, FLAGS.dtype, controlnet=FLAGS.controlnet)
     for path in FLAGS.lora or ():
       pipe = pipe.with_lora(path, FLAGS.lora_weight)
+    for spec in FLAGS.embedding or ():  # FILE or FILE:TOKEN
+      path, token = (spec, None) if spec.endswith(".safetensors") else spec.rsplit(":", 1)
+      pipe = pipe.with_textual_inversion(path, token)
     prompts = [p for p in FLAGS.prompt for _ in range(FLAGS.num_images)]
     start = time.perf_counter()
     common = dict(negative_prompt=FLAGS.negative_prompt, num_steps=FLAGS.steps,
@@ -123,6 +126,9 @@ if __name__ == "__main__":
                      "where little of the image survives).")
   flags.DEFINE_multi_string("lora", None, "LoRA weights to merge (.safetensors, diffusers' or "
                             "kohya's format; repeat the flag for several).")
+  flags.DEFINE_multi_string("embedding", None, "A textual inversion embedding to add "
+                            "(.safetensors; FILE:TOKEN names its token where the file does "
+                            "not; repeat the flag for several). Use the token in the prompt.")
   flags.DEFINE_float("lora_weight", 1.0, "The LoRA changes' weight (diffusers' lora_scale).")
   flags.DEFINE_string("controlnet", None, "A diffusers ControlNetModel directory (e.g. "
                       "sd-controlnet-canny) to guide the U-Net with --control_image.")
