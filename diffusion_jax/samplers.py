@@ -130,7 +130,8 @@ def ddim_sample(diffusion, denoise_fn, x_T, key, num_steps: int = 50, eta: float
   """DDIM with `num_steps` network evaluations; eta = 0 is deterministic.
 
   timesteps: the num_steps evaluated, decreasing, instead of `spacing` + steps_offset
-  (diffusers_timesteps'), each step to t - T // num_steps as diffusers' DDIMScheduler steps.
+  (diffusers_timesteps'), each step to t - T // num_steps as diffusers' DDIMScheduler steps;
+  fewer than num_steps: the chain stops after them (SDXL's denoising_end).
 
   skip > 0: the first `skip` (noisiest) steps left out, x_T being x at the timestep after them
   (SDEdit / img2img: a noised image enters the chain part way).
@@ -150,8 +151,8 @@ def ddim_sample(diffusion, denoise_fn, x_T, key, num_steps: int = 50, eta: float
     down = np.asarray(timesteps, np.int32)
     prev = down - diffusion.num_timesteps // num_steps
     prev = np.where(prev >= 0, prev, end)
-  if not 0 <= skip < num_steps:
-    raise ValueError(f"skip={skip}: in [0, {num_steps - 1}]")
+  if not 0 <= skip < len(down):
+    raise ValueError(f"skip={skip}: in [0, {len(down) - 1}]")
   ts = jnp.asarray(down[skip:].astype(np.int32))
   prevs = jnp.asarray(prev[skip:].astype(np.int32))
 
@@ -162,7 +163,8 @@ def ddim_sample(diffusion, denoise_fn, x_T, key, num_steps: int = 50, eta: float
                           jax.random.normal(k, x.shape, x.dtype), clip_denoised)
     return x_prev, None
 
-  x0, _ = jax.lax.scan(body, x_T, (ts, prevs, jax.random.split(key, num_steps)[skip:]))
+  keys = jax.random.split(key, num_steps)[skip:len(down)]
+  x0, _ = jax.lax.scan(body, x_T, (ts, prevs, keys))
   return x0
 
 

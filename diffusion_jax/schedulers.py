@@ -19,6 +19,7 @@ for the method by name is refused.
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from diffusion_jax import samplers
@@ -68,38 +69,92 @@ def resolve_method(schedule: dict, method: str | None, eta: float) -> str:
   return method
 
 
-def ddim_timesteps(schedule: dict, num_timesteps: int, num_steps: int):
-  """DDIMScheduler's num_steps timesteps (decreasing integers); img2img noises to the first
-  one it runs."""
-  return samplers.diffusers_timesteps(num_timesteps, num_steps, spacing(schedule, "ddim"),
-                                      schedule["steps_offset"]).round()
+def levels(schedule: dict, diffusion, method: str, num_steps: int):
+  """(the timesteps the network sees [n], decreasing; Euler's noise levels [n + 1], else
+  None) of the DDIM or Euler chain."""
+  if method.startswith("euler"):
+    return samplers.euler_levels(diffusion, num_steps, spacing(schedule, method),
+                                 schedule["steps_offset"],
+                                 method == "euler" and schedule.get("karras"))
+  if method != "ddim":
+    raise ValueError(f"a chain started or stopped part way runs DDIM or Euler (ancestral), "
+                     f"not {method!r}")
+  return samplers.diffusers_timesteps(diffusion.num_timesteps, num_steps,
+                                      spacing(schedule, "ddim"),
+                                      schedule["steps_offset"]).round(), None
+
+
+def span(schedule: dict, diffusion, method: str, num_steps: int, strength: float = 1.0,
+         denoising_start: float | None = None, denoising_end: float | None = None):
+  """(skip, stop): the chain's steps [skip, stop) that run (stop None: to the end), as
+  diffusers counts them: strength s keeps the last int(n s) steps; denoising_start / _end
+  (SDXL's ensemble of experts: the base stops where the refiner starts) cut at the timestep
+  round(T (1 - fraction))."""
+  if not 0.0 < strength <= 1.0:
+    raise ValueError(f"strength={strength}: in (0, 1]")
+  skip = num_steps - min(int(num_steps * strength), num_steps)
+  stop = None
+  if denoising_start is not None or denoising_end is not None:
+    ts, _ = levels(schedule, diffusion, method, num_steps)
+    cut = lambda f: int(round(diffusion.num_timesteps * (1.0 - f)))
+    for name, f in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+      if f is not None and not 0.0 < f < 1.0:
+        raise ValueError(f"{name}={f}: in (0, 1)")
+    if denoising_start is not None:  # strength is then ignored, as diffusers does
+      skip = num_steps - int((ts < cut(denoising_start)).sum())
+    if denoising_end is not None:
+      stop = int((ts >= cut(denoising_end)).sum())
+  if skip >= (num_steps if stop is None else stop):
+    raise ValueError(f"no step of {num_steps} is left to run (strength {strength}, "
+                     f"denoising_start {denoising_start}, denoising_end {denoising_end})")
+  return skip, stop
 
 
 def run_chain(schedule: dict, diffusion, method: str, denoise_fn, x_T, key, num_steps: int,
-              eta: float = 0.0, skip: int = 0):
-  """The latents at the chain's end from x_T (unit noise, or with `skip`, DDIM only, the
-  noised latents at its (skip + 1)-th step)."""
-  offset = schedule["steps_offset"]
+              eta: float = 0.0, skip: int = 0, stop: int | None = None):
+  """The latents after the chain's steps [skip, stop) from x_T (unit noise, or with `skip`
+  the latents at its (skip + 1)-th step: start_latents); with `stop`, DDIM and Euler only,
+  those at its stop-th level, in diffusers' scale (end_latents)."""
   if method.startswith("euler"):
-    space = spacing(schedule, method)
-    ts, sigmas = samplers.euler_levels(diffusion, num_steps, space, offset,
-                                       method == "euler" and schedule.get("karras"))
-    return samplers.euler_sample(diffusion, denoise_fn,
-                                 x_T * samplers.euler_start_scale(sigmas, space), key, ts,
-                                 sigmas, eta=1.0 if method == "euler_ancestral" else 0.0)
+    ts, sigmas = levels(schedule, diffusion, method, num_steps)
+    if not skip:
+      x_T = x_T * samplers.euler_start_scale(sigmas, spacing(schedule, method))
+    return end_latents(samplers.euler_sample(
+        diffusion, denoise_fn, x_T, key, ts[skip:stop], sigmas[skip:None if stop is None
+                                                                else stop + 1],
+        eta=1.0 if method == "euler_ancestral" else 0.0), sigmas, stop)
   if method == "ddim":
+    ts, _ = levels(schedule, diffusion, method, num_steps)
     return samplers.ddim_sample(
-        diffusion, denoise_fn, x_T, key, num_steps, eta, skip=skip,
-        timesteps=ddim_timesteps(schedule, diffusion.num_timesteps, num_steps),
-        clip_denoised=schedule["clip_sample"], steps_offset=offset,
+        diffusion, denoise_fn, x_T, key, num_steps, eta, skip=skip, timesteps=ts[:stop],
+        clip_denoised=schedule["clip_sample"], steps_offset=schedule["steps_offset"],
         alpha_one_at_end=schedule["alpha_one_at_end"])
+  if skip or stop is not None:
+    raise ValueError("img2img and denoising_start / _end run DDIM or Euler (ancestral), not "
+                     f"{method!r}")
   karras = schedule.get("karras") or method == "dpm_solver_karras"
   return samplers.dpm_solver_sample(diffusion, denoise_fn, x_T, key, num_steps,
                                     spacing="karras" if karras else spacing(schedule, method),
-                                    clip_denoised=False, steps_offset=offset)
+                                    clip_denoised=False, steps_offset=schedule["steps_offset"])
 
 
-def noise_to(diffusion, schedule: dict, init, noise, num_steps: int, skip: int):
-  """img2img's start: clean latents noised to the (skip + 1)-th DDIM timestep."""
-  t = int(ddim_timesteps(schedule, diffusion.num_timesteps, num_steps)[skip])
-  return diffusion.q_sample(init, jnp.full((init.shape[0],), t), noise)
+def end_latents(z, sigmas, stop):
+  """Euler's latents at level `stop` as diffusers keeps them (x / alpha, its scheduler's
+  sigma-scaled x); at the chain's end (sigma 0) the same."""
+  return z if stop is None else z * float(np.sqrt(1.0 + sigmas[stop] ** 2))
+
+
+def start_latents(schedule: dict, diffusion, method: str, init, noise, num_steps: int,
+                  skip: int, add_noise: bool = True):
+  """Where a chain that skips `skip` steps starts: clean latents noised to the (skip + 1)-th
+  step's level (img2img), or without add_noise latents already there (denoising_start: the
+  base's end_latents)."""
+  ts, sigmas = levels(schedule, diffusion, method, num_steps)
+  if sigmas is not None:  # Euler: the level's alphabar = 1 / (1 + sigma^2)
+    scale = float(1.0 / np.sqrt(1.0 + sigmas[skip] ** 2))
+    if not add_noise:
+      return init * scale
+    return scale * init + float(sigmas[skip]) * scale * noise
+  if not add_noise:
+    return init
+  return diffusion.q_sample(init, jnp.full((init.shape[0],), int(ts[skip])), noise)

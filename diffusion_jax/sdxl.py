@@ -8,6 +8,11 @@ StableDiffusionXLPipeline computes it, for stable_diffusion.StableDiffusion:
   target height, width), by default the output's size and no crop;
 - the negative prompt: by default (no negative prompt and the pipeline's
   force_zeros_for_empty_prompt) zeros, not the empty prompt's encoding.
+
+The refiner (requires_aesthetics_score) has bigG alone (context [B, 77, 1280]) and 5 time ids,
+(original height, width, crop top, left, aesthetic score), the prompts' score (6 by default)
+and the negative prompts' (2.5) apart; it runs as img2img, on images or on the base's latents
+part way (denoising_end / denoising_start).
 """
 from __future__ import annotations
 
@@ -26,55 +31,66 @@ def is_sdxl(src: str) -> bool:
 
 
 def pipeline_options(src: str) -> dict:
-  """What model_index.json says about SDXL's conditioning: force_zeros_for_empty_prompt; the
-  refiner's layout (one text encoder, aesthetic-score ids) is refused."""
+  """What model_index.json says about SDXL's conditioning: force_zeros_for_empty_prompt,
+  requires_aesthetics_score (the refiner's), and whether there is a first text encoder."""
   path = os.path.join(src, "model_index.json")
   require_files([path], "an SDXL pipeline directory holds model_index.json")
   with open(path) as f:
     index = json.load(f)
-  if index.get("requires_aesthetics_score") or not os.path.isdir(
-      os.path.join(src, "text_encoder")):
-    raise ConversionError("this is an SDXL refiner (one text encoder, aesthetic-score "
-                          "conditioning), which is not supported: use the SDXL base pipeline")
-  return {"zero_negative": bool(index.get("force_zeros_for_empty_prompt", True))}
+  aesthetic = bool(index.get("requires_aesthetics_score", False))
+  first = os.path.isdir(os.path.join(src, "text_encoder"))
+  if first == aesthetic:
+    raise ConversionError("an SDXL pipeline has two text encoders (the base) or one with "
+                          "requires_aesthetics_score (the refiner); this one has "
+                          f"{2 if first else 1} and requires_aesthetics_score={aesthetic}")
+  return {"zero_negative": bool(index.get("force_zeros_for_empty_prompt", True)),
+          "aesthetic": aesthetic}
 
 
 def size_ids(height: int, width: int, original_size=None, crops_coords_top_left=(0, 0),
-             target_size=None) -> np.ndarray:
+             target_size=None, aesthetic_score: float | None = None) -> np.ndarray:
   """SDXL's time_ids [6] (diffusers' _get_add_time_ids): original_size and target_size
-  (height, width) default to the output's."""
+  (height, width) default to the output's; with aesthetic_score the refiner's [5], the score
+  in place of the target size."""
   original = tuple(original_size or (height, width))
   target = tuple(target_size or (height, width))
   ids = original + tuple(crops_coords_top_left) + target
   if len(ids) != 6:
     raise ValueError(f"original_size, crops_coords_top_left, target_size: pairs; got {ids}")
+  if aesthetic_score is not None:
+    ids = ids[:4] + (aesthetic_score,)
   return np.asarray(ids, np.float32)
 
 
 def prompt_context(encoder, encoder_2, params, params_2, ids, time_ids, zero: bool = False):
-  """The U-Net's context dict of token ids [B, 2, 77] (the two tokenizers'); zero: zeros for
-  the text and pooled embedding (the time ids stay), the encoders not run."""
+  """The U-Net's context dict of token ids [B, 2, 77] (the two tokenizers'; the refiner's
+  [B, 1, 77], encoder None); zero: zeros for the text and pooled embedding (the time ids
+  stay), the encoders not run."""
   if zero:
     b, length = ids.shape[0], ids.shape[-1]
     pooled = encoder_2.projection_dim or encoder_2.width
-    return {"text": jnp.zeros((b, length, encoder.width + encoder_2.width), jnp.float32),
+    width = encoder_2.width + (encoder.width if encoder is not None else 0)
+    return {"text": jnp.zeros((b, length, width), jnp.float32),
             "text_embeds": jnp.zeros((b, pooled), jnp.float32), "time_ids": time_ids}
-  h = encoder.apply({"params": params}, ids[:, 0], penultimate=True)
-  h_2, pooled = encoder_2.apply({"params": params_2}, ids[:, 1], penultimate=True, pooled=True)
-  return {"text": jnp.concatenate([h, h_2], axis=-1), "text_embeds": pooled,
-          "time_ids": time_ids}
+  h_2, pooled = encoder_2.apply({"params": params_2}, ids[:, -1], penultimate=True, pooled=True)
+  if encoder is not None:
+    h_2 = jnp.concatenate([encoder.apply({"params": params}, ids[:, 0], penultimate=True), h_2],
+                          axis=-1)
+  return {"text": h_2, "text_embeds": pooled, "time_ids": time_ids}
 
 
-def check_layout(unet_cfg: dict, text_fields: dict, text_fields_2: dict) -> None:
-  """The U-Net's widths against the two encoders': context = both widths, added features =
-  the pooled embedding + 6 size ids."""
-  width = text_fields["width"] + text_fields_2["width"]
+def check_layout(unet_cfg: dict, text_fields: dict | None, text_fields_2: dict,
+                 aesthetic: bool = False) -> None:
+  """The U-Net's widths against the encoders': context = both widths (the refiner's: bigG's),
+  added features = the pooled embedding + 6 size ids (the refiner's: 5)."""
+  width = text_fields_2["width"] + (text_fields["width"] if text_fields else 0)
   if unet_cfg["context_dim"] != width:
     raise ConversionError(f"the U-Net attends to {unet_cfg['context_dim']} features; the two "
                           f"text encoders give {width}")
   pooled = text_fields_2.get("projection_dim") or text_fields_2["width"]
-  added = pooled + 6 * unet_cfg.get("added_time_dim", 0)
+  n = 5 if aesthetic else 6
+  added = pooled + n * unet_cfg.get("added_time_dim", 0)
   if unet_cfg.get("added_cond_dim") != added:
     raise ConversionError(f"the U-Net's added conditioning takes {unet_cfg.get('added_cond_dim')}"
-                          f" features; a pooled text embedding of {pooled} and 6 size ids give "
+                          f" features; a pooled text embedding of {pooled} and {n} size ids give "
                           f"{added}")

@@ -1,6 +1,6 @@
-"""A Stable Diffusion (1.x, 2.x, XL; text-to-image, img2img, inpainting) pipeline in JAX:
-CLIP text encoder(s), cross-attention U-Net and KL decoder converted from a diffusers pipeline
-directory (or an SD 1.x/2.x/XL single file), the whole chain (text encoding, DDIM, Euler or
+"""A Stable Diffusion (1.x, 2.x, XL and its refiner; text-to-image, img2img, inpainting) pipeline
+in JAX: CLIP text encoder(s), cross-attention U-Net and KL decoder converted from a diffusers
+pipeline directory (or an SD 1.x/2.x/XL single file), the whole chain (text encoding, DDIM, Euler or
 DPM-Solver++ with classifier-free guidance, decoding) one compiled program, the batch sharded
 over the devices. stable_diffusion_loading.py reads and assembles it; text_to_image.py is its
 command line.
@@ -41,10 +41,11 @@ class StableDiffusion:
   text_encoder_2: Any = None
   zero_negative: bool = False  # SDXL: no negative prompt -> zeros (force_zeros_for_empty_prompt)
   controlnet: Any = None  # models.controlnet.ControlNet (its parameters: params["controlnet"])
+  aesthetic: bool = False  # the SDXL refiner: size ids end with an aesthetic score
 
   def __post_init__(self):
     self._run = xla_options.jit(self._chain, static_argnames=(
-        "num_steps", "guidance", "method", "eta", "decode", "skip", "zero_null",
+        "num_steps", "guidance", "method", "eta", "decode", "span", "zero_null",
         "control_scale"),
         out_shardings=parallel.batch_sharding(self.mesh))
 
@@ -90,20 +91,21 @@ class StableDiffusion:
 
   def tokenize(self, prompts: list[str]) -> np.ndarray:
     """Token ids [B, 77], padded as the pipeline pads them (to the encoder's positions); SDXL's:
-    [B, 2, 77], each tokenizer's. A multi-vector embedding's token stands for all its tokens."""
+    [B, 2, 77], each tokenizer's (the refiner's [B, 1, 77]). A multi-vector embedding's token stands for all its tokens."""
     from diffusion_jax.textual_inversion import expand_prompt
     ids = lambda tok, enc: clip_token_ids(tok, [expand_prompt(p, tok) for p in prompts],
                                           enc.max_length)
     if self.text_encoder_2 is None:
       return ids(self.tokenizer, self.text_encoder)
-    return np.stack([ids(self.tokenizer, self.text_encoder),
-                     ids(self.tokenizer_2, self.text_encoder_2)], axis=1)
+    encoders = [(self.tokenizer, self.text_encoder)] if self.text_encoder else []
+    return np.stack([ids(*pair) for pair in encoders + [(self.tokenizer_2,
+                                                          self.text_encoder_2)]], axis=1)
 
   def _encode(self, params, ids, time_ids, zero: bool = False):
     """The U-Net's context of token ids (SDXL's: a dict with the pooled text and size ids)."""
     if self.text_encoder_2 is None:
       return self.text_encoder.apply({"params": params["text"]}, ids)
-    return sdxl.prompt_context(self.text_encoder, self.text_encoder_2, params["text"],
+    return sdxl.prompt_context(self.text_encoder, self.text_encoder_2, params.get("text"),
                                params["text_2"], ids, time_ids, zero)
 
   def latent_shape(self, num_images: int, height: int | None, width: int | None):
@@ -120,17 +122,20 @@ class StableDiffusion:
     """An inpainting U-Net (SD's 9 input channels): it runs through inpaint()."""
     return self.unet.in_channels != self.first_stage.model.embed_dim
 
-  def _chain(self, params, vae_params, scaling, ids, null_ids, time_ids, x_T, key, init,
-             inpaint, hint, *, num_steps, guidance, method, eta, decode, skip, zero_null,
+  def _chain(self, params, vae_params, scaling, ids, null_ids, time_ids, null_time_ids, x_T,
+             key, init,
+             inpaint, hint, *, num_steps, guidance, method, eta, decode, span, zero_null,
              control_scale):
-    """Text encodings, the sampler, the decoder; with `init` (img2img: clean latents, or
-    images [B, H, W, 3] in [-1, 1] to encode) x_T is the noise that takes them to the first of
-    the DDIM steps left after skipping `skip`. time_ids: SDXL's size ids [B, 6] (else unused);
+    """Text encodings, the sampler, the decoder; span = (skip, stop, add_noise): the chain's
+    steps [skip, stop) run (schedulers.span); with `init` (img2img: clean latents, or images
+    [B, H, W, 3] in [-1, 1] to encode; add_noise False: latents at the skip-th level already)
+    x_T is the noise that takes them to the first step run. time_ids, null_time_ids: SDXL's
+    size ids [B, k] of the prompts and of the negative prompts (else unused);
     zero_null: the unconditional context zeros (SDXL's default); inpaint: (mask [B, h, w, 1],
     masked images [B, H, W, 3] to encode, or their latents), the inpainting U-Net's inputs."""
     from diffusion_jax.models import denoiser
     context = self._encode(params, ids, time_ids)
-    null = self._encode(params, null_ids, time_ids, zero_null)
+    null = self._encode(params, null_ids, null_time_ids, zero_null)
     x_cond = None
     if inpaint is not None:
       mask, masked = inpaint
@@ -151,9 +156,10 @@ class StableDiffusion:
       if init.shape[1] != x_T.shape[1]:  # images: the posterior sampled, as diffusers does
         init = self.first_stage.encode_latents(vae_params, *scaling, init,
                                                jax.random.fold_in(key, 2))
-      x_T = schedulers.noise_to(self.diffusion, self.schedule, init, x_T, num_steps, skip)
+      x_T = schedulers.start_latents(self.schedule, self.diffusion, method, init, x_T,
+                                     num_steps, span[0], span[2])
     z = schedulers.run_chain(self.schedule, self.diffusion, method, denoise, x_T, key,
-                             num_steps, eta, skip)
+                             num_steps, eta, *span[:2])
     z = z.astype(jnp.float32)
     return self.first_stage.decode_latents(vae_params, *scaling, z) if decode else z
 
@@ -166,7 +172,8 @@ class StableDiffusion:
                width: int | None = None, method: str | None = None, eta: float = 0.0,
                latents=None, decode: bool = True, control_image=None,
                control_scale: float = 1.0, original_size=None, crops_coords_top_left=(0, 0),
-               target_size=None, guidance_rescale: float = 0.0):
+               target_size=None, guidance_rescale: float = 0.0,
+               denoising_end: float | None = None):
     """Images (uint8 [B, H, W, 3]) for `prompts`; latents: x_T [B, h, w, 4] to start from
     (else drawn from `seed`); decode=False: the final latents [B, h, w, 4] as the U-Net sees
     them (float32; diffusers' output_type="latent") instead of images. negative_prompt: one for
@@ -174,14 +181,24 @@ class StableDiffusion:
     method None: default_method(). original_size, crops_coords_top_left, target_size: SDXL's
     size conditioning (sdxl.size_ids; default: the output's size, no crop). control_image:
     a ControlNet pipeline's hint, uint8 [B or 1, H, W, 3] at the output's size (its residuals
-    times control_scale). guidance_rescale: models.denoiser's (diffusers'; e.g. 0.7)."""
+    times control_scale). guidance_rescale: models.denoiser's (diffusers'; e.g. 0.7).
+    denoising_end f (with decode=False; DDIM or Euler): stop at timestep round(T (1 - f)), the
+    latents (in diffusers' scale) for a refiner's img2img(latents=, denoising_start=f)."""
+    if self.aesthetic:
+      raise ValueError("an SDXL refiner refines latents or images: use img2img (e.g. "
+                       "strength=0.3, or the base's latents with denoising_start)")
     method = schedulers.resolve_method(self.schedule, method, eta)
+    if denoising_end is not None and decode:
+      raise ValueError("denoising_end leaves noisy latents for a refiner: pass decode=False")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     shape = self.latent_shape(len(prompts), height, width)
     sizes = (original_size, crops_coords_top_left, target_size)
+    span = schedulers.span(self.schedule, self.diffusion, method, num_steps,
+                           denoising_end=denoising_end)
     return self._run_batch(prompts, negative_prompt, shape, latents, None, seed, num_steps,
-                           (guidance_scale, guidance_rescale), method, eta, decode, 0, sizes,
-                           hint=self._hint(control_image, shape), control_scale=control_scale)
+                           (guidance_scale, guidance_rescale), method, eta, decode,
+                           span + (True,), sizes, hint=self._hint(control_image, shape),
+                           control_scale=control_scale)
 
   def _hint(self, image, shape) -> np.ndarray | None:
     """A ControlNet's hint [B, H, W, 3] in [0, 1] (diffusers' control image processing); None
@@ -200,20 +217,34 @@ class StableDiffusion:
               guidance_scale: float = 7.5, seed: int = 0, eta: float = 0.0, noise=None,
               decode: bool = True, original_size=None, crops_coords_top_left=(0, 0),
               target_size=None, control_image=None, control_scale: float = 1.0,
-              guidance_rescale: float = 0.0):
-    """SDEdit (Meng et al. 2022) as diffusers' StableDiffusionImg2ImgPipeline: the inputs'
-    latents noised to the int(num_steps * strength)-th last DDIM step, then those steps.
-    images: uint8 [B, H, W, 3] (encoded: a posterior sample); or latents [B, h, w, 4], already
-    scaled; noise: that of the noising (else drawn from `seed`). DDIM only. control_image,
+              guidance_rescale: float = 0.0, method: str | None = None,
+              denoising_start: float | None = None, aesthetic_score: float = 6.0,
+              negative_aesthetic_score: float = 2.5):
+    """SDEdit (Meng et al. 2022) as diffusers' StableDiffusion(XL)Img2ImgPipeline: the inputs'
+    latents noised to the int(num_steps * strength)-th last step, then those steps (DDIM or
+    Euler (ancestral); by default the scheduler's, DDIM for DPM-Solver's). images: uint8
+    [B, H, W, 3] (encoded: a posterior sample); or latents [B, h, w, 4], already scaled; noise:
+    that of the noising (else drawn from `seed`). denoising_start f (SDXL's ensemble of
+    experts): `latents` are a base's generate(..., denoising_end=f, decode=False), run on from
+    timestep round(T (1 - f)) without noising (strength ignored). control_image,
     control_scale: a ControlNet pipeline's hint (generate; diffusers'
-    StableDiffusionControlNetImg2ImgPipeline); guidance_rescale: generate's."""
+    StableDiffusionControlNetImg2ImgPipeline); guidance_rescale: generate's. aesthetic_score,
+    negative_aesthetic_score: the SDXL refiner's conditioning of the prompts and the negative
+    prompts."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     shape, init = self._inputs(prompts, images, latents)
+    if method is None:
+      method = schedulers.default_method(self.schedule, eta)
+      method = "ddim" if method.startswith("dpm") else method
+    method = schedulers.resolve_method(self.schedule, method, eta)
+    span = schedulers.span(self.schedule, self.diffusion, method, num_steps, strength,
+                           denoising_start)
     return self._run_batch(prompts, negative_prompt, shape, noise, init, seed, num_steps,
-                           (guidance_scale, guidance_rescale), "ddim", eta, decode,
-                           self._skipped(num_steps, strength),
+                           (guidance_scale, guidance_rescale), method, eta, decode,
+                           span + (denoising_start is None,),
                            (original_size, crops_coords_top_left, target_size),
-                           hint=self._hint(control_image, shape), control_scale=control_scale)
+                           hint=self._hint(control_image, shape), control_scale=control_scale,
+                           aesthetic=(aesthetic_score, negative_aesthetic_score))
 
   def inpaint(self, prompts, images, masks, masked_image_latents=None, strength: float = 1.0,
               negative_prompt: str | None = None, num_steps: int = 50,
@@ -243,24 +274,16 @@ class StableDiffusion:
       if masked.shape != shape:
         raise ValueError(f"masked_image_latents of shape {masked.shape}; expected {shape}")
     if strength == 1.0:
-      method, skip, init = schedulers.resolve_method(self.schedule, method, eta), 0, None
+      method, init = schedulers.resolve_method(self.schedule, method, eta), None
     elif method not in (None, "ddim"):
       raise ValueError("strength < 1 starts from the noised images with DDIM: drop method")
     else:
-      method, skip = "ddim", self._skipped(num_steps, strength)
+      method = "ddim"
+    span = schedulers.span(self.schedule, self.diffusion, method, num_steps, strength)
     return self._run_batch(prompts, negative_prompt, shape, latents, init, seed, num_steps,
-                           (guidance_scale, guidance_rescale), method, eta, decode, skip,
-                           (original_size, crops_coords_top_left, target_size), (mask, masked))
-
-  @staticmethod
-  def _skipped(num_steps: int, strength: float) -> int:
-    """The noisiest steps that img2img's strength leaves out (diffusers' get_timesteps)."""
-    if not 0.0 < strength <= 1.0:
-      raise ValueError(f"strength={strength}: in (0, 1]")
-    kept = min(int(num_steps * strength), num_steps)
-    if kept < 1:
-      raise ValueError(f"strength {strength} keeps no step of {num_steps}")
-    return num_steps - kept
+                           (guidance_scale, guidance_rescale), method, eta, decode,
+                           span + (True,), (original_size, crops_coords_top_left, target_size),
+                           (mask, masked))
 
   def _inputs(self, prompts, images, latents):
     """(latent shape, images in [-1, 1] or latents) of img2img's and inpaint's inputs."""
@@ -285,8 +308,8 @@ class StableDiffusion:
     return shape, init
 
   def _run_batch(self, prompts, negative_prompt, shape, x_T, init, seed, num_steps,
-                 guidance, method, eta, decode, skip, sizes, inpaint=None, hint=None,
-                 control_scale=1.0):
+                 guidance, method, eta, decode, span, sizes, inpaint=None, hint=None,
+                 control_scale=1.0, aesthetic=(6.0, 2.5)):
     n = len(prompts)
     if self.controlnet is not None and hint is None:
       raise ValueError("this pipeline has a ControlNet, which runs with generate(..., "
@@ -300,7 +323,9 @@ class StableDiffusion:
     if sizes != (None, (0, 0), None) and self.text_encoder_2 is None:
       raise ValueError("original_size, crops_coords_top_left, target_size: size conditioning "
                        "is SDXL's")
-    time_ids = np.tile(sdxl.size_ids(shape[1] * f, shape[2] * f, *sizes), (n, 1))
+    time_ids, null_time_ids = (np.tile(sdxl.size_ids(
+        shape[1] * f, shape[2] * f, *sizes, aesthetic_score=score if self.aesthetic else None),
+        (n, 1)) for score in aesthetic)
     negatives = [negative_prompt or ""] if negative_prompt is None or isinstance(
         negative_prompt, str) else list(negative_prompt)
     if len(negatives) == 1:
@@ -319,13 +344,13 @@ class StableDiffusion:
     put = lambda a: jax.device_put(parallel.pad_to_multiple(np.asarray(a), n_dev), batch)
     scaling = tuple(jnp.float32(v) for v in self.first_stage.scaling())
     out = self._run(self.params, self.first_stage.params, scaling, put(self.tokenize(prompts)),
-                    put(self.tokenize(negatives)), put(time_ids), put(x_T),
+                    put(self.tokenize(negatives)), put(time_ids), put(null_time_ids), put(x_T),
                     key, None if init is None else put(init),
                     None if inpaint is None else tuple(put(a) for a in inpaint),
                     None if hint is None else put(hint), control_scale=float(control_scale),
                     num_steps=num_steps,
                     guidance=tuple(map(float, guidance)), method=method, eta=float(eta),
-                    decode=decode, skip=skip, zero_null=zero_null)[:n]
+                    decode=decode, span=span, zero_null=zero_null)[:n]
     if not decode:
       return np.asarray(out)
     return np.asarray(jnp.round((jnp.clip(out, -1, 1) + 1) * 127.5).astype(jnp.uint8))

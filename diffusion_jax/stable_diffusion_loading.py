@@ -38,10 +38,12 @@ def load_pipeline(src: str, dtype: str = "float32", mesh=None, tokenizer=None,
                 ".safetensors checkpoint")
   schedule = scheduler_settings_file(sched_path)
   parts = sdxl.pipeline_options(src) if sdxl.is_sdxl(src) else {}  # and SDXL's second encoder
-  text = load_text_encoder(os.path.join(src, "text_encoder"))
+  refiner = parts.get("aesthetic", False)  # bigG alone
+  text = None if refiner else load_text_encoder(os.path.join(src, "text_encoder"))
   unet = load_diffusers_unet(os.path.join(src, "unet"))
   vae = load_autoencoder(os.path.join(src, "vae"))
-  tokenizer = tokenizer or load_tokenizer(os.path.join(src, "tokenizer"))
+  if not refiner:
+    tokenizer = tokenizer or load_tokenizer(os.path.join(src, "tokenizer"))
   if parts:
     parts.update(text_2=load_text_encoder(os.path.join(src, "text_encoder_2")),
                  tokenizer_2=load_tokenizer(os.path.join(src, "tokenizer_2")))
@@ -90,12 +92,14 @@ def load_single_file(path: str, tokenizer, prediction_type: str = "epsilon",
 
 def assemble(tokenizer, text, unet, vae, schedule: dict, dtype: str = "float32",
              mesh=None, attention: str = "auto", text_2=None, tokenizer_2=None,
-             zero_negative: bool = False, controlnet=None) -> StableDiffusion:
+             zero_negative: bool = False, controlnet=None,
+             aesthetic: bool = False) -> StableDiffusion:
   """The pipeline from converted parts: text = (fields, params), unet = (fields, params),
   vae = (fields, params, scaling), schedule = convert_diffusers.scheduler_settings(...);
-  SDXL's: text_2 = (fields, params) and tokenizer_2, its second encoder; controlnet =
-  (fields, params) of a ControlNet (convert_diffusers.load_diffusers_controlnet)."""
-  (text_fields, text_params), (unet_cfg, unet_params) = text, unet
+  SDXL's: text_2 = (fields, params) and tokenizer_2, its second encoder; aesthetic: the
+  refiner's conditioning, text and tokenizer None; controlnet = (fields, params) of a
+  ControlNet (convert_diffusers.load_diffusers_controlnet)."""
+  (text_fields, text_params), (unet_cfg, unet_params) = text or (None, None), unet
   vae_fields, vae_params, scaling = vae
   if not unet_cfg.get("context_dim"):
     raise ConversionError("the U-Net is not a cross-attention U-Net (UNet2DConditionModel)")
@@ -105,7 +109,7 @@ def assemble(tokenizer, text, unet, vae, schedule: dict, dtype: str = "float32",
                           "(latents, mask, masked image) take more; depth U-Nets are not "
                           "supported")
   if text_2 is not None:
-    sdxl.check_layout(unet_cfg, text_fields, text_2[0])
+    sdxl.check_layout(unet_cfg, text_fields, text_2[0], aesthetic)
   elif unet_cfg.get("added_cond_dim"):
     raise ConversionError("the U-Net takes SDXL's pooled text and size conditioning: the "
                           "pipeline needs text_encoder_2/ and tokenizer_2/")
@@ -122,7 +126,7 @@ def assemble(tokenizer, text, unet, vae, schedule: dict, dtype: str = "float32",
   first_stage = FirstStage(AutoencoderKL(**vae_fields, dtype=compute, attention=attention),
                            replicate(vae_params), mesh, scaling["scale_factor"] or 0.18215,
                            float(scaling.get("shift_factor") or 0.0))
-  params = {"text": text_params, "unet": unet_params}
+  params = {"unet": unet_params} if text is None else {"text": text_params, "unet": unet_params}
   if text_2 is not None:
     params["text_2"] = text_2[1]
   control = None
@@ -136,8 +140,9 @@ def assemble(tokenizer, text, unet, vae, schedule: dict, dtype: str = "float32",
       raise ConversionError("a ControlNet with an inpainting U-Net is not supported")
     control = ControlNet(**unet_fields(fields), dtype=compute, attention=attention)
   text_encoder_2 = None if text_2 is None else CLIPTextEncoder(**text_2[0], dtype=compute)
-  return StableDiffusion(tokenizer, CLIPTextEncoder(**text_fields, dtype=compute),
+  encoder = None if text is None else CLIPTextEncoder(**text_fields, dtype=compute)
+  return StableDiffusion(tokenizer, encoder,
                          UNet(**unet_fields(unet_cfg), dtype=compute, attention=attention),
                          first_stage, diffusion, schedule, replicate(params), mesh,
                          unet_cfg["image_size"], tokenizer_2, text_encoder_2, zero_negative,
-                         control)
+                         control, aesthetic)

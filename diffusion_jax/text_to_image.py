@@ -6,6 +6,7 @@ XL) pipeline directory you have on disk (stable_diffusion.py runs it in JAX).
   # img2img: --init_image=photo.png --strength=0.6
   # inpainting (an inpainting pipeline): --init_image=photo.png --mask_image=mask.png
   # ControlNet: --controlnet=sd-controlnet-canny --control_image=edges.png
+  # SDXL base + refiner: --src=stable-diffusion-xl-base-1.0 --refiner=...-refiner-1.0
 
 --src is a diffusers pipeline directory (model_index.json beside text_encoder/, tokenizer/,
 unet/, vae/, scheduler/, each with safetensors weights; SDXL's also text_encoder_2/ and
@@ -76,11 +77,16 @@ def main(argv):
                             strength=1.0 if FLAGS.strength is None else FLAGS.strength,
                             method=FLAGS.method, **common)
     elif FLAGS.init_image:
-      if FLAGS.method not in (None, "ddim"):
-        raise ValueError("img2img samples with DDIM: drop --method")
       images = pipe.img2img(prompts, images=inits,
                             strength=0.8 if FLAGS.strength is None else FLAGS.strength,
-                            control_image=control, control_scale=FLAGS.control_scale, **common)
+                            method=FLAGS.method, control_image=control,
+                            control_scale=FLAGS.control_scale, **common)
+    elif FLAGS.refiner:  # SDXL's ensemble of experts: the base, then the refiner
+      refiner = StableDiffusion.load(FLAGS.refiner, FLAGS.dtype)
+      z = pipe.generate(prompts, height=FLAGS.height, width=FLAGS.width, method=FLAGS.method,
+                        decode=False, denoising_end=FLAGS.refiner_start, **common)
+      images = refiner.img2img(prompts, latents=z, denoising_start=FLAGS.refiner_start,
+                               method=FLAGS.method, **common)
     else:
       images = pipe.generate(prompts, height=FLAGS.height, width=FLAGS.width,
                              method=FLAGS.method, control_image=control,
@@ -135,6 +141,10 @@ if __name__ == "__main__":
   flags.DEFINE_string("control_image", None, "The ControlNet's hint image (edges, depth, pose, "
                       "...; resized to the output's size).")
   flags.DEFINE_float("control_scale", 1.0, "The ControlNet residuals' weight.")
+  flags.DEFINE_string("refiner", None, "An SDXL refiner pipeline directory: the base denoises "
+                      "to --refiner_start, the refiner the rest (text-to-image).")
+  flags.DEFINE_float("refiner_start", 0.8, "With --refiner: the share of the chain the base "
+                     "runs (diffusers' denoising_end / denoising_start).")
   flags.DEFINE_string("out", "text_to_image.png", "PNG grid (one row per prompt); .npz beside.")
   flags.mark_flags_as_required(["src", "prompt"])
   app.run(main)

@@ -99,10 +99,14 @@ def with_embedding(pipe, path: str, token: str | None = None):
   if len(parts) == 2 and pipe.text_encoder_2 is None:
     raise ConversionError(f"{path} is an SDXL embedding (clip_l, clip_g); this pipeline has "
                           "one text encoder")
-  tokenizer, encoder, text = _extend(pipe.tokenizer, pipe.text_encoder, pipe.params["text"],
-                                     token, parts[0])
-  changes = {"tokenizer": tokenizer, "text_encoder": encoder,
-             "params": dict(pipe.params, text=text)}
+  if pipe.text_encoder is None and len(parts) != 2:
+    raise ConversionError(f"the SDXL refiner reads OpenCLIP bigG's tokens: {path} has no "
+                          "clip_g part")
+  changes = {"params": dict(pipe.params)}
+  if pipe.text_encoder is not None:  # (the refiner has bigG alone)
+    tokenizer, encoder, changes["params"]["text"] = _extend(
+        pipe.tokenizer, pipe.text_encoder, pipe.params["text"], token, parts[0])
+    changes.update(tokenizer=tokenizer, text_encoder=encoder)
   if len(parts) == 2:
     tokenizer_2, encoder_2, text_2 = _extend(pipe.tokenizer_2, pipe.text_encoder_2,
                                              pipe.params["text_2"], token, parts[1])

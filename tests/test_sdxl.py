@@ -184,14 +184,17 @@ def test_pipeline_gives_diffusers_euler_latents_and_images(sdxl_dir):
     assert close(got_m, want_m, effect)
 
 
-def test_img2img_gives_diffusers_sdxl_img2img_latents(sdxl_dir):
-  """SDEdit from latents with SDXL's conditioning (DDIM from the pipeline's config, as
-  StableDiffusionXLImg2ImgPipeline; the size ids: the image's), the same noise."""
+@pytest.mark.parametrize("method", ["ddim", None])
+def test_img2img_gives_diffusers_sdxl_img2img_latents(sdxl_dir, method):
+  """SDEdit from latents with SDXL's conditioning, as StableDiffusionXLImg2ImgPipeline with
+  DDIM from the pipeline's config, or by default the pipeline's Euler (the latents noised to
+  the first step's sigma; the size ids: the image's), the same noise."""
   from diffusers.utils.torch_utils import randn_tensor
   src, pipe = sdxl_dir
   ours = StableDiffusion.load(str(src))
-  ddim = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
-  ref = diffusers.StableDiffusionXLImg2ImgPipeline(**dict(pipe.components, scheduler=ddim))
+  sched = (diffusers.DDIMScheduler.from_config(pipe.scheduler.config) if method
+           else pipe.scheduler)
+  ref = diffusers.StableDiffusionXLImg2ImgPipeline(**dict(pipe.components, scheduler=sched))
   init = np.random.default_rng(4).normal(size=(2, 4, 8, 8)).astype(np.float32)
   run_ref = lambda strength: ref(
       PROMPTS, image=torch.from_numpy(init), strength=strength, num_inference_steps=5,
@@ -199,9 +202,11 @@ def test_img2img_gives_diffusers_sdxl_img2img_latents(sdxl_dir):
       generator=torch.Generator().manual_seed(3)).images.numpy().transpose(0, 2, 3, 1)
   noise = randn_tensor((2, 4, 8, 8), generator=torch.Generator().manual_seed(3)).numpy()
   got = ours.img2img(PROMPTS, latents=init.transpose(0, 2, 3, 1), strength=0.6, num_steps=5,
-                     guidance_scale=5.0, noise=noise.transpose(0, 2, 3, 1), decode=False)
+                     guidance_scale=5.0, noise=noise.transpose(0, 2, 3, 1), decode=False,
+                     method=method)
   want = run_ref(0.6)
-  print(f"SDXL img2img latents: max |ours - diffusers| = {np.abs(got - want).max():.3g}")
+  print(f"SDXL img2img ({method or 'euler'}) latents: max |ours - diffusers| = "
+        f"{np.abs(got - want).max():.3g}")
   assert close(got, want, np.abs(run_ref(0.8) - want).max())
 
 
@@ -270,14 +275,14 @@ def test_euler_spacings_karras_and_refusals(sdxl_dir, tmp_path, caplog):
     pipe.generate("a cat", ["a", "b", "c"], num_steps=2)
 
 
-def test_refiner_half_pipelines_and_training_are_refused(sdxl_dir, tmp_path):
+def test_half_pipelines_and_training_are_refused(sdxl_dir, tmp_path):
   src, _ = sdxl_dir
-  refiner = tmp_path / "refiner"
+  refiner = tmp_path / "refiner"  # two text encoders and the refiner's conditioning
   shutil.copytree(src, refiner)
   index = json.loads((refiner / "model_index.json").read_text())
   (refiner / "model_index.json").write_text(json.dumps(dict(index,
                                                             requires_aesthetics_score=True)))
-  with pytest.raises(ConversionError, match="SDXL refiner"):
+  with pytest.raises(ConversionError, match="has 2 and requires_aesthetics_score=True"):
     StableDiffusion.load(str(refiner))
   half = tmp_path / "half"
   shutil.copytree(src, half)
