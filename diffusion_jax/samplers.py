@@ -311,9 +311,23 @@ def dpm_solver_timesteps(diffusion, num_steps: int, spacing: str = "logsnr",
   return ts.astype(np.int32)
 
 
+def dpm_solver_levels(diffusion, num_steps: int, spacing: str = "logsnr",
+                      steps_offset: int = 0):
+  """(the timesteps the network sees [n], alpha [n + 1], sigma [n + 1]) of DPM-Solver's chain:
+  dpm_solver_timesteps' levels, or with "karras" karras_timesteps' (x = alpha x_0 + sigma eps;
+  the end alpha = 1, sigma = 0 for diffusers' spacings and Karras')."""
+  if spacing == "karras":
+    ts, levels = karras_timesteps(diffusion, num_steps)
+    alpha = 1.0 / np.sqrt(1.0 + levels ** 2)
+    return ts, alpha, levels * alpha
+  ts = dpm_solver_timesteps(diffusion, num_steps, spacing, steps_offset)
+  ab = np.append(1.0, diffusion.coefs["alphas_cumprod"])[ts + 1]  # alphabar(-1) = 1
+  return ts[:-1], np.sqrt(ab), np.sqrt(1.0 - ab)
+
+
 def dpm_solver_sample(diffusion, denoise_fn, x_T, key=None, num_steps: int = 20,
                       spacing: str = "logsnr", clip_denoised: bool = True,
-                      steps_offset: int = 0):
+                      steps_offset: int = 0, skip: int = 0, stop: int | None = None):
   """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in data prediction; num_steps evaluations.
 
   Multistep second order in lambda = log(alpha_t / sigma_t) (the first step is first order)
@@ -322,22 +336,20 @@ def dpm_solver_sample(diffusion, denoise_fn, x_T, key=None, num_steps: int = 20,
   "linspace", "trailing") the last step goes to sigma = 0 and is first order (the prediction of
   x_0), as DPMSolverMultistepScheduler's. "karras": over karras_timesteps' noise levels, the
   network at the nearest timestep, x_0 from its output at the level itself (diffusers'
-  use_karras_sigmas; eps, v or x0 prediction).
+  use_karras_sigmas; eps, v or x0 prediction). skip, stop: only the steps [skip, stop) run,
+  x_T at level skip (img2img; diffusers' set_begin_index: the first of them first order).
   """
   del key  # deterministic given x_T
   karras = spacing == "karras"
-  if karras:
-    ts, levels = karras_timesteps(diffusion, num_steps)
-    alpha = 1.0 / np.sqrt(1.0 + levels ** 2)
-    sigma = levels * alpha
-  else:
-    ts = dpm_solver_timesteps(diffusion, num_steps, spacing, steps_offset)
-    ab = np.append(1.0, diffusion.coefs["alphas_cumprod"])[ts + 1]  # alphabar(-1) = 1
-    alpha, sigma = np.sqrt(ab), np.sqrt(1.0 - ab)
+  ts, alpha, sigma = dpm_solver_levels(diffusion, num_steps, spacing, steps_offset)
+  if not 0 <= skip < (num_steps if stop is None else stop) <= num_steps:
+    raise ValueError(f"steps [{skip}, {stop}) of {num_steps}")
+  ts, alpha, sigma = ts[skip:stop], alpha[skip:None if stop is None else stop + 1], sigma[
+      skip:None if stop is None else stop + 1]
   with np.errstate(divide="ignore"):  # sigma = 0 at the end: lambda = inf
     lam = np.log(alpha) - np.log(sigma)
   h = lam[1:] - lam[:-1]
-  second = (np.arange(num_steps) > 0) & np.isfinite(h)  # first order where h is infinite
+  second = (np.arange(len(ts)) > 0) & np.isfinite(h)  # first order where h is infinite
   with np.errstate(invalid="ignore"):
     r = np.where(second, np.append(1.0, h[:-1] / h[1:]), 1.0)  # h_{i-1} / h_i
   sigma_ratio = sigma[1:] / sigma[:-1]
@@ -357,8 +369,7 @@ def dpm_solver_sample(diffusion, denoise_fn, x_T, key=None, num_steps: int = 20,
     d = jnp.where(use_second, (1 + 0.5 / ri) * x0 - (0.5 / ri) * x0_prev, x0)
     return (s_ratio * x + ph * d, x0), None
 
-  (x, _), _ = jax.lax.scan(body, (x_T, jnp.zeros_like(x_T)),
-                          (jnp.asarray(ts[:len(ts) - (not karras)]),) + consts)
+  (x, _), _ = jax.lax.scan(body, (x_T, jnp.zeros_like(x_T)), (jnp.asarray(ts),) + consts)
   return x
 
 

@@ -70,18 +70,24 @@ def resolve_method(schedule: dict, method: str | None, eta: float) -> str:
 
 
 def levels(schedule: dict, diffusion, method: str, num_steps: int):
-  """(the timesteps the network sees [n], decreasing; Euler's noise levels [n + 1], else
-  None) of the DDIM or Euler chain."""
+  """(the timesteps the network sees [n], decreasing; the noise levels sigma / alpha [n + 1]
+  of Euler's and DPM-Solver's chains, None for DDIM's)."""
   if method.startswith("euler"):
     return samplers.euler_levels(diffusion, num_steps, spacing(schedule, method),
                                  schedule["steps_offset"],
                                  method == "euler" and schedule.get("karras"))
   if method != "ddim":
-    raise ValueError(f"a chain started or stopped part way runs DDIM or Euler (ancestral), "
-                     f"not {method!r}")
+    ts, alpha, sigma = samplers.dpm_solver_levels(diffusion, num_steps, dpm_spacing(
+        schedule, method), schedule["steps_offset"])
+    return ts, sigma / alpha
   return samplers.diffusers_timesteps(diffusion.num_timesteps, num_steps,
                                       spacing(schedule, "ddim"),
                                       schedule["steps_offset"]).round(), None
+
+
+def dpm_spacing(schedule: dict, method: str) -> str:
+  karras = schedule.get("karras") or method == "dpm_solver_karras"
+  return "karras" if karras else spacing(schedule, method)
 
 
 def span(schedule: dict, diffusion, method: str, num_steps: int, strength: float = 1.0,
@@ -113,8 +119,8 @@ def span(schedule: dict, diffusion, method: str, num_steps: int, strength: float
 def run_chain(schedule: dict, diffusion, method: str, denoise_fn, x_T, key, num_steps: int,
               eta: float = 0.0, skip: int = 0, stop: int | None = None):
   """The latents after the chain's steps [skip, stop) from x_T (unit noise, or with `skip`
-  the latents at its (skip + 1)-th step: start_latents); with `stop`, DDIM and Euler only,
-  those at its stop-th level, in diffusers' scale (end_latents)."""
+  the latents at its (skip + 1)-th step: start_latents); with `stop` those at its stop-th
+  level, in diffusers' scale (end_latents)."""
   if method.startswith("euler"):
     ts, sigmas = levels(schedule, diffusion, method, num_steps)
     if not skip:
@@ -129,13 +135,9 @@ def run_chain(schedule: dict, diffusion, method: str, denoise_fn, x_T, key, num_
         diffusion, denoise_fn, x_T, key, num_steps, eta, skip=skip, timesteps=ts[:stop],
         clip_denoised=schedule["clip_sample"], steps_offset=schedule["steps_offset"],
         alpha_one_at_end=schedule["alpha_one_at_end"])
-  if skip or stop is not None:
-    raise ValueError("img2img and denoising_start / _end run DDIM or Euler (ancestral), not "
-                     f"{method!r}")
-  karras = schedule.get("karras") or method == "dpm_solver_karras"
   return samplers.dpm_solver_sample(diffusion, denoise_fn, x_T, key, num_steps,
-                                    spacing="karras" if karras else spacing(schedule, method),
-                                    clip_denoised=False, steps_offset=schedule["steps_offset"])
+                                    spacing=dpm_spacing(schedule, method), clip_denoised=False,
+                                    steps_offset=schedule["steps_offset"], skip=skip, stop=stop)
 
 
 def end_latents(z, sigmas, stop):
@@ -148,13 +150,11 @@ def start_latents(schedule: dict, diffusion, method: str, init, noise, num_steps
                   skip: int, add_noise: bool = True):
   """Where a chain that skips `skip` steps starts: clean latents noised to the (skip + 1)-th
   step's level (img2img), or without add_noise latents already there (denoising_start: the
-  base's end_latents)."""
+  base's end_latents; Euler's in its sigma-scaled form)."""
   ts, sigmas = levels(schedule, diffusion, method, num_steps)
-  if sigmas is not None:  # Euler: the level's alphabar = 1 / (1 + sigma^2)
-    scale = float(1.0 / np.sqrt(1.0 + sigmas[skip] ** 2))
-    if not add_noise:
-      return init * scale
-    return scale * init + float(sigmas[skip]) * scale * noise
+  scale = None if sigmas is None else float(1.0 / np.sqrt(1.0 + sigmas[skip] ** 2))
   if not add_noise:
-    return init
-  return diffusion.q_sample(init, jnp.full((init.shape[0],), int(ts[skip])), noise)
+    return init * scale if method.startswith("euler") else init
+  if sigmas is None:
+    return diffusion.q_sample(init, jnp.full((init.shape[0],), int(ts[skip])), noise)
+  return scale * init + float(sigmas[skip]) * scale * noise  # alpha x_0 + sigma eps

@@ -182,7 +182,7 @@ class StableDiffusion:
     size conditioning (sdxl.size_ids; default: the output's size, no crop). control_image:
     a ControlNet pipeline's hint, uint8 [B or 1, H, W, 3] at the output's size (its residuals
     times control_scale). guidance_rescale: models.denoiser's (diffusers'; e.g. 0.7).
-    denoising_end f (with decode=False; DDIM or Euler): stop at timestep round(T (1 - f)), the
+    denoising_end f (with decode=False): stop at timestep round(T (1 - f)), the
     latents (in diffusers' scale) for a refiner's img2img(latents=, denoising_start=f)."""
     if self.aesthetic:
       raise ValueError("an SDXL refiner refines latents or images: use img2img (e.g. "
@@ -221,8 +221,8 @@ class StableDiffusion:
               denoising_start: float | None = None, aesthetic_score: float = 6.0,
               negative_aesthetic_score: float = 2.5):
     """SDEdit (Meng et al. 2022) as diffusers' StableDiffusion(XL)Img2ImgPipeline: the inputs'
-    latents noised to the int(num_steps * strength)-th last step, then those steps (DDIM or
-    Euler (ancestral); by default the scheduler's, DDIM for DPM-Solver's). images: uint8
+    latents noised to the int(num_steps * strength)-th last step's level, then those steps
+    (by default with the scheduler's sampler, as diffusers' set_begin_index). images: uint8
     [B, H, W, 3] (encoded: a posterior sample); or latents [B, h, w, 4], already scaled; noise:
     that of the noising (else drawn from `seed`). denoising_start f (SDXL's ensemble of
     experts): `latents` are a base's generate(..., denoising_end=f, decode=False), run on from
@@ -233,9 +233,6 @@ class StableDiffusion:
     prompts."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     shape, init = self._inputs(prompts, images, latents)
-    if method is None:
-      method = schedulers.default_method(self.schedule, eta)
-      method = "ddim" if method.startswith("dpm") else method
     method = schedulers.resolve_method(self.schedule, method, eta)
     span = schedulers.span(self.schedule, self.diffusion, method, num_steps, strength,
                            denoising_start)
@@ -257,7 +254,7 @@ class StableDiffusion:
     encoded: a posterior sample; or masked_image_latents [B, h, w, 4], already scaled).
     images: uint8 [B, H, W, 3]; masks [B, H, W] (or [..., 1]), set where >= 0.5 (floats) or
     >= 128 (uint8: white). strength 1: from noise (latents: x_T, else drawn from `seed`);
-    below 1 (DDIM): from the images' latents noised as in img2img (latents: that noise)."""
+    below 1: from the images' latents noised as in img2img (latents: that noise)."""
     if not self.inpainting:
       raise ValueError("inpaint needs an inpainting U-Net (latents, mask and masked image as "
                        "inputs, e.g. stable-diffusion-inpainting's 9 channels); this one takes "
@@ -273,12 +270,8 @@ class StableDiffusion:
       masked = np.asarray(masked_image_latents, np.float32)
       if masked.shape != shape:
         raise ValueError(f"masked_image_latents of shape {masked.shape}; expected {shape}")
-    if strength == 1.0:
-      method, init = schedulers.resolve_method(self.schedule, method, eta), None
-    elif method not in (None, "ddim"):
-      raise ValueError("strength < 1 starts from the noised images with DDIM: drop method")
-    else:
-      method = "ddim"
+    method = schedulers.resolve_method(self.schedule, method, eta)
+    init = None if strength == 1.0 else init
     span = schedulers.span(self.schedule, self.diffusion, method, num_steps, strength)
     return self._run_batch(prompts, negative_prompt, shape, latents, init, seed, num_steps,
                            (guidance_scale, guidance_rescale), method, eta, decode,

@@ -186,6 +186,16 @@ def test_dpm_solver_is_diffusers_multistep_scheduler(spacing, num_steps, offset)
   diff = np.abs(np.asarray(ours) - x.numpy()).max()
   print(f"DPM-Solver++(2M) {spacing} {num_steps}: max |ours - diffusers| = {diff:.3g}")
   assert diff < 1e-4
+  # part of the chain, [3, 6): x at level 3 in, the first step first order (set_begin_index)
+  sched.set_timesteps(num_steps)
+  sched.set_begin_index(3)
+  x = torch.from_numpy(x_T.astype(np.float64))
+  for t in sched.timesteps[3:6]:
+    eps = np.asarray(fn(jnp.asarray(x.numpy(), jnp.float32), jnp.full((4,), int(t))))
+    x = sched.step(torch.from_numpy(eps.astype(np.float64)), t, x).prev_sample
+  part = samplers.dpm_solver_sample(d, fn, jnp.asarray(x_T), None, num_steps, spacing,
+                                    clip_denoised=False, steps_offset=offset, skip=3, stop=6)
+  assert np.abs(np.asarray(part) - x.numpy()).max() < 1e-4
 
 
 @pytest.mark.parity

@@ -232,6 +232,23 @@ def test_img2img_gives_diffusers_img2img_images(pipeline_dir):
   assert np.abs(got_z.transpose(0, 3, 1, 2) - want_z).max() < 1e-4
   images = ours.img2img(prompts, images=got, strength=0.3, num_steps=10, guidance_scale=5.0)
   assert images.shape == got.shape and images.dtype == np.uint8
+  # "DPM++ 2M Karras" from the 3rd of 6 levels (diffusers' set_begin_index), the same noise
+  dpm = diffusers.StableDiffusionImg2ImgPipeline(**dict(
+      pipe.components, scheduler=diffusers.DPMSolverMultistepScheduler.from_config(
+          pipe.scheduler.config, use_karras_sigmas=True)))
+  want_d = dpm(prompts, image=torch.from_numpy(z0), strength=0.7, num_inference_steps=6,
+               guidance_scale=5.0, output_type="latent",
+               generator=torch.Generator().manual_seed(3)).images.numpy()
+  got_d = ours.img2img(prompts, latents=z0.transpose(0, 2, 3, 1), strength=0.7, num_steps=6,
+                       guidance_scale=5.0, noise=noise.transpose(0, 2, 3, 1), decode=False,
+                       method="dpm_solver_karras")
+  ddim_d = ours.img2img(prompts, latents=z0.transpose(0, 2, 3, 1), strength=0.7, num_steps=6,
+                        guidance_scale=5.0, noise=noise.transpose(0, 2, 3, 1), decode=False)
+  diff_d = np.abs(got_d.transpose(0, 3, 1, 2) - want_d).max()
+  moved = np.abs(ddim_d.transpose(0, 3, 1, 2) - want_d).max()
+  print(f"img2img with DPM++ 2M Karras: max |ours - diffusers| = {diff_d:.3g} (DDIM's: "
+        f"{moved:.3g})")
+  assert diff_d < min(1e-4, moved / 100)
   with pytest.raises(ValueError, match="either images or latents"):
     ours.img2img(prompts)
 
