@@ -62,20 +62,23 @@ def size_ids(height: int, width: int, original_size=None, crops_coords_top_left=
   return np.asarray(ids, np.float32)
 
 
-def prompt_context(encoder, encoder_2, params, params_2, ids, time_ids, zero: bool = False):
+def prompt_context(encoder, encoder_2, params, params_2, ids, time_ids, zero: bool = False,
+                   skip: int = 0):
   """The U-Net's context dict of token ids [B, 2, 77] (the two tokenizers'; the refiner's
   [B, 1, 77], encoder None); zero: zeros for the text and pooled embedding (the time ids
-  stay), the encoders not run."""
+  stay), the encoders not run; skip: diffusers' clip_skip (the states that many layers before
+  the penultimate; the pooled embedding stays the last layer's)."""
   if zero:
     b, length = ids.shape[0], ids.shape[-1]
     pooled = encoder_2.projection_dim or encoder_2.width
     width = encoder_2.width + (encoder.width if encoder is not None else 0)
     return {"text": jnp.zeros((b, length, width), jnp.float32),
             "text_embeds": jnp.zeros((b, pooled), jnp.float32), "time_ids": time_ids}
-  h_2, pooled = encoder_2.apply({"params": params_2}, ids[:, -1], penultimate=True, pooled=True)
+  h_2, pooled = encoder_2.apply({"params": params_2}, ids[:, -1], penultimate=True, pooled=True,
+                               skip=skip)
   if encoder is not None:
-    h_2 = jnp.concatenate([encoder.apply({"params": params}, ids[:, 0], penultimate=True), h_2],
-                          axis=-1)
+    h = encoder.apply({"params": params}, ids[:, 0], penultimate=True, skip=skip)
+    h_2 = jnp.concatenate([h, h_2], axis=-1)
   return {"text": h_2, "text_embeds": pooled, "time_ids": time_ids}
 
 

@@ -42,6 +42,7 @@ class StableDiffusion:
   zero_negative: bool = False  # SDXL: no negative prompt -> zeros (force_zeros_for_empty_prompt)
   controlnet: Any = None  # models.controlnet.ControlNet (its parameters: params["controlnet"])
   aesthetic: bool = False  # the SDXL refiner: size ids end with an aesthetic score
+  clip_skip: int = 0  # the prompts' text states this many layers earlier (with_clip_skip)
 
   def __post_init__(self):
     self._run = xla_options.jit(self._chain, static_argnames=(
@@ -89,6 +90,14 @@ class StableDiffusion:
     from diffusion_jax.textual_inversion import with_embedding
     return with_embedding(self, path, token)
 
+  def with_clip_skip(self, layers: int) -> "StableDiffusion":
+    """This pipeline with the prompts read `layers` layers before the usual text states
+    (diffusers' clip_skip, A1111's "clip skip" minus 1; as diffusers, not the negative
+    prompts')."""
+    if layers < 0:
+      raise ValueError(f"clip_skip={layers}: 0 or more layers")
+    return dataclasses.replace(self, clip_skip=int(layers))
+
   def tokenize(self, prompts: list[str]) -> np.ndarray:
     """Token ids [B, 77], padded as the pipeline pads them (to the encoder's positions); SDXL's:
     [B, 2, 77], each tokenizer's (the refiner's [B, 1, 77]). A multi-vector embedding's token stands for all its tokens."""
@@ -101,12 +110,13 @@ class StableDiffusion:
     return np.stack([ids(*pair) for pair in encoders + [(self.tokenizer_2,
                                                           self.text_encoder_2)]], axis=1)
 
-  def _encode(self, params, ids, time_ids, zero: bool = False):
-    """The U-Net's context of token ids (SDXL's: a dict with the pooled text and size ids)."""
+  def _encode(self, params, ids, time_ids, zero: bool = False, skip: int = 0):
+    """The U-Net's context of token ids (SDXL's: a dict with the pooled text and size ids);
+    skip: clip_skip's layers."""
     if self.text_encoder_2 is None:
-      return self.text_encoder.apply({"params": params["text"]}, ids)
+      return self.text_encoder.apply({"params": params["text"]}, ids, skip=skip)
     return sdxl.prompt_context(self.text_encoder, self.text_encoder_2, params.get("text"),
-                               params["text_2"], ids, time_ids, zero)
+                               params["text_2"], ids, time_ids, zero, skip)
 
   def latent_shape(self, num_images: int, height: int | None, width: int | None):
     f = self.first_stage.model.downsampling_factor
@@ -134,7 +144,7 @@ class StableDiffusion:
     zero_null: the unconditional context zeros (SDXL's default); inpaint: (mask [B, h, w, 1],
     masked images [B, H, W, 3] to encode, or their latents), the inpainting U-Net's inputs."""
     from diffusion_jax.models import denoiser
-    context = self._encode(params, ids, time_ids)
+    context = self._encode(params, ids, time_ids, skip=self.clip_skip)
     null = self._encode(params, null_ids, null_time_ids, zero_null)
     x_cond = None
     if inpaint is not None:

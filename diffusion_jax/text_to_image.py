@@ -47,6 +47,8 @@ def main(argv):
       pipe = StableDiffusion.load(FLAGS.src, FLAGS.dtype, controlnet=FLAGS.controlnet)
     for path in FLAGS.lora or ():
       pipe = pipe.with_lora(path, FLAGS.lora_weight)
+    if FLAGS.clip_skip:
+      pipe = pipe.with_clip_skip(FLAGS.clip_skip)
     for spec in FLAGS.embedding or ():  # FILE or FILE:TOKEN
       path, token = (spec, None) if spec.endswith(".safetensors") else spec.rsplit(":", 1)
       pipe = pipe.with_textual_inversion(path, token)
@@ -117,6 +119,8 @@ if __name__ == "__main__":
   flags.DEFINE_float("guidance", 7.5, "Classifier-free guidance scale (1: none).")
   flags.DEFINE_float("guidance_rescale", 0.0, "Rescale the guided prediction towards the "
                      "conditional one's std (Lin et al. 2024; e.g. 0.7; 0: off).")
+  flags.DEFINE_integer("clip_skip", 0, "Read the prompts' text states this many layers "
+                       "earlier (diffusers' clip_skip; A1111's 'clip skip 2' is 1).")
   flags.DEFINE_integer("seed", 0, "Random seed of the starting latents.")
   flags.DEFINE_integer("height", None, "Image height (default: the U-Net's native size).")
   flags.DEFINE_integer("width", None, "Image width.")

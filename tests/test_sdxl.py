@@ -159,6 +159,14 @@ def test_pipeline_gives_diffusers_euler_latents_and_images(sdxl_dir):
   diff_2, effect_2 = np.abs(got_2 - want_2).max(), np.abs(want_2 - want).max()
   print(f"with a negative prompt and size ids: {diff_2:.3g} (they move diffusers' {effect_2:.3g})")
   assert close(got_2, want_2, effect_2)
+  # clip_skip 1: both encoders' states a layer before the penultimate (the negative prompt's
+  # and the pooled embedding as they were, as diffusers)
+  want_s = run(pipe, PROMPTS, latents, negative_prompt="blurry", clip_skip=1)
+  got_s = ours.with_clip_skip(1).generate(PROMPTS, "blurry", num_steps=4, guidance_scale=5.0,
+                                          latents=latents, decode=False)
+  print(f"clip_skip 1: {np.abs(got_s - want_s).max():.3g} (it moves diffusers' "
+        f"{np.abs(want_s - want_2).max():.3g})")
+  assert close(got_s, want_s, np.abs(want_s - want_2).max())
   # one negative prompt each
   negatives = ["blurry", "a dog"]
   want_3 = run(pipe, PROMPTS, latents, negative_prompt=negatives)

@@ -128,6 +128,27 @@ def test_pipeline_gives_diffusers_images(pipeline_dir):
   print(f"guidance_rescale 0.7: max |ours - diffusers| = {diff_r:.3g}; it moves them "
         f"{effect_r:.3g}")
   assert diff_r < effect_r / 10
+  # clip_skip 1: the prompts' states after the first of the two layers, then the final norm,
+  # as diffusers' encode_prompt computes them (its own clip_skip path looks for text_model,
+  # which transformers >= 5.6 no longer has); the negative prompt's as usual
+  enc = pipe.text_encoder
+  ids = pipe.tokenizer(prompts, padding="max_length", max_length=77, return_tensors="pt")
+  with torch.no_grad():
+    states = enc(ids.input_ids, output_hidden_states=True).hidden_states[-2]
+    norm = getattr(enc, "text_model", enc).final_layer_norm
+    negative = enc(pipe.tokenizer([""] * 2, padding="max_length", max_length=77,
+                                  return_tensors="pt").input_ids)[0]
+    want_s = pipe(prompt_embeds=norm(states), negative_prompt_embeds=negative,
+                  num_inference_steps=4, guidance_scale=5.0, output_type="latent",
+                  latents=torch.from_numpy(latents.transpose(0, 3, 1, 2))
+                  ).images.numpy().transpose(0, 2, 3, 1)
+  got_s = ours.with_clip_skip(1).generate(prompts, num_steps=4, guidance_scale=5.0,
+                                          latents=latents, decode=False)
+  diff_s, effect_s = np.abs(got_s - want_s).max(), np.abs(want_s - want_z).max()
+  print(f"clip_skip 1: max |ours - diffusers| = {diff_s:.3g}; it moves them {effect_s:.3g}")
+  assert diff_s < effect_s / 10
+  with pytest.raises(ValueError, match="this text encoder has 2 layers"):
+    ours.with_clip_skip(2).generate(prompts, num_steps=2)
   with pytest.raises(ValueError, match="multiples of 4 .*got 18x16"):  # f 2, 2 U-Net levels
     ours.generate(prompts, num_steps=4, height=18)
   # bf16 compute (the GPU setting; parameters stay float32): the same images, give or take

@@ -38,16 +38,21 @@ class CLIPTextEncoder(nn.Module):
   eos_token_id: int = 2  # where `pooled` reads: transformers' rule (2, the legacy: the argmax)
 
   @nn.compact
-  def __call__(self, ids, penultimate: bool = False, pooled: bool = False):
+  def __call__(self, ids, penultimate: bool = False, pooled: bool = False, skip: int = 0):
     """Hidden states [B, L, width]: the final LayerNorm's, or with `penultimate` those after
     the last layer but one (transformers' hidden_states[-2], no LayerNorm; SDXL's); with
     `pooled` also the end-of-text token's final state [B, width] (projected to
-    projection_dim when there is a text_projection)."""
+    projection_dim when there is a text_projection). skip k: the states k layers earlier
+    (diffusers' clip_skip: SD's final_layer_norm(hidden_states[-(k + 1)]), SDXL's
+    hidden_states[-(k + 2)])."""
     b, length = ids.shape
     if length > self.max_length:
       raise ValueError(f"{length} tokens; the text encoder has {self.max_length} positions")
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"activation {self.activation!r}: one of {tuple(ACTIVATIONS)}")
+    depth = self.layers - skip - int(penultimate)  # the layers whose output is returned
+    if not 0 < depth <= self.layers:
+      raise ValueError(f"skip={skip}: this text encoder has {self.layers} layers")
     act = ACTIVATIONS[self.activation]
     positions = self.param("position_embedding", nn.initializers.normal(0.01),
                            (self.max_length, self.width))
@@ -58,8 +63,8 @@ class CLIPTextEncoder(nn.Module):
     dense = lambda n, name: nn.Dense(n, dtype=self.dtype, name=name)
     d = self.width // self.heads
     hidden = None
-    for i in range(self.layers - (penultimate and not pooled)):
-      if i == self.layers - 1:
+    for i in range(self.layers if pooled else depth):
+      if i == depth:
         hidden = x
       h = norm(f"layer_{i}_norm_1")(x)
       q, k, v = (dense(self.width, f"layer_{i}_{n}")(h).reshape(b, length, self.heads, d)
@@ -68,12 +73,12 @@ class CLIPTextEncoder(nn.Module):
       x = x + dense(self.width, f"layer_{i}_out")(h)
       h = act(dense(self.mlp_width, f"layer_{i}_fc1")(norm(f"layer_{i}_norm_2")(x)))
       x = x + dense(self.width, f"layer_{i}_fc2")(h)
-    if penultimate and not pooled:
-      return x.astype(jnp.float32)
-    last = norm("final_norm")(x)
-    hidden = (hidden if penultimate else last).astype(jnp.float32)
+    hidden = x if hidden is None else hidden
+    final_norm = norm("final_norm")
+    hidden = (hidden if penultimate else final_norm(hidden)).astype(jnp.float32)
     if not pooled:
       return hidden
+    last = final_norm(x)
     # transformers' CLIPTextTransformer: the first end-of-text token (eos_token_id 2, the
     # configs of old: the largest id, CLIP's end-of-text)
     eos = jnp.argmax(ids if self.eos_token_id == 2 else (ids == self.eos_token_id), axis=-1)
