@@ -212,6 +212,8 @@ def scheduler_settings(cfg: dict) -> dict:
           "alpha_one_at_end": bool(cfg.get("set_alpha_to_one", True)),
           "timestep_spacing": spacing, "scheduler": cfg.get("_class_name"),
           "karras": bool(cfg.get("use_karras_sigmas")),
+          "lcm": {"original_steps": int(cfg.get("original_inference_steps", 50)),
+                  "timestep_scaling": float(cfg.get("timestep_scaling", 10.0))},
           "unsupported": _unsupported_solver_options(cfg)}
 
 

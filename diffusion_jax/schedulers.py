@@ -11,7 +11,9 @@ of its options ours cannot follow, and the chain itself.
   DDIM's eta = 1 noise, its sigma_down the rest);
 - "dpm_solver": DPM-Solver++(2M) as DPMSolverMultistepScheduler made from the same config, the
   last step first order to sigma = 0; "dpm_solver_karras" the same over Karras' noise levels
-  whatever the config says ("DPM++ 2M Karras").
+  whatever the config says ("DPM++ 2M Karras");
+- "lcm": LCMScheduler, Latent Consistency Models' few-step sampler (lcm.py; LCM-LoRA's, with a
+  guidance scale of 1-2 and 2-8 steps).
 By default the method is the config's class where it is one of these, else DDIM; where the
 config sets an option ours do not implement, the default is DDIM (with a warning) and asking
 for the method by name is refused.
@@ -24,10 +26,10 @@ from absl import logging
 
 from diffusion_jax import samplers
 
-METHODS = ("ddim", "euler", "euler_ancestral", "dpm_solver", "dpm_solver_karras")
+METHODS = ("ddim", "euler", "euler_ancestral", "dpm_solver", "dpm_solver_karras", "lcm")
 SCHEDULER_METHODS = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
                      "EulerAncestralDiscreteScheduler": "euler_ancestral",
-                     "DPMSolverMultistepScheduler": "dpm_solver"}
+                     "DPMSolverMultistepScheduler": "dpm_solver", "LCMScheduler": "lcm"}
 
 
 def spacing(schedule: dict, method: str) -> str:
@@ -44,9 +46,9 @@ def check_method(schedule: dict, method: str, eta: float) -> None:
   if method != "ddim" and unsupported:
     raise ValueError(f"the scheduler config sets {unsupported}, which method {method!r} does "
                      "not implement: use method 'ddim'")
-  if method.startswith("euler") and eta:
-    raise ValueError(f"method {method!r} is diffusers' Euler (ancestral) scheduler, whose "
-                     f"noise is its own: eta (DDIM's) must be 0, got {eta}")
+  if (method.startswith("euler") or method == "lcm") and eta:
+    raise ValueError(f"method {method!r} is diffusers' {method} scheduler, whose noise is its "
+                     f"own: eta (DDIM's) must be 0, got {eta}")
 
 
 def default_method(schedule: dict, eta: float = 0.0) -> str:
@@ -76,6 +78,9 @@ def levels(schedule: dict, diffusion, method: str, num_steps: int):
     return samplers.euler_levels(diffusion, num_steps, spacing(schedule, method),
                                  schedule["steps_offset"],
                                  method == "euler" and schedule.get("karras"))
+  if method == "lcm":
+    raise ValueError("LCM runs whole chains here: img2img, inpainting with strength < 1 and "
+                     "denoising_start / _end need another method")
   if method != "ddim":
     ts, alpha, sigma = samplers.dpm_solver_levels(diffusion, num_steps, dpm_spacing(
         schedule, method), schedule["steps_offset"])
@@ -129,6 +134,12 @@ def run_chain(schedule: dict, diffusion, method: str, denoise_fn, x_T, key, num_
         diffusion, denoise_fn, x_T, key, ts[skip:stop], sigmas[skip:None if stop is None
                                                                 else stop + 1],
         eta=1.0 if method == "euler_ancestral" else 0.0), sigmas, stop)
+  if method == "lcm":
+    from diffusion_jax.lcm import lcm_sample
+    if skip or stop is not None:
+      levels(schedule, diffusion, method, num_steps)  # the message
+    return lcm_sample(diffusion, denoise_fn, x_T, key, num_steps, clip_denoised=schedule[
+        "clip_sample"], **schedule["lcm"])
   if method == "ddim":
     ts, _ = levels(schedule, diffusion, method, num_steps)
     return samplers.ddim_sample(

@@ -340,3 +340,45 @@ def test_ddim_with_diffusers_spacings_is_ddim_scheduler(spacing, num_steps, eta)
   diff = np.abs(np.asarray(ours) - x.numpy()).max()
   print(f"DDIM {spacing} {num_steps} eta {eta}: max |ours - diffusers| {diff:.3g}")
   assert diff < 1e-4
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("num_steps,mean_type", [(4, "eps"), (8, "v")])
+def test_lcm_is_diffusers_lcm_scheduler(num_steps, mean_type):
+  """Latent Consistency Models' multistep sampler against LCMScheduler step for step (its
+  skipping timesteps from 50 original steps, the boundary scalings, the re-noising given our
+  noise draws)."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  import unittest.mock
+  from diffusion_jax import lcm
+  d = dm.GaussianDiffusion(dm.get_beta_schedule("scaled_linear", 1000, 0.00085, 0.012),
+                           mean_type=mean_type)
+  eps_fn = functools.partial(optimal_eps, d)
+  if mean_type == "v":  # the optimal v of the same data
+    fn = lambda x, t: (lambda e, ab: jnp.sqrt(ab) * e - jnp.sqrt(1 - ab) * (
+        x - jnp.sqrt(1 - ab) * e) / jnp.sqrt(ab))(eps_fn(x, t), jnp.asarray(
+            d.coefs["alphas_cumprod"], jnp.float32)[t].reshape(-1, 1, 1, 1))
+  else:
+    fn = eps_fn
+  sched = diffusers.LCMScheduler(beta_start=0.00085, beta_end=0.012,
+                                 beta_schedule="scaled_linear", prediction_type={
+                                     "eps": "epsilon", "v": "v_prediction"}[mean_type])
+  sched.set_timesteps(num_steps)
+  np.testing.assert_array_equal(lcm.lcm_timesteps(1000, num_steps), sched.timesteps.numpy())
+  key = jax.random.PRNGKey(7)
+  x_T = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (4, 4, 4, 2)))
+  draws = iter([np.asarray(jax.random.normal(k, x_T.shape)) for k in
+                jax.random.split(key, num_steps)])  # lcm_sample's, in order
+  with unittest.mock.patch("diffusers.schedulers.scheduling_lcm.randn_tensor",
+                           lambda *a, **k: torch.from_numpy(next(draws).astype(np.float64))):
+    x = torch.from_numpy(x_T.astype(np.float64))
+    for t in sched.timesteps:
+      out = np.asarray(fn(jnp.asarray(x.numpy(), jnp.float32), jnp.full((4,), int(t))))
+      x = sched.step(torch.from_numpy(out.astype(np.float64)), t, x).prev_sample
+  ours = lcm.lcm_sample(d, fn, jnp.asarray(x_T), key, num_steps)
+  diff = np.abs(np.asarray(ours) - x.numpy()).max()
+  print(f"LCM {num_steps} steps ({mean_type}): max |ours - diffusers| {diff:.3g}")
+  assert diff < 1e-4
+  with pytest.raises(ValueError, match="original_inference_steps=50"):
+    lcm.lcm_timesteps(1000, 51)

@@ -376,3 +376,35 @@ def test_dpm_solver_gives_diffusers_multistep_scheduler_latents(epsilon_pipeline
   diff_k = np.abs(got_k - want_k.numpy().transpose(0, 2, 3, 1)).max()
   print(f"DPM++ 2M Karras latents: max |ours - diffusers| = {diff_k:.3g}")
   assert diff_k < 1e-4 < np.abs(got_k - got).max()
+
+
+def test_lcm_scheduler_pipeline_gives_diffusers_latents(epsilon_pipeline_dir, tmp_path):
+  """A pipeline whose scheduler is LCMScheduler (LCM-LoRA's recipe: guidance 1.5, few steps)
+  samples with lcm by default; one step (no re-noising) gives diffusers' latents."""
+  import json
+  import shutil
+  src, pipe = epsilon_pipeline_dir
+  copy = tmp_path / "lcm"
+  shutil.copytree(src, copy)
+  lcm_sched = diffusers.LCMScheduler.from_config(pipe.scheduler.config)
+  lcm_sched.save_pretrained(str(copy / "scheduler"))
+  assert json.loads((copy / "scheduler" / "scheduler_config.json").read_text())[
+      "_class_name"] == "LCMScheduler"
+  ours = StableDiffusion.load(str(copy))
+  assert ours.default_method() == "lcm"
+  prompts = ["the man on a photo", "an orange cat!"]
+  latents = np.random.default_rng(2).normal(size=(2, 8, 8, 4)).astype(np.float32)
+  ref = diffusers.StableDiffusionPipeline(**dict(pipe.components, scheduler=lcm_sched))
+  want = ref(prompts, num_inference_steps=1, guidance_scale=1.5, output_type="latent",
+             latents=torch.from_numpy(latents.transpose(0, 3, 1, 2))
+             ).images.numpy().transpose(0, 2, 3, 1)
+  got = ours.generate(prompts, num_steps=1, guidance_scale=1.5, latents=latents, decode=False)
+  ddim = ours.generate(prompts, num_steps=1, guidance_scale=1.5, latents=latents, decode=False,
+                       method="ddim")
+  diff, other = np.abs(got - want).max(), np.abs(ddim - want).max()
+  print(f"LCM, 1 step: max |ours - diffusers| = {diff:.3g} (DDIM's: {other:.3g})")
+  assert diff < other / 100
+  four = ours.generate(prompts, num_steps=4, guidance_scale=1.5, seed=1)
+  assert four.shape == (2, 16, 16, 3) and four.std() > 0
+  with pytest.raises(ValueError, match="LCM runs whole chains"):
+    ours.img2img(prompts, images=four, strength=0.5, num_steps=4)
