@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from diffusion_jax import samplers
+from diffusion_jax import noise_levels, samplers
 
 METHODS = ("ddim", "euler", "euler_ancestral", "dpm_solver", "dpm_solver_karras", "lcm")
 SCHEDULER_METHODS = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
@@ -75,7 +75,7 @@ def levels(schedule: dict, diffusion, method: str, num_steps: int):
   """(the timesteps the network sees [n], decreasing; the noise levels sigma / alpha [n + 1]
   of Euler's and DPM-Solver's chains, None for DDIM's)."""
   if method.startswith("euler"):
-    return samplers.euler_levels(diffusion, num_steps, spacing(schedule, method),
+    return noise_levels.euler_levels(diffusion, num_steps, spacing(schedule, method),
                                  schedule["steps_offset"],
                                  method == "euler" and schedule.get("karras"))
   if method == "lcm":
@@ -85,7 +85,7 @@ def levels(schedule: dict, diffusion, method: str, num_steps: int):
     ts, alpha, sigma = samplers.dpm_solver_levels(diffusion, num_steps, dpm_spacing(
         schedule, method), schedule["steps_offset"])
     return ts, sigma / alpha
-  return samplers.diffusers_timesteps(diffusion.num_timesteps, num_steps,
+  return noise_levels.diffusers_timesteps(diffusion.num_timesteps, num_steps,
                                       spacing(schedule, "ddim"),
                                       schedule["steps_offset"]).round(), None
 
@@ -129,8 +129,8 @@ def run_chain(schedule: dict, diffusion, method: str, denoise_fn, x_T, key, num_
   if method.startswith("euler"):
     ts, sigmas = levels(schedule, diffusion, method, num_steps)
     if not skip:
-      x_T = x_T * samplers.euler_start_scale(sigmas, spacing(schedule, method))
-    return end_latents(samplers.euler_sample(
+      x_T = x_T * noise_levels.euler_start_scale(sigmas, spacing(schedule, method))
+    return end_latents(noise_levels.euler_sample(
         diffusion, denoise_fn, x_T, key, ts[skip:stop], sigmas[skip:None if stop is None
                                                                 else stop + 1],
         eta=1.0 if method == "euler_ancestral" else 0.0), sigmas, stop)

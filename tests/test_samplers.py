@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from diffusion_jax import diffusion as dm
-from diffusion_jax import samplers
+from diffusion_jax import noise_levels, samplers
 
 MU, S = 0.3, 0.5  # data ~ N(MU, S^2) in every dimension
 SHAPE = (1024, 4, 4, 2)
@@ -216,7 +216,7 @@ def test_dpm_solver_karras_is_diffusers_use_karras_sigmas(num_steps, mean_type):
       beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", use_karras_sigmas=True,
       prediction_type="epsilon" if mean_type == "eps" else "v_prediction")
   sched.set_timesteps(num_steps)
-  ts, levels = samplers.karras_timesteps(d, num_steps)
+  ts, levels = noise_levels.karras_timesteps(d, num_steps)
   np.testing.assert_array_equal(ts, sched.timesteps.numpy())
   np.testing.assert_allclose(levels, sched.sigmas.numpy(), rtol=1e-4)  # theirs: float32
   x_T = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (4, 4, 4, 2)))
@@ -249,7 +249,7 @@ def test_karras_levels_need_a_prediction_they_can_convert(tmp_path):
 def optimal_eps_between(d, x, t):
   """optimal_eps at fractional timesteps: alphabar = 1 / (1 + sigma^2), sigma interpolated
   linearly in t (as diffusers' Euler schedulers place their levels)."""
-  levels = jnp.asarray(samplers.noise_levels(d), jnp.float32)
+  levels = jnp.asarray(noise_levels.noise_levels(d), jnp.float32)
   sigma = jnp.interp(t.astype(jnp.float32), jnp.arange(len(levels), dtype=jnp.float32), levels)
   ab = (1.0 / (1.0 + sigma ** 2)).reshape(-1, 1, 1, 1)
   return jnp.sqrt(1 - ab) * (x - jnp.sqrt(ab) * MU) / (ab * S ** 2 + 1 - ab)
@@ -278,7 +278,7 @@ def test_euler_schedulers_are_ddim_written_in_sigma(ancestral, spacing, karras):
               **({"use_karras_sigmas": True} if karras else {}))
   num_steps, key = 8, jax.random.PRNGKey(5)
   sched.set_timesteps(num_steps)
-  ts, sigmas = samplers.euler_levels(d, num_steps, spacing, offset, karras)
+  ts, sigmas = noise_levels.euler_levels(d, num_steps, spacing, offset, karras)
   np.testing.assert_allclose(ts, sched.timesteps.numpy(), rtol=1e-5, atol=1e-3)
   np.testing.assert_allclose(sigmas, sched.sigmas.numpy(), rtol=5e-5)  # theirs: float32
   assert (ts != np.round(ts)).any() == (spacing == "linspace" or karras)
@@ -293,10 +293,10 @@ def test_euler_schedulers_are_ddim_written_in_sigma(ancestral, spacing, karras):
       scaled = sched.scale_model_input(x, t).numpy()
       eps = np.asarray(fn(jnp.asarray(scaled, jnp.float32), jnp.full((4,), float(t))))
       x = sched.step(torch.from_numpy(eps.astype(np.float64)), t, x).prev_sample
-  scale = samplers.euler_start_scale(sigmas, spacing)  # init_noise_sigma in our scale
+  scale = noise_levels.euler_start_scale(sigmas, spacing)  # init_noise_sigma in our scale
   np.testing.assert_allclose(scale * np.sqrt(sigmas[0] ** 2 + 1), sched.init_noise_sigma,
                              rtol=5e-5)
-  ours = samplers.euler_sample(d, fn, jnp.asarray(x_T) * scale, key, ts, sigmas,
+  ours = noise_levels.euler_sample(d, fn, jnp.asarray(x_T) * scale, key, ts, sigmas,
                                eta=1.0 if ancestral else 0.0)
   diff = np.abs(np.asarray(ours) - x.numpy()).max()
   print(f"Euler{' ancestral' if ancestral else ''} {spacing}{' karras' if karras else ''}: "
@@ -325,7 +325,7 @@ def test_ddim_with_diffusers_spacings_is_ddim_scheduler(spacing, num_steps, eta)
                                   set_alpha_to_one=False, steps_offset=offset,
                                   timestep_spacing=spacing)
   sched.set_timesteps(num_steps)
-  ts = samplers.diffusers_timesteps(1000, num_steps, spacing, offset).round()
+  ts = noise_levels.diffusers_timesteps(1000, num_steps, spacing, offset).round()
   np.testing.assert_array_equal(ts, sched.timesteps.numpy())
   key = jax.random.PRNGKey(2)
   x_T = np.asarray(jax.random.normal(jax.random.PRNGKey(0), (4, 4, 4, 2)))
