@@ -24,6 +24,12 @@ def _batch_t(t, x):
   return jnp.full((x.shape[0],), t, dtype=jnp.int32)
 
 
+def after_step(callback, x, i):
+  """callback(x, i) after the i-th step run (e.g. inpainting's blend of the known region),
+  or x."""
+  return x if callback is None else callback(x, i)
+
+
 # ----------------------------------------------------------------------------- Algorithm 2
 def reverse_chain(diffusion: GaussianDiffusion, denoise_fn: DenoiseFn, x_t, key, t_start: int,
                   clip_denoised: bool = True, record_steps: Sequence[int] = ()):
@@ -127,12 +133,13 @@ def ddim_step(diffusion, model_output, x_t, t, t_prev, eta, noise, clip_denoised
 
 def ddim_sample(diffusion, denoise_fn, x_T, key, num_steps: int = 50, eta: float = 0.0,
                 spacing: str = "uniform", clip_denoised: bool = True, steps_offset: int = 0,
-                alpha_one_at_end: bool = True, skip: int = 0, timesteps=None):
+                alpha_one_at_end: bool = True, skip: int = 0, timesteps=None, callback=None):
   """DDIM with `num_steps` network evaluations; eta = 0 is deterministic.
 
   timesteps: the num_steps evaluated, decreasing, instead of `spacing` + steps_offset
   (diffusers_timesteps'), each step to t - T // num_steps as diffusers' DDIMScheduler steps;
-  fewer than num_steps: the chain stops after them (SDXL's denoising_end).
+  fewer than num_steps: the chain stops after them (SDXL's denoising_end). callback(x, i):
+  x after the i-th step run (after_step).
 
   skip > 0: the first `skip` (noisiest) steps left out, x_T being x at the timestep after them
   (SDEdit / img2img: a noised image enters the chain part way).
@@ -158,14 +165,14 @@ def ddim_sample(diffusion, denoise_fn, x_T, key, num_steps: int = 50, eta: float
   prevs = jnp.asarray(prev[skip:].astype(np.int32))
 
   def body(x, inputs):
-    t, t_prev, k = inputs
+    t, t_prev, k, i = inputs
     tb = _batch_t(t, x)
     x_prev, _ = ddim_step(diffusion, denoise_fn(x, tb), x, tb, _batch_t(t_prev, x), eta,
                           jax.random.normal(k, x.shape, x.dtype), clip_denoised)
-    return x_prev, None
+    return after_step(callback, x_prev, i), None
 
   keys = jax.random.split(key, num_steps)[skip:len(down)]
-  x0, _ = jax.lax.scan(body, x_T, (ts, prevs, keys))
+  x0, _ = jax.lax.scan(body, x_T, (ts, prevs, keys, jnp.arange(len(keys))))
   return x0
 
 
@@ -225,7 +232,8 @@ def dpm_solver_levels(diffusion, num_steps: int, spacing: str = "logsnr",
 
 def dpm_solver_sample(diffusion, denoise_fn, x_T, key=None, num_steps: int = 20,
                       spacing: str = "logsnr", clip_denoised: bool = True,
-                      steps_offset: int = 0, skip: int = 0, stop: int | None = None):
+                      steps_offset: int = 0, skip: int = 0, stop: int | None = None,
+                      callback=None):
   """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) in data prediction; num_steps evaluations.
 
   Multistep second order in lambda = log(alpha_t / sigma_t) (the first step is first order)
@@ -258,16 +266,17 @@ def dpm_solver_sample(diffusion, denoise_fn, x_T, key=None, num_steps: int = 20,
 
   def body(carry, inputs):
     x, x0_prev = carry
-    t, s_ratio, ph, ri, use_second, alpha_t, sigma_t = inputs
+    t, s_ratio, ph, ri, use_second, alpha_t, sigma_t, i = inputs
     tb = _batch_t(t, x)
     if karras:
       x0 = start_at_level(diffusion, denoise_fn(x, tb), x, alpha_t, sigma_t, clip_denoised)
     else:
       _, x0 = diffusion.predict_eps_and_start(denoise_fn(x, tb), x, tb, clip_denoised)
     d = jnp.where(use_second, (1 + 0.5 / ri) * x0 - (0.5 / ri) * x0_prev, x0)
-    return (s_ratio * x + ph * d, x0), None
+    return (after_step(callback, s_ratio * x + ph * d, i), x0), None
 
-  (x, _), _ = jax.lax.scan(body, (x_T, jnp.zeros_like(x_T)), (jnp.asarray(ts),) + consts)
+  (x, _), _ = jax.lax.scan(body, (x_T, jnp.zeros_like(x_T)),
+                          (jnp.asarray(ts),) + consts + (jnp.arange(len(ts)),))
   return x
 
 

@@ -122,10 +122,13 @@ def span(schedule: dict, diffusion, method: str, num_steps: int, strength: float
 
 
 def run_chain(schedule: dict, diffusion, method: str, denoise_fn, x_T, key, num_steps: int,
-              eta: float = 0.0, skip: int = 0, stop: int | None = None):
+              eta: float = 0.0, skip: int = 0, stop: int | None = None, callback=None):
   """The latents after the chain's steps [skip, stop) from x_T (unit noise, or with `skip`
   the latents at its (skip + 1)-th step: start_latents); with `stop` those at its stop-th
-  level, in diffusers' scale (end_latents)."""
+  level, in diffusers' scale (end_latents). callback(x, i): x after step i of the chain
+  (e.g. known_region's blend)."""
+  if callback is not None and skip:
+    callback = (lambda cb: lambda x, i: cb(x, i + skip))(callback)
   if method.startswith("euler"):
     ts, sigmas = levels(schedule, diffusion, method, num_steps)
     if not skip:
@@ -133,11 +136,13 @@ def run_chain(schedule: dict, diffusion, method: str, denoise_fn, x_T, key, num_
     return end_latents(noise_levels.euler_sample(
         diffusion, denoise_fn, x_T, key, ts[skip:stop], sigmas[skip:None if stop is None
                                                                 else stop + 1],
-        eta=1.0 if method == "euler_ancestral" else 0.0), sigmas, stop)
+        eta=1.0 if method == "euler_ancestral" else 0.0, callback=callback), sigmas, stop)
   if method == "lcm":
     from diffusion_jax.lcm import lcm_sample
     if skip or stop is not None:
       levels(schedule, diffusion, method, num_steps)  # the message
+    if callback is not None:
+      raise ValueError("LCM: inpainting with a plain U-Net needs another method")
     return lcm_sample(diffusion, denoise_fn, x_T, key, num_steps, clip_denoised=schedule[
         "clip_sample"], **schedule["lcm"])
   if method == "ddim":
@@ -145,10 +150,11 @@ def run_chain(schedule: dict, diffusion, method: str, denoise_fn, x_T, key, num_
     return samplers.ddim_sample(
         diffusion, denoise_fn, x_T, key, num_steps, eta, skip=skip, timesteps=ts[:stop],
         clip_denoised=schedule["clip_sample"], steps_offset=schedule["steps_offset"],
-        alpha_one_at_end=schedule["alpha_one_at_end"])
+        alpha_one_at_end=schedule["alpha_one_at_end"], callback=callback)
   return samplers.dpm_solver_sample(diffusion, denoise_fn, x_T, key, num_steps,
                                     spacing=dpm_spacing(schedule, method), clip_denoised=False,
-                                    steps_offset=schedule["steps_offset"], skip=skip, stop=stop)
+                                    steps_offset=schedule["steps_offset"], skip=skip, stop=stop,
+                                    callback=callback)
 
 
 def end_latents(z, sigmas, stop):
@@ -157,15 +163,36 @@ def end_latents(z, sigmas, stop):
   return z if stop is None else z * float(np.sqrt(1.0 + sigmas[stop] ** 2))
 
 
+def noising(schedule: dict, diffusion, method: str, num_steps: int):
+  """(a, b) [n + 1]: the chain's k-th step starts from a_k x_0 + b_k eps (diffusers'
+  scheduler.add_noise at its timesteps[k]); after the last, (1, 0)."""
+  ts, sigmas = levels(schedule, diffusion, method, num_steps)
+  if sigmas is None:
+    ab = np.append(np.asarray(diffusion.coefs["alphas_cumprod"])[ts.astype(int)], 1.0)
+    return np.sqrt(ab), np.sqrt(1.0 - ab)
+  a = 1.0 / np.sqrt(1.0 + np.asarray(sigmas, np.float64) ** 2)
+  a[-1], sigmas = 1.0, np.append(sigmas[:-1], 0.0)  # the end: the clean latents
+  return a, sigmas * a
+
+
 def start_latents(schedule: dict, diffusion, method: str, init, noise, num_steps: int,
                   skip: int, add_noise: bool = True):
   """Where a chain that skips `skip` steps starts: clean latents noised to the (skip + 1)-th
   step's level (img2img), or without add_noise latents already there (denoising_start: the
   base's end_latents; Euler's in its sigma-scaled form)."""
-  ts, sigmas = levels(schedule, diffusion, method, num_steps)
-  scale = None if sigmas is None else float(1.0 / np.sqrt(1.0 + sigmas[skip] ** 2))
+  a, b = noising(schedule, diffusion, method, num_steps)
   if not add_noise:
-    return init * scale if method.startswith("euler") else init
-  if sigmas is None:
-    return diffusion.q_sample(init, jnp.full((init.shape[0],), int(ts[skip])), noise)
-  return scale * init + float(sigmas[skip]) * scale * noise  # alpha x_0 + sigma eps
+    return init * float(a[skip]) if method.startswith("euler") else init
+  return float(a[skip]) * init + float(b[skip]) * noise
+
+
+def known_region(schedule: dict, diffusion, method: str, num_steps: int, mask, init, noise,
+                 stop: int | None = None):
+  """Inpainting with a plain U-Net (diffusers' 4-channel inpainting): after each step the
+  latents where `mask` is 0 are replaced by the known image's latents `init` noised with
+  `noise` to the next step's level (clean after the chain's last step run)."""
+  a, b = noising(schedule, diffusion, method, num_steps)
+  end = num_steps if stop is None else stop
+  a[end:], b[end:] = 1.0, 0.0
+  a, b = jnp.asarray(a, init.dtype), jnp.asarray(b, init.dtype)
+  return lambda x, i: (1 - mask) * (a[i + 1] * init + b[i + 1] * noise) + mask * x

@@ -133,8 +133,7 @@ class StableDiffusion:
     return self.unet.in_channels != self.first_stage.model.embed_dim
 
   def _chain(self, params, vae_params, scaling, ids, null_ids, time_ids, null_time_ids, x_T,
-             key, init,
-             inpaint, hint, *, num_steps, guidance, method, eta, decode, span, zero_null,
+             key, init, inpaint, hint, *, num_steps, guidance, method, eta, decode, span, zero_null,
              control_scale):
     """Text encodings, the sampler, the decoder; span = (skip, stop, add_noise): the chain's
     steps [skip, stop) run (schedulers.span); with `init` (img2img: clean latents, or images
@@ -142,17 +141,23 @@ class StableDiffusion:
     x_T is the noise that takes them to the first step run. time_ids, null_time_ids: SDXL's
     size ids [B, k] of the prompts and of the negative prompts (else unused);
     zero_null: the unconditional context zeros (SDXL's default); inpaint: (mask [B, h, w, 1],
-    masked images [B, H, W, 3] to encode, or their latents), the inpainting U-Net's inputs."""
+    masked images [B, H, W, 3] to encode, or their latents), the inpainting U-Net's inputs (a
+    plain U-Net's: the whole images, the known region)."""
     from diffusion_jax.models import denoiser
     context = self._encode(params, ids, time_ids, skip=self.clip_skip)
     null = self._encode(params, null_ids, null_time_ids, zero_null)
-    x_cond = None
+    x_cond = known = None
     if inpaint is not None:
       mask, masked = inpaint
       if masked.shape[1] != x_T.shape[1]:  # images: a posterior sample, as diffusers'
         masked = self.first_stage.encode_latents(vae_params, *scaling, masked,
                                                  jax.random.fold_in(key, 3))
-      x_cond = jnp.concatenate([mask, masked], axis=-1)
+      if self.inpainting:
+        x_cond = jnp.concatenate([mask, masked], axis=-1)
+      else:  # a plain U-Net: the known region put back after each step
+        known = schedulers.known_region(self.schedule, self.diffusion, method, num_steps,
+                                        mask, masked, x_T, span[1])
+        init = None if init is None else masked
     model, model_params = self.unet, params["unet"]
     if hint is not None:  # the ControlNet's residuals, for both halves of the guided batch
       from diffusion_jax.models.controlnet import ControlledUNet
@@ -169,7 +174,7 @@ class StableDiffusion:
       x_T = schedulers.start_latents(self.schedule, self.diffusion, method, init, x_T,
                                      num_steps, span[0], span[2])
     z = schedulers.run_chain(self.schedule, self.diffusion, method, denoise, x_T, key,
-                             num_steps, eta, *span[:2])
+                             num_steps, eta, *span[:2], callback=known)
     z = z.astype(jnp.float32)
     return self.first_stage.decode_latents(vae_params, *scaling, z) if decode else z
 
@@ -258,23 +263,24 @@ class StableDiffusion:
               guidance_scale: float = 7.5, seed: int = 0, method: str | None = None,
               eta: float = 0.0, latents=None, decode: bool = True, original_size=None,
               crops_coords_top_left=(0, 0), target_size=None, guidance_rescale: float = 0.0):
-    """Repaint the images where `masks` are set, with an inpainting U-Net, as diffusers'
-    StableDiffusionInpaintPipeline: the U-Net reads x_t, the mask at latent size (every f-th
-    pixel, torch's nearest) and the masked image's latents (images where the mask is off,
-    encoded: a posterior sample; or masked_image_latents [B, h, w, 4], already scaled).
+    """Repaint the images where `masks` are set, as diffusers' StableDiffusion(XL)InpaintPipeline:
+    an inpainting U-Net reads x_t, the mask at latent size (every f-th pixel, torch's nearest)
+    and the masked image's latents (images where the mask is off, encoded: a posterior sample;
+    or masked_image_latents [B, h, w, 4], already scaled); with a plain U-Net the images'
+    latents (or masked_image_latents: those) noised to each step's level replace the latents
+    outside the mask after each step (schedulers.known_region; clean after the last).
     images: uint8 [B, H, W, 3]; masks [B, H, W] (or [..., 1]), set where >= 0.5 (floats) or
     >= 128 (uint8: white). strength 1: from noise (latents: x_T, else drawn from `seed`);
     below 1: from the images' latents noised as in img2img (latents: that noise)."""
-    if not self.inpainting:
-      raise ValueError("inpaint needs an inpainting U-Net (latents, mask and masked image as "
-                       "inputs, e.g. stable-diffusion-inpainting's 9 channels); this one takes "
-                       "the latents only: use img2img")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     shape, init = self._inputs(prompts, images, None)
     keep = ~binary_masks(masks, init.shape[:3])
     f = self.first_stage.model.downsampling_factor
     mask = (~keep[:, ::f, ::f, None]).astype(np.float32)  # torch's nearest, to latent size
-    if masked_image_latents is None:
+    if not self.inpainting:  # the known image whole (its latents put back after each step)
+      masked = init if masked_image_latents is None else masked_image_latents
+      masked = np.asarray(masked, np.float32)
+    elif masked_image_latents is None:
       masked = init * keep[..., None]
     else:
       masked = np.asarray(masked_image_latents, np.float32)

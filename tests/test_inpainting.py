@@ -95,3 +95,34 @@ def test_single_file_inpainting_unet_reads_back(inpaint_dir):
   assert (back["in_channels"], back["output_channels"]) == (9, 4)
   again = convert_ldm.unet_params_from_ldm(state, dict(back, name="unet", image_size=8))
   assert jax.tree.structure(again) == jax.tree.structure(params)
+
+
+@pytest.mark.parametrize("scheduler", ["DDIMScheduler", "EulerDiscreteScheduler"])
+def test_plain_unet_inpainting_gives_diffusers_latents(tmp_path_factory, scheduler):
+  """A plain (4-channel) U-Net repaints as diffusers' StableDiffusionInpaintPipeline does with
+  one: after each step the latents outside the mask are the image's, noised to the next step's
+  level (DDIM's timestep, Euler's sigma), and the image's own after the last."""
+  src, base = build_pipeline_dir("epsilon", tmp_path_factory)
+  sched = getattr(diffusers, scheduler).from_config(base.scheduler.config)
+  pipe = diffusers.StableDiffusionInpaintPipeline(**dict(base.components, scheduler=sched))
+  sched.save_pretrained(str(src / "scheduler"))
+  ours = StableDiffusion.load(str(src))
+  assert not ours.inpainting
+  images, masks, image_latents, x_T = inputs(2)
+  nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
+  run = lambda m: pipe(PROMPTS, image=nchw(image_latents), mask_image=nchw(
+      m[..., None].astype(np.float32)), latents=nchw(x_T), height=16, width=16,
+      masked_image_latents=nchw(image_latents),  # (unread by a plain U-Net)
+      num_inference_steps=4, guidance_scale=5.0, output_type="latent"
+      ).images.numpy().transpose(0, 2, 3, 1)
+  want = run(masks)
+  got = ours.inpaint(PROMPTS, images, masks, masked_image_latents=image_latents, num_steps=4,
+                     guidance_scale=5.0, latents=x_T, decode=False)
+  diff, effect = np.abs(got - want).max(), np.abs(run(~masks) - want).max()
+  print(f"plain U-Net inpainting ({scheduler}): max |ours - diffusers| = {diff:.3g}; "
+        f"inverting the masks moves them {effect:.3g}")
+  assert diff < effect / 100
+  keep = ~masks[:, ::2, ::2]
+  np.testing.assert_allclose(got[keep], image_latents[keep], atol=1e-6)  # the known region
+  out = ours.inpaint(PROMPTS, images, masks, strength=0.6, num_steps=4, guidance_scale=5.0)
+  assert out.shape == (2, 16, 16, 3) and out.dtype == np.uint8

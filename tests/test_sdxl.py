@@ -178,8 +178,21 @@ def test_pipeline_gives_diffusers_euler_latents_and_images(sdxl_dir):
   images = ours.generate(PROMPTS, num_steps=4, guidance_scale=5.0, latents=latents)
   diff = np.abs(images / 255.0 - run(pipe, PROMPTS, latents, "np")).max()
   assert images.shape == (2, 16, 16, 3) and diff <= 1.5 / 255, diff * 255
-  with pytest.raises(ValueError, match="inpaint needs an inpainting U-Net"):
-    ours.inpaint(PROMPTS, np.zeros((2, 16, 16, 3), np.uint8), np.ones((2, 16, 16), bool))
+  # inpainting with the base's own U-Net, as StableDiffusionXLInpaintPipeline
+  rng = np.random.default_rng(6)
+  image_latents = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
+  masks = np.zeros((2, 16, 16), bool)
+  masks[:, 4:12, 2:10] = True
+  nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
+  want_i = diffusers.StableDiffusionXLInpaintPipeline(**pipe.components)(
+      PROMPTS, image=nchw(image_latents), mask_image=nchw(masks[..., None].astype(np.float32)),
+      masked_image_latents=nchw(image_latents), latents=nchw(latents), strength=1.0,
+      height=16, width=16, num_inference_steps=4, guidance_scale=5.0, output_type="latent"
+      ).images.numpy().transpose(0, 2, 3, 1)
+  got_i = ours.inpaint(PROMPTS, np.zeros((2, 16, 16, 3), np.uint8), masks, image_latents,
+                       num_steps=4, guidance_scale=5.0, latents=latents, decode=False)
+  print(f"SDXL inpainting with the base U-Net: {np.abs(got_i - want_i).max():.3g}")
+  assert close(got_i, want_i, np.abs(want_i - want).max())
   # DDIM and DPM-Solver++ from the same scheduler config, as diffusers' from_config
   for method, cls in (("ddim", diffusers.DDIMScheduler),
                       ("dpm_solver", diffusers.DPMSolverMultistepScheduler)):
