@@ -40,7 +40,7 @@ class StableDiffusion:
   tokenizer_2: Any = None  # SDXL's second tokenizer and text encoder (OpenCLIP bigG)
   text_encoder_2: Any = None
   zero_negative: bool = False  # SDXL: no negative prompt -> zeros (force_zeros_for_empty_prompt)
-  controlnet: Any = None  # models.controlnet.ControlNet (its parameters: params["controlnet"])
+  controlnet: Any = None  # ControlNets, a tuple (their parameters: params["controlnet"])
   aesthetic: bool = False  # the SDXL refiner: size ids end with an aesthetic score
   clip_skip: int = 0  # the prompts' text states this many layers earlier (with_clip_skip)
 
@@ -52,7 +52,7 @@ class StableDiffusion:
 
   @classmethod
   def load(cls, src: str, dtype: str = "float32", mesh=None, tokenizer=None,
-           attention: str = "auto", controlnet: str | None = None) -> "StableDiffusion":
+           attention: str = "auto", controlnet=None) -> "StableDiffusion":
     """A local diffusers pipeline directory (stable_diffusion_loading.load_pipeline)."""
     from diffusion_jax.stable_diffusion_loading import load_pipeline
     return load_pipeline(src, dtype, mesh, tokenizer, attention, controlnet)
@@ -159,11 +159,12 @@ class StableDiffusion:
                                         mask, masked, x_T, span[1])
         init = None if init is None else masked
     model, model_params = self.unet, params["unet"]
-    if hint is not None:  # the ControlNet's residuals, for both halves of the guided batch
+    if hint is not None:  # the ControlNets' residuals, for both halves of the guided batch
       from diffusion_jax.models.controlnet import ControlledUNet
       model = ControlledUNet(self.unet, self.controlnet, control_scale)
-      model_params = {"unet": params["unet"], "controlnet": params["controlnet"]}
-      context, null = {"context": context, "hint": hint}, {"context": null, "hint": hint}
+      model_params = {"unet": params["unet"], **{
+          f"controlnets_{i}": p for i, p in enumerate(params["controlnet"])}}
+      context, null = {"context": context, "hints": hint}, {"context": null, "hints": hint}
     denoise = denoiser(model, model_params, guidance_scale=guidance[0], context=context,
                        guidance_rescale=guidance[1],
                        null_context=null, x_cond=x_cond)
@@ -196,7 +197,7 @@ class StableDiffusion:
     method None: default_method(). original_size, crops_coords_top_left, target_size: SDXL's
     size conditioning (sdxl.size_ids; default: the output's size, no crop). control_image:
     a ControlNet pipeline's hint, uint8 [B or 1, H, W, 3] at the output's size (its residuals
-    times control_scale). guidance_rescale: models.denoiser's (diffusers'; e.g. 0.7).
+    times control_scale; with several ControlNets a list of hints, and of scales or one). guidance_rescale: models.denoiser's (diffusers'; e.g. 0.7).
     denoising_end f (with decode=False): stop at timestep round(T (1 - f)), the
     latents (in diffusers' scale) for a refiner's img2img(latents=, denoising_start=f)."""
     if self.aesthetic:
@@ -215,17 +216,30 @@ class StableDiffusion:
                            span + (True,), sizes, hint=self._hint(control_image, shape),
                            control_scale=control_scale)
 
-  def _hint(self, image, shape) -> np.ndarray | None:
-    """A ControlNet's hint [B, H, W, 3] in [0, 1] (diffusers' control image processing); None
-    without a ControlNet and an image."""
+  def _hint(self, image, shape) -> tuple | None:
+    """The ControlNets' hints, [B, H, W, 3] in [0, 1] each (diffusers' control image
+    processing; `image`: one per ControlNet, a list where there are several); None without a
+    ControlNet and an image."""
     if image is None and self.controlnet is None:
       return None
     if self.controlnet is None:
       raise ValueError("control_image: this pipeline has no ControlNet (load(..., controlnet=))")
     if image is None:
       raise ValueError("this pipeline has a ControlNet: pass control_image")
+    images = list(image) if isinstance(image, (list, tuple)) else [image]
+    if len(images) != len(self.controlnet):
+      raise ValueError(f"{len(images)} control images for {len(self.controlnet)} ControlNets")
     f = self.first_stage.model.downsampling_factor
-    return unit_range(image, shape[0], shape[1] * f, shape[2] * f, "control_image")
+    return tuple(unit_range(a, shape[0], shape[1] * f, shape[2] * f, "control_image")
+                 for a in images)
+
+  def _control_scales(self, scale) -> tuple:
+    """One ControlNet residual weight per ControlNet (a number: the same for all)."""
+    n = len(self.controlnet or ())
+    scales = tuple(scale) if isinstance(scale, (list, tuple)) else (scale,) * n
+    if len(scales) != n:
+      raise ValueError(f"{len(scales)} control scales for {n} ControlNets")
+    return tuple(float(v) for v in scales)
 
   def img2img(self, prompts, images=None, latents=None, strength: float = 0.8,
               negative_prompt: str | None = None, num_steps: int = 50,
@@ -356,7 +370,8 @@ class StableDiffusion:
                     put(self.tokenize(negatives)), put(time_ids), put(null_time_ids), put(x_T),
                     key, None if init is None else put(init),
                     None if inpaint is None else tuple(put(a) for a in inpaint),
-                    None if hint is None else put(hint), control_scale=float(control_scale),
+                    None if hint is None else tuple(put(h) for h in hint),
+                    control_scale=self._control_scales(control_scale),
                     num_steps=num_steps,
                     guidance=tuple(map(float, guidance)), method=method, eta=float(eta),
                     decode=decode, span=span, zero_null=zero_null)[:n]

@@ -27,11 +27,11 @@ from diffusion_jax.stable_diffusion import StableDiffusion
 
 
 def load_pipeline(src: str, dtype: str = "float32", mesh=None, tokenizer=None,
-                  attention: str = "auto", controlnet: str | None = None) -> StableDiffusion:
+                  attention: str = "auto", controlnet=None) -> StableDiffusion:
   """Read a local diffusers pipeline directory (stable_diffusion's docstring; SDXL's when it
   has text_encoder_2/); attention: models/attention.py's implementation for the U-Net and the
-  decoder; controlnet: a diffusers ControlNetModel directory (by default the pipeline's
-  controlnet/ folder, where it has one)."""
+  decoder; controlnet: a diffusers ControlNetModel directory, or a list of them (by default
+  the pipeline's controlnet/ folder, where it has one)."""
   sched_path = os.path.join(src, "scheduler", "scheduler_config.json")
   require_files([sched_path], "--src must be a diffusers Stable Diffusion pipeline directory "
                 "(text_encoder/, tokenizer/, unet/, vae/, scheduler/) or a single "
@@ -50,7 +50,8 @@ def load_pipeline(src: str, dtype: str = "float32", mesh=None, tokenizer=None,
   saved = os.path.join(src, "controlnet")  # a saved ControlNet pipeline's
   controlnet = controlnet or (saved if os.path.isdir(saved) else None)
   if controlnet:
-    parts["controlnet"] = load_diffusers_controlnet(controlnet)
+    dirs = [controlnet] if isinstance(controlnet, str) else list(controlnet)
+    parts["controlnet"] = [load_diffusers_controlnet(d) for d in dirs]
   return assemble(tokenizer, text, unet, vae, schedule, dtype, mesh, attention, **parts)
 
 
@@ -97,8 +98,8 @@ def assemble(tokenizer, text, unet, vae, schedule: dict, dtype: str = "float32",
   """The pipeline from converted parts: text = (fields, params), unet = (fields, params),
   vae = (fields, params, scaling), schedule = convert_diffusers.scheduler_settings(...);
   SDXL's: text_2 = (fields, params) and tokenizer_2, its second encoder; aesthetic: the
-  refiner's conditioning, text and tokenizer None; controlnet = (fields, params) of a
-  ControlNet (convert_diffusers.load_diffusers_controlnet)."""
+  refiner's conditioning, text and tokenizer None; controlnet = [(fields, params)] of the
+  ControlNets (convert_diffusers.load_diffusers_controlnet)."""
   (text_fields, text_params), (unet_cfg, unet_params) = text or (None, None), unet
   vae_fields, vae_params, scaling = vae
   if not unet_cfg.get("context_dim"):
@@ -130,15 +131,17 @@ def assemble(tokenizer, text, unet, vae, schedule: dict, dtype: str = "float32",
   if text_2 is not None:
     params["text_2"] = text_2[1]
   control = None
-  if controlnet is not None:
-    fields, params["controlnet"] = controlnet
-    if (fields["context_dim"], fields["in_channels"], fields.get("added_cond_dim")) != (
-        unet_cfg["context_dim"], unet_cfg["in_channels"], unet_cfg.get("added_cond_dim")):
-      raise ConversionError("the ControlNet was made for another U-Net (its context width, "
-                            "input channels or added conditioning differ)")
+  if controlnet:
+    for fields, _ in controlnet:
+      if (fields["context_dim"], fields["in_channels"], fields.get("added_cond_dim")) != (
+          unet_cfg["context_dim"], unet_cfg["in_channels"], unet_cfg.get("added_cond_dim")):
+        raise ConversionError("the ControlNet was made for another U-Net (its context width, "
+                              "input channels or added conditioning differ)")
     if unet_cfg["in_channels"] != vae_fields["embed_dim"]:
       raise ConversionError("a ControlNet with an inpainting U-Net is not supported")
-    control = ControlNet(**unet_fields(fields), dtype=compute, attention=attention)
+    params["controlnet"] = tuple(p for _, p in controlnet)
+    control = tuple(ControlNet(**unet_fields(f), dtype=compute, attention=attention)
+                    for f, _ in controlnet)
   text_encoder_2 = None if text_2 is None else CLIPTextEncoder(**text_2[0], dtype=compute)
   encoder = None if text is None else CLIPTextEncoder(**text_fields, dtype=compute)
   return StableDiffusion(tokenizer, encoder,

@@ -68,10 +68,11 @@ def main(argv):
                         FLAGS.width)
       inits = np.stack([init] * len(prompts))
     control = None
+    scale = FLAGS.control_scale if len(FLAGS.control_scale) > 1 else FLAGS.control_scale[0]
     if FLAGS.control_image:  # resized to the output's size
       _, h, w, _ = pipe.latent_shape(1, *(init.shape[:2] if FLAGS.init_image else
                                           (FLAGS.height, FLAGS.width)))
-      control = read_image(FLAGS.control_image, 1, h * f, w * f)
+      control = [read_image(path, 1, h * f, w * f) for path in FLAGS.control_image]
     if FLAGS.mask_image:
       rgb = read_image(FLAGS.mask_image, 1, init.shape[0], init.shape[1])
       mask = rgb @ np.array([0.299, 0.587, 0.114]) >= 127.5  # PIL's "L", binarised
@@ -82,7 +83,7 @@ def main(argv):
       images = pipe.img2img(prompts, images=inits,
                             strength=0.8 if FLAGS.strength is None else FLAGS.strength,
                             method=FLAGS.method, control_image=control,
-                            control_scale=FLAGS.control_scale, **common)
+                            control_scale=scale, **common)
     elif FLAGS.refiner:  # SDXL's ensemble of experts: the base, then the refiner
       refiner = StableDiffusion.load(FLAGS.refiner, FLAGS.dtype)
       z = pipe.generate(prompts, height=FLAGS.height, width=FLAGS.width, method=FLAGS.method,
@@ -92,7 +93,7 @@ def main(argv):
     else:
       images = pipe.generate(prompts, height=FLAGS.height, width=FLAGS.width,
                              method=FLAGS.method, control_image=control,
-                             control_scale=FLAGS.control_scale, **common)
+                             control_scale=scale, **common)
   except (ConversionError, ValueError, OSError) as e:
     sys.exit(f"{type(e).__name__}: {e}")
   logging.info("%d images in %.1f s (with compilation)", len(images), time.perf_counter() - start)
@@ -140,11 +141,14 @@ if __name__ == "__main__":
                             "(.safetensors; FILE:TOKEN names its token where the file does "
                             "not; repeat the flag for several). Use the token in the prompt.")
   flags.DEFINE_float("lora_weight", 1.0, "The LoRA changes' weight (diffusers' lora_scale).")
-  flags.DEFINE_string("controlnet", None, "A diffusers ControlNetModel directory (e.g. "
-                      "sd-controlnet-canny) to guide the U-Net with --control_image.")
-  flags.DEFINE_string("control_image", None, "The ControlNet's hint image (edges, depth, pose, "
-                      "...; resized to the output's size).")
-  flags.DEFINE_float("control_scale", 1.0, "The ControlNet residuals' weight.")
+  flags.DEFINE_multi_string("controlnet", None, "A diffusers ControlNetModel directory (e.g. "
+                            "sd-controlnet-canny) to guide the U-Net with --control_image "
+                            "(repeat both flags for several, in the same order).")
+  flags.DEFINE_multi_string("control_image", None, "A ControlNet's hint image (edges, "
+                            "depth, pose, ...; resized to the output's size), one per "
+                            "--controlnet.")
+  flags.DEFINE_multi_float("control_scale", [1.0], "The ControlNet residuals' weight (one, "
+                           "or one per --controlnet).")
   flags.DEFINE_string("refiner", None, "An SDXL refiner pipeline directory: the base denoises "
                       "to --refiner_start, the refiner the rest (text-to-image).")
   flags.DEFINE_float("refiner_start", 0.8, "With --refiner: the share of the chain the base "

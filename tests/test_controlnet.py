@@ -118,6 +118,47 @@ def test_controlnet_pipeline_gives_diffusers_latents(controlnet_dir):
     ours.img2img(PROMPTS, latents=z0, num_steps=2)
 
 
+def test_two_controlnets_give_diffusers_multicontrolnet_latents(controlnet_dir, tmp_path):
+  """Two ControlNets, each with its hint and scale, their residuals summed, as diffusers'
+  MultiControlNetModel; and on the command line (the flags repeated)."""
+  src, pipe = controlnet_dir
+  second = controlnet_for(pipe.unet, seed=9)
+  second.save_pretrained(str(tmp_path / "second"))
+  ours = StableDiffusion.load(str(src), controlnet=[str(src / "controlnet"),
+                                                   str(tmp_path / "second")])
+  assert len(ours.controlnet) == 2
+  ref = diffusers.StableDiffusionControlNetPipeline(**dict(
+      pipe.components, controlnet=[pipe.controlnet, second]))
+  rng = np.random.default_rng(4)
+  hints = [rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8) for _ in range(2)]
+  x_T = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
+  run = lambda h, scales: ref(
+      PROMPTS, image=[nchw(a / 255.0) for a in h], latents=nchw(x_T), num_inference_steps=4,
+      guidance_scale=5.0, controlnet_conditioning_scale=scales,
+      output_type="latent").images.numpy().transpose(0, 2, 3, 1)
+  want = run(hints, [0.8, 1.3])
+  got = ours.generate(PROMPTS, num_steps=4, guidance_scale=5.0, latents=x_T, decode=False,
+                      control_image=hints, control_scale=[0.8, 1.3])
+  first_only = run(hints, [0.8, 0.0])
+  diff, effect = np.abs(got - want).max(), np.abs(first_only - want).max()
+  print(f"two ControlNets: max |ours - diffusers| = {diff:.3g}; the second moves them "
+        f"{effect:.3g}")
+  assert diff < effect / 100
+  with pytest.raises(ValueError, match="1 control images for 2 ControlNets"):
+    ours.generate(PROMPTS, num_steps=2, control_image=hints[0])
+  with pytest.raises(ValueError, match="3 control scales for 2 ControlNets"):
+    ours.generate(PROMPTS, num_steps=2, control_image=hints, control_scale=[1, 1, 1])
+  from PIL import Image
+  for i, h in enumerate(hints):
+    Image.fromarray(h[0]).save(tmp_path / f"hint{i}.png")
+  proc = text_to_image_command(
+      f"--src={src}", f"--controlnet={src / 'controlnet'}", f"--controlnet={tmp_path / 'second'}",
+      f"--control_image={tmp_path / 'hint0.png'}", f"--control_image={tmp_path / 'hint1.png'}",
+      "--control_scale=0.5", "--control_scale=0.7", "--prompt=a cat", "--steps=2",
+      f"--out={tmp_path / 'two.png'}")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_the_command_guides_with_a_control_image(controlnet_dir, tmp_path):
   from PIL import Image
   src, _ = controlnet_dir

@@ -6,8 +6,10 @@ zero-initialised 1x1 convolutions, to the frozen U-Net's skip connections and mi
   times `scale`; the hint [B, H, W, 3] in [0, 1] at image size, brought to the latents' by a
   small convolutional encoder (stride-2 convs, SiLU; its last conv zero-initialised) and
   added after conv_in.
-  ControlledUNet: the U-Net with those residuals (diffusers' StableDiffusionControlNetPipeline
-  without guess mode: the ControlNet sees both halves of a guided batch).
+  ControlledUNet: the U-Net with those residuals, summed over one or more ControlNets, each
+  with its hint and scale (diffusers' StableDiffusionControlNetPipeline and
+  MultiControlNetModel without guess mode: the ControlNets see both halves of a guided
+  batch).
 
 Parameter names are the U-Net's for the copied blocks (conv_in, temb_dense_*, down_*, mid_*)
 plus control_embed_* (the hint's encoder), control_zero_* (one per skip) and control_mid;
@@ -18,6 +20,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 from diffusion_jax.models.layers import default_init, zero_init
 from diffusion_jax.models.unet import UNet
@@ -61,18 +65,21 @@ class ControlNet(UNet):
 
 
 class ControlledUNet(nn.Module):
-  """The U-Net guided by a ControlNet: params {"unet", "controlnet"}; context {"context": the
-  U-Net's context, "hint": [B, H, W, 3]} (so that guidance's doubled batch carries the hint in
-  both halves)."""
+  """The U-Net guided by ControlNets: params {"unet", "controlnets_0", ...}; context
+  {"context": the U-Net's context, "hints": one [B, H, W, 3] per ControlNet} (so that
+  guidance's doubled batch carries the hints in both halves); scales: one per ControlNet."""
   unet: UNet
-  controlnet: ControlNet
-  scale: float = 1.0
+  controlnets: Sequence[ControlNet]
+  scales: Sequence[float] = ()
 
   @property
   def num_classes(self) -> int:
     return self.unet.num_classes
 
   def __call__(self, x, t, y=None, train: bool = False, context: Any = None):
-    inner, hint = context["context"], context["hint"]
-    residuals = self.controlnet(x, t, y, train, inner, hint, self.scale)
+    inner, hints = context["context"], context["hints"]
+    residuals = None
+    for net, hint, scale in zip(self.controlnets, hints, self.scales, strict=True):
+      r = net(x, t, y, train, inner, hint, scale)
+      residuals = r if residuals is None else jax.tree.map(jnp.add, residuals, r)
     return self.unet(x, t, y, train, inner, residuals)
