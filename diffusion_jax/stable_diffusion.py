@@ -276,7 +276,8 @@ class StableDiffusion:
               negative_prompt: str | None = None, num_steps: int = 50,
               guidance_scale: float = 7.5, seed: int = 0, method: str | None = None,
               eta: float = 0.0, latents=None, decode: bool = True, original_size=None,
-              crops_coords_top_left=(0, 0), target_size=None, guidance_rescale: float = 0.0):
+              crops_coords_top_left=(0, 0), target_size=None, guidance_rescale: float = 0.0,
+              control_image=None, control_scale: float = 1.0):
     """Repaint the images where `masks` are set, as diffusers' StableDiffusion(XL)InpaintPipeline:
     an inpainting U-Net reads x_t, the mask at latent size (every f-th pixel, torch's nearest)
     and the masked image's latents (images where the mask is off, encoded: a posterior sample;
@@ -285,7 +286,9 @@ class StableDiffusion:
     outside the mask after each step (schedulers.known_region; clean after the last).
     images: uint8 [B, H, W, 3]; masks [B, H, W] (or [..., 1]), set where >= 0.5 (floats) or
     >= 128 (uint8: white). strength 1: from noise (latents: x_T, else drawn from `seed`);
-    below 1: from the images' latents noised as in img2img (latents: that noise)."""
+    below 1: from the images' latents noised as in img2img (latents: that noise).
+    control_image, control_scale: generate's (diffusers' StableDiffusionControlNetInpaint-
+    Pipeline)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     shape, init = self._inputs(prompts, images, None)
     keep = ~binary_masks(masks, init.shape[:3])
@@ -306,7 +309,8 @@ class StableDiffusion:
     return self._run_batch(prompts, negative_prompt, shape, latents, init, seed, num_steps,
                            (guidance_scale, guidance_rescale), method, eta, decode,
                            span + (True,), (original_size, crops_coords_top_left, target_size),
-                           (mask, masked))
+                           hint=self._hint(control_image, shape), control_scale=control_scale,
+                           inpaint=(mask, masked))
 
   def _inputs(self, prompts, images, latents):
     """(latent shape, images in [-1, 1] or latents) of img2img's and inpaint's inputs."""
@@ -335,8 +339,7 @@ class StableDiffusion:
                  control_scale=1.0, aesthetic=(6.0, 2.5)):
     n = len(prompts)
     if self.controlnet is not None and hint is None:
-      raise ValueError("this pipeline has a ControlNet, which runs with generate(..., "
-                       "control_image=) or img2img (inpainting with it is not supported)")
+      raise ValueError("this pipeline has a ControlNet: pass control_image")
     if self.inpainting and inpaint is None:
       raise ValueError("this pipeline's U-Net is an inpainting one (latents, mask and masked "
                        "image as inputs): use inpaint(prompts, images, masks) (command line: "

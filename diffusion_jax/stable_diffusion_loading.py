@@ -134,11 +134,10 @@ def assemble(tokenizer, text, unet, vae, schedule: dict, dtype: str = "float32",
   if controlnet:
     for fields, _ in controlnet:
       if (fields["context_dim"], fields["in_channels"], fields.get("added_cond_dim")) != (
-          unet_cfg["context_dim"], unet_cfg["in_channels"], unet_cfg.get("added_cond_dim")):
+          unet_cfg["context_dim"], vae_fields["embed_dim"], unet_cfg.get("added_cond_dim")):
         raise ConversionError("the ControlNet was made for another U-Net (its context width, "
-                              "input channels or added conditioning differ)")
-    if unet_cfg["in_channels"] != vae_fields["embed_dim"]:
-      raise ConversionError("a ControlNet with an inpainting U-Net is not supported")
+                              "input channels or added conditioning differ; it reads the "
+                              "latents alone)")
     params["controlnet"] = tuple(p for _, p in controlnet)
     control = tuple(ControlNet(**unet_fields(f), dtype=compute, attention=attention)
                     for f, _ in controlnet)

@@ -59,9 +59,6 @@ def main(argv):
                   guidance_rescale=FLAGS.guidance_rescale)
     if FLAGS.mask_image and not FLAGS.init_image:
       raise ValueError("--mask_image needs --init_image, the image to repaint")
-    if FLAGS.control_image and FLAGS.mask_image:
-      raise ValueError("--control_image runs without --mask_image (inpainting with a "
-                       "ControlNet is not supported)")
     f = pipe.first_stage.model.downsampling_factor
     if FLAGS.init_image:
       init = read_image(FLAGS.init_image, f * 2 ** (len(pipe.unet.ch_mult) - 1), FLAGS.height,
@@ -78,7 +75,8 @@ def main(argv):
       mask = rgb @ np.array([0.299, 0.587, 0.114]) >= 127.5  # PIL's "L", binarised
       images = pipe.inpaint(prompts, inits, np.stack([mask] * len(prompts)),
                             strength=1.0 if FLAGS.strength is None else FLAGS.strength,
-                            method=FLAGS.method, **common)
+                            method=FLAGS.method, control_image=control, control_scale=scale,
+                            **common)
     elif FLAGS.init_image:
       images = pipe.img2img(prompts, images=inits,
                             strength=0.8 if FLAGS.strength is None else FLAGS.strength,

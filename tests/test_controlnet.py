@@ -159,6 +159,35 @@ def test_two_controlnets_give_diffusers_multicontrolnet_latents(controlnet_dir, 
   assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+def test_controlnet_inpainting_gives_diffusers_latents(controlnet_dir):
+  """A ControlNet guiding inpainting with the plain U-Net (the known region put back after
+  each step), as StableDiffusionControlNetInpaintPipeline; the ControlNet reads the latents."""
+  src, pipe = controlnet_dir
+  ours = StableDiffusion.load(str(src))
+  ref = diffusers.StableDiffusionControlNetInpaintPipeline(**pipe.components)
+  rng = np.random.default_rng(6)
+  hints = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+  image_latents = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
+  x_T = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
+  masks = np.zeros((2, 16, 16), bool)
+  masks[:, 2:14, 4:12] = True
+  # (this pipeline encodes images only: its encoder gives our image latents)
+  ref._encode_vae_image = lambda image, generator: nchw(image_latents)
+  run = lambda h: ref(
+      PROMPTS, image=nchw(np.zeros((2, 16, 16, 3))), mask_image=nchw(masks[..., None]),
+      control_image=nchw(h / 255.0), latents=nchw(x_T), height=16, width=16,
+      num_inference_steps=4, guidance_scale=5.0, controlnet_conditioning_scale=0.8,
+      output_type="latent").images.numpy().transpose(0, 2, 3, 1)
+  want = run(hints)
+  got = ours.inpaint(PROMPTS, np.zeros((2, 16, 16, 3), np.uint8), masks, image_latents,
+                     num_steps=4, guidance_scale=5.0, latents=x_T, decode=False,
+                     control_image=hints, control_scale=0.8)
+  diff, effect = np.abs(got - want).max(), np.abs(run(hints[::-1]) - want).max()
+  print(f"ControlNet inpainting latents: max |ours - diffusers| = {diff:.3g}; swapping the "
+        f"hints moves them {effect:.3g}")
+  assert diff < effect / 100
+
+
 def test_the_command_guides_with_a_control_image(controlnet_dir, tmp_path):
   from PIL import Image
   src, _ = controlnet_dir

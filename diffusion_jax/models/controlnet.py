@@ -67,7 +67,9 @@ class ControlNet(UNet):
 class ControlledUNet(nn.Module):
   """The U-Net guided by ControlNets: params {"unet", "controlnets_0", ...}; context
   {"context": the U-Net's context, "hints": one [B, H, W, 3] per ControlNet} (so that
-  guidance's doubled batch carries the hints in both halves); scales: one per ControlNet."""
+  guidance's doubled batch carries the hints in both halves); scales: one per ControlNet.
+  The ControlNets read the latents alone (an inpainting U-Net's mask and masked image after
+  them are the U-Net's), as diffusers' inpainting ControlNet pipelines."""
   unet: UNet
   controlnets: Sequence[ControlNet]
   scales: Sequence[float] = ()
@@ -80,6 +82,6 @@ class ControlledUNet(nn.Module):
     inner, hints = context["context"], context["hints"]
     residuals = None
     for net, hint, scale in zip(self.controlnets, hints, self.scales, strict=True):
-      r = net(x, t, y, train, inner, hint, scale)
+      r = net(x[..., :net.in_channels], t, y, train, inner, hint, scale)  # (the latents)
       residuals = r if residuals is None else jax.tree.map(jnp.add, residuals, r)
     return self.unet(x, t, y, train, inner, residuals)
