@@ -165,9 +165,10 @@ class StableDiffusion:
       model_params = {"unet": params["unet"], **{
           f"controlnets_{i}": p for i, p in enumerate(params["controlnet"])}}
       context, null = {"context": context, "hints": hint}, {"context": null, "hints": hint}
-    denoise = denoiser(model, model_params, guidance_scale=guidance[0], context=context,
-                       guidance_rescale=guidance[1],
-                       null_context=null, x_cond=x_cond)
+    # diffusers' pipelines guide only above 1 (SDXL-Turbo's 0: the prompts' prediction alone)
+    denoise = denoiser(model, model_params, guidance_scale=max(guidance[0], 1.0),
+                       context=context, guidance_rescale=guidance[1], null_context=null,
+                       x_cond=x_cond)
     if init is not None:
       if init.shape[1] != x_T.shape[1]:  # images: the posterior sampled, as diffusers does
         init = self.first_stage.encode_latents(vae_params, *scaling, init,

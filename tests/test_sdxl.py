@@ -260,6 +260,18 @@ def test_euler_spacings_karras_and_refusals(sdxl_dir, tmp_path, caplog):
                                   timestep_spacing="trailing")))  # SDXL-Turbo's
   pipe = StableDiffusion.load(str(copy))
   assert pipe.default_method() == "euler_ancestral"
+  # SDXL-Turbo's guidance 0: no guidance, the prompts' prediction alone (diffusers' rule)
+  turbo = diffusers.StableDiffusionXLPipeline(**dict(ref_pipe.components, scheduler=(
+      diffusers.EulerDiscreteScheduler.from_config(dict(cfg, timestep_spacing="trailing")))))
+  want_t = turbo(PROMPTS, num_inference_steps=1, guidance_scale=0.0, output_type="latent",
+                 latents=torch.from_numpy(latents.transpose(0, 3, 1, 2))
+                 ).images.numpy().transpose(0, 2, 3, 1)
+  got_t = pipe.generate(PROMPTS, num_steps=1, guidance_scale=0.0, latents=latents,
+                        decode=False, method="euler")
+  guided = pipe.generate(PROMPTS, num_steps=1, guidance_scale=2.0, latents=latents,
+                         decode=False, method="euler")
+  print(f"guidance 0: max |ours - diffusers| = {np.abs(got_t - want_t).max():.3g}")
+  assert close(got_t, want_t, np.abs(guided - want_t).max())
   x_T = latents[:1]
   ancestral, plain = (pipe.generate("a cat", num_steps=3, latents=x_T, method=m, decode=False)
                       for m in (None, "euler"))
