@@ -131,6 +131,8 @@ def import_diffusers_unet(src: str, config, workdir: str, ema: bool = False) -> 
       kind = "an SDXL U-Net (pooled-text and size conditioning, a transformer depth per level)"
     elif model_cfg.get("output_channels"):
       kind = "an inpainting U-Net (mask and masked image as inputs)"
+    elif model_cfg.get("time_cond_dim"):
+      kind = "an LCM-distilled U-Net (the guidance scale embedded)"
     if kind:
       raise ConversionError(f"{kind}: python -m diffusion_jax.text_to_image runs it; training "
                             "it is not supported")

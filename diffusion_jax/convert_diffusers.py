@@ -36,7 +36,7 @@ REQUIRED_CONDITIONAL = {
     "class_embed_type": None, "num_class_embeds": None, "mid_block_scale_factor": 1,
     "mid_block_type": "UNetMidBlock2DCrossAttn", "only_cross_attention": False,
     "dual_cross_attention": False, "encoder_hid_dim": None,
-    "time_cond_proj_dim": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
+    "conv_in_kernel": 3, "conv_out_kernel": 3,
     "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None,
     "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0, "attention_type": "default",
     "reverse_transformer_layers_per_block": None, "cross_attention_norm": None,
@@ -166,7 +166,9 @@ def conditional_model_config_from_diffusers(cfg: Mapping[str, Any]) -> dict:
   if not attn_levels:
     raise ConversionError("no CrossAttn blocks: convert a UNet2DModel instead")
   return dict(out, attn_resolutions=(), attn_levels=tuple(attn_levels),
-              context_dim=int(context_dim), transformer_depth=depth, **_added_conditioning(cfg))
+              context_dim=int(context_dim), transformer_depth=depth, **_added_conditioning(cfg),
+              **({"time_cond_dim": int(cfg["time_cond_proj_dim"])}
+                 if cfg.get("time_cond_proj_dim") else {}))
 
 
 def _added_conditioning(cfg: Mapping[str, Any]) -> dict:
@@ -246,6 +248,7 @@ def _target(key: str, levels: int) -> tuple[list[str], str]:
   fixed = {"conv_in": ["conv_in"], "conv_out": ["conv_out"], "conv_norm_out": ["norm_out"],
            "time_embedding.linear_1": ["temb_dense_0"],
            "time_embedding.linear_2": ["temb_dense_1"],
+           "time_embedding.cond_proj": ["temb_cond_proj"],
            "add_embedding.linear_1": ["add_embed_dense_0"],
            "add_embedding.linear_2": ["add_embed_dense_1"],
            "mid_block.resnets.0": ["mid_block_1"], "mid_block.resnets.1": ["mid_block_2"]}

@@ -146,6 +146,13 @@ class StableDiffusion:
     from diffusion_jax.models import denoiser
     context = self._encode(params, ids, time_ids, skip=self.clip_skip)
     null = self._encode(params, null_ids, null_time_ids, zero_null)
+    if self.unet.time_cond_dim:  # LCM-distilled: the guidance scale embedded, no guidance
+      from diffusion_jax.models.layers import timestep_embedding
+      w = jnp.full((x_T.shape[0],), (guidance[0] - 1.0) * 1000.0)
+      cond = timestep_embedding(w, self.unet.time_cond_dim)  # diffusers' guidance embedding
+      context = dict(context if isinstance(context, dict) else {"text": context},
+                     timestep_cond=cond)
+      guidance = (1.0, guidance[1])
     x_cond = known = None
     if inpaint is not None:
       mask, masked = inpaint

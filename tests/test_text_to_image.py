@@ -408,3 +408,32 @@ def test_lcm_scheduler_pipeline_gives_diffusers_latents(epsilon_pipeline_dir, tm
   assert four.shape == (2, 16, 16, 3) and four.std() > 0
   with pytest.raises(ValueError, match="LCM runs whole chains"):
     ours.img2img(prompts, images=four, strength=0.5, num_steps=4)
+
+
+def test_lcm_distilled_pipeline_gives_diffusers_latents(epsilon_pipeline_dir, tmp_path):
+  """An LCM-distilled U-Net (time_cond_proj_dim: the guidance scale embedded into the
+  timestep's embedding, no classifier-free guidance), as LatentConsistencyModelPipeline: one
+  step (no re-noising) against diffusers'; the guidance scale moves it."""
+  from test_parity import randomise
+  _, pipe = epsilon_pipeline_dir
+  unet = randomise(diffusers.UNet2DConditionModel(**dict(SD_UNET, time_cond_proj_dim=8)), 3)
+  with torch.no_grad():
+    unet.time_embedding.cond_proj.weight.mul_(20.0)  # the embedded guidance strong enough
+  lcm = diffusers.LatentConsistencyModelPipeline(
+      vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=unet.eval(),
+      scheduler=diffusers.LCMScheduler.from_config(pipe.scheduler.config), safety_checker=None,
+      feature_extractor=None, requires_safety_checker=False)
+  lcm.save_pretrained(str(tmp_path / "lcm"), safe_serialization=True)
+  ours = StableDiffusion.load(str(tmp_path / "lcm"))
+  assert ours.unet.time_cond_dim == 8 and ours.default_method() == "lcm"
+  prompts = ["the man on a photo", "an orange cat!"]
+  latents = np.random.default_rng(3).normal(size=(2, 8, 8, 4)).astype(np.float32)
+  run = lambda g: lcm(prompts, num_inference_steps=1, guidance_scale=g, output_type="latent",
+                      latents=torch.from_numpy(latents.transpose(0, 3, 1, 2))
+                      ).images.numpy().transpose(0, 2, 3, 1)
+  want = run(8.0)
+  got = ours.generate(prompts, num_steps=1, guidance_scale=8.0, latents=latents, decode=False)
+  diff, effect = np.abs(got - want).max(), np.abs(run(2.0) - want).max()
+  print(f"LCM-distilled, 1 step: max |ours - diffusers| = {diff:.3g}; guidance 2 instead of 8 "
+        f"moves them {effect:.3g}")
+  assert diff < effect / 100

@@ -73,6 +73,7 @@ class UNet(nn.Module):
   downsample_padding: str = "same"
   added_cond_dim: int = 0
   added_time_dim: int = 0
+  time_cond_dim: int = 0  # LCM-distilled: context["timestep_cond"], the guidance's embedding
   output_channels: int = 0
 
   @property
@@ -182,6 +183,15 @@ class UNet(nn.Module):
     # timestep embedding -> Dense(4ch) -> swish -> Dense(4ch)
     temb = timestep_embedding(t, self.ch, flip_sin_to_cos=self.flip_sin_to_cos,
                               freq_shift=self.freq_shift)
+    if self.time_cond_dim:  # diffusers' TimestepEmbedding(cond_proj): added to the sinusoids
+      if not (isinstance(context, dict) and "timestep_cond" in context):
+        raise ValueError("this U-Net (LCM-distilled) takes context={'text': ..., "
+                         "'timestep_cond': [B, time_cond_dim]}")
+      context = dict(context)
+      cond = context.pop("timestep_cond")
+      context = context["text"] if set(context) == {"text"} else context
+      temb = temb + nn.Dense(self.ch, use_bias=False, dtype=self.dtype,
+                             name="temb_cond_proj")(cond.astype(jnp.float32))
     temb = nn.Dense(4 * self.ch, kernel_init=default_init, dtype=self.dtype,
                     name="temb_dense_0")(temb)
     temb = nn.Dense(4 * self.ch, kernel_init=default_init, dtype=self.dtype,
