@@ -100,7 +100,8 @@ class StableDiffusion:
 
   def tokenize(self, prompts: list[str]) -> np.ndarray:
     """Token ids [B, 77], padded as the pipeline pads them (to the encoder's positions); SDXL's:
-    [B, 2, 77], each tokenizer's (the refiner's [B, 1, 77]). A multi-vector embedding's token stands for all its tokens."""
+    [B, 2, 77], each tokenizer's (the refiner's [B, 1, 77]). A multi-vector embedding's token
+    stands for all its tokens."""
     from diffusion_jax.textual_inversion import expand_prompt
     ids = lambda tok, enc: clip_token_ids(tok, [expand_prompt(p, tok) for p in prompts],
                                           enc.max_length)
@@ -205,7 +206,8 @@ class StableDiffusion:
     method None: default_method(). original_size, crops_coords_top_left, target_size: SDXL's
     size conditioning (sdxl.size_ids; default: the output's size, no crop). control_image:
     a ControlNet pipeline's hint, uint8 [B or 1, H, W, 3] at the output's size (its residuals
-    times control_scale; with several ControlNets a list of hints, and of scales or one). guidance_rescale: models.denoiser's (diffusers'; e.g. 0.7).
+    times control_scale; with several ControlNets a list of hints, and of scales or one).
+    guidance_rescale: models.denoiser's (diffusers'; e.g. 0.7).
     denoising_end f (with decode=False): stop at timestep round(T (1 - f)), the
     latents (in diffusers' scale) for a refiner's img2img(latents=, denoising_start=f)."""
     if self.aesthetic:
