@@ -88,13 +88,27 @@ def euler_start_scale(sigmas, spacing: str) -> float:
   return float(sigmas[0] / np.sqrt(sigmas[0] ** 2 + 1.0))
 
 
+def ddim_update(x0, eps, a_t, a_prev, eta, noise):
+  """Song et al.'s eq. 12 from alphabar a_t to a_prev given x_0 and eps, the noise's std eta
+  times eq. 16's (eta 0: deterministic; 1: the ancestral step)."""
+  sigma = eta * jnp.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))  # eq. 16
+  direction = jnp.sqrt(jnp.maximum(1 - a_prev - sigma ** 2, 0.0)) * eps
+  return jnp.sqrt(a_prev) * x0 + direction + sigma * noise
+
+
+def after_step(callback, x, i):
+  """callback(x, i) after the i-th step run (e.g. inpainting's blend of the known region),
+  or x."""
+  return x if callback is None else callback(x, i)
+
+
 def euler_sample(diffusion, denoise_fn, x_T, key, timesteps, sigmas, eta: float = 0.0,
                  callback=None):
   """Euler (eta 0) and Euler ancestral (eta 1) over noise levels sigmas [n + 1] (euler_levels),
   the network at `timesteps` [n]: DDIM's eq. 12 between the levels, alphabar = 1 / (1 +
   sigma^2) (Karras et al.'s Euler step on x / alpha is DDIM's; its ancestral sigma_up is eq.
   16's noise, sigma_down the rest); x_T at the first level, in the VP scale (unit variance);
-  callback(x, i): x after the i-th step (samplers.after_step)."""
+  callback(x, i): x after the i-th step (after_step)."""
   ab = 1.0 / (1.0 + np.asarray(sigmas, np.float64) ** 2)
   dt = x_T.dtype
   a_t, a_prev = jnp.asarray(ab[:-1], dt), jnp.asarray(ab[1:], dt)
@@ -105,11 +119,8 @@ def euler_sample(diffusion, denoise_fn, x_T, key, timesteps, sigmas, eta: float 
     x0 = start_at_level(diffusion, denoise_fn(x, jnp.full((x.shape[0],), t, jnp.float32)), x,
                          jnp.sqrt(a), jnp.sqrt(1 - a), False)
     eps = (x - jnp.sqrt(a) * x0) / jnp.sqrt(1 - a)
-    noise_std = eta * jnp.sqrt((1 - a_next) / (1 - a) * (1 - a / a_next))  # eq. 16
-    direction = jnp.sqrt(jnp.maximum(1 - a_next - noise_std ** 2, 0.0)) * eps
-    noise = jax.random.normal(k, x.shape, x.dtype)
-    x = jnp.sqrt(a_next) * x0 + direction + noise_std * noise
-    return x if callback is None else callback(x, i), None
+    x = ddim_update(x0, eps, a, a_next, eta, jax.random.normal(k, x.shape, x.dtype))
+    return after_step(callback, x, i), None
 
   x, _ = jax.lax.scan(body, x_T, (jnp.asarray(timesteps, jnp.float32), a_t, a_prev,
                                   jax.random.split(key, n), jnp.arange(n)))

@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.diffusion import DenoiseFn, GaussianDiffusion
-from diffusion_jax.noise_levels import karras_timesteps, start_at_level
+from diffusion_jax.noise_levels import (after_step, ddim_update, karras_timesteps,
+                                        start_at_level)
 
 METHODS = ("ancestral", "ddim", "dpm_solver")
 SPACINGS = ("uniform", "quadratic")  # DDIM's (DPM-Solver's: DPM_SPACINGS)
@@ -22,12 +23,6 @@ SPACINGS = ("uniform", "quadratic")  # DDIM's (DPM-Solver's: DPM_SPACINGS)
 
 def _batch_t(t, x):
   return jnp.full((x.shape[0],), t, dtype=jnp.int32)
-
-
-def after_step(callback, x, i):
-  """callback(x, i) after the i-th step run (e.g. inpainting's blend of the known region),
-  or x."""
-  return x if callback is None else callback(x, i)
 
 
 # ----------------------------------------------------------------------------- Algorithm 2
@@ -126,9 +121,7 @@ def ddim_step(diffusion, model_output, x_t, t, t_prev, eta, noise, clip_denoised
   ab = _alphabar_with_end(diffusion, x_t.dtype)
   shape = (-1,) + (1,) * (x_t.ndim - 1)
   a_t, a_prev = ab[t + 1].reshape(shape), ab[t_prev + 1].reshape(shape)
-  sigma = eta * jnp.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))  # eq. 16
-  direction = jnp.sqrt(jnp.maximum(1 - a_prev - sigma ** 2, 0.0)) * eps
-  return jnp.sqrt(a_prev) * x0 + direction + sigma * noise, x0
+  return ddim_update(x0, eps, a_t, a_prev, eta, noise), x0
 
 
 def ddim_sample(diffusion, denoise_fn, x_T, key, num_steps: int = 50, eta: float = 0.0,

@@ -30,6 +30,8 @@ METHODS = ("ddim", "euler", "euler_ancestral", "dpm_solver", "dpm_solver_karras"
 SCHEDULER_METHODS = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
                      "EulerAncestralDiscreteScheduler": "euler_ancestral",
                      "DPMSolverMultistepScheduler": "dpm_solver", "LCMScheduler": "lcm"}
+LCM_WHOLE_CHAINS = ("LCM runs whole chains here: img2img, inpainting (with strength < 1 or a "
+                    "plain U-Net) and denoising_start / _end need another method")
 
 
 def spacing(schedule: dict, method: str) -> str:
@@ -76,18 +78,17 @@ def levels(schedule: dict, diffusion, method: str, num_steps: int):
   of Euler's and DPM-Solver's chains, None for DDIM's)."""
   if method.startswith("euler"):
     return noise_levels.euler_levels(diffusion, num_steps, spacing(schedule, method),
-                                 schedule["steps_offset"],
-                                 method == "euler" and schedule.get("karras"))
+                                     schedule["steps_offset"],
+                                     method == "euler" and schedule.get("karras"))
   if method == "lcm":
-    raise ValueError("LCM runs whole chains here: img2img, inpainting with strength < 1 and "
-                     "denoising_start / _end need another method")
+    raise ValueError(LCM_WHOLE_CHAINS)
   if method != "ddim":
     ts, alpha, sigma = samplers.dpm_solver_levels(diffusion, num_steps, dpm_spacing(
         schedule, method), schedule["steps_offset"])
     return ts, sigma / alpha
   return noise_levels.diffusers_timesteps(diffusion.num_timesteps, num_steps,
-                                      spacing(schedule, "ddim"),
-                                      schedule["steps_offset"]).round(), None
+                                          spacing(schedule, "ddim"),
+                                          schedule["steps_offset"]).round(), None
 
 
 def dpm_spacing(schedule: dict, method: str) -> str:
@@ -139,10 +140,8 @@ def run_chain(schedule: dict, diffusion, method: str, denoise_fn, x_T, key, num_
         eta=1.0 if method == "euler_ancestral" else 0.0, callback=callback), sigmas, stop)
   if method == "lcm":
     from diffusion_jax.lcm import lcm_sample
-    if skip or stop is not None:
-      levels(schedule, diffusion, method, num_steps)  # the message
-    if callback is not None:
-      raise ValueError("LCM: inpainting with a plain U-Net needs another method")
+    if skip or stop is not None or callback is not None:
+      raise ValueError(LCM_WHOLE_CHAINS)
     return lcm_sample(diffusion, denoise_fn, x_T, key, num_steps, clip_denoised=schedule[
         "clip_sample"], **schedule["lcm"])
   if method == "ddim":
@@ -170,8 +169,8 @@ def noising(schedule: dict, diffusion, method: str, num_steps: int):
   if sigmas is None:
     ab = np.append(np.asarray(diffusion.coefs["alphas_cumprod"])[ts.astype(int)], 1.0)
     return np.sqrt(ab), np.sqrt(1.0 - ab)
-  a = 1.0 / np.sqrt(1.0 + np.asarray(sigmas, np.float64) ** 2)
-  a[-1], sigmas = 1.0, np.append(sigmas[:-1], 0.0)  # the end: the clean latents
+  sigmas = np.append(np.asarray(sigmas, np.float64)[:-1], 0.0)  # the end: the clean latents
+  a = 1.0 / np.sqrt(1.0 + sigmas ** 2)
   return a, sigmas * a
 
 
