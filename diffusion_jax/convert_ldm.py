@@ -207,7 +207,7 @@ def unet_state(state: Mapping[str, Any], ema: bool = False) -> dict:
   """The U-Net's weights of a checkpoint (prefix stripped): model.diffusion_model.* (what SD's
   and diffusers' loaders take), or with `ema` the EMA copy LDM keeps beside them (`model_ema.`
   + the name without dots; an error if the file has none)."""
-  unet = {k[len(UNET_PREFIX):]: v for k, v in state.items() if k.startswith(UNET_PREFIX)}
+  unet = _under(state, UNET_PREFIX)
   if not ema:
     return unet
   copy = {k: state.get("model_ema." + ("diffusion_model." + k).replace(".", "")) for k in unet}
