@@ -7,6 +7,8 @@
 #   bash benchmarks/gpu.sh forward    # the sampler's network: upsample variants x batches, A/B
 #   bash benchmarks/gpu.sh best_sampling  # the 1000-step sampler, forward's fastest variant
 #   bash benchmarks/gpu.sh levers     # each lever alone (fp32, attention, prng, dispatch, remat..)
+#   bash benchmarks/gpu.sh warm levers text_to_image  # the same, compiled side by side first
+#                                     # (T2I_WARM=1: text_to_image's too), then timed one by one
 #   bash benchmarks/gpu.sh collect    # the lever runs' JSON as one file
 #   bash benchmarks/gpu.sh text_to_image  # SD 1.5's layout, random weights, ours vs diffusers
 # LEVERS="args;args;..." picks the lever runs (run.py arguments; leading VAR=value words are
@@ -32,6 +34,59 @@ fi
 [ -d /tmp/site ] && export PYTHONPATH=/tmp/site
 CFG=${CFG:-configs/cifar10_ddpm.py}
 RUN="$PY benchmarks/run.py --config=$CFG --batch_size=128 --out=$OUT"
+T2I=${T2I_ARGS:-"--layout=sd15 --batch=${T2I_BATCH:-8} --steps=50 --dtype=bfloat16"}
+T2I="$T2I --pipeline_dir=/tmp/${T2I_ARGS:+t2i_}sd15_pipeline"
+# JAX's persistent compilation cache: a step compiled once on this machine (`warm`) loads in
+# seconds in a later run, whose JSON then names the cache ("compilation_cache")
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+
+C10="--config=$CFG --batch_size=128 --precision=bf16 --nosample"
+# (the whole GPU: without the peer, JAX's pool is 75 % of it unless told)
+C256="XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 --config=configs/celebahq256_ddpm.py --batch_size=64
+  --precision=bf16 --nosample"
+DEFAULT_LEVERS="$C10 --precision=fp32 --tag=fp32; $C10 --prng=rbg --tag=prng_rbg;
+  $C10 --attention=cudnn --tag=attn_cudnn; $C10 --nofast_group_norm --tag=flax_groupnorm;
+  XLA_FLAGS=--xla_gpu_experimental_enable_conv_fusion=true $C10 --tag=xla_conv_fusion;
+  $C10 --steps_per_dispatch=4 --tag=dispatch4; $C10 --nodonate --tag=nodonate;
+  $C10 --upsample_conv=subpixel --tag=subpixel;
+  $C10 --gn_swish_vjp=on --tag=gn_swish_vjp; $C10 --tag=baseline;
+  $C10 --batch_size=256 --tag=b256; $C256 --remat --tag=remat_256; $C256 --tag=noremat_256"
+
+each_lever() {  # calls "$1 tag env-words... -- run.py-args..." for each lever in LEVERS (TAGS)
+  local list lever w tag envs args
+  IFS=';' read -rd '' -a list <<< "${LEVERS:-$DEFAULT_LEVERS}"
+  for lever in "${list[@]}"; do
+    envs=(); args=()
+    for w in $lever; do
+      if [[ $w =~ ^[A-Z_]+= ]]; then envs+=("$w"); else args+=("$w"); fi
+    done
+    [ ${#args[@]} -eq 0 ] && continue
+    tag=$(grep -o -- "--tag=[a-z0-9_]*" <<< "$lever" | cut -d= -f2)
+    [[ -n "${TAGS:-}" && " $TAGS " != *" $tag "* ]] && continue
+    "$1" "$tag" "${envs[@]}" -- "${args[@]}"
+  done
+}
+time_lever() {  # 20 timed steps, after the compile (or the cache's load)
+  local tag=$1; shift; local envs=(); while [ "$1" != -- ]; do envs+=("$1"); shift; done; shift
+  echo "--- ${envs[*]} $*"
+  if [ -f /tmp/levers/.warmed ] && [ ! -f "/tmp/levers/$tag.compiled" ]; then
+    echo "skipped: its compile did not finish in the warm stage"; return
+  fi
+  timeout ${LEVER_TIMEOUT:-110} env "${envs[@]}" $PY benchmarks/run.py "$@" --nopeer \
+    --train_steps=20 --out=/tmp/levers 2>&1 | grep -E "^RESULT|Error|error:" | tail -3
+  bash "$0" collect > /dev/null
+}
+compile_lever() {  # in the background: the train step compiled into the cache, nothing timed
+  local tag=$1; shift; local envs=(); while [ "$1" != -- ]; do envs+=("$1"); shift; done; shift
+  (if timeout ${WARM_TIMEOUT:-300} env "${envs[@]}" $PY benchmarks/run.py "$@" --nopeer \
+      --compile_only --out=/tmp/levers > "/tmp/levers/$tag.log" 2>&1; then
+     touch "/tmp/levers/$tag.compiled"
+   else
+     echo "$tag: no compile within ${WARM_TIMEOUT:-300} s"
+   fi
+   grep -E "^COMPILED|Error|error:" "/tmp/levers/$tag.log" | tail -3) &
+}
 
 for stage in "$@"; do
   echo "=== $stage"
@@ -66,31 +121,22 @@ torch.__version__, jax.devices())" 2>&1 | tail -1
       fi ;;
     levers)  # each lever alone against the headline's bf16 default, most telling first;
       # each run compiles its own step (~70 s on an H100), so a 10-minute slot holds ~5
-      C10="--config=$CFG --batch_size=128 --precision=bf16 --nosample"
-      C256="--config=configs/celebahq256_ddpm.py --batch_size=64 --precision=bf16 --nosample"
-      DEFAULT="$C10 --precision=fp32 --tag=fp32; $C10 --prng=rbg --tag=prng_rbg;
-        $C10 --attention=cudnn --tag=attn_cudnn; $C10 --nofast_group_norm --tag=flax_groupnorm;
-        XLA_FLAGS=--xla_gpu_experimental_enable_conv_fusion=true $C10 --tag=xla_conv_fusion;
-        $C10 --steps_per_dispatch=4 --tag=dispatch4; $C10 --nodonate --tag=nodonate;
-        $C10 --upsample_conv=subpixel --tag=subpixel;
-        $C10 --gn_swish_vjp=on --tag=gn_swish_vjp;
-        $C10 --batch_size=256 --tag=b256; $C256 --remat --tag=remat_256; $C256 --tag=noremat_256"
-      IFS=';' read -rd '' -a list <<< "${LEVERS:-$DEFAULT}"
-      for lever in "${list[@]}"; do
-        envs=(); args=()
-        for w in $lever; do
-          if [[ $w =~ ^[A-Z_]+= ]]; then envs+=("$w"); else args+=("$w"); fi
-        done
-        tag=$(grep -o -- "--tag=[a-z0-9_]*" <<< "$lever" | cut -d= -f2)
-        [[ -n "${TAGS:-}" && " $TAGS " != *" $tag "* ]] && continue
-        echo "--- ${envs[*]} ${args[*]}"
-        timeout ${LEVER_TIMEOUT:-110} env "${envs[@]}" $PY benchmarks/run.py "${args[@]}" --nopeer \
-          --train_steps=20 --out=/tmp/levers 2>&1 | grep -E "^RESULT|Error|error:" | tail -3
-        bash "$0" collect > /dev/null
-      done ;;
+      # (after `warm` in the same command, each loads its step from the cache instead)
+      each_lever time_lever ;;
+    warm)  # the levers' train steps (LEVERS, TAGS) and text_to_image's pipelines (T2I_WARM=1)
+      # compiled side by side into the compilation cache, nothing timed; the `levers` and
+      # `text_to_image` stages after it then time one run at a time, loading what they need
+      export XLA_PYTHON_CLIENT_PREALLOCATE=false  # several processes share the GPU
+      mkdir -p /tmp/levers && touch /tmp/levers/.warmed
+      if [ "${T2I_WARM:-0}" = 1 ]; then
+        (timeout ${WARM_TIMEOUT:-300} $PY benchmarks/text_to_image.py $T2I --calls=1 \
+          --out=/tmp/t2i_warm 2>&1 | grep -E "^ours|Error|error:" | sed "s/^/warm t2i: /") &
+      fi
+      each_lever compile_lever
+      wait
+      unset XLA_PYTHON_CLIENT_PREALLOCATE ;;
     text_to_image)  # needs transformers beside diffusers (a wheel in .whl/ if absent)
-      timeout 560 $PY benchmarks/text_to_image.py --layout=sd15 --batch=${T2I_BATCH:-8} \
-        --steps=50 --dtype=bfloat16 --out=$OUT 2>&1 | grep -E "^RESULT|^ours|^diffusers|Error" \
+      timeout ${T2I_TIMEOUT:-560} $PY benchmarks/text_to_image.py $T2I --out=$OUT 2>&1 | grep -E "^RESULT|^ours|^diffusers|Error" \
         | tail -5 ;;
     collect)  # the lever runs' JSON, one file
       $PY -c "import glob, json; json.dump([json.load(open(p)) for p in sorted(glob.glob(

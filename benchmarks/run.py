@@ -28,7 +28,8 @@ from diffusion_jax import huge_pages  # noqa: E402
 
 huge_pages.reexec_if_useful()  # as main.py: both frameworks then run with malloc on huge pages
 # JAX takes 75 % of GPU memory up front; leave room for PyTorch measured in the same process
-os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
+if "--nopeer" not in sys.argv:
+  os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -72,6 +73,9 @@ flags.DEFINE_enum("prng", "threefry2x32", ["threefry2x32", "rbg", "unsafe_rbg"],
 flags.DEFINE_integer("full_sample_batch", 0, "> 0: time the configured sampler (ancestral, "
                      "1000 steps) on one batch of this size; extrapolate to 50,000 images.")
 flags.DEFINE_string("tag", "", "Suffix of the result file (lever runs).")
+flags.DEFINE_bool("compile_only", False, "Compile the train step, print its compile time and "
+                  "stop: with JAX_COMPILATION_CACHE_DIR set, runs compiled side by side fill "
+                  "the cache that later runs, timed one at a time, load (benchmarks/gpu.sh warm).")
 flags.DEFINE_enum("torch_compile", "auto", ["auto", "on", "off"],
                   "auto: on GPU, and on CPU where a C++ compiler is found (inductor needs one).")
 flags.DEFINE_string("out", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
@@ -113,6 +117,8 @@ def bench_ours(config, batch):
     params = jax.tree.map(jnp.copy, state.ema_params)
     if FLAGS.train:
       res, timers["train"] = training_timer(tr, state, host)
+    if FLAGS.compile_only:
+      return res, timers
     if FLAGS.sample:
       apply, ddim, x, t = _sampling_fns(tr, host)
       timers["one_step"] = timing.Timer(lambda: apply(params, x, t), 5, jax.block_until_ready)
@@ -146,6 +152,8 @@ def training_timer(tr, state, host):
   t0 = time.perf_counter()
   fn = _train_fn(tr, k).lower(state, b).compile()
   compile_s = time.perf_counter() - t0
+  if FLAGS.compile_only:
+    return {"compile_s": compile_s}, None
   mem = fn.memory_analysis()  # XLA's buffer assignment: what the step needs beyond its inputs
   flops_step = summary.matmul_flops(tr.train_step, state,
                                     jax.tree.map(lambda x: x[0], b) if k > 1 else b)
@@ -326,12 +334,17 @@ def main(argv):
          "native_group_norm": FLAGS.native_group_norm,
          "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_version": jax.__version__,
          "python": platform.python_version(), "tag": FLAGS.tag,
-         "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
+         "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+         # set: compile_s may be a load from this cache (gpu.sh warm prints the compile times)
+         "compilation_cache": os.environ.get("JAX_COMPILATION_CACHE_DIR")}
   path = timing.result_path(FLAGS.out, kind, cfg_name, FLAGS.tag)
   os.makedirs(FLAGS.out, exist_ok=True)
   sides = {}
   if FLAGS.ours:
     ours, sides["ours"] = bench_ours(config, batch)
+    if FLAGS.compile_only:
+      print(f"COMPILED {cfg_name} b{batch} {FLAGS.tag or 'default'}: {ours['compile_s']:.1f} s")
+      return
     res.update(ours)
     if FLAGS.peer:  # ours alone, one round, kept on disk in case the peer takes the process down
       _write(path, dict(res, **timed_rounds(sides, batch, 1), provisional=True))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import string
 import sys
 import tempfile
@@ -44,6 +45,8 @@ flags.DEFINE_enum("attention", "auto", ["auto", "xla", "cudnn", "per_head"],
 flags.DEFINE_string("tag", "", "Suffix of the result file (lever runs).")
 flags.DEFINE_bool("torch_compile", True, "torch.compile diffusers' U-Net (GPU).")
 flags.DEFINE_string("out", "benchmarks/results", "Result directory.")
+flags.DEFINE_string("pipeline_dir", "", "Where the random-weight pipeline is written and kept "
+                    "(read if it is there already); empty: a temporary directory.")
 
 LAYOUTS = {
     "sd15": {
@@ -167,7 +170,10 @@ def main(argv):
          "guidance": "7.5 (one batch of 2B)",
          "jax_version": jax.__version__}
   with tempfile.TemporaryDirectory() as tmp:
-    src = write_pipeline(FLAGS.layout, os.path.join(tmp, "sd"))
+    src = FLAGS.pipeline_dir or os.path.join(tmp, "sd")
+    if not os.path.isdir(src):  # written beside it, then renamed: never read half-written
+      shutil.rmtree(src + ".partial", ignore_errors=True)
+      os.rename(write_pipeline(FLAGS.layout, src + ".partial"), src)
     res["ours"] = bench_ours(src)
     print("ours", res["ours"], flush=True)
     if FLAGS.peer:

@@ -82,3 +82,40 @@ def test_auto_keeps_a_sharded_batch_on_its_devices():
 def test_unknown_implementation_is_refused():
   with pytest.raises(ValueError, match="one of"):
     dot_product_attention(*_qkv(1, 4, 4, 1, 4), "flash")
+
+
+@pytest.mark.parametrize("t, s, d, dtype, flash", [
+    (4096, 4096, 40, jnp.bfloat16, True),    # Stable Diffusion 1.5's 64x64 level
+    (1024, 1024, 80, jnp.float16, True),     # its 32x32 level
+    (4096, 77, 40, jnp.bfloat16, False),     # cross-attention to the prompt: small logits
+    (256, 256, 256, jnp.bfloat16, False),    # the CIFAR-10 U-Net's one wide head
+    (256, 256, 160, jnp.bfloat16, False),    # head wider than 128
+    (4096, 4096, 40, jnp.float32, False),    # float32: no flash attention
+])
+def test_auto_on_gpu_takes_cudnn_flash_attention_for_long_self_attention(
+    monkeypatch, t, s, d, dtype, flash):
+  from diffusion_jax.models import attention
+  calls = []
+  monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(attention.jax.nn, "dot_product_attention",
+                      lambda q, k, v, implementation=None: calls.append(implementation) or q)
+  q = jax.ShapeDtypeStruct((2, t, 8, d), dtype)
+  k = jax.ShapeDtypeStruct((2, s, 8, d), dtype)
+  attention.dot_product_attention(q, k, k, "auto")
+  assert calls == (["cudnn"] if flash else ["xla"])
+
+
+def test_auto_on_gpu_falls_back_to_xla_where_cudnn_refuses(monkeypatch):
+  from diffusion_jax.models import attention
+  calls = []
+
+  def fake(q, k, v, implementation=None):
+    calls.append(implementation)
+    if implementation == "cudnn":
+      raise NotImplementedError("no cuDNN flash attention here")
+    return q
+  monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(attention.jax.nn, "dot_product_attention", fake)
+  q = jax.ShapeDtypeStruct((1, 4096, 8, 40), jnp.bfloat16)
+  attention.dot_product_attention(q, q, q, "auto")
+  assert calls == ["cudnn", "xla"]
