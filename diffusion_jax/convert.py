@@ -34,8 +34,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from diffusion_jax import checkpoints
-from diffusion_jax.convert_diffusers import (ConversionError, load_diffusers_unet,
-                                             scheduler_settings_file)
+from diffusion_jax.convert_diffusers import ConversionError, load_diffusers_unet
+from diffusion_jax.schedulers import scheduler_settings_file
 
 FLAGS = flags.FLAGS
 
@@ -98,7 +98,12 @@ def pipeline_schedule(src: str) -> dict | None:
   for path in (os.path.join(src, "scheduler", "scheduler_config.json"),
                os.path.join(src, "..", "scheduler", "scheduler_config.json")):
     if os.path.exists(path):
-      return scheduler_settings_file(path)
+      schedule = scheduler_settings_file(path)
+      if schedule["zero_snr"]:
+        raise ConversionError(f"{path}: rescale_betas_zero_snr=True, a schedule the trainer's "
+                              "config.diffusion cannot describe; run such a text-to-image "
+                              "pipeline with diffusion_jax.text_to_image")
+      return schedule
   return None
 
 

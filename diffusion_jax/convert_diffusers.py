@@ -55,12 +55,6 @@ def require_files(paths, hint: str) -> None:
       raise ConversionError(f"{path} not found: {hint}")
 
 
-def scheduler_settings_file(path: str) -> dict:
-  """scheduler_settings of a scheduler_config.json file."""
-  with open(path) as f:
-    return scheduler_settings(json.load(f))
-
-
 def check_diffusers_config(cfg: Mapping[str, Any], class_name: str,
                            required: Mapping[str, Any], ours: str) -> None:
   """Refuse a config.json of another class, or with a value that `ours` hard-codes otherwise."""
@@ -181,60 +175,6 @@ def _added_conditioning(cfg: Mapping[str, Any]) -> dict:
                           "'text_time')")
   return {"added_cond_dim": int(cfg["projection_class_embeddings_input_dim"]),
           "added_time_dim": int(cfg["addition_time_embed_dim"])}
-
-
-PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
-BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear",
-                  "squaredcos_cap_v2": "cosine"}  # diffusers' -> ours
-
-
-def scheduler_settings(cfg: dict) -> dict:
-  """The diffusion and DDIM conventions of a diffusers scheduler_config.json."""
-  prediction = cfg.get("prediction_type", "epsilon")
-  if prediction not in PREDICTION_TYPES:
-    raise ConversionError(f"prediction_type={prediction!r}: one of {tuple(PREDICTION_TYPES)}")
-  spacing = cfg.get("timestep_spacing")  # absent: each scheduler class's default
-  if spacing not in ("leading", "linspace", "trailing", None):
-    raise ConversionError(f"timestep_spacing={spacing!r}: one of leading, linspace, trailing")
-  if cfg.get("trained_betas") is not None:
-    raise ConversionError("trained_betas in scheduler_config.json are not supported")
-  schedule = cfg.get("beta_schedule", "linear")
-  if schedule not in BETA_SCHEDULES:
-    raise ConversionError(f"beta_schedule={schedule!r}: one of {tuple(BETA_SCHEDULES)}")
-  for key in ("thresholding", "rescale_betas_zero_snr"):
-    if cfg.get(key):
-      raise ConversionError(f"scheduler {key}=True is not implemented")
-  return {"beta_schedule": BETA_SCHEDULES[schedule],  # diffusers' defaults where absent
-          "beta_start": float(cfg.get("beta_start", 1e-4)),
-          "beta_end": float(cfg.get("beta_end", 0.02)),
-          "clip_sample": bool(cfg.get("clip_sample", True)),
-          "num_timesteps": int(cfg.get("num_train_timesteps", 1000)),
-          "mean_type": PREDICTION_TYPES[prediction],
-          "steps_offset": int(cfg.get("steps_offset", 0)),
-          "alpha_one_at_end": bool(cfg.get("set_alpha_to_one", True)),
-          "timestep_spacing": spacing, "scheduler": cfg.get("_class_name"),
-          "karras": bool(cfg.get("use_karras_sigmas")),
-          "lcm": {"original_steps": int(cfg.get("original_inference_steps", 50)),
-                  "timestep_scaling": float(cfg.get("timestep_scaling", 10.0))},
-          "unsupported": _unsupported_solver_options(cfg)}
-
-
-# Euler's and DPM-Solver++(2M)'s settings as ours run them (diffusers' defaults)
-SOLVER_DEFAULTS = {"interpolation_type": "linear", "final_sigmas_type": "zero",
-                   "timestep_type": "discrete", "algorithm_type": "dpmsolver++",
-                   "solver_order": 2, "solver_type": "midpoint", "euler_at_final": False,
-                   "use_lu_lambdas": False, "variance_type": None}
-
-
-def _unsupported_solver_options(cfg: dict) -> str | None:
-  """The scheduler config's options that make diffusers' Euler or DPM-Solver steps differ from
-  ours (other noise levels: exponential, beta sigmas; another solver), or None. (Karras'
-  sigmas: DPM-Solver's "karras" spacing.)"""
-  found = [f"use_{kind}_sigmas" for kind in ("exponential", "beta")
-           if cfg.get(f"use_{kind}_sigmas")]
-  found += [f"{k}={cfg[k]!r}" for k, v in SOLVER_DEFAULTS.items()
-            if cfg.get(k, v) != v]
-  return ", ".join(found) or None
 
 
 def unet_fields(model_cfg: Mapping[str, Any]) -> dict:

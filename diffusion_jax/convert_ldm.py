@@ -301,17 +301,31 @@ def split_single_file(state: Mapping[str, Any], ema: bool = False) -> dict:
   return parts
 
 
-def is_sdxl_file(path: str) -> bool:
-  """Whether a .safetensors file holds SDXL base's second text encoder (read from its header
-  alone)."""
+def _header_keys(path: str) -> list[str]:
+  """The tensor names of a .safetensors file (its header alone), or [] where it is none."""
   from safetensors import safe_open
   if not (path.endswith(".safetensors") and os.path.isfile(path)):
-    return False
+    return []
   try:
     with safe_open(path, "numpy") as f:
-      return any(k.startswith(SDXL_OPEN_CLIP_PREFIX) for k in f.keys())
+      return list(f.keys())
   except Exception:  # single_file_parts names what is wrong with the file
-    return False
+    return []
+
+
+def is_sdxl_file(path: str) -> bool:
+  """Whether a .safetensors file holds SDXL base's second text encoder."""
+  return any(k.startswith(SDXL_OPEN_CLIP_PREFIX) for k in _header_keys(path))
+
+
+# Empty tensors some single files carry to say how they were trained (ComfyUI's convention):
+# "v_pred" v prediction, with "ztsnr" also zero terminal SNR (e.g. v-prediction SDXL finetunes)
+SCHEDULE_MARKERS = ("v_pred", "ztsnr")
+
+
+def schedule_markers(path: str) -> set[str]:
+  """Which of SCHEDULE_MARKERS a single file holds."""
+  return set(SCHEDULE_MARKERS) & set(_header_keys(path))
 
 
 def single_file_parts(path: str, prediction_type: str = "epsilon", heads: dict | None = None,

@@ -47,6 +47,16 @@ def get_beta_schedule(name: str, num_timesteps: int = 1000, beta_start: float = 
   return betas
 
 
+def rescale_zero_terminal_snr(betas) -> np.ndarray:
+  """Betas whose alphabar_T is exactly 0 (Lin et al. 2023, Algorithm 1): sqrt(alphabar) shifted
+  so that its last value is 0 and scaled so that its first is unchanged; beta_T becomes 1. The
+  last step then sees pure noise, as sampling starts (the sampler must read v predictions)."""
+  sqrt_ab = np.sqrt(np.cumprod(1.0 - np.asarray(betas, np.float64)))
+  first, last = sqrt_ab[0], sqrt_ab[-1]
+  ab = ((sqrt_ab - last) * first / (first - last)) ** 2
+  return 1.0 - np.append(ab[0], ab[1:] / ab[:-1])
+
+
 # ----------------------------------------------------------------------------- Gaussians
 def normal_kl(mean1, logvar1, mean2, logvar2):
   """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats."""
@@ -110,8 +120,9 @@ class GaussianDiffusion:
     c["sqrt_alphas_cumprod"] = np.sqrt(ac)
     c["sqrt_one_minus_alphas_cumprod"] = np.sqrt(1.0 - ac)
     c["log_one_minus_alphas_cumprod"] = np.log(1.0 - ac)
-    c["sqrt_recip_alphas_cumprod"] = np.sqrt(1.0 / ac)
-    c["sqrt_recipm1_alphas_cumprod"] = np.sqrt(1.0 / ac - 1)
+    with np.errstate(divide="ignore"):  # inf at alphabar_T = 0 (zero terminal SNR)
+      c["sqrt_recip_alphas_cumprod"] = np.sqrt(1.0 / ac)
+      c["sqrt_recipm1_alphas_cumprod"] = np.sqrt(1.0 / ac - 1)
     # posterior q(x_{t-1} | x_t, x_0), eqs. 6-7
     c["posterior_variance"] = pv = betas * (1.0 - ac_prev) / (1.0 - ac)
     # log of the posterior variance, clipped because it is 0 at the start of the chain

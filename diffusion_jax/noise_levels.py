@@ -19,9 +19,21 @@ def karras_sigmas(sigma_min: float, sigma_max: float, num_steps: int, rho: float
   return (hi + np.linspace(0.0, 1.0, num_steps) * (lo - hi)) ** rho
 
 
+# alphabar_T of a zero-terminal-SNR schedule (0) as diffusers' Euler and DPM-Solver schedulers
+# take it (rescale_betas_zero_snr): sigma_T = 4096, not infinite
+ZERO_SNR_ALPHABAR = 2.0 ** -24
+
+
+def alphas_cumprod(diffusion) -> np.ndarray:
+  """alphabar_t (float64) for the samplers that work in noise levels or log-SNR, an alphabar of
+  exactly 0 (zero terminal SNR) taken as ZERO_SNR_ALPHABAR; DDIM and LCM read it as it is."""
+  ab = np.asarray(diffusion.coefs["alphas_cumprod"], np.float64)
+  return np.where(ab == 0.0, ZERO_SNR_ALPHABAR, ab)
+
+
 def noise_levels(diffusion) -> np.ndarray:
   """sigma_t = sqrt((1 - alphabar_t) / alphabar_t), increasing in t (float64)."""
-  ab = np.asarray(diffusion.coefs["alphas_cumprod"], np.float64)
+  ab = alphas_cumprod(diffusion)
   return np.sqrt((1.0 - ab) / ab)
 
 

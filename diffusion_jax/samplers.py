@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.diffusion import DenoiseFn, GaussianDiffusion
-from diffusion_jax.noise_levels import (after_step, ddim_update, karras_timesteps,
-                                        start_at_level)
+from diffusion_jax.noise_levels import (after_step, alphas_cumprod, ddim_update,
+                                        karras_timesteps, start_at_level)
 
 METHODS = ("ancestral", "ddim", "dpm_solver")
 SPACINGS = ("uniform", "quadratic")  # DDIM's (DPM-Solver's: DPM_SPACINGS)
@@ -199,7 +199,7 @@ def dpm_solver_timesteps(diffusion, num_steps: int, spacing: str = "logsnr",
     return np.append(ts, -1).astype(np.int32)
   if spacing != "logsnr":
     raise ValueError(f"unknown DPM-Solver spacing {spacing!r}; choose one of {DPM_SPACINGS}")
-  ab = diffusion.coefs["alphas_cumprod"]
+  ab = alphas_cumprod(diffusion)
   lam = 0.5 * (np.log(ab) - np.log1p(-ab))  # increasing as t decreases
   grid = np.linspace(lam[-1], lam[0], num_steps + 1)
   ts = np.abs(lam[None, :] - grid[:, None]).argmin(axis=1)
@@ -219,7 +219,7 @@ def dpm_solver_levels(diffusion, num_steps: int, spacing: str = "logsnr",
     alpha = 1.0 / np.sqrt(1.0 + levels ** 2)
     return ts, alpha, levels * alpha
   ts = dpm_solver_timesteps(diffusion, num_steps, spacing, steps_offset)
-  ab = np.append(1.0, diffusion.coefs["alphas_cumprod"])[ts + 1]  # alphabar(-1) = 1
+  ab = np.append(1.0, alphas_cumprod(diffusion))[ts + 1]  # alphabar(-1) = 1
   return ts[:-1], np.sqrt(ab), np.sqrt(1.0 - ab)
 
 
@@ -239,7 +239,9 @@ def dpm_solver_sample(diffusion, denoise_fn, x_T, key=None, num_steps: int = 20,
   x_T at level skip (img2img; diffusers' set_begin_index: the first of them first order).
   """
   del key  # deterministic given x_T
-  karras = spacing == "karras"
+  # x_0 at the chain's own levels: Karras', or a zero-terminal-SNR schedule's (alpha_T = 2^-12,
+  # as diffusers'); else from the timestep's alphabar
+  own_levels = spacing == "karras" or diffusion.coefs["alphas_cumprod"][-1] == 0.0
   ts, alpha, sigma = dpm_solver_levels(diffusion, num_steps, spacing, steps_offset)
   if not 0 <= skip < (num_steps if stop is None else stop) <= num_steps:
     raise ValueError(f"steps [{skip}, {stop}) of {num_steps}")
@@ -261,7 +263,7 @@ def dpm_solver_sample(diffusion, denoise_fn, x_T, key=None, num_steps: int = 20,
     x, x0_prev = carry
     t, s_ratio, ph, ri, use_second, alpha_t, sigma_t, i = inputs
     tb = _batch_t(t, x)
-    if karras:
+    if own_levels:
       x0 = start_at_level(diffusion, denoise_fn(x, tb), x, alpha_t, sigma_t, clip_denoised)
     else:
       _, x0 = diffusion.predict_eps_and_start(denoise_fn(x, tb), x, tb, clip_denoised)

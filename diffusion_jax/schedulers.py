@@ -1,6 +1,6 @@
 """diffusers' schedulers, as a pipeline's scheduler_config.json describes them
-(convert_diffusers.scheduler_settings), run by our samplers: which method a config means, which
-of its options ours cannot follow, and the chain itself.
+(`scheduler_settings`), run by our samplers: which method a config means, which of its options
+ours cannot follow, and the chain itself.
 
 - "ddim": DDIMScheduler (its betas, steps_offset, set_alpha_to_one, clip_sample, and the
   "leading", "linspace" or "trailing" timesteps, each step to t - T // n as diffusers' steps);
@@ -14,17 +14,24 @@ of its options ours cannot follow, and the chain itself.
   whatever the config says ("DPM++ 2M Karras");
 - "lcm": LCMScheduler, Latent Consistency Models' few-step sampler (lcm.py; LCM-LoRA's, with a
   guidance scale of 1-2 and 2-8 steps).
+rescale_betas_zero_snr (Lin et al. 2023; v-prediction models): the betas rescaled so that
+alphabar_T = 0 (`betas`), which DDIM and LCM read as it is and Euler and DPM-Solver as 2^-24,
+as diffusers' schedulers do (noise_levels.alphas_cumprod).
 By default the method is the config's class where it is one of these, else DDIM; where the
 config sets an option ours do not implement, the default is DDIM (with a warning) and asking
 for the method by name is refused.
 """
 from __future__ import annotations
 
+import json
+
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from diffusion_jax import diffusion as dm
 from diffusion_jax import noise_levels, samplers
+from diffusion_jax.convert_diffusers import ConversionError
 
 METHODS = ("ddim", "euler", "euler_ancestral", "dpm_solver", "dpm_solver_karras", "lcm")
 SCHEDULER_METHODS = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
@@ -32,6 +39,82 @@ SCHEDULER_METHODS = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
                      "DPMSolverMultistepScheduler": "dpm_solver", "LCMScheduler": "lcm"}
 LCM_WHOLE_CHAINS = ("LCM runs whole chains here: img2img, inpainting (with strength < 1 or a "
                     "plain U-Net) and denoising_start / _end need another method")
+
+
+def scheduler_settings_file(path: str) -> dict:
+  """scheduler_settings of a scheduler_config.json file."""
+  with open(path) as f:
+    return scheduler_settings(json.load(f))
+
+
+
+
+PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear",
+                  "squaredcos_cap_v2": "cosine"}  # diffusers' -> ours
+
+
+def scheduler_settings(cfg: dict) -> dict:
+  """The diffusion and sampler conventions of a diffusers scheduler_config.json
+  (rescale_betas_zero_snr: `betas` rescales them)."""
+  prediction = cfg.get("prediction_type", "epsilon")
+  if prediction not in PREDICTION_TYPES:
+    raise ConversionError(f"prediction_type={prediction!r}: one of {tuple(PREDICTION_TYPES)}")
+  spacing = cfg.get("timestep_spacing")  # absent: each scheduler class's default
+  if spacing not in ("leading", "linspace", "trailing", None):
+    raise ConversionError(f"timestep_spacing={spacing!r}: one of leading, linspace, trailing")
+  if cfg.get("trained_betas") is not None:
+    raise ConversionError("trained_betas in scheduler_config.json are not supported")
+  schedule = cfg.get("beta_schedule", "linear")
+  if schedule not in BETA_SCHEDULES:
+    raise ConversionError(f"beta_schedule={schedule!r}: one of {tuple(BETA_SCHEDULES)}")
+  if cfg.get("thresholding"):
+    raise ConversionError("scheduler thresholding=True is not implemented")
+  zero_snr = bool(cfg.get("rescale_betas_zero_snr"))
+  if zero_snr and prediction != "v_prediction":
+    raise ConversionError(
+        f"rescale_betas_zero_snr=True with prediction_type={prediction!r}: at zero terminal SNR "
+        "the last step sees pure noise, from which only a v-prediction model gives x_0 (Lin et "
+        "al. 2023); such checkpoints are v_prediction: set prediction_type so")
+  return {"beta_schedule": BETA_SCHEDULES[schedule],  # diffusers' defaults where absent
+          "beta_start": float(cfg.get("beta_start", 1e-4)),
+          "beta_end": float(cfg.get("beta_end", 0.02)),
+          "clip_sample": bool(cfg.get("clip_sample", True)),
+          "num_timesteps": int(cfg.get("num_train_timesteps", 1000)),
+          "mean_type": PREDICTION_TYPES[prediction],
+          "steps_offset": int(cfg.get("steps_offset", 0)),
+          "alpha_one_at_end": bool(cfg.get("set_alpha_to_one", True)),
+          "timestep_spacing": spacing, "scheduler": cfg.get("_class_name"),
+          "karras": bool(cfg.get("use_karras_sigmas")), "zero_snr": zero_snr,
+          "lcm": {"original_steps": int(cfg.get("original_inference_steps", 50)),
+                  "timestep_scaling": float(cfg.get("timestep_scaling", 10.0))},
+          "unsupported": _unsupported_solver_options(cfg)}
+
+
+# Euler's and DPM-Solver++(2M)'s settings as ours run them (diffusers' defaults)
+SOLVER_DEFAULTS = {"interpolation_type": "linear", "final_sigmas_type": "zero",
+                   "timestep_type": "discrete", "algorithm_type": "dpmsolver++",
+                   "solver_order": 2, "solver_type": "midpoint", "euler_at_final": False,
+                   "use_lu_lambdas": False, "variance_type": None}
+
+
+def _unsupported_solver_options(cfg: dict) -> str | None:
+  """The scheduler config's options that make diffusers' Euler or DPM-Solver steps differ from
+  ours (other noise levels: exponential, beta sigmas; another solver), or None. (Karras'
+  sigmas: DPM-Solver's "karras" spacing.)"""
+  found = [f"use_{kind}_sigmas" for kind in ("exponential", "beta")
+           if cfg.get(f"use_{kind}_sigmas")]
+  found += [f"{k}={cfg[k]!r}" for k, v in SOLVER_DEFAULTS.items()
+            if cfg.get(k, v) != v]
+  return ", ".join(found) or None
+
+
+def betas(schedule: dict) -> np.ndarray:
+  """The schedule's betas; with zero_snr (diffusers' rescale_betas_zero_snr) rescaled to zero
+  terminal SNR (diffusion.rescale_zero_terminal_snr)."""
+  b = dm.get_beta_schedule(schedule["beta_schedule"], schedule["num_timesteps"],
+                           schedule["beta_start"], schedule["beta_end"])
+  return dm.rescale_zero_terminal_snr(b) if schedule.get("zero_snr") else b
 
 
 def spacing(schedule: dict, method: str) -> str:

@@ -58,14 +58,14 @@ class StableDiffusion:
     return load_pipeline(src, dtype, mesh, tokenizer, attention, controlnet)
 
   @classmethod
-  def load_single_file(cls, path: str, tokenizer, prediction_type: str = "epsilon",
+  def load_single_file(cls, path: str, tokenizer, prediction_type: str | None = None,
                        dtype: str = "float32", mesh=None, heads: dict | None = None,
                        text_heads: int | None = None, ema: bool = False,
-                       tokenizer_2=None) -> "StableDiffusion":
+                       tokenizer_2=None, zero_snr: bool | None = None) -> "StableDiffusion":
     """An SD 1.x/2.x/XL single-file checkpoint (stable_diffusion_loading.load_single_file)."""
     from diffusion_jax.stable_diffusion_loading import load_single_file
     return load_single_file(path, tokenizer, prediction_type, dtype, mesh, heads, text_heads,
-                            ema, tokenizer_2)
+                            ema, tokenizer_2, zero_snr)
 
   def with_lora(self, path: str, weight: float = 1.0) -> "StableDiffusion":
     """This pipeline with a LoRA file's changes merged into its U-Net and text encoder(s),

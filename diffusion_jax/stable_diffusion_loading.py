@@ -10,14 +10,12 @@ import os
 import jax
 
 from diffusion_jax import diffusion as dm
-from diffusion_jax import parallel, sdxl
+from diffusion_jax import parallel, schedulers, sdxl
 from diffusion_jax.convert_autoencoder import load_autoencoder
 from diffusion_jax.convert_clip import load_text_encoder, load_tokenizer
 from diffusion_jax.convert_diffusers import (ConversionError, load_diffusers_controlnet,
-                                             load_diffusers_unet, require_files,
-                                             scheduler_settings, scheduler_settings_file,
-                                             unet_fields)
-from diffusion_jax.convert_ldm import is_sdxl_file, single_file_parts
+                                             load_diffusers_unet, require_files, unet_fields)
+from diffusion_jax.convert_ldm import is_sdxl_file, schedule_markers, single_file_parts
 from diffusion_jax.latent import FirstStage
 from diffusion_jax.models import DTYPES, UNet
 from diffusion_jax.models.autoencoder import AutoencoderKL
@@ -36,7 +34,7 @@ def load_pipeline(src: str, dtype: str = "float32", mesh=None, tokenizer=None,
   require_files([sched_path], "--src must be a diffusers Stable Diffusion pipeline directory "
                 "(text_encoder/, tokenizer/, unet/, vae/, scheduler/) or a single "
                 ".safetensors checkpoint")
-  schedule = scheduler_settings_file(sched_path)
+  schedule = schedulers.scheduler_settings_file(sched_path)
   parts = sdxl.pipeline_options(src) if sdxl.is_sdxl(src) else {}  # and SDXL's second encoder
   refiner = parts.get("aesthetic", False)  # bigG alone
   text = None if refiner else load_text_encoder(os.path.join(src, "text_encoder"))
@@ -62,18 +60,20 @@ SDXL_SCHEDULE = dict(SD_SCHEDULE, _class_name="EulerDiscreteScheduler",
                      timestep_spacing="leading", interpolation_type="linear")
 
 
-def load_single_file(path: str, tokenizer, prediction_type: str = "epsilon",
+def load_single_file(path: str, tokenizer, prediction_type: str | None = None,
                      dtype: str = "float32", mesh=None, heads: dict | None = None,
                      text_heads: int | None = None, ema: bool = False,
-                     tokenizer_2=None) -> StableDiffusion:
+                     tokenizer_2=None, zero_snr: bool | None = None) -> StableDiffusion:
   """A Stable Diffusion 1.x/2.x/XL single-file checkpoint (CompVis' or Stability's naming,
   .safetensors) with the tokenizer (a CLIPTokenizer, or the path of its vocab.json/merges.txt
   folder), and for SDXL (conditioner.embedders.*) tokenizer_2, OpenCLIP bigG's (pads with
   "!"). The scheduler is the model's: SD 1.x/2.x's DDIM (scaled_linear 0.00085 -> 0.012,
   steps_offset 1, set_alpha_to_one False), SDXL's Euler; `prediction_type` "epsilon" or
-  "v_prediction" (the file does not say); heads, text_heads: the attention heads where they
-  are not Stable Diffusion's (convert_ldm); ema: the file's model_ema.* U-Net instead of
-  model.diffusion_model.*. The native size is 512 (768 for v prediction, SD 2.x's 768-v;
+  "v_prediction", and `zero_snr` (the betas rescaled to zero terminal SNR, diffusers'
+  rescale_betas_zero_snr): None reads them from the file's "v_pred" / "ztsnr" markers
+  (convert_ldm.SCHEDULE_MARKERS), else epsilon without; heads, text_heads: the attention heads
+  where they are not Stable Diffusion's (convert_ldm); ema: the file's model_ema.* U-Net
+  instead of model.diffusion_model.*. The native size is 512 (768 for v prediction, SD 2.x's 768-v;
   1024 for SDXL). The tokenizers must be the model's own (SD 2.x's pads with "!", 1.x's with
   <|endoftext|>)."""
   load = lambda t: load_tokenizer(t) if isinstance(t, str) else t
@@ -81,12 +81,16 @@ def load_single_file(path: str, tokenizer, prediction_type: str = "epsilon",
     raise ConversionError("an SDXL single file needs its second tokenizer too (OpenCLIP "
                           "bigG's, e.g. an SDXL pipeline's tokenizer_2/): tokenizer_2=DIR, "
                           "--tokenizer_2=DIR")
+  markers = schedule_markers(path)
+  if prediction_type is None:
+    prediction_type = "v_prediction" if "v_pred" in markers else "epsilon"
   parts = single_file_parts(path, prediction_type, heads, text_heads, ema)
   xl = {}
   if "text_2" in parts:
     xl = {"text_2": parts["text_2"], "tokenizer_2": load(tokenizer_2), "zero_negative": True}
-  schedule = scheduler_settings(dict(SDXL_SCHEDULE if xl else SD_SCHEDULE,
-                                     prediction_type=prediction_type))
+  schedule = schedulers.scheduler_settings(dict(
+      SDXL_SCHEDULE if xl else SD_SCHEDULE, prediction_type=prediction_type,
+      rescale_betas_zero_snr="ztsnr" in markers if zero_snr is None else zero_snr))
   return assemble(load(tokenizer), parts["text"], parts["unet"], parts["vae"], schedule, dtype,
                   mesh, **xl)
 
@@ -96,7 +100,7 @@ def assemble(tokenizer, text, unet, vae, schedule: dict, dtype: str = "float32",
              zero_negative: bool = False, controlnet=None,
              aesthetic: bool = False) -> StableDiffusion:
   """The pipeline from converted parts: text = (fields, params), unet = (fields, params),
-  vae = (fields, params, scaling), schedule = convert_diffusers.scheduler_settings(...);
+  vae = (fields, params, scaling), schedule = schedulers.scheduler_settings(...);
   SDXL's: text_2 = (fields, params) and tokenizer_2, its second encoder; aesthetic: the
   refiner's conditioning, text and tokenizer None; controlnet = [(fields, params)] of the
   ControlNets (convert_diffusers.load_diffusers_controlnet)."""
@@ -119,10 +123,7 @@ def assemble(tokenizer, text, unet, vae, schedule: dict, dtype: str = "float32",
                           f"encoder gives {text_fields['width']}")
   mesh = mesh or parallel.make_mesh()
   compute = DTYPES[dtype]
-  diffusion = dm.GaussianDiffusion(
-      dm.get_beta_schedule(schedule["beta_schedule"], schedule["num_timesteps"],
-                           schedule["beta_start"], schedule["beta_end"]),
-      mean_type=schedule["mean_type"])
+  diffusion = dm.GaussianDiffusion(schedulers.betas(schedule), mean_type=schedule["mean_type"])
   replicate = lambda tree: jax.device_put(tree, parallel.replicated(mesh))
   first_stage = FirstStage(AutoencoderKL(**vae_fields, dtype=compute, attention=attention),
                            replicate(vae_params), mesh, scaling["scale_factor"] or 0.18215,

@@ -42,7 +42,8 @@ def main(argv):
                               "Stable Diffusion pipeline's tokenizer/)")
       pipe = StableDiffusion.load_single_file(FLAGS.src, FLAGS.tokenizer, FLAGS.prediction_type,
                                               FLAGS.dtype, ema=FLAGS.ema,
-                                              tokenizer_2=FLAGS.tokenizer_2)
+                                              tokenizer_2=FLAGS.tokenizer_2,
+                                              zero_snr=FLAGS.zero_snr)
     else:
       pipe = StableDiffusion.load(FLAGS.src, FLAGS.dtype, controlnet=FLAGS.controlnet)
     for path in FLAGS.lora or ():
@@ -108,8 +109,12 @@ if __name__ == "__main__":
   flags.DEFINE_string("tokenizer_2", None, "With an SDXL single file: its second tokenizer "
                       "folder (OpenCLIP bigG's, e.g. an SDXL pipeline's tokenizer_2/).")
   flags.DEFINE_bool("ema", False, "With a single file: its model_ema.* U-Net.")
-  flags.DEFINE_enum("prediction_type", "epsilon", ["epsilon", "v_prediction"],
-                    "With a single file: what its U-Net predicts.")
+  flags.DEFINE_enum("prediction_type", None, ["epsilon", "v_prediction"],
+                    "With a single file: what its U-Net predicts (default: v_prediction where "
+                    "the file holds a 'v_pred' marker, else epsilon).")
+  flags.DEFINE_bool("zero_snr", None, "With a single file: its betas rescaled to zero "
+                    "terminal SNR (diffusers' rescale_betas_zero_snr; default: where the file "
+                    "holds a 'ztsnr' marker).")
   flags.DEFINE_multi_string("prompt", None, "Prompt (repeat the flag for several).")
   flags.DEFINE_string("negative_prompt", None, "The unconditional prompt of guidance (default: "
                       "the empty prompt; SDXL: zeros, as its pipeline).")

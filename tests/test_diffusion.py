@@ -32,6 +32,26 @@ def test_schedules():
     dm.get_beta_schedule("sigmoid")
 
 
+def test_zero_terminal_snr_rescale_is_lin_et_al_algorithm_1():
+  """rescale_zero_terminal_snr: alphabar_T exactly 0, alphabar_1 unchanged, sqrt(alphabar) an
+  affine map of the original's (Lin et al. 2023, Algorithm 1), beta_T = 1; the diffusion built
+  from it reads v predictions at t = T (x_0 = -v, eps = x_T)."""
+  b = dm.get_beta_schedule("scaled_linear", 1000, 0.00085, 0.012)
+  z = dm.rescale_zero_terminal_snr(b)
+  ab, ab_z = np.cumprod(1 - b), np.cumprod(1 - z)
+  assert ab_z[-1] == 0.0 and z[-1] == 1.0 and np.all((z > 0) & (z <= 1))
+  np.testing.assert_allclose(ab_z[0], ab[0], rtol=1e-12)
+  slope, intercept = np.polyfit(np.sqrt(ab), np.sqrt(ab_z), 1)
+  np.testing.assert_allclose(np.sqrt(ab_z), slope * np.sqrt(ab) + intercept, atol=1e-12)
+  assert np.all(np.diff(ab_z) < 0)  # still a noising process
+  d = dm.GaussianDiffusion(z, mean_type="v")
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 3, 1)), jnp.float32)
+  v = jnp.asarray(np.random.default_rng(1).normal(size=(2, 3, 3, 1)), jnp.float32)
+  eps, x0 = d.predict_eps_and_start(v, x, jnp.full((2,), 999))
+  np.testing.assert_array_equal(x0, -v)
+  np.testing.assert_array_equal(eps, x)
+
+
 def test_bad_options_are_named():
   with pytest.raises(ValueError, match="mean_type='velocity'"):
     make(mean_type="velocity")

@@ -309,6 +309,41 @@ def test_euler_schedulers_are_ddim_written_in_sigma(ancestral, spacing, karras):
 
 
 @pytest.mark.parity
+@pytest.mark.parametrize("spacing", ["leading", "trailing"])
+def test_zero_terminal_snr_noise_levels_are_diffusers(spacing):
+  """With alphabar_T = 0 (rescale_betas_zero_snr), Euler's levels and start scale, and
+  DPM-Solver's alpha and sigma, are diffusers' (alphabar_T read as 2^-24: sigma_T = 4096)."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  betas = dm.rescale_zero_terminal_snr(dm.get_beta_schedule("scaled_linear", 1000, 0.00085,
+                                                            0.012))
+  from diffusers.schedulers.scheduling_ddim import rescale_zero_terminal_snr
+  theirs = rescale_zero_terminal_snr(torch.from_numpy(dm.get_beta_schedule(
+      "scaled_linear", 1000, 0.00085, 0.012))).numpy()
+  np.testing.assert_allclose(betas, theirs, rtol=0, atol=1e-13)
+  d = dm.GaussianDiffusion(betas, mean_type="v")
+  kw = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+            timestep_spacing=spacing, steps_offset=int(spacing == "leading"),
+            rescale_betas_zero_snr=True, prediction_type="v_prediction")
+  euler = diffusers.EulerDiscreteScheduler(**kw)
+  euler.set_timesteps(6)
+  ts, sigmas = noise_levels.euler_levels(d, 6, spacing, kw["steps_offset"])
+  np.testing.assert_allclose(ts, euler.timesteps.numpy(), atol=1e-3)
+  np.testing.assert_allclose(sigmas, euler.sigmas.numpy(), rtol=5e-5)
+  scale = noise_levels.euler_start_scale(sigmas, spacing)
+  np.testing.assert_allclose(scale * np.sqrt(sigmas[0] ** 2 + 1), euler.init_noise_sigma,
+                             rtol=5e-5)
+  assert (sigmas[0] > 4000) == (spacing == "trailing")  # trailing starts at t = 999
+  dpm = diffusers.DPMSolverMultistepScheduler(**kw)
+  dpm.set_timesteps(6)
+  ts, alpha, sigma = samplers.dpm_solver_levels(d, 6, spacing, kw["steps_offset"])
+  np.testing.assert_array_equal(ts, dpm.timesteps.numpy())
+  np.testing.assert_allclose(alpha[:-1], dpm.alpha_t[ts].numpy(), rtol=1e-5)
+  np.testing.assert_allclose(sigma[:-1], dpm.sigma_t[ts].numpy(), rtol=1e-5)
+  assert np.isfinite(np.log(alpha[:-1])).all()
+
+
+@pytest.mark.parity
 @pytest.mark.parametrize("spacing,num_steps,eta", [("leading", 7, 0.0), ("linspace", 7, 0.0),
                                                    ("trailing", 7, 1.0), ("trailing", 6, 0.0)])
 def test_ddim_with_diffusers_spacings_is_ddim_scheduler(spacing, num_steps, eta):

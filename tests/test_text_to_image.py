@@ -224,6 +224,17 @@ def test_single_file_checkpoint_gives_the_pipelines_images(epsilon_pipeline_dir,
   from diffusion_jax.convert_diffusers import ConversionError
   with pytest.raises(ConversionError, match="32-wide context is neither"):
     StableDiffusion.load_single_file(path, str(src / "tokenizer"))
+  # ComfyUI's markers: "v_pred" (v prediction), "ztsnr" (zero terminal SNR), unless told
+  marked = str(tmp_path / "sd-mini-vpred-ztsnr.safetensors")
+  save_file(dict({k: np.ascontiguousarray(v) for k, v in state.items()},
+                 v_pred=np.zeros(0, np.float32), ztsnr=np.zeros(0, np.float32)), marked)
+  load = lambda **kw: StableDiffusion.load_single_file(
+      marked, str(src / "tokenizer"), heads={"num_heads": 4}, text_heads=4, **kw)
+  vz, v_only = load(), load(zero_snr=False)
+  assert vz.diffusion.mean_type == v_only.diffusion.mean_type == "v"
+  assert vz.diffusion.coefs["alphas_cumprod"][-1] == 0.0 < v_only.diffusion.coefs[
+      "alphas_cumprod"][-1]
+  assert ours.diffusion.mean_type == "eps"  # no markers: as it was told
 
 
 def test_img2img_gives_diffusers_img2img_images(pipeline_dir):
@@ -376,6 +387,46 @@ def test_dpm_solver_gives_diffusers_multistep_scheduler_latents(epsilon_pipeline
   diff_k = np.abs(got_k - want_k.numpy().transpose(0, 2, 3, 1)).max()
   print(f"DPM++ 2M Karras latents: max |ours - diffusers| = {diff_k:.3g}")
   assert diff_k < 1e-4 < np.abs(got_k - got).max()
+
+
+def test_zero_terminal_snr_gives_diffusers_latents(pipeline_dir, tmp_path):
+  """A scheduler config with rescale_betas_zero_snr and "trailing" timesteps (Lin et al.
+  2023's recipe, with guidance_rescale 0.7): DDIM, Euler and DPM-Solver give diffusers'
+  latents, the first step at alphabar_T = 0; an epsilon model's such config is refused."""
+  import json
+  import shutil
+  from diffusion_jax.convert_diffusers import ConversionError
+  src, pipe = pipeline_dir
+  copy = tmp_path / "zsnr"
+  shutil.copytree(src, copy)
+  cfg = {k: v for k, v in pipe.scheduler.config.items()  # from_config resets those it names
+         if k != "_use_default_values"}
+  cfg.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+  (copy / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg))
+  if cfg["prediction_type"] == "epsilon":
+    with pytest.raises(ConversionError, match="rescale_betas_zero_snr=True with prediction"):
+      StableDiffusion.load(str(copy))
+    return
+  ours = StableDiffusion.load(str(copy))
+  assert ours.diffusion.coefs["alphas_cumprod"][-1] == 0.0
+  prompts = ["the man on a photo", "an orange cat!"]
+  latents = np.random.default_rng(3).normal(size=(2, 8, 8, 4)).astype(np.float32)
+  kw = dict(num_inference_steps=4, guidance_scale=5.0, guidance_rescale=0.7,
+            output_type="latent", latents=torch.from_numpy(latents.transpose(0, 3, 1, 2)))
+  for cls, method in ((diffusers.DDIMScheduler, "ddim"),
+                      (diffusers.EulerDiscreteScheduler, "euler"),
+                      (diffusers.DPMSolverMultistepScheduler, "dpm_solver")):
+    run = lambda **over: diffusers.StableDiffusionPipeline(**dict(
+        pipe.components, scheduler=cls.from_config(cfg, **over)))(
+            prompts, **kw).images.numpy().transpose(0, 2, 3, 1)
+    want, plain = run(), run(rescale_betas_zero_snr=False)
+    got = ours.generate(prompts, num_steps=4, guidance_scale=5.0, guidance_rescale=0.7,
+                        latents=latents, method=method, decode=False)
+    diff, moved = np.abs(got - want).max(), np.abs(plain - want).max()
+    print(f"zero terminal SNR, {method}: max |ours - diffusers| = {diff:.3g} (without the "
+          f"rescale diffusers' move {moved:.3g})")
+    # Euler: diffusers' float32 step from sigma_T = 4096 keeps ~4096 * 6e-8 of the latents
+    assert np.isfinite(got).all() and diff < (4e-4 if method == "euler" else 1e-4) < moved
 
 
 def test_lcm_scheduler_pipeline_gives_diffusers_latents(epsilon_pipeline_dir, tmp_path):
