@@ -62,6 +62,48 @@ def size_ids(height: int, width: int, original_size=None, crops_coords_top_left=
   return np.asarray(ids, np.float32)
 
 
+# SDXL's size conditioning as its pipelines take it (keyword arguments of generate, img2img,
+# inpaint); the aesthetic scores are the refiner's
+SIZE_OPTIONS = ("original_size", "crops_coords_top_left", "target_size",
+                "negative_original_size", "negative_crops_coords_top_left",
+                "negative_target_size", "aesthetic_score", "negative_aesthetic_score")
+
+
+def time_ids(height: int, width: int, options: dict, img2img: bool = False,
+             aesthetic: bool = False) -> tuple[np.ndarray, np.ndarray]:
+  """SDXL's time ids of the prompts and of the negative prompts, as diffusers' pipelines make
+  them from `options` (SIZE_OPTIONS; sizes (height, width), default the output's, crops (0, 0)):
+  text-to-image (StableDiffusionXLPipeline): the negative prompts' from negative_original_size,
+  _crops_coords_top_left and _target_size where both sizes are given, else the prompts';
+  img2img / inpainting: negative_original_size and _target_size (default: the prompts') with
+  the prompts' crop; the refiner (aesthetic): original size, crop and aesthetic score each,
+  the negative prompts' from the negative_* options (defaults: the prompts' size, (0, 0),
+  2.5; the prompts' score 6)."""
+  unknown = sorted(set(options) - set(SIZE_OPTIONS))
+  if unknown:
+    raise TypeError(f"unexpected keyword arguments {unknown}; SDXL's size conditioning: "
+                    f"{SIZE_OPTIONS}")
+  get = options.get
+  if not aesthetic and {"aesthetic_score", "negative_aesthetic_score"} & set(options):
+    raise ValueError("aesthetic_score, negative_aesthetic_score: the SDXL refiner's "
+                     "conditioning (requires_aesthetics_score)")
+  original, crop, target = (get("original_size"), get("crops_coords_top_left", (0, 0)),
+                            get("target_size"))
+  neg_original, neg_crop, neg_target = (get("negative_original_size"),
+                                        get("negative_crops_coords_top_left", (0, 0)),
+                                        get("negative_target_size"))
+  ids = size_ids(height, width, original, crop, target,
+                 get("aesthetic_score", 6.0) if aesthetic else None)
+  if aesthetic:
+    return ids, size_ids(height, width, neg_original or original, neg_crop, None,
+                         get("negative_aesthetic_score", 2.5))
+  if img2img:
+    return ids, size_ids(height, width, neg_original or original, crop, neg_target or target)
+  if neg_original is not None and neg_target is not None:
+    return ids, size_ids(height, width, neg_original, neg_crop, neg_target)
+  return ids, ids
+
+
 def prompt_context(encoder, encoder_2, params, params_2, ids, time_ids, zero: bool = False,
                    skip: int = 0):
   """The U-Net's context dict of token ids [B, 2, 77] (the two tokenizers'; the refiner's

@@ -196,15 +196,15 @@ class StableDiffusion:
                guidance_scale: float = 7.5, seed: int = 0, height: int | None = None,
                width: int | None = None, method: str | None = None, eta: float = 0.0,
                latents=None, decode: bool = True, control_image=None,
-               control_scale: float = 1.0, original_size=None, crops_coords_top_left=(0, 0),
-               target_size=None, guidance_rescale: float = 0.0,
-               denoising_end: float | None = None):
+               control_scale: float = 1.0, guidance_rescale: float = 0.0,
+               denoising_end: float | None = None, **sizes):
     """Images (uint8 [B, H, W, 3]) for `prompts`; latents: x_T [B, h, w, 4] to start from
     (else drawn from `seed`); decode=False: the final latents [B, h, w, 4] as the U-Net sees
     them (float32; diffusers' output_type="latent") instead of images. negative_prompt: one for
     all prompts or one each; None: the empty prompt (SDXL: zeros, where the pipeline says so).
-    method None: default_method(). original_size, crops_coords_top_left, target_size: SDXL's
-    size conditioning (sdxl.size_ids; default: the output's size, no crop). control_image:
+    method None: default_method(). sizes: SDXL's size conditioning (sdxl.SIZE_OPTIONS:
+    original_size, crops_coords_top_left, target_size, their negative_* counterparts; default:
+    the output's size, no crop; sdxl.time_ids). control_image:
     a ControlNet pipeline's hint, uint8 [B or 1, H, W, 3] at the output's size (its residuals
     times control_scale; with several ControlNets a list of hints, and of scales or one).
     guidance_rescale: models.denoiser's (diffusers'; e.g. 0.7).
@@ -218,7 +218,6 @@ class StableDiffusion:
       raise ValueError("denoising_end leaves noisy latents for a refiner: pass decode=False")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     shape = self.latent_shape(len(prompts), height, width)
-    sizes = (original_size, crops_coords_top_left, target_size)
     span = schedulers.span(self.schedule, self.diffusion, method, num_steps,
                            denoising_end=denoising_end)
     return self._run_batch(prompts, negative_prompt, shape, latents, None, seed, num_steps,
@@ -254,11 +253,9 @@ class StableDiffusion:
   def img2img(self, prompts, images=None, latents=None, strength: float = 0.8,
               negative_prompt: str | None = None, num_steps: int = 50,
               guidance_scale: float = 7.5, seed: int = 0, eta: float = 0.0, noise=None,
-              decode: bool = True, original_size=None, crops_coords_top_left=(0, 0),
-              target_size=None, control_image=None, control_scale: float = 1.0,
+              decode: bool = True, control_image=None, control_scale: float = 1.0,
               guidance_rescale: float = 0.0, method: str | None = None,
-              denoising_start: float | None = None, aesthetic_score: float = 6.0,
-              negative_aesthetic_score: float = 2.5):
+              denoising_start: float | None = None, **sizes):
     """SDEdit (Meng et al. 2022) as diffusers' StableDiffusion(XL)Img2ImgPipeline: the inputs'
     latents noised to the int(num_steps * strength)-th last step's level, then those steps
     (by default with the scheduler's sampler, as diffusers' set_begin_index). images: uint8
@@ -267,9 +264,9 @@ class StableDiffusion:
     experts): `latents` are a base's generate(..., denoising_end=f, decode=False), run on from
     timestep round(T (1 - f)) without noising (strength ignored). control_image,
     control_scale: a ControlNet pipeline's hint (generate; diffusers'
-    StableDiffusionControlNetImg2ImgPipeline); guidance_rescale: generate's. aesthetic_score,
-    negative_aesthetic_score: the SDXL refiner's conditioning of the prompts and the negative
-    prompts."""
+    StableDiffusionControlNetImg2ImgPipeline); guidance_rescale: generate's. sizes: SDXL's
+    (generate's, as its img2img pipeline takes them; the refiner's: aesthetic_score 6 and
+    negative_aesthetic_score 2.5 by default, of the prompts and the negative prompts)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     shape, init = self._inputs(prompts, images, latents)
     method = schedulers.resolve_method(self.schedule, method, eta)
@@ -277,17 +274,15 @@ class StableDiffusion:
                            denoising_start)
     return self._run_batch(prompts, negative_prompt, shape, noise, init, seed, num_steps,
                            (guidance_scale, guidance_rescale), method, eta, decode,
-                           span + (denoising_start is None,),
-                           (original_size, crops_coords_top_left, target_size),
-                           hint=self._hint(control_image, shape), control_scale=control_scale,
-                           aesthetic=(aesthetic_score, negative_aesthetic_score))
+                           span + (denoising_start is None,), sizes, img2img=True,
+                           hint=self._hint(control_image, shape), control_scale=control_scale)
 
   def inpaint(self, prompts, images, masks, masked_image_latents=None, strength: float = 1.0,
               negative_prompt: str | None = None, num_steps: int = 50,
               guidance_scale: float = 7.5, seed: int = 0, method: str | None = None,
-              eta: float = 0.0, latents=None, decode: bool = True, original_size=None,
-              crops_coords_top_left=(0, 0), target_size=None, guidance_rescale: float = 0.0,
-              control_image=None, control_scale: float = 1.0):
+              eta: float = 0.0, latents=None, decode: bool = True,
+              guidance_rescale: float = 0.0, control_image=None, control_scale: float = 1.0,
+              **sizes):
     """Repaint the images where `masks` are set, as diffusers' StableDiffusion(XL)InpaintPipeline:
     an inpainting U-Net reads x_t, the mask at latent size (every f-th pixel, torch's nearest)
     and the masked image's latents (images where the mask is off, encoded: a posterior sample;
@@ -298,7 +293,7 @@ class StableDiffusion:
     >= 128 (uint8: white). strength 1: from noise (latents: x_T, else drawn from `seed`);
     below 1: from the images' latents noised as in img2img (latents: that noise).
     control_image, control_scale: generate's (diffusers' StableDiffusionControlNetInpaint-
-    Pipeline)."""
+    Pipeline); sizes: SDXL's, as img2img's."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     shape, init = self._inputs(prompts, images, None)
     keep = ~binary_masks(masks, init.shape[:3])
@@ -318,7 +313,7 @@ class StableDiffusion:
     span = schedulers.span(self.schedule, self.diffusion, method, num_steps, strength)
     return self._run_batch(prompts, negative_prompt, shape, latents, init, seed, num_steps,
                            (guidance_scale, guidance_rescale), method, eta, decode,
-                           span + (True,), (original_size, crops_coords_top_left, target_size),
+                           span + (True,), sizes, img2img=True,
                            hint=self._hint(control_image, shape), control_scale=control_scale,
                            inpaint=(mask, masked))
 
@@ -345,8 +340,8 @@ class StableDiffusion:
     return shape, init
 
   def _run_batch(self, prompts, negative_prompt, shape, x_T, init, seed, num_steps,
-                 guidance, method, eta, decode, span, sizes, inpaint=None, hint=None,
-                 control_scale=1.0, aesthetic=(6.0, 2.5)):
+                 guidance, method, eta, decode, span, sizes: dict, img2img: bool = False,
+                 inpaint=None, hint=None, control_scale=1.0):
     n = len(prompts)
     if self.controlnet is not None and hint is None:
       raise ValueError("this pipeline has a ControlNet: pass control_image")
@@ -356,12 +351,10 @@ class StableDiffusion:
                        "--init_image and --mask_image)")
     zero_null = negative_prompt is None and self.zero_negative
     f = self.first_stage.model.downsampling_factor
-    if sizes != (None, (0, 0), None) and self.text_encoder_2 is None:
-      raise ValueError("original_size, crops_coords_top_left, target_size: size conditioning "
-                       "is SDXL's")
-    time_ids, null_time_ids = (np.tile(sdxl.size_ids(
-        shape[1] * f, shape[2] * f, *sizes, aesthetic_score=score if self.aesthetic else None),
-        (n, 1)) for score in aesthetic)
+    if sizes and self.text_encoder_2 is None:
+      raise ValueError(f"{sorted(sizes)}: size conditioning is SDXL's")
+    time_ids, null_time_ids = (np.tile(ids, (n, 1)) for ids in sdxl.time_ids(
+        shape[1] * f, shape[2] * f, sizes, img2img, self.aesthetic))
     negatives = [negative_prompt or ""] if negative_prompt is None or isinstance(
         negative_prompt, str) else list(negative_prompt)
     if len(negatives) == 1:

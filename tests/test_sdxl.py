@@ -159,6 +159,23 @@ def test_pipeline_gives_diffusers_euler_latents_and_images(sdxl_dir):
   diff_2, effect_2 = np.abs(got_2 - want_2).max(), np.abs(want_2 - want).max()
   print(f"with a negative prompt and size ids: {diff_2:.3g} (they move diffusers' {effect_2:.3g})")
   assert close(got_2, want_2, effect_2)
+  # the negative prompts' own size ids: used where both sizes are given (diffusers' rule).
+  # One prompt: StableDiffusionXLPipeline repeats the [negative, prompt] pair of ids per image,
+  # which gives the rows of a larger batch each other's ids
+  neg = dict(negative_original_size=(16, 40), negative_crops_coords_top_left=(8, 8),
+             negative_target_size=(20, 12))
+  want_1 = run(pipe, PROMPTS[:1], latents[:1], **kw)
+  for given in (neg, {"negative_original_size": (16, 40)}):
+    want_n = run(pipe, PROMPTS[:1], latents[:1], **kw, **given)
+    got_n = ours.generate(PROMPTS[:1], num_steps=4, guidance_scale=5.0, latents=latents[:1],
+                          decode=False, **kw, **given)
+    moved = np.abs(want_n - want_1).max()
+    print(f"negative size ids {sorted(given)}: {np.abs(got_n - want_n).max():.3g} (they move "
+          f"diffusers' {moved:.3g})")
+    assert close(got_n, want_n, moved) if len(given) == 3 else moved == 0 and close(
+        got_n, want_n, effect_2)
+  with pytest.raises(TypeError, match="negative_original_sizes"):
+    ours.generate(PROMPTS, num_steps=1, negative_original_sizes=(8, 8))
   # clip_skip 1: both encoders' states a layer before the penultimate (the negative prompt's
   # and the pooled embedding as they were, as diffusers)
   want_s = run(pipe, PROMPTS, latents, negative_prompt="blurry", clip_skip=1)
@@ -217,10 +234,10 @@ def test_img2img_gives_diffusers_sdxl_img2img_latents(sdxl_dir, method):
            else pipe.scheduler)
   ref = diffusers.StableDiffusionXLImg2ImgPipeline(**dict(pipe.components, scheduler=sched))
   init = np.random.default_rng(4).normal(size=(2, 4, 8, 8)).astype(np.float32)
-  run_ref = lambda strength: ref(
+  run_ref = lambda strength, **kw: ref(
       PROMPTS, image=torch.from_numpy(init), strength=strength, num_inference_steps=5,
-      guidance_scale=5.0, output_type="latent",
-      generator=torch.Generator().manual_seed(3)).images.numpy().transpose(0, 2, 3, 1)
+      guidance_scale=5.0, output_type="latent", generator=torch.Generator().manual_seed(3),
+      **kw).images.numpy().transpose(0, 2, 3, 1)
   noise = randn_tensor((2, 4, 8, 8), generator=torch.Generator().manual_seed(3)).numpy()
   got = ours.img2img(PROMPTS, latents=init.transpose(0, 2, 3, 1), strength=0.6, num_steps=5,
                      guidance_scale=5.0, noise=noise.transpose(0, 2, 3, 1), decode=False,
@@ -229,6 +246,17 @@ def test_img2img_gives_diffusers_sdxl_img2img_latents(sdxl_dir, method):
   print(f"SDXL img2img ({method or 'euler'}) latents: max |ours - diffusers| = "
         f"{np.abs(got - want).max():.3g}")
   assert close(got, want, np.abs(run_ref(0.8) - want).max())
+  if method is None:  # img2img's size ids: the negative prompts' sizes, the prompts' crop
+    sizes = dict(crops_coords_top_left=(4, 0), negative_original_size=(16, 40),
+                 negative_crops_coords_top_left=(8, 8))
+    want_s = run_ref(0.6, **sizes)
+    got_s = ours.img2img(PROMPTS, latents=init.transpose(0, 2, 3, 1), strength=0.6,
+                         num_steps=5, guidance_scale=5.0, noise=noise.transpose(0, 2, 3, 1),
+                         decode=False, **sizes)
+    moved = np.abs(want_s - want).max()
+    print(f"with size ids: {np.abs(got_s - want_s).max():.3g} (they move diffusers' "
+          f"{moved:.3g})")
+    assert close(got_s, want_s, moved)
 
 
 def test_euler_spacings_karras_and_refusals(sdxl_dir, tmp_path, caplog):

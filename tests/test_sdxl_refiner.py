@@ -58,6 +58,20 @@ def test_refiner_img2img_gives_diffusers_latents(base_and_refiner):
         f"other aesthetic scores {np.abs(scored - want_scored).max():.3g} (the scores move the "
         f"latents {moved:.3g})")
   assert close(got, want, moved) and close(scored, want_scored, moved)
+  # the refiner's crop: the negative prompts' is their own ((0, 0) unless given)
+  for crops in ({"crops_coords_top_left": (4, 0)},
+                {"crops_coords_top_left": (4, 0), "negative_crops_coords_top_left": (2, 6),
+                 "negative_original_size": (16, 40)}):
+    want_c = refiner(PROMPTS, image=torch.from_numpy(init), strength=0.6, num_inference_steps=5,
+                     guidance_scale=5.0, output_type="latent",
+                     generator=torch.Generator().manual_seed(3),
+                     **crops).images.numpy().transpose(0, 2, 3, 1)
+    got_c = ours.img2img(PROMPTS, latents=init.transpose(0, 2, 3, 1),
+                         noise=noise.transpose(0, 2, 3, 1), **crops, **kw)
+    moved_c = np.abs(want_c - want).max()
+    print(f"refiner with {sorted(crops)}: {np.abs(got_c - want_c).max():.3g} (they move "
+          f"diffusers' {moved_c:.3g})")
+    assert close(got_c, want_c, moved_c)
   with pytest.raises(ValueError, match="refiner refines"):
     ours.generate(PROMPTS, num_steps=2)
 
