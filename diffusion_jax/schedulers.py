@@ -174,6 +174,16 @@ def levels(schedule: dict, diffusion, method: str, num_steps: int):
                                           schedule["steps_offset"]).round(), None
 
 
+def network_timesteps(schedule: dict, diffusion, method: str, num_steps: int, skip: int = 0,
+                      stop: int | None = None) -> np.ndarray:
+  """The timesteps the network sees in the chain's steps [skip, stop), in order."""
+  if method == "lcm":
+    from diffusion_jax.lcm import lcm_timesteps
+    return np.asarray(lcm_timesteps(diffusion.num_timesteps, num_steps,
+                                    schedule["lcm"]["original_steps"]))[skip:stop]
+  return np.asarray(levels(schedule, diffusion, method, num_steps)[0])[skip:stop]
+
+
 def dpm_spacing(schedule: dict, method: str) -> str:
   karras = schedule.get("karras") or method == "dpm_solver_karras"
   return "karras" if karras else spacing(schedule, method)

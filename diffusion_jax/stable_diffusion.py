@@ -21,8 +21,9 @@ import numpy as np
 
 from diffusion_jax import diffusion as dm
 from diffusion_jax import parallel, schedulers, sdxl, xla_options
+from diffusion_jax.control import control_inputs, controlled_unet
 from diffusion_jax.convert_clip import clip_token_ids
-from diffusion_jax.images import binary_masks, unit_range
+from diffusion_jax.images import binary_masks
 
 
 @dataclasses.dataclass
@@ -46,8 +47,7 @@ class StableDiffusion:
 
   def __post_init__(self):
     self._run = xla_options.jit(self._chain, static_argnames=(
-        "num_steps", "guidance", "method", "eta", "decode", "span", "zero_null",
-        "control_scale"),
+        "num_steps", "guidance", "method", "eta", "decode", "span", "zero_null", "control"),
         out_shardings=parallel.batch_sharding(self.mesh))
 
   @classmethod
@@ -135,7 +135,7 @@ class StableDiffusion:
 
   def _chain(self, params, vae_params, scaling, ids, null_ids, time_ids, null_time_ids, x_T,
              key, init, inpaint, hint, *, num_steps, guidance, method, eta, decode, span, zero_null,
-             control_scale):
+             control):
     """Text encodings, the sampler, the decoder; span = (skip, stop, add_noise): the chain's
     steps [skip, stop) run (schedulers.span); with `init` (img2img: clean latents, or images
     [B, H, W, 3] in [-1, 1] to encode; add_noise False: latents at the skip-th level already)
@@ -167,12 +167,14 @@ class StableDiffusion:
                                         mask, masked, x_T, span[1])
         init = None if init is None else masked
     model, model_params = self.unet, params["unet"]
-    if hint is not None:  # the ControlNets' residuals, for both halves of the guided batch
-      from diffusion_jax.models.controlnet import ControlledUNet
-      model = ControlledUNet(self.unet, self.controlnet, control_scale)
+    if hint is not None:  # the ControlNets' residuals (control.py)
+      model = controlled_unet(self.unet, self.controlnet, control, schedulers.network_timesteps(
+          self.schedule, self.diffusion, method, num_steps, *span[:2]))
       model_params = {"unet": params["unet"], **{
           f"controlnets_{i}": p for i, p in enumerate(params["controlnet"])}}
-      context, null = {"context": context, "hints": hint}, {"context": null, "hints": hint}
+      on = {"cond": jnp.ones(x_T.shape[0])} if control.guess_mode else {}
+      context = {"context": context, "hints": hint, **on}
+      null = {"context": null, "hints": hint, **{k: v * 0 for k, v in on.items()}}
     # diffusers' pipelines guide only above 1 (SDXL-Turbo's 0: the prompts' prediction alone)
     denoise = denoiser(model, model_params, guidance_scale=max(guidance[0], 1.0),
                        context=context, guidance_rescale=guidance[1], null_context=null,
@@ -196,8 +198,8 @@ class StableDiffusion:
                guidance_scale: float = 7.5, seed: int = 0, height: int | None = None,
                width: int | None = None, method: str | None = None, eta: float = 0.0,
                latents=None, decode: bool = True, control_image=None,
-               control_scale: float = 1.0, guidance_rescale: float = 0.0,
-               denoising_end: float | None = None, **sizes):
+               control_scale: float = 1.0, control_guidance=(0.0, 1.0), guess_mode: bool = False,
+               guidance_rescale: float = 0.0, denoising_end: float | None = None, **sizes):
     """Images (uint8 [B, H, W, 3]) for `prompts`; latents: x_T [B, h, w, 4] to start from
     (else drawn from `seed`); decode=False: the final latents [B, h, w, 4] as the U-Net sees
     them (float32; diffusers' output_type="latent") instead of images. negative_prompt: one for
@@ -206,7 +208,8 @@ class StableDiffusion:
     original_size, crops_coords_top_left, target_size, their negative_* counterparts; default:
     the output's size, no crop; sdxl.time_ids). control_image:
     a ControlNet pipeline's hint, uint8 [B or 1, H, W, 3] at the output's size (its residuals
-    times control_scale; with several ControlNets a list of hints, and of scales or one).
+    times control_scale; with several ControlNets a list of hints, and of scales or one);
+    control_guidance: diffusers' (control_guidance_start, _end), guess_mode (control.py).
     guidance_rescale: models.denoiser's (diffusers'; e.g. 0.7).
     denoising_end f (with decode=False): stop at timestep round(T (1 - f)), the
     latents (in diffusers' scale) for a refiner's img2img(latents=, denoising_start=f)."""
@@ -222,38 +225,21 @@ class StableDiffusion:
                            denoising_end=denoising_end)
     return self._run_batch(prompts, negative_prompt, shape, latents, None, seed, num_steps,
                            (guidance_scale, guidance_rescale), method, eta, decode,
-                           span + (True,), sizes, hint=self._hint(control_image, shape),
-                           control_scale=control_scale)
+                           span + (True,), sizes, control=self._control(
+                               control_image, control_scale, control_guidance, guess_mode,
+                               shape))
 
-  def _hint(self, image, shape) -> tuple | None:
-    """The ControlNets' hints, [B, H, W, 3] in [0, 1] each (diffusers' control image
-    processing; `image`: one per ControlNet, a list where there are several); None without a
-    ControlNet and an image."""
-    if image is None and self.controlnet is None:
-      return None
-    if self.controlnet is None:
-      raise ValueError("control_image: this pipeline has no ControlNet (load(..., controlnet=))")
-    if image is None:
-      raise ValueError("this pipeline has a ControlNet: pass control_image")
-    images = list(image) if isinstance(image, (list, tuple)) else [image]
-    if len(images) != len(self.controlnet):
-      raise ValueError(f"{len(images)} control images for {len(self.controlnet)} ControlNets")
-    f = self.first_stage.model.downsampling_factor
-    return tuple(unit_range(a, shape[0], shape[1] * f, shape[2] * f, "control_image")
-                 for a in images)
-
-  def _control_scales(self, scale) -> tuple:
-    """One ControlNet residual weight per ControlNet (a number: the same for all)."""
-    n = len(self.controlnet or ())
-    scales = tuple(scale) if isinstance(scale, (list, tuple)) else (scale,) * n
-    if len(scales) != n:
-      raise ValueError(f"{len(scales)} control scales for {n} ControlNets")
-    return tuple(float(v) for v in scales)
+  def _control(self, image, scale, guidance, guess_mode, shape, inpaint: bool = False):
+    if scale is None:  # diffusers' ControlNet inpainting pipelines' defaults
+      scale = 1.0 if self.text_encoder_2 is not None or not inpaint else 0.5
+    return control_inputs(self.controlnet, image, scale, guidance, guess_mode, shape,
+                          self.first_stage.model.downsampling_factor)
 
   def img2img(self, prompts, images=None, latents=None, strength: float = 0.8,
               negative_prompt: str | None = None, num_steps: int = 50,
               guidance_scale: float = 7.5, seed: int = 0, eta: float = 0.0, noise=None,
-              decode: bool = True, control_image=None, control_scale: float = 1.0,
+              decode: bool = True, control_image=None, control_scale: float | None = None,
+              control_guidance=(0.0, 1.0), guess_mode: bool = False,
               guidance_rescale: float = 0.0, method: str | None = None,
               denoising_start: float | None = None, **sizes):
     """SDEdit (Meng et al. 2022) as diffusers' StableDiffusion(XL)Img2ImgPipeline: the inputs'
@@ -263,8 +249,8 @@ class StableDiffusion:
     that of the noising (else drawn from `seed`). denoising_start f (SDXL's ensemble of
     experts): `latents` are a base's generate(..., denoising_end=f, decode=False), run on from
     timestep round(T (1 - f)) without noising (strength ignored). control_image,
-    control_scale: a ControlNet pipeline's hint (generate; diffusers'
-    StableDiffusionControlNetImg2ImgPipeline); guidance_rescale: generate's. sizes: SDXL's
+    control_scale, control_guidance (of the steps that run), guess_mode: generate's (diffusers'
+    StableDiffusion(XL)ControlNetImg2ImgPipeline, whose default scale, 0.8, is None's); guidance_rescale: generate's. sizes: SDXL's
     (generate's, as its img2img pipeline takes them; the refiner's: aesthetic_score 6 and
     negative_aesthetic_score 2.5 by default, of the prompts and the negative prompts)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -275,14 +261,17 @@ class StableDiffusion:
     return self._run_batch(prompts, negative_prompt, shape, noise, init, seed, num_steps,
                            (guidance_scale, guidance_rescale), method, eta, decode,
                            span + (denoising_start is None,), sizes, img2img=True,
-                           hint=self._hint(control_image, shape), control_scale=control_scale)
+                           control=self._control(control_image, 0.8 if control_scale is None
+                                                 else control_scale, control_guidance,
+                                                 guess_mode, shape))
 
   def inpaint(self, prompts, images, masks, masked_image_latents=None, strength: float = 1.0,
               negative_prompt: str | None = None, num_steps: int = 50,
               guidance_scale: float = 7.5, seed: int = 0, method: str | None = None,
               eta: float = 0.0, latents=None, decode: bool = True,
-              guidance_rescale: float = 0.0, control_image=None, control_scale: float = 1.0,
-              **sizes):
+              guidance_rescale: float = 0.0, control_image=None,
+              control_scale: float | None = None, control_guidance=(0.0, 1.0),
+              guess_mode: bool = False, **sizes):
     """Repaint the images where `masks` are set, as diffusers' StableDiffusion(XL)InpaintPipeline:
     an inpainting U-Net reads x_t, the mask at latent size (every f-th pixel, torch's nearest)
     and the masked image's latents (images where the mask is off, encoded: a posterior sample;
@@ -292,8 +281,9 @@ class StableDiffusion:
     images: uint8 [B, H, W, 3]; masks [B, H, W] (or [..., 1]), set where >= 0.5 (floats) or
     >= 128 (uint8: white). strength 1: from noise (latents: x_T, else drawn from `seed`);
     below 1: from the images' latents noised as in img2img (latents: that noise).
-    control_image, control_scale: generate's (diffusers' StableDiffusionControlNetInpaint-
-    Pipeline); sizes: SDXL's, as img2img's."""
+    control_image, control_scale, control_guidance, guess_mode: img2img's (diffusers'
+    StableDiffusion(XL)ControlNetInpaintPipeline: None is its default scale, 0.5 (SDXL: 1));
+    sizes: SDXL's, as img2img's."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     shape, init = self._inputs(prompts, images, None)
     keep = ~binary_masks(masks, init.shape[:3])
@@ -313,9 +303,9 @@ class StableDiffusion:
     span = schedulers.span(self.schedule, self.diffusion, method, num_steps, strength)
     return self._run_batch(prompts, negative_prompt, shape, latents, init, seed, num_steps,
                            (guidance_scale, guidance_rescale), method, eta, decode,
-                           span + (True,), sizes, img2img=True,
-                           hint=self._hint(control_image, shape), control_scale=control_scale,
-                           inpaint=(mask, masked))
+                           span + (True,), sizes, img2img=True, inpaint=(mask, masked),
+                           control=self._control(control_image, control_scale, control_guidance,
+                                                 guess_mode, shape, inpaint=True))
 
   def _inputs(self, prompts, images, latents):
     """(latent shape, images in [-1, 1] or latents) of img2img's and inpaint's inputs."""
@@ -341,10 +331,9 @@ class StableDiffusion:
 
   def _run_batch(self, prompts, negative_prompt, shape, x_T, init, seed, num_steps,
                  guidance, method, eta, decode, span, sizes: dict, img2img: bool = False,
-                 inpaint=None, hint=None, control_scale=1.0):
+                 inpaint=None, control=(None, None)):
     n = len(prompts)
-    if self.controlnet is not None and hint is None:
-      raise ValueError("this pipeline has a ControlNet: pass control_image")
+    hint, control = control
     if self.inpainting and inpaint is None:
       raise ValueError("this pipeline's U-Net is an inpainting one (latents, mask and masked "
                        "image as inputs): use inpaint(prompts, images, masks) (command line: "
@@ -376,8 +365,7 @@ class StableDiffusion:
                     put(self.tokenize(negatives)), put(time_ids), put(null_time_ids), put(x_T),
                     key, None if init is None else put(init),
                     None if inpaint is None else tuple(put(a) for a in inpaint),
-                    None if hint is None else tuple(put(h) for h in hint),
-                    control_scale=self._control_scales(control_scale),
+                    None if hint is None else tuple(put(h) for h in hint), control=control,
                     num_steps=num_steps,
                     guidance=tuple(map(float, guidance)), method=method, eta=float(eta),
                     decode=decode, span=span, zero_null=zero_null)[:n]

@@ -66,7 +66,11 @@ def main(argv):
                         FLAGS.width)
       inits = np.stack([init] * len(prompts))
     control = None
-    scale = FLAGS.control_scale if len(FLAGS.control_scale) > 1 else FLAGS.control_scale[0]
+    one = lambda values: values if len(values) > 1 else values[0]
+    controls = dict(control_scale=one(FLAGS.control_scale) if FLAGS.control_scale else None,
+                    guess_mode=FLAGS.guess_mode,
+                    control_guidance=(one(FLAGS.control_guidance_start),
+                                      one(FLAGS.control_guidance_end)))
     if FLAGS.control_image:  # resized to the output's size
       _, h, w, _ = pipe.latent_shape(1, *(init.shape[:2] if FLAGS.init_image else
                                           (FLAGS.height, FLAGS.width)))
@@ -76,13 +80,12 @@ def main(argv):
       mask = rgb @ np.array([0.299, 0.587, 0.114]) >= 127.5  # PIL's "L", binarised
       images = pipe.inpaint(prompts, inits, np.stack([mask] * len(prompts)),
                             strength=1.0 if FLAGS.strength is None else FLAGS.strength,
-                            method=FLAGS.method, control_image=control, control_scale=scale,
-                            **common)
+                            method=FLAGS.method, control_image=control, **controls, **common)
     elif FLAGS.init_image:
       images = pipe.img2img(prompts, images=inits,
                             strength=0.8 if FLAGS.strength is None else FLAGS.strength,
-                            method=FLAGS.method, control_image=control,
-                            control_scale=scale, **common)
+                            method=FLAGS.method, control_image=control, **controls,
+                            **common)
     elif FLAGS.refiner:  # SDXL's ensemble of experts: the base, then the refiner
       refiner = StableDiffusion.load(FLAGS.refiner, FLAGS.dtype)
       z = pipe.generate(prompts, height=FLAGS.height, width=FLAGS.width, method=FLAGS.method,
@@ -91,8 +94,8 @@ def main(argv):
                                method=FLAGS.method, **common)
     else:
       images = pipe.generate(prompts, height=FLAGS.height, width=FLAGS.width,
-                             method=FLAGS.method, control_image=control,
-                             control_scale=scale, **common)
+                             method=FLAGS.method, control_image=control, **controls,
+                             **common)
   except (ConversionError, ValueError, OSError) as e:
     sys.exit(f"{type(e).__name__}: {e}")
   logging.info("%d images in %.1f s (with compilation)", len(images), time.perf_counter() - start)
@@ -150,8 +153,16 @@ if __name__ == "__main__":
   flags.DEFINE_multi_string("control_image", None, "A ControlNet's hint image (edges, "
                             "depth, pose, ...; resized to the output's size), one per "
                             "--controlnet.")
-  flags.DEFINE_multi_float("control_scale", [1.0], "The ControlNet residuals' weight (one, "
-                           "or one per --controlnet).")
+  flags.DEFINE_multi_float("control_scale", None, "The ControlNet residuals' weight (one, "
+                           "or one per --controlnet; default: diffusers' pipeline's, 1, 0.8 "
+                           "with --init_image, 0.5 with --mask_image (SDXL: 1)).")
+  flags.DEFINE_multi_float("control_guidance_start", [0.0], "The share of the steps after "
+                           "which a ControlNet starts acting (one, or one per --controlnet).")
+  flags.DEFINE_multi_float("control_guidance_end", [1.0], "The share of the steps after which "
+                           "it stops (one, or one per --controlnet).")
+  flags.DEFINE_bool("guess_mode", False, "ControlNets condition the prompt's half of "
+                    "guidance alone, their residuals 0.1 -> 1 from the first skip to the middle "
+                    "block: a hint steers without a prompt that describes it.")
   flags.DEFINE_string("refiner", None, "An SDXL refiner pipeline directory: the base denoises "
                       "to --refiner_start, the refiner the rest (text-to-image).")
   flags.DEFINE_float("refiner_start", 0.8, "With --refiner: the share of the chain the base "

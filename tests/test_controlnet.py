@@ -118,6 +118,52 @@ def test_controlnet_pipeline_gives_diffusers_latents(controlnet_dir):
     ours.img2img(PROMPTS, latents=z0, num_steps=2)
 
 
+def test_control_guidance_and_guess_mode_give_diffusers_latents(controlnet_dir):
+  """control_guidance (diffusers' control_guidance_start / _end: the ControlNet in steps 2-3
+  of 4, and of the steps img2img runs) and guess_mode (the prompts' half alone, residuals
+  0.1 -> 1 over the blocks) as diffusers' ControlNet pipelines run them."""
+  src, pipe = controlnet_dir
+  ours = StableDiffusion.load(str(src))
+  rng = np.random.default_rng(7)
+  hints = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+  x_T = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
+  run = lambda **kw: pipe(PROMPTS, image=nchw(hints / 255.0), latents=nchw(x_T),
+                          num_inference_steps=4, guidance_scale=5.0, output_type="latent",
+                          **kw).images.numpy().transpose(0, 2, 3, 1)
+  full = run()
+  for theirs, mine in (
+      ({"control_guidance_start": 0.25, "control_guidance_end": 0.75},
+       {"control_guidance": (0.25, 0.75)}),
+      ({"guess_mode": True}, {"guess_mode": True}),
+      ({"guess_mode": True, "control_guidance_end": 0.5},
+       {"guess_mode": True, "control_guidance": (0.0, 0.5)})):
+    want = run(**theirs)
+    got = ours.generate(PROMPTS, num_steps=4, guidance_scale=5.0, latents=x_T, decode=False,
+                        control_image=hints, **mine)
+    diff, moved = np.abs(got - want).max(), np.abs(want - full).max()
+    print(f"ControlNet {mine}: max |ours - diffusers| = {diff:.3g} (it moves diffusers' "
+          f"{moved:.3g})")
+    assert diff < moved / 100
+  from diffusers.utils.torch_utils import randn_tensor
+  ref = diffusers.StableDiffusionControlNetImg2ImgPipeline(**pipe.components)
+  z0 = rng.normal(size=(2, 8, 8, 4)).astype(np.float32)
+  noise = randn_tensor((2, 4, 8, 8), generator=torch.Generator().manual_seed(3)).numpy()
+  run_i2i = lambda **kw: ref(
+      PROMPTS, image=nchw(z0), control_image=nchw(hints / 255.0), strength=0.5,
+      num_inference_steps=8, guidance_scale=5.0, output_type="latent",
+      generator=torch.Generator().manual_seed(3), **kw).images.numpy().transpose(0, 2, 3, 1)
+  want, full = run_i2i(control_guidance_start=0.5), run_i2i()
+  got = ours.img2img(PROMPTS, latents=z0, strength=0.5, num_steps=8, guidance_scale=5.0,
+                     noise=noise.transpose(0, 2, 3, 1), decode=False, control_image=hints,
+                     control_guidance=(0.5, 1.0))
+  diff, moved = np.abs(got - want).max(), np.abs(want - full).max()
+  print(f"ControlNet img2img from half its 4 steps: {diff:.3g} (it moves diffusers' "
+        f"{moved:.3g})")
+  assert diff < moved / 100
+  with pytest.raises(ValueError, match="0 <= start < end <= 1"):
+    ours.generate(PROMPTS, num_steps=2, control_image=hints, control_guidance=(0.6, 0.4))
+
+
 def test_two_controlnets_give_diffusers_multicontrolnet_latents(controlnet_dir, tmp_path):
   """Two ControlNets, each with its hint and scale, their residuals summed, as diffusers'
   MultiControlNetModel; and on the command line (the flags repeated)."""
@@ -173,19 +219,24 @@ def test_controlnet_inpainting_gives_diffusers_latents(controlnet_dir):
   masks[:, 2:14, 4:12] = True
   # (this pipeline encodes images only: its encoder gives our image latents)
   ref._encode_vae_image = lambda image, generator: nchw(image_latents)
-  run = lambda h: ref(
+  run = lambda h, **kw: ref(
       PROMPTS, image=nchw(np.zeros((2, 16, 16, 3))), mask_image=nchw(masks[..., None]),
       control_image=nchw(h / 255.0), latents=nchw(x_T), height=16, width=16,
-      num_inference_steps=4, guidance_scale=5.0, controlnet_conditioning_scale=0.8,
-      output_type="latent").images.numpy().transpose(0, 2, 3, 1)
-  want = run(hints)
-  got = ours.inpaint(PROMPTS, np.zeros((2, 16, 16, 3), np.uint8), masks, image_latents,
-                     num_steps=4, guidance_scale=5.0, latents=x_T, decode=False,
-                     control_image=hints, control_scale=0.8)
-  diff, effect = np.abs(got - want).max(), np.abs(run(hints[::-1]) - want).max()
+      num_inference_steps=4, guidance_scale=5.0, output_type="latent",
+      **kw).images.numpy().transpose(0, 2, 3, 1)
+  want = run(hints, controlnet_conditioning_scale=0.8)
+  inpaint = lambda **kw: ours.inpaint(
+      PROMPTS, np.zeros((2, 16, 16, 3), np.uint8), masks, image_latents, num_steps=4,
+      guidance_scale=5.0, latents=x_T, decode=False, control_image=hints, **kw)
+  got = inpaint(control_scale=0.8)
+  diff = np.abs(got - want).max()
+  effect = np.abs(run(hints[::-1], controlnet_conditioning_scale=0.8) - want).max()
   print(f"ControlNet inpainting latents: max |ours - diffusers| = {diff:.3g}; swapping the "
         f"hints moves them {effect:.3g}")
   assert diff < effect / 100
+  # the default scale, diffusers' pipeline's (0.5 here)
+  want_d = run(hints)
+  assert np.abs(inpaint() - want_d).max() < np.abs(want_d - want).max() / 100
 
 
 def test_the_command_guides_with_a_control_image(controlnet_dir, tmp_path):

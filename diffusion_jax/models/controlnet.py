@@ -7,9 +7,8 @@ zero-initialised 1x1 convolutions, to the frozen U-Net's skip connections and mi
   small convolutional encoder (stride-2 convs, SiLU; its last conv zero-initialised) and
   added after conv_in.
   ControlledUNet: the U-Net with those residuals, summed over one or more ControlNets, each
-  with its hint and scale (diffusers' StableDiffusionControlNetPipeline and
-  MultiControlNetModel without guess mode: the ControlNets see both halves of a guided
-  batch).
+  with its hint and scale, the steps it acts in and guess mode (diffusers'
+  StableDiffusionControlNetPipeline and MultiControlNetModel; control.py).
 
 Parameter names are the U-Net's for the copied blocks (conv_in, temb_dense_*, down_*, mid_*)
 plus control_embed_* (the hint's encoder), control_zero_* (one per skip) and control_mid;
@@ -67,12 +66,19 @@ class ControlNet(UNet):
 class ControlledUNet(nn.Module):
   """The U-Net guided by ControlNets: params {"unet", "controlnets_0", ...}; context
   {"context": the U-Net's context, "hints": one [B, H, W, 3] per ControlNet} (so that
-  guidance's doubled batch carries the hints in both halves); scales: one per ControlNet.
-  The ControlNets read the latents alone (an inpainting U-Net's mask and masked image after
-  them are the U-Net's), as diffusers' inpainting ControlNet pipelines."""
+  guidance's doubled batch carries the hints in both halves; with guess_mode also "cond": [B],
+  1 for the prompts' half, 0 for the negative prompts', which gets no residuals). scales: one
+  per ControlNet; timesteps, keep: the chain's timesteps in order and, per ControlNet, 1 or 0
+  at each (control_guidance_start / _end; empty: always on); guess_mode: residuals scaled by
+  10^-1 ... 10^0 from the first skip to the middle block, as diffusers'. The ControlNets read
+  the latents alone (an inpainting U-Net's mask and masked image after them are the U-Net's),
+  as diffusers' inpainting ControlNet pipelines."""
   unet: UNet
   controlnets: Sequence[ControlNet]
   scales: Sequence[float] = ()
+  guess_mode: bool = False
+  timesteps: Sequence[float] = ()
+  keep: Sequence[Sequence[float]] = ()
 
   @property
   def num_classes(self) -> int:
@@ -80,8 +86,23 @@ class ControlledUNet(nn.Module):
 
   def __call__(self, x, t, y=None, train: bool = False, context: Any = None):
     inner, hints = context["context"], context["hints"]
+    t_b = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+    step = None
+    if self.timesteps:  # the step each example is at: the nearest of the chain's timesteps
+      step = jnp.argmin(jnp.abs(jnp.asarray(self.timesteps, jnp.float32)[None]
+                                - t_b[:, None]), axis=1)
     residuals = None
-    for net, hint, scale in zip(self.controlnets, hints, self.scales, strict=True):
-      r = net(x[..., :net.in_channels], t, y, train, inner, hint, scale)  # (the latents)
+    for k, (net, hint, scale) in enumerate(zip(self.controlnets, hints, self.scales,
+                                               strict=True)):
+      down, mid = net(x[..., :net.in_channels], t, y, train, inner, hint)  # (the latents)
+      w = jnp.full((x.shape[0],), scale, jnp.float32)
+      if step is not None:
+        w = w * jnp.asarray(self.keep[k], jnp.float32)[step]
+      if self.guess_mode:
+        w = w * context["cond"].astype(jnp.float32)
+      levels = (jnp.logspace(-1.0, 0.0, len(down) + 1) if self.guess_mode
+                else jnp.ones(len(down) + 1))
+      weigh = lambda a, level: a * (w * level)[:, None, None, None].astype(a.dtype)
+      r = ([weigh(a, levels[i]) for i, a in enumerate(down)], weigh(mid, levels[-1]))
       residuals = r if residuals is None else jax.tree.map(jnp.add, residuals, r)
     return self.unet(x, t, y, train, inner, residuals)
