@@ -88,7 +88,7 @@ def scheduler_settings(cfg: dict) -> dict:
           "karras": bool(cfg.get("use_karras_sigmas")), "zero_snr": zero_snr,
           "lcm": {"original_steps": int(cfg.get("original_inference_steps", 50)),
                   "timestep_scaling": float(cfg.get("timestep_scaling", 10.0))},
-          "unsupported": _unsupported_solver_options(cfg)}
+          "unsupported": _unsupported_solver_options(cfg), "config": dict(cfg)}
 
 
 # Euler's and DPM-Solver++(2M)'s settings as ours run them (diffusers' defaults)

@@ -90,6 +90,15 @@ class StableDiffusion:
     from diffusion_jax.textual_inversion import with_embedding
     return with_embedding(self, path, token)
 
+  def with_schedule(self, **options) -> "StableDiffusion":
+    """This pipeline with its scheduler config's options changed, as diffusers'
+    pipe.scheduler = Scheduler.from_config(pipe.scheduler.config, **options), e.g.
+    timestep_spacing="trailing", use_karras_sigmas=True, rescale_betas_zero_snr=True,
+    _class_name="EulerDiscreteScheduler" (the default method)."""
+    schedule = schedulers.scheduler_settings(dict(self.schedule["config"], **options))
+    diffusion = dm.GaussianDiffusion(schedulers.betas(schedule), mean_type=schedule["mean_type"])
+    return dataclasses.replace(self, schedule=schedule, diffusion=diffusion)
+
   def with_clip_skip(self, layers: int) -> "StableDiffusion":
     """This pipeline with the prompts read `layers` layers before the usual text states
     (diffusers' clip_skip, A1111's "clip skip" minus 1; as diffusers, not the negative

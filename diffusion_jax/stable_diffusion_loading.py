@@ -70,8 +70,9 @@ def load_single_file(path: str, tokenizer, prediction_type: str | None = None,
   "!"). The scheduler is the model's: SD 1.x/2.x's DDIM (scaled_linear 0.00085 -> 0.012,
   steps_offset 1, set_alpha_to_one False), SDXL's Euler; `prediction_type` "epsilon" or
   "v_prediction", and `zero_snr` (the betas rescaled to zero terminal SNR, diffusers'
-  rescale_betas_zero_snr): None reads them from the file's "v_pred" / "ztsnr" markers
-  (convert_ldm.SCHEDULE_MARKERS), else epsilon without; heads, text_heads: the attention heads
+  rescale_betas_zero_snr, with "trailing" timesteps, as Lin et al. sample): None reads them from
+  the file's "v_pred" / "ztsnr" markers (convert_ldm.SCHEDULE_MARKERS), else epsilon without;
+  pipe.with_schedule changes the rest; heads, text_heads: the attention heads
   where they are not Stable Diffusion's (convert_ldm); ema: the file's model_ema.* U-Net
   instead of model.diffusion_model.*. The native size is 512 (768 for v prediction, SD 2.x's 768-v;
   1024 for SDXL). The tokenizers must be the model's own (SD 2.x's pads with "!", 1.x's with
@@ -88,9 +89,10 @@ def load_single_file(path: str, tokenizer, prediction_type: str | None = None,
   xl = {}
   if "text_2" in parts:
     xl = {"text_2": parts["text_2"], "tokenizer_2": load(tokenizer_2), "zero_negative": True}
-  schedule = schedulers.scheduler_settings(dict(
+  zero_snr = "ztsnr" in markers if zero_snr is None else zero_snr
+  schedule = schedulers.scheduler_settings(dict(  # zero SNR: from the last timestep on
       SDXL_SCHEDULE if xl else SD_SCHEDULE, prediction_type=prediction_type,
-      rescale_betas_zero_snr="ztsnr" in markers if zero_snr is None else zero_snr))
+      rescale_betas_zero_snr=zero_snr, **({"timestep_spacing": "trailing"} if zero_snr else {})))
   return assemble(load(tokenizer), parts["text"], parts["unet"], parts["vae"], schedule, dtype,
                   mesh, **xl)
 

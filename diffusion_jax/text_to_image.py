@@ -46,6 +46,10 @@ def main(argv):
                                               zero_snr=FLAGS.zero_snr)
     else:
       pipe = StableDiffusion.load(FLAGS.src, FLAGS.dtype, controlnet=FLAGS.controlnet)
+      if FLAGS.zero_snr is not None:
+        pipe = pipe.with_schedule(rescale_betas_zero_snr=FLAGS.zero_snr)
+    if FLAGS.timestep_spacing:
+      pipe = pipe.with_schedule(timestep_spacing=FLAGS.timestep_spacing)
     for path in FLAGS.lora or ():
       pipe = pipe.with_lora(path, FLAGS.lora_weight)
     if FLAGS.clip_skip:
@@ -115,9 +119,11 @@ if __name__ == "__main__":
   flags.DEFINE_enum("prediction_type", None, ["epsilon", "v_prediction"],
                     "With a single file: what its U-Net predicts (default: v_prediction where "
                     "the file holds a 'v_pred' marker, else epsilon).")
-  flags.DEFINE_bool("zero_snr", None, "With a single file: its betas rescaled to zero "
-                    "terminal SNR (diffusers' rescale_betas_zero_snr; default: where the file "
-                    "holds a 'ztsnr' marker).")
+  flags.DEFINE_bool("zero_snr", None, "Betas rescaled to zero terminal SNR (diffusers' "
+                    "rescale_betas_zero_snr; v-prediction models; default: the scheduler "
+                    "config's, or a single file's 'ztsnr' marker, then with trailing spacing).")
+  flags.DEFINE_enum("timestep_spacing", None, ["leading", "linspace", "trailing"],
+                    "The scheduler's timestep spacing (default: the scheduler config's).")
   flags.DEFINE_multi_string("prompt", None, "Prompt (repeat the flag for several).")
   flags.DEFINE_string("negative_prompt", None, "The unconditional prompt of guidance (default: "
                       "the empty prompt; SDXL: zeros, as its pipeline).")

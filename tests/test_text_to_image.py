@@ -234,6 +234,8 @@ def test_single_file_checkpoint_gives_the_pipelines_images(epsilon_pipeline_dir,
   assert vz.diffusion.mean_type == v_only.diffusion.mean_type == "v"
   assert vz.diffusion.coefs["alphas_cumprod"][-1] == 0.0 < v_only.diffusion.coefs[
       "alphas_cumprod"][-1]
+  assert (vz.schedule["timestep_spacing"], v_only.schedule["timestep_spacing"]) == (
+      "trailing", None)  # zero SNR from the last timestep on; else DDIM's default, leading
   assert ours.diffusion.mean_type == "eps"  # no markers: as it was told
 
 
@@ -427,6 +429,12 @@ def test_zero_terminal_snr_gives_diffusers_latents(pipeline_dir, tmp_path):
           f"rescale diffusers' move {moved:.3g})")
     # Euler: diffusers' float32 step from sigma_T = 4096 keeps ~4096 * 6e-8 of the latents
     assert np.isfinite(got).all() and diff < (4e-4 if method == "euler" else 1e-4) < moved
+    if method == "ddim":  # the same asked of the pipeline loaded as it was
+      changed = StableDiffusion.load(str(src)).with_schedule(rescale_betas_zero_snr=True,
+                                                             timestep_spacing="trailing")
+      np.testing.assert_array_equal(changed.generate(
+          prompts, num_steps=4, guidance_scale=5.0, guidance_rescale=0.7, latents=latents,
+          decode=False), got)
 
 
 def test_lcm_scheduler_pipeline_gives_diffusers_latents(epsilon_pipeline_dir, tmp_path):
