@@ -259,9 +259,10 @@ class StableDiffusion:
     experts): `latents` are a base's generate(..., denoising_end=f, decode=False), run on from
     timestep round(T (1 - f)) without noising (strength ignored). control_image,
     control_scale, control_guidance (of the steps that run), guess_mode: generate's (diffusers'
-    StableDiffusion(XL)ControlNetImg2ImgPipeline, whose default scale, 0.8, is None's); guidance_rescale: generate's. sizes: SDXL's
-    (generate's, as its img2img pipeline takes them; the refiner's: aesthetic_score 6 and
-    negative_aesthetic_score 2.5 by default, of the prompts and the negative prompts)."""
+    StableDiffusion(XL)ControlNetImg2ImgPipeline, whose default scale, 0.8, is None's);
+    guidance_rescale: generate's. sizes: SDXL's (generate's, as its img2img pipeline takes
+    them; the refiner's: aesthetic_score 6 and negative_aesthetic_score 2.5 by default, of the
+    prompts and the negative prompts)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     shape, init = self._inputs(prompts, images, latents)
     method = schedulers.resolve_method(self.schedule, method, eta)
