@@ -17,14 +17,17 @@ import numpy as np
 SIGMA_DATA = 0.5
 
 
-def lcm_timesteps(num_timesteps: int, num_steps: int, original_steps: int = 50) -> np.ndarray:
-  """The num_steps decreasing timesteps of LCMScheduler.set_timesteps (strength 1)."""
-  if not 1 <= num_steps <= original_steps <= num_timesteps:
-    raise ValueError(f"LCM: num_steps={num_steps} must be in [1, original_inference_steps="
-                     f"{original_steps}] (<= {num_timesteps})")
+def lcm_timesteps(num_timesteps: int, num_steps: int, original_steps: int = 50,
+                  strength: float = 1.0) -> np.ndarray:
+  """The num_steps decreasing timesteps of LCMScheduler.set_timesteps: with strength s < 1
+  (img2img) taken from the first int(original_steps s) of the distillation's timesteps."""
+  n = int(original_steps * strength)
+  if not 1 <= num_steps <= n or original_steps > num_timesteps:
+    raise ValueError(f"LCM: num_steps={num_steps} must be in [1, int(original_inference_steps="
+                     f"{original_steps} x strength {strength}) = {n}] (<= {num_timesteps})")
   k = num_timesteps // original_steps
-  origin = (np.arange(1, original_steps + 1) * k - 1)[::-1]
-  return origin[np.floor(np.linspace(0, original_steps, num_steps, endpoint=False)).astype(int)]
+  origin = (np.arange(1, n + 1) * k - 1)[::-1]
+  return origin[np.floor(np.linspace(0, n, num_steps, endpoint=False)).astype(int)]
 
 
 def boundary_scalings(t, timestep_scaling: float = 10.0):
@@ -34,9 +37,14 @@ def boundary_scalings(t, timestep_scaling: float = 10.0):
 
 
 def lcm_sample(diffusion, denoise_fn, x_T, key, num_steps: int, original_steps: int = 50,
-               timestep_scaling: float = 10.0, clip_denoised: bool = False):
-  """Multistep consistency sampling from x_T (unit noise) in num_steps network evaluations."""
-  ts = lcm_timesteps(diffusion.num_timesteps, num_steps, original_steps)
+               timestep_scaling: float = 10.0, clip_denoised: bool = False,
+               strength: float = 1.0, skip: int = 0):
+  """Multistep consistency sampling from x_T (unit noise) in num_steps network evaluations;
+  img2img, x_T latents noised to the first step's timestep: with strength < 1 over
+  lcm_timesteps' fewer (LatentConsistencyModelImg2ImgPipeline's), with skip the steps after
+  the first `skip` (StableDiffusionImg2ImgPipeline's with LCMScheduler, LCM-LoRA's)."""
+  ts = lcm_timesteps(diffusion.num_timesteps, num_steps, original_steps, strength)[skip:]
+  num_steps = len(ts)
   ab = np.asarray(diffusion.coefs["alphas_cumprod"], np.float64)
   c_skip, c_out = boundary_scalings(ts, timestep_scaling)
   a_next = ab[np.append(ts[1:], ts[-1])]  # the last step's is unused

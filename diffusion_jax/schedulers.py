@@ -37,8 +37,8 @@ METHODS = ("ddim", "euler", "euler_ancestral", "dpm_solver", "dpm_solver_karras"
 SCHEDULER_METHODS = {"DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
                      "EulerAncestralDiscreteScheduler": "euler_ancestral",
                      "DPMSolverMultistepScheduler": "dpm_solver", "LCMScheduler": "lcm"}
-LCM_WHOLE_CHAINS = ("LCM runs whole chains here: img2img, inpainting (with strength < 1 or a "
-                    "plain U-Net) and denoising_start / _end need another method")
+LCM_WHOLE_CHAINS = ("LCM runs whole chains here (and img2img): inpainting with a plain U-Net "
+                    "and denoising_start / _end need another method")
 
 
 def scheduler_settings_file(path: str) -> dict:
@@ -175,12 +175,13 @@ def levels(schedule: dict, diffusion, method: str, num_steps: int):
 
 
 def network_timesteps(schedule: dict, diffusion, method: str, num_steps: int, skip: int = 0,
-                      stop: int | None = None) -> np.ndarray:
-  """The timesteps the network sees in the chain's steps [skip, stop), in order."""
+                      stop: int | None = None, strength: float = 1.0) -> np.ndarray:
+  """The timesteps the network sees in the chain's steps [skip, stop), in order (strength:
+  LCM's, span's)."""
   if method == "lcm":
     from diffusion_jax.lcm import lcm_timesteps
     return np.asarray(lcm_timesteps(diffusion.num_timesteps, num_steps,
-                                    schedule["lcm"]["original_steps"]))[skip:stop]
+                                    schedule["lcm"]["original_steps"], strength))[skip:stop]
   return np.asarray(levels(schedule, diffusion, method, num_steps)[0])[skip:stop]
 
 
@@ -190,13 +191,21 @@ def dpm_spacing(schedule: dict, method: str) -> str:
 
 
 def span(schedule: dict, diffusion, method: str, num_steps: int, strength: float = 1.0,
-         denoising_start: float | None = None, denoising_end: float | None = None):
+         denoising_start: float | None = None, denoising_end: float | None = None,
+         lcm_strength: bool = False):
   """(skip, stop): the chain's steps [skip, stop) that run (stop None: to the end), as
-  diffusers counts them: strength s keeps the last int(n s) steps; denoising_start / _end
+  diffusers counts them: strength s keeps the last int(n s) steps (LCM with lcm_strength, an
+  LCM-distilled U-Net's: all n, over the first int(original_steps s) of its timesteps, the
+  strength given to the chain); denoising_start / _end
   (SDXL's ensemble of experts: the base stops where the refiner starts) cut at the timestep
   round(T (1 - fraction))."""
   if not 0.0 < strength <= 1.0:
     raise ValueError(f"strength={strength}: in (0, 1]")
+  if method == "lcm" and (lcm_strength or denoising_start is not None
+                          or denoising_end is not None):
+    if denoising_start is not None or denoising_end is not None:
+      raise ValueError(LCM_WHOLE_CHAINS)
+    return 0, None  # all num_steps run, over fewer timesteps (lcm.lcm_timesteps)
   skip = num_steps - min(int(num_steps * strength), num_steps)
   stop = None
   if denoising_start is not None or denoising_end is not None:
@@ -216,11 +225,12 @@ def span(schedule: dict, diffusion, method: str, num_steps: int, strength: float
 
 
 def run_chain(schedule: dict, diffusion, method: str, denoise_fn, x_T, key, num_steps: int,
-              eta: float = 0.0, skip: int = 0, stop: int | None = None, callback=None):
+              eta: float = 0.0, skip: int = 0, stop: int | None = None, callback=None,
+              strength: float = 1.0):
   """The latents after the chain's steps [skip, stop) from x_T (unit noise, or with `skip`
   the latents at its (skip + 1)-th step: start_latents); with `stop` those at its stop-th
   level, in diffusers' scale (end_latents). callback(x, i): x after step i of the chain
-  (e.g. known_region's blend)."""
+  (e.g. known_region's blend); strength: LCM's (span)."""
   if callback is not None and skip:
     callback = (lambda cb: lambda x, i: cb(x, i + skip))(callback)
   if method.startswith("euler"):
@@ -233,10 +243,10 @@ def run_chain(schedule: dict, diffusion, method: str, denoise_fn, x_T, key, num_
         eta=1.0 if method == "euler_ancestral" else 0.0, callback=callback), sigmas, stop)
   if method == "lcm":
     from diffusion_jax.lcm import lcm_sample
-    if skip or stop is not None or callback is not None:
+    if stop is not None or callback is not None:
       raise ValueError(LCM_WHOLE_CHAINS)
     return lcm_sample(diffusion, denoise_fn, x_T, key, num_steps, clip_denoised=schedule[
-        "clip_sample"], **schedule["lcm"])
+        "clip_sample"], strength=strength, skip=skip, **schedule["lcm"])
   if method == "ddim":
     ts, _ = levels(schedule, diffusion, method, num_steps)
     return samplers.ddim_sample(
@@ -255,10 +265,11 @@ def end_latents(z, sigmas, stop):
   return z if stop is None else z * float(np.sqrt(1.0 + sigmas[stop] ** 2))
 
 
-def noising(schedule: dict, diffusion, method: str, num_steps: int):
+def noising(schedule: dict, diffusion, method: str, num_steps: int, strength: float = 1.0):
   """(a, b) [n + 1]: the chain's k-th step starts from a_k x_0 + b_k eps (diffusers'
-  scheduler.add_noise at its timesteps[k]); after the last, (1, 0)."""
-  ts, sigmas = levels(schedule, diffusion, method, num_steps)
+  scheduler.add_noise at its timesteps[k]); after the last, (1, 0). strength: LCM's (span)."""
+  ts, sigmas = ((network_timesteps(schedule, diffusion, method, num_steps, strength=strength),
+                 None) if method == "lcm" else levels(schedule, diffusion, method, num_steps))
   if sigmas is None:
     ab = np.append(np.asarray(diffusion.coefs["alphas_cumprod"])[ts.astype(int)], 1.0)
     return np.sqrt(ab), np.sqrt(1.0 - ab)
@@ -268,22 +279,22 @@ def noising(schedule: dict, diffusion, method: str, num_steps: int):
 
 
 def start_latents(schedule: dict, diffusion, method: str, init, noise, num_steps: int,
-                  skip: int, add_noise: bool = True):
+                  skip: int, add_noise: bool = True, strength: float = 1.0):
   """Where a chain that skips `skip` steps starts: clean latents noised to the (skip + 1)-th
   step's level (img2img), or without add_noise latents already there (denoising_start: the
   base's end_latents; Euler's in its sigma-scaled form)."""
-  a, b = noising(schedule, diffusion, method, num_steps)
+  a, b = noising(schedule, diffusion, method, num_steps, strength)
   if not add_noise:
     return init * float(a[skip]) if method.startswith("euler") else init
   return float(a[skip]) * init + float(b[skip]) * noise
 
 
 def known_region(schedule: dict, diffusion, method: str, num_steps: int, mask, init, noise,
-                 stop: int | None = None):
+                 stop: int | None = None, strength: float = 1.0):
   """Inpainting with a plain U-Net (diffusers' 4-channel inpainting): after each step the
   latents where `mask` is 0 are replaced by the known image's latents `init` noised with
   `noise` to the next step's level (clean after the chain's last step run)."""
-  a, b = noising(schedule, diffusion, method, num_steps)
+  a, b = noising(schedule, diffusion, method, num_steps, strength)
   end = num_steps if stop is None else stop
   a[end:], b[end:] = 1.0, 0.0
   a, b = jnp.asarray(a, init.dtype), jnp.asarray(b, init.dtype)

@@ -145,8 +145,8 @@ class StableDiffusion:
   def _chain(self, params, vae_params, scaling, ids, null_ids, time_ids, null_time_ids, x_T,
              key, init, inpaint, hint, *, num_steps, guidance, method, eta, decode, span, zero_null,
              control):
-    """Text encodings, the sampler, the decoder; span = (skip, stop, add_noise): the chain's
-    steps [skip, stop) run (schedulers.span); with `init` (img2img: clean latents, or images
+    """Text encodings, the sampler, the decoder; span = (skip, stop, add_noise, strength): the
+    chain's steps [skip, stop) run (schedulers.span; strength: LCM's); with `init` (img2img: clean latents, or images
     [B, H, W, 3] in [-1, 1] to encode; add_noise False: latents at the skip-th level already)
     x_T is the noise that takes them to the first step run. time_ids, null_time_ids: SDXL's
     size ids [B, k] of the prompts and of the negative prompts (else unused);
@@ -173,12 +173,12 @@ class StableDiffusion:
         x_cond = jnp.concatenate([mask, masked], axis=-1)
       else:  # a plain U-Net: the known region put back after each step
         known = schedulers.known_region(self.schedule, self.diffusion, method, num_steps,
-                                        mask, masked, x_T, span[1])
+                                        mask, masked, x_T, span[1], span[3])
         init = None if init is None else masked
     model, model_params = self.unet, params["unet"]
     if hint is not None:  # the ControlNets' residuals (control.py)
       model = controlled_unet(self.unet, self.controlnet, control, schedulers.network_timesteps(
-          self.schedule, self.diffusion, method, num_steps, *span[:2]))
+          self.schedule, self.diffusion, method, num_steps, *span[:2], span[3]))
       model_params = {"unet": params["unet"], **{
           f"controlnets_{i}": p for i, p in enumerate(params["controlnet"])}}
       on = {"cond": jnp.ones(x_T.shape[0])} if control.guess_mode else {}
@@ -193,9 +193,9 @@ class StableDiffusion:
         init = self.first_stage.encode_latents(vae_params, *scaling, init,
                                                jax.random.fold_in(key, 2))
       x_T = schedulers.start_latents(self.schedule, self.diffusion, method, init, x_T,
-                                     num_steps, span[0], span[2])
+                                     num_steps, span[0], span[2], span[3])
     z = schedulers.run_chain(self.schedule, self.diffusion, method, denoise, x_T, key,
-                             num_steps, eta, *span[:2], callback=known)
+                             num_steps, eta, *span[:2], callback=known, strength=span[3])
     z = z.astype(jnp.float32)
     return self.first_stage.decode_latents(vae_params, *scaling, z) if decode else z
 
@@ -234,7 +234,7 @@ class StableDiffusion:
                            denoising_end=denoising_end)
     return self._run_batch(prompts, negative_prompt, shape, latents, None, seed, num_steps,
                            (guidance_scale, guidance_rescale), method, eta, decode,
-                           span + (True,), sizes, control=self._control(
+                           span + (True, 1.0), sizes, control=self._control(
                                control_image, control_scale, control_guidance, guess_mode,
                                shape))
 
@@ -266,11 +266,10 @@ class StableDiffusion:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     shape, init = self._inputs(prompts, images, latents)
     method = schedulers.resolve_method(self.schedule, method, eta)
-    span = schedulers.span(self.schedule, self.diffusion, method, num_steps, strength,
-                           denoising_start)
     return self._run_batch(prompts, negative_prompt, shape, noise, init, seed, num_steps,
                            (guidance_scale, guidance_rescale), method, eta, decode,
-                           span + (denoising_start is None,), sizes, img2img=True,
+                           self._span(method, num_steps, strength, denoising_start), sizes,
+                           img2img=True,
                            control=self._control(control_image, 0.8 if control_scale is None
                                                  else control_scale, control_guidance,
                                                  guess_mode, shape))
@@ -310,12 +309,22 @@ class StableDiffusion:
         raise ValueError(f"masked_image_latents of shape {masked.shape}; expected {shape}")
     method = schedulers.resolve_method(self.schedule, method, eta)
     init = None if strength == 1.0 else init
-    span = schedulers.span(self.schedule, self.diffusion, method, num_steps, strength)
+    span = self._span(method, num_steps, strength)
     return self._run_batch(prompts, negative_prompt, shape, latents, init, seed, num_steps,
                            (guidance_scale, guidance_rescale), method, eta, decode,
-                           span + (True,), sizes, img2img=True, inpaint=(mask, masked),
+                           span, sizes, img2img=True, inpaint=(mask, masked),
                            control=self._control(control_image, control_scale, control_guidance,
                                                  guess_mode, shape, inpaint=True))
+
+  def _span(self, method, num_steps, strength, denoising_start=None) -> tuple:
+    """(skip, stop, add_noise, LCM's strength) of img2img / inpaint (schedulers.span): LCM's
+    strength as LatentConsistencyModelImg2ImgPipeline takes it for an LCM-distilled U-Net (all
+    steps, over fewer timesteps), else (LCM-LoRA) as StableDiffusionImg2ImgPipeline (skipped
+    steps)."""
+    truncate = method == "lcm" and bool(self.unet.time_cond_dim)
+    skip, stop = schedulers.span(self.schedule, self.diffusion, method, num_steps, strength,
+                                 denoising_start, lcm_strength=truncate)
+    return skip, stop, denoising_start is None, strength if truncate else 1.0
 
   def _inputs(self, prompts, images, latents):
     """(latent shape, images in [-1, 1] or latents) of img2img's and inpaint's inputs."""

@@ -378,6 +378,20 @@ def test_ddim_with_diffusers_spacings_is_ddim_scheduler(spacing, num_steps, eta)
 
 
 @pytest.mark.parity
+def test_lcm_img2img_timesteps_are_lcm_schedulers():
+  """lcm_timesteps with strength: LCMScheduler.set_timesteps(n, strength=s)'s (its img2img)."""
+  diffusers = pytest.importorskip("diffusers")
+  from diffusion_jax.lcm import lcm_timesteps
+  sched = diffusers.LCMScheduler(beta_start=0.00085, beta_end=0.012,
+                                 beta_schedule="scaled_linear")
+  for n, strength in ((1, 0.5), (4, 0.5), (4, 0.3), (6, 0.8), (4, 1.0)):
+    sched.set_timesteps(n, strength=strength)
+    np.testing.assert_array_equal(lcm_timesteps(1000, n, 50, strength), sched.timesteps.numpy())
+  with pytest.raises(ValueError, match="original_inference_steps=50 x strength 0.1\\) = 5"):
+    lcm_timesteps(1000, 6, 50, 0.1)
+
+
+@pytest.mark.parity
 @pytest.mark.parametrize("num_steps,mean_type", [(4, "eps"), (8, "v")])
 def test_lcm_is_diffusers_lcm_scheduler(num_steps, mean_type):
   """Latent Consistency Models' multistep sampler against LCMScheduler step for step (its
