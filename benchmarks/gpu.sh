@@ -35,7 +35,7 @@ fi
 CFG=${CFG:-configs/cifar10_ddpm.py}
 RUN="$PY benchmarks/run.py --config=$CFG --batch_size=128 --out=$OUT"
 T2I=${T2I_ARGS:-"--layout=sd15 --batch=${T2I_BATCH:-8} --steps=50 --dtype=bfloat16"}
-T2I="$T2I --pipeline_dir=/tmp/${T2I_ARGS:+t2i_}sd15_pipeline"
+T2I="$T2I --pipeline_dir=/tmp/pipeline_$(md5sum <<< "$T2I" | cut -c1-8)"  # per layout
 # JAX's persistent compilation cache: a step compiled once on this machine (`warm`) loads in
 # seconds in a later run, whose JSON then names the cache ("compilation_cache")
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/jax_cache}
@@ -70,7 +70,7 @@ each_lever() {  # calls "$1 tag env-words... -- run.py-args..." for each lever i
 time_lever() {  # 20 timed steps, after the compile (or the cache's load)
   local tag=$1; shift; local envs=(); while [ "$1" != -- ]; do envs+=("$1"); shift; done; shift
   echo "--- ${envs[*]} $*"
-  if [ -f /tmp/levers/.warmed ] && [ ! -f "/tmp/levers/$tag.compiled" ]; then
+  if [ -f "/tmp/levers/$tag.log" ] && [ ! -f "/tmp/levers/$tag.compiled" ]; then
     echo "skipped: its compile did not finish in the warm stage"; return
   fi
   timeout ${LEVER_TIMEOUT:-110} env "${envs[@]}" $PY benchmarks/run.py "$@" --nopeer \
@@ -79,6 +79,7 @@ time_lever() {  # 20 timed steps, after the compile (or the cache's load)
 }
 compile_lever() {  # in the background: the train step compiled into the cache, nothing timed
   local tag=$1; shift; local envs=(); while [ "$1" != -- ]; do envs+=("$1"); shift; done; shift
+  rm -f "/tmp/levers/$tag.compiled"
   (if timeout ${WARM_TIMEOUT:-300} env "${envs[@]}" $PY benchmarks/run.py "$@" --nopeer \
       --compile_only --out=/tmp/levers > "/tmp/levers/$tag.log" 2>&1; then
      touch "/tmp/levers/$tag.compiled"
@@ -127,7 +128,7 @@ torch.__version__, jax.devices())" 2>&1 | tail -1
       # compiled side by side into the compilation cache, nothing timed; the `levers` and
       # `text_to_image` stages after it then time one run at a time, loading what they need
       export XLA_PYTHON_CLIENT_PREALLOCATE=false  # several processes share the GPU
-      mkdir -p /tmp/levers && touch /tmp/levers/.warmed
+      mkdir -p /tmp/levers
       if [ "${T2I_WARM:-0}" = 1 ]; then
         (timeout ${WARM_TIMEOUT:-300} $PY benchmarks/text_to_image.py $T2I --calls=1 \
           --out=/tmp/t2i_warm 2>&1 | grep -E "^ours|Error|error:" | sed "s/^/warm t2i: /") &

@@ -28,7 +28,7 @@ from diffusion_jax import huge_pages  # noqa: E402
 
 huge_pages.reexec_if_useful()  # as main.py: both frameworks then run with malloc on huge pages
 # JAX takes 75 % of GPU memory up front; leave room for PyTorch measured in the same process
-if "--nopeer" not in sys.argv:
+if not {"--nopeer", "--peer=false", "--peer=False", "--peer=0"} & set(sys.argv):
   os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.45")
 
 import jax  # noqa: E402
@@ -337,6 +337,8 @@ def main(argv):
          "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
          # set: compile_s may be a load from this cache (gpu.sh warm prints the compile times)
          "compilation_cache": os.environ.get("JAX_COMPILATION_CACHE_DIR")}
+  if FLAGS.compile_only and not (FLAGS.ours and FLAGS.train):
+    raise app.UsageError("--compile_only compiles our train step: drop --notrain / --noours")
   path = timing.result_path(FLAGS.out, kind, cfg_name, FLAGS.tag)
   os.makedirs(FLAGS.out, exist_ok=True)
   sides = {}

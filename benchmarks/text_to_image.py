@@ -168,7 +168,9 @@ def main(argv):
   res = {"device": timing.device_kind(device), "layout": FLAGS.layout, "batch": FLAGS.batch,
          "steps": FLAGS.steps, "calls": FLAGS.calls, "dtype": FLAGS.dtype,
          "guidance": "7.5 (one batch of 2B)",
-         "jax_version": jax.__version__}
+         "jax_version": jax.__version__,
+         # set: "ours" first_call_s may be a load from this cache (gpu.sh warm)
+         "compilation_cache": os.environ.get("JAX_COMPILATION_CACHE_DIR")}
   with tempfile.TemporaryDirectory() as tmp:
     src = FLAGS.pipeline_dir or os.path.join(tmp, "sd")
     if not os.path.isdir(src):  # written beside it, then renamed: never read half-written

@@ -69,6 +69,14 @@ SIZE_OPTIONS = ("original_size", "crops_coords_top_left", "target_size",
                 "negative_target_size", "aesthetic_score", "negative_aesthetic_score")
 
 
+def check_size_options(options: dict) -> None:
+  """TypeError for keyword arguments that are none of SIZE_OPTIONS."""
+  unknown = sorted(set(options) - set(SIZE_OPTIONS))
+  if unknown:
+    raise TypeError(f"unexpected keyword arguments {unknown}; SDXL's size conditioning: "
+                    f"{SIZE_OPTIONS}")
+
+
 def time_ids(height: int, width: int, options: dict, img2img: bool = False,
              aesthetic: bool = False) -> tuple[np.ndarray, np.ndarray]:
   """SDXL's time ids of the prompts and of the negative prompts, as diffusers' pipelines make
@@ -79,10 +87,7 @@ def time_ids(height: int, width: int, options: dict, img2img: bool = False,
   the prompts' crop; the refiner (aesthetic): original size, crop and aesthetic score each,
   the negative prompts' from the negative_* options (defaults: the prompts' size, (0, 0),
   2.5; the prompts' score 6)."""
-  unknown = sorted(set(options) - set(SIZE_OPTIONS))
-  if unknown:
-    raise TypeError(f"unexpected keyword arguments {unknown}; SDXL's size conditioning: "
-                    f"{SIZE_OPTIONS}")
+  check_size_options(options)
   get = options.get
   if not aesthetic and {"aesthetic_score", "negative_aesthetic_score"} & set(options):
     raise ValueError("aesthetic_score, negative_aesthetic_score: the SDXL refiner's "

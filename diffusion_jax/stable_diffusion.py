@@ -359,6 +359,7 @@ class StableDiffusion:
                        "--init_image and --mask_image)")
     zero_null = negative_prompt is None and self.zero_negative
     f = self.first_stage.model.downsampling_factor
+    sdxl.check_size_options(sizes)
     if sizes and self.text_encoder_2 is None:
       raise ValueError(f"{sorted(sizes)}: size conditioning is SDXL's")
     time_ids, null_time_ids = (np.tile(ids, (n, 1)) for ids in sdxl.time_ids(

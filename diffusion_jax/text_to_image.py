@@ -121,7 +121,9 @@ if __name__ == "__main__":
                     "the file holds a 'v_pred' marker, else epsilon).")
   flags.DEFINE_bool("zero_snr", None, "Betas rescaled to zero terminal SNR (diffusers' "
                     "rescale_betas_zero_snr; v-prediction models; default: the scheduler "
-                    "config's, or a single file's 'ztsnr' marker, then with trailing spacing).")
+                    "config's, or a single file's 'ztsnr' marker; a single file then samples "
+                    "with trailing timesteps, a pipeline keeps its config's spacing: see "
+                    "--timestep_spacing).")
   flags.DEFINE_enum("timestep_spacing", None, ["leading", "linspace", "trailing"],
                     "The scheduler's timestep spacing (default: the scheduler config's).")
   flags.DEFINE_multi_string("prompt", None, "Prompt (repeat the flag for several).")

@@ -97,6 +97,7 @@ def test_auto_on_gpu_takes_cudnn_flash_attention_for_long_self_attention(
   from diffusion_jax.models import attention
   calls = []
   monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(attention, "flash_capable", lambda: True)
   monkeypatch.setattr(attention.jax.nn, "dot_product_attention",
                       lambda q, k, v, implementation=None: calls.append(implementation) or q)
   q = jax.ShapeDtypeStruct((2, t, 8, d), dtype)
@@ -115,7 +116,21 @@ def test_auto_on_gpu_falls_back_to_xla_where_cudnn_refuses(monkeypatch):
       raise NotImplementedError("no cuDNN flash attention here")
     return q
   monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(attention, "flash_capable", lambda: True)
   monkeypatch.setattr(attention.jax.nn, "dot_product_attention", fake)
   q = jax.ShapeDtypeStruct((1, 4096, 8, 40), jnp.bfloat16)
   attention.dot_product_attention(q, q, q, "auto")
   assert calls == ["cudnn", "xla"]
+  # a card before Ampere (cuDNN would fail only when XLA compiles): XLA's from the start
+  calls.clear()
+  monkeypatch.setattr(attention, "flash_capable", lambda: False)
+  attention.dot_product_attention(q, q, q, "auto")
+  assert calls == ["xla"]
+
+
+def test_flash_capable_reads_the_compute_capability(monkeypatch):
+  from diffusion_jax.models import attention
+  for capability, want in (("9.0", True), ("8.0", True), ("7.5", False), (None, False)):
+    device = type("Device", (), {"compute_capability": capability})()
+    monkeypatch.setattr(attention.jax, "devices", lambda: [device])
+    assert attention.flash_capable() == want

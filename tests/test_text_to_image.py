@@ -100,6 +100,10 @@ def test_pipeline_gives_diffusers_images(pipeline_dir):
   ours = StableDiffusion.load(str(src))
   assert ours.schedule["steps_offset"] == 1 and not ours.schedule["alpha_one_at_end"]
   prompts = ["the man on a photo", "an orange cat!"]
+  with pytest.raises(TypeError, match="unexpected keyword arguments \\['guidance'\\]"):
+    ours.generate(prompts, num_steps=1, guidance=3.0)  # a misspelt option is named as such
+  with pytest.raises(ValueError, match="size conditioning is SDXL's"):
+    ours.generate(prompts, num_steps=1, original_size=(8, 8))
   latents = np.random.default_rng(0).normal(size=(2, 8, 8, 4)).astype(np.float32)
   run = lambda p, kind: pipe(p, num_inference_steps=4, guidance_scale=5.0, output_type=kind,
                              latents=torch.from_numpy(latents.transpose(0, 3, 1, 2))).images

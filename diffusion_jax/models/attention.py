@@ -14,9 +14,9 @@ implementation (config.model.attention):
     would be 3,108 ms).
   "auto": on CPU "per_head" with one device; with several, `_einsum_attention` (the batch axis
     stays split over the devices: a lax.map over a split axis would gather q, k, v onto each);
-    on GPU cuDNN's flash attention for long bf16/fp16 self-attention (`use_flash`: T x S >= 1024^2,
-    head size a multiple of 8 up to 128), where XLA's path writes and reads the whole [B, N, T, S]
-    logits (Stable Diffusion's 4,096 tokens), else XLA's (one 256-wide head over 256 positions,
+    on GPU (Ampere or later) cuDNN's flash attention for long bf16/fp16 attention (`use_flash`:
+    T x S >= 1024^2, head size a multiple of 8 up to 128), where XLA's path writes and reads the
+    whole [B, N, T, S] logits (Stable Diffusion's 4,096 tokens), else XLA's (one 256-wide head over 256 positions,
     the CIFAR-10 U-Net: cuDNN's training step was 0.81x); elsewhere jax.nn's choice.
 
 All are the same function: tests/test_attention.py compares values and gradients.
@@ -58,8 +58,18 @@ def _per_head_bwd(vjp, g):
 per_head_attention.defvjp(_per_head_fwd, _per_head_bwd)
 
 
+def flash_capable() -> bool:
+  """Whether the first device is a GPU that runs cuDNN's flash attention (compute capability
+  8.0 or more: Ampere, Hopper, ...; on older cards it fails when XLA compiles, too late to
+  fall back)."""
+  try:
+    return float(getattr(jax.devices()[0], "compute_capability", 0) or 0) >= 8.0
+  except (TypeError, ValueError):
+    return False
+
+
 def use_flash(q, k) -> bool:
-  """Whether "auto" takes cuDNN's flash attention on GPU (see above)."""
+  """Whether "auto" takes cuDNN's flash attention on a capable GPU (see above)."""
   d = q.shape[-1]
   return (q.dtype in (jnp.bfloat16, jnp.float16) and d % 8 == 0 and d <= 128
           and q.shape[1] * k.shape[1] >= 1024 * 1024)
@@ -71,7 +81,7 @@ def dot_product_attention(q, k, v, implementation: str = "auto"):
     raise ValueError(f"attention implementation {implementation!r}: one of {IMPLEMENTATIONS}")
   if implementation == "auto":
     if jax.default_backend() == "gpu":
-      if use_flash(q, k):
+      if use_flash(q, k) and flash_capable():
         try:
           return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
         except (NotImplementedError, ValueError, RuntimeError):  # no cuDNN for this: XLA's
