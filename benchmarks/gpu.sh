@@ -53,7 +53,8 @@ DEFAULT_LEVERS="$C10 --precision=fp32 --tag=fp32; $C10 --prng=rbg --tag=prng_rbg
   $C10 --gn_swish_vjp=on --tag=gn_swish_vjp; $C10 --tag=baseline;
   $C10 --batch_size=256 --tag=b256; $C256 --remat --tag=remat_256; $C256 --tag=noremat_256"
 
-each_lever() {  # calls "$1 tag env-words... -- run.py-args..." for each lever in LEVERS (TAGS)
+each_lever() {  # calls "$1 tag env VAR=value... $PY benchmarks/run.py args... --nopeer" for each
+  # lever in LEVERS (TAGS)
   local list lever w tag envs args
   IFS=';' read -rd '' -a list <<< "${LEVERS:-$DEFAULT_LEVERS}"
   for lever in "${list[@]}"; do
@@ -64,24 +65,24 @@ each_lever() {  # calls "$1 tag env-words... -- run.py-args..." for each lever i
     [ ${#args[@]} -eq 0 ] && continue
     tag=$(grep -o -- "--tag=[a-z0-9_]*" <<< "$lever" | cut -d= -f2)
     [[ -n "${TAGS:-}" && " $TAGS " != *" $tag "* ]] && continue
-    "$1" "$tag" "${envs[@]}" -- "${args[@]}"
+    "$1" "$tag" env "${envs[@]}" $PY benchmarks/run.py "${args[@]}" --nopeer
   done
 }
 time_lever() {  # 20 timed steps, after the compile (or the cache's load)
-  local tag=$1; shift; local envs=(); while [ "$1" != -- ]; do envs+=("$1"); shift; done; shift
-  echo "--- ${envs[*]} $*"
+  local tag=$1; shift
+  echo "--- ${*:2}"
   if [ -f "/tmp/levers/$tag.log" ] && [ ! -f "/tmp/levers/$tag.compiled" ]; then
     echo "skipped: its compile did not finish in the warm stage"; return
   fi
-  timeout ${LEVER_TIMEOUT:-110} env "${envs[@]}" $PY benchmarks/run.py "$@" --nopeer \
-    --train_steps=20 --out=/tmp/levers 2>&1 | grep -E "^RESULT|Error|error:" | tail -3
+  timeout ${LEVER_TIMEOUT:-110} "$@" --train_steps=20 --out=/tmp/levers 2>&1 \
+    | grep -E "^RESULT|Error|error:" | tail -3
   bash "$0" collect > /dev/null
 }
 compile_lever() {  # in the background: the train step compiled into the cache, nothing timed
-  local tag=$1; shift; local envs=(); while [ "$1" != -- ]; do envs+=("$1"); shift; done; shift
+  local tag=$1; shift
   rm -f "/tmp/levers/$tag.compiled"
-  (if timeout ${WARM_TIMEOUT:-300} env "${envs[@]}" $PY benchmarks/run.py "$@" --nopeer \
-      --compile_only --out=/tmp/levers > "/tmp/levers/$tag.log" 2>&1; then
+  (if timeout ${WARM_TIMEOUT:-300} "$@" --compile_only --out=/tmp/levers \
+      > "/tmp/levers/$tag.log" 2>&1; then
      touch "/tmp/levers/$tag.compiled"
    else
      echo "$tag: no compile within ${WARM_TIMEOUT:-300} s"

@@ -15,7 +15,7 @@ ours cannot follow, and the chain itself.
 - "lcm": LCMScheduler, Latent Consistency Models' few-step sampler (lcm.py; LCM-LoRA's, with a
   guidance scale of 1-2 and 2-8 steps).
 rescale_betas_zero_snr (Lin et al. 2023; v-prediction models): the betas rescaled so that
-alphabar_T = 0 (`betas`), which DDIM and LCM read as it is and Euler and DPM-Solver as 2^-24,
+alphabar_T = 0 (`make_diffusion`), which DDIM and LCM read as it is and Euler and DPM-Solver as 2^-24,
 as diffusers' schedulers do (noise_levels.alphas_cumprod).
 By default the method is the config's class where it is one of these, else DDIM; where the
 config sets an option ours do not implement, the default is DDIM (with a warning) and asking
@@ -47,8 +47,6 @@ def scheduler_settings_file(path: str) -> dict:
     return scheduler_settings(json.load(f))
 
 
-
-
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear",
                   "squaredcos_cap_v2": "cosine"}  # diffusers' -> ours
@@ -56,7 +54,7 @@ BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear",
 
 def scheduler_settings(cfg: dict) -> dict:
   """The diffusion and sampler conventions of a diffusers scheduler_config.json
-  (rescale_betas_zero_snr: `betas` rescales them)."""
+  (rescale_betas_zero_snr: `make_diffusion` rescales the betas)."""
   prediction = cfg.get("prediction_type", "epsilon")
   if prediction not in PREDICTION_TYPES:
     raise ConversionError(f"prediction_type={prediction!r}: one of {tuple(PREDICTION_TYPES)}")
@@ -109,12 +107,14 @@ def _unsupported_solver_options(cfg: dict) -> str | None:
   return ", ".join(found) or None
 
 
-def betas(schedule: dict) -> np.ndarray:
-  """The schedule's betas; with zero_snr (diffusers' rescale_betas_zero_snr) rescaled to zero
-  terminal SNR (diffusion.rescale_zero_terminal_snr)."""
+def make_diffusion(schedule: dict) -> dm.GaussianDiffusion:
+  """The schedule's diffusion: its betas (with zero_snr, diffusers' rescale_betas_zero_snr,
+  rescaled to zero terminal SNR: diffusion.rescale_zero_terminal_snr) and prediction."""
   b = dm.get_beta_schedule(schedule["beta_schedule"], schedule["num_timesteps"],
                            schedule["beta_start"], schedule["beta_end"])
-  return dm.rescale_zero_terminal_snr(b) if schedule.get("zero_snr") else b
+  if schedule.get("zero_snr"):
+    b = dm.rescale_zero_terminal_snr(b)
+  return dm.GaussianDiffusion(b, mean_type=schedule["mean_type"])
 
 
 def spacing(schedule: dict, method: str) -> str:
@@ -201,10 +201,9 @@ def span(schedule: dict, diffusion, method: str, num_steps: int, strength: float
   round(T (1 - fraction))."""
   if not 0.0 < strength <= 1.0:
     raise ValueError(f"strength={strength}: in (0, 1]")
-  if method == "lcm" and (lcm_strength or denoising_start is not None
-                          or denoising_end is not None):
-    if denoising_start is not None or denoising_end is not None:
-      raise ValueError(LCM_WHOLE_CHAINS)
+  if method == "lcm" and (denoising_start is not None or denoising_end is not None):
+    raise ValueError(LCM_WHOLE_CHAINS)
+  if method == "lcm" and lcm_strength:
     return 0, None  # all num_steps run, over fewer timesteps (lcm.lcm_timesteps)
   skip = num_steps - min(int(num_steps * strength), num_steps)
   stop = None

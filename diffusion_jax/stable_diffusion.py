@@ -96,8 +96,8 @@ class StableDiffusion:
     timestep_spacing="trailing", use_karras_sigmas=True, rescale_betas_zero_snr=True,
     _class_name="EulerDiscreteScheduler" (the default method)."""
     schedule = schedulers.scheduler_settings(dict(self.schedule["config"], **options))
-    diffusion = dm.GaussianDiffusion(schedulers.betas(schedule), mean_type=schedule["mean_type"])
-    return dataclasses.replace(self, schedule=schedule, diffusion=diffusion)
+    return dataclasses.replace(self, schedule=schedule,
+                               diffusion=schedulers.make_diffusion(schedule))
 
   def with_clip_skip(self, layers: int) -> "StableDiffusion":
     """This pipeline with the prompts read `layers` layers before the usual text states
@@ -146,10 +146,11 @@ class StableDiffusion:
              key, init, inpaint, hint, *, num_steps, guidance, method, eta, decode, span, zero_null,
              control):
     """Text encodings, the sampler, the decoder; span = (skip, stop, add_noise, strength): the
-    chain's steps [skip, stop) run (schedulers.span; strength: LCM's); with `init` (img2img: clean latents, or images
-    [B, H, W, 3] in [-1, 1] to encode; add_noise False: latents at the skip-th level already)
-    x_T is the noise that takes them to the first step run. time_ids, null_time_ids: SDXL's
-    size ids [B, k] of the prompts and of the negative prompts (else unused);
+    chain's steps [skip, stop) run (schedulers.span; strength: LCM's); with `init` (img2img:
+    clean latents, or images [B, H, W, 3] in [-1, 1] to encode; add_noise False: latents at the
+    skip-th level already) x_T is the noise that takes them to the first step run. time_ids,
+    null_time_ids: SDXL's size ids [B, k] of the prompts and of the negative prompts (else
+    unused);
     zero_null: the unconditional context zeros (SDXL's default); inpaint: (mask [B, h, w, 1],
     masked images [B, H, W, 3] to encode, or their latents), the inpainting U-Net's inputs (a
     plain U-Net's: the whole images, the known region)."""

@@ -9,7 +9,6 @@ import os
 
 import jax
 
-from diffusion_jax import diffusion as dm
 from diffusion_jax import parallel, schedulers, sdxl
 from diffusion_jax.convert_autoencoder import load_autoencoder
 from diffusion_jax.convert_clip import load_text_encoder, load_tokenizer
@@ -125,7 +124,7 @@ def assemble(tokenizer, text, unet, vae, schedule: dict, dtype: str = "float32",
                           f"encoder gives {text_fields['width']}")
   mesh = mesh or parallel.make_mesh()
   compute = DTYPES[dtype]
-  diffusion = dm.GaussianDiffusion(schedulers.betas(schedule), mean_type=schedule["mean_type"])
+  diffusion = schedulers.make_diffusion(schedule)
   replicate = lambda tree: jax.device_put(tree, parallel.replicated(mesh))
   first_stage = FirstStage(AutoencoderKL(**vae_fields, dtype=compute, attention=attention),
                            replicate(vae_params), mesh, scaling["scale_factor"] or 0.18215,

@@ -441,6 +441,25 @@ def test_zero_terminal_snr_gives_diffusers_latents(pipeline_dir, tmp_path):
           decode=False), got)
 
 
+def check_lcm_img2img(label, ref, ours, prompts, num_steps, guidance, strengths):
+  """img2img latents (from the same latents and noise) within 1/100 of what strengths[1]
+  instead of strengths[0] moves diffusers' `ref` pipeline's."""
+  from diffusers.utils.torch_utils import randn_tensor
+  z0 = np.random.default_rng(4).normal(size=(2, 8, 8, 4)).astype(np.float32)
+  noise = randn_tensor((2, 4, 8, 8), generator=torch.Generator().manual_seed(3)).numpy()
+  run = lambda strength: ref(
+      prompts, image=torch.from_numpy(z0.transpose(0, 3, 1, 2)), strength=strength,
+      num_inference_steps=num_steps, guidance_scale=guidance, output_type="latent",
+      generator=torch.Generator().manual_seed(3)).images.numpy().transpose(0, 2, 3, 1)
+  want = run(strengths[0])
+  got = ours.img2img(prompts, latents=z0, strength=strengths[0], num_steps=num_steps,
+                     guidance_scale=guidance, noise=noise.transpose(0, 2, 3, 1), decode=False)
+  diff, effect = np.abs(got - want).max(), np.abs(run(strengths[1]) - want).max()
+  print(f"{label}: max |ours - diffusers| = {diff:.3g} (strength {strengths[1]} instead of "
+        f"{strengths[0]} moves them {effect:.3g})")
+  assert diff < effect / 100
+
+
 def test_lcm_scheduler_pipeline_gives_diffusers_latents(epsilon_pipeline_dir, tmp_path):
   """A pipeline whose scheduler is LCMScheduler (LCM-LoRA's recipe: guidance 1.5, few steps)
   samples with lcm by default; one step (no re-noising) gives diffusers' latents."""
@@ -471,21 +490,8 @@ def test_lcm_scheduler_pipeline_gives_diffusers_latents(epsilon_pipeline_dir, tm
   assert four.shape == (2, 16, 16, 3) and four.std() > 0
   # LCM-LoRA's img2img: StableDiffusionImg2ImgPipeline with LCMScheduler skips the first steps
   # (2 steps, strength 0.5: the second, timestep 499, alone; the latents noised there)
-  from diffusers.utils.torch_utils import randn_tensor
-  ref_i2i = diffusers.StableDiffusionImg2ImgPipeline(**dict(pipe.components, scheduler=lcm_sched))
-  z0 = np.random.default_rng(4).normal(size=(2, 8, 8, 4)).astype(np.float32)
-  noise = randn_tensor((2, 4, 8, 8), generator=torch.Generator().manual_seed(3)).numpy()
-  run_i2i = lambda strength: ref_i2i(
-      prompts, image=torch.from_numpy(z0.transpose(0, 3, 1, 2)), strength=strength,
-      num_inference_steps=2, guidance_scale=1.5, output_type="latent",
-      generator=torch.Generator().manual_seed(3)).images.numpy().transpose(0, 2, 3, 1)
-  want = run_i2i(0.5)
-  got = ours.img2img(prompts, latents=z0, strength=0.5, num_steps=2, guidance_scale=1.5,
-                     noise=noise.transpose(0, 2, 3, 1), decode=False)
-  diff, effect = np.abs(got - want).max(), np.abs(run_i2i(1.0) - want).max()
-  print(f"LCM-LoRA img2img: max |ours - diffusers| = {diff:.3g} (strength 1 moves them "
-        f"{effect:.3g})")
-  assert diff < effect / 100
+  check_lcm_img2img("LCM-LoRA img2img", diffusers.StableDiffusionImg2ImgPipeline(
+      **dict(pipe.components, scheduler=lcm_sched)), ours, prompts, 2, 1.5, (0.5, 1.0))
   with pytest.raises(ValueError, match="LCM runs whole chains"):
     ours.img2img(prompts, images=four, num_steps=4, latents=None, denoising_start=0.5)
 
@@ -519,18 +525,5 @@ def test_lcm_distilled_pipeline_gives_diffusers_latents(epsilon_pipeline_dir, tm
   assert diff < effect / 100
   # img2img as LatentConsistencyModelImg2ImgPipeline: strength 0.5 takes the timesteps from the
   # first half of the distillation's (one step: 499), the latents noised there
-  from diffusers.utils.torch_utils import randn_tensor
-  ref = diffusers.LatentConsistencyModelImg2ImgPipeline(**lcm.components)
-  z0 = np.random.default_rng(4).normal(size=(2, 8, 8, 4)).astype(np.float32)
-  noise = randn_tensor((2, 4, 8, 8), generator=torch.Generator().manual_seed(3)).numpy()
-  run_i2i = lambda strength: ref(
-      prompts, image=torch.from_numpy(z0.transpose(0, 3, 1, 2)), strength=strength,
-      num_inference_steps=1, guidance_scale=8.0, output_type="latent",
-      generator=torch.Generator().manual_seed(3)).images.numpy().transpose(0, 2, 3, 1)
-  want = run_i2i(0.5)
-  got = ours.img2img(prompts, latents=z0, strength=0.5, num_steps=1, guidance_scale=8.0,
-                     noise=noise.transpose(0, 2, 3, 1), decode=False)
-  diff, effect = np.abs(got - want).max(), np.abs(run_i2i(0.7) - want).max()
-  print(f"LCM-distilled img2img: max |ours - diffusers| = {diff:.3g} (strength 0.7 instead of "
-        f"0.5 moves them {effect:.3g})")
-  assert diff < effect / 100
+  check_lcm_img2img("LCM-distilled img2img", diffusers.LatentConsistencyModelImg2ImgPipeline(
+      **lcm.components), ours, prompts, 1, 8.0, (0.5, 0.7))

@@ -16,8 +16,9 @@ implementation (config.model.attention):
     stays split over the devices: a lax.map over a split axis would gather q, k, v onto each);
     on GPU (Ampere or later) cuDNN's flash attention for long bf16/fp16 attention (`use_flash`:
     T x S >= 1024^2, head size a multiple of 8 up to 128), where XLA's path writes and reads the
-    whole [B, N, T, S] logits (Stable Diffusion's 4,096 tokens), else XLA's (one 256-wide head over 256 positions,
-    the CIFAR-10 U-Net: cuDNN's training step was 0.81x); elsewhere jax.nn's choice.
+    whole [B, N, T, S] logits (Stable Diffusion's 4,096 tokens), else XLA's (one 256-wide head
+    over 256 positions, the CIFAR-10 U-Net: cuDNN's training step was 0.81x); elsewhere
+    jax.nn's choice.
 
 All are the same function: tests/test_attention.py compares values and gradients.
 """
