@@ -24,11 +24,14 @@ from diffusion_jax import parallel, schedulers, sdxl, xla_options
 from diffusion_jax.control import control_inputs, controlled_unet
 from diffusion_jax.convert_clip import clip_token_ids
 from diffusion_jax.images import binary_masks
+from diffusion_jax.stable_diffusion_variants import PipelineVariants
 
 
 @dataclasses.dataclass
-class StableDiffusion:
-  """The converted pipeline; `generate(prompts)` -> uint8 images [B, H, W, 3]."""
+class StableDiffusion(PipelineVariants):
+  """The converted pipeline; `generate(prompts)` -> uint8 images [B, H, W, 3]; its with_*
+  methods (stable_diffusion_variants.py) give it with LoRA, textual inversion, another
+  schedule, clip skip or FreeU."""
   tokenizer: Any
   text_encoder: Any
   unet: Any
@@ -66,46 +69,6 @@ class StableDiffusion:
     from diffusion_jax.stable_diffusion_loading import load_single_file
     return load_single_file(path, tokenizer, prediction_type, dtype, mesh, heads, text_heads,
                             ema, tokenizer_2, zero_snr)
-
-  def with_lora(self, path: str, weight: float = 1.0) -> "StableDiffusion":
-    """This pipeline with a LoRA file's changes merged into its U-Net and text encoder(s),
-    times `weight` (lora.py: diffusers' and kohya's formats); this one is left as it was."""
-    from diffusion_jax import lora
-    from diffusion_jax.convert_clip import text_encoder_params
-    from diffusion_jax.convert_diffusers import unet_params_from_diffusers
-    from diffusion_jax.convert_ldm import unet_params_from_ldm
-    layout = {"ch_mult": self.unet.ch_mult, "num_res_blocks": self.unet.num_res_blocks,
-              "attn_levels": self.unet.attn_levels}
-    converters = {"unet": lambda state: unet_params_from_diffusers(state, layout),
-                  "unet_ldm": lambda state: unet_params_from_ldm(state, layout),
-                  "text_encoder": text_encoder_params, "text_encoder_2": text_encoder_params}
-    deltas = lora.lora_deltas(*lora.read_lora(path))
-    return dataclasses.replace(self, params=lora.merged_params(self.params, deltas, converters,
-                                                               weight))
-
-  def with_textual_inversion(self, path: str, token: str | None = None) -> "StableDiffusion":
-    """This pipeline with a textual inversion embedding's tokens added (textual_inversion.py:
-    diffusers', A1111's and SDXL's files; `token`: its name where the file does not say it);
-    this one is left as it was."""
-    from diffusion_jax.textual_inversion import with_embedding
-    return with_embedding(self, path, token)
-
-  def with_schedule(self, **options) -> "StableDiffusion":
-    """This pipeline with its scheduler config's options changed, as diffusers'
-    pipe.scheduler = Scheduler.from_config(pipe.scheduler.config, **options), e.g.
-    timestep_spacing="trailing", use_karras_sigmas=True, rescale_betas_zero_snr=True,
-    _class_name="EulerDiscreteScheduler" (the default method)."""
-    schedule = schedulers.scheduler_settings(dict(self.schedule["config"], **options))
-    return dataclasses.replace(self, schedule=schedule,
-                               diffusion=schedulers.make_diffusion(schedule))
-
-  def with_clip_skip(self, layers: int) -> "StableDiffusion":
-    """This pipeline with the prompts read `layers` layers before the usual text states
-    (diffusers' clip_skip, A1111's "clip skip" minus 1; as diffusers, not the negative
-    prompts')."""
-    if layers < 0:
-      raise ValueError(f"clip_skip={layers}: 0 or more layers")
-    return dataclasses.replace(self, clip_skip=int(layers))
 
   def tokenize(self, prompts: list[str]) -> np.ndarray:
     """Token ids [B, 77], padded as the pipeline pads them (to the encoder's positions); SDXL's:

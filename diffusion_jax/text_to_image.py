@@ -23,6 +23,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from diffusion_jax.convert_diffusers import ConversionError
+from diffusion_jax.models.freeu import check_freeu
 from diffusion_jax.schedulers import METHODS
 from diffusion_jax.stable_diffusion import StableDiffusion
 
@@ -54,6 +55,8 @@ def main(argv):
       pipe = pipe.with_lora(path, FLAGS.lora_weight)
     if FLAGS.clip_skip:
       pipe = pipe.with_clip_skip(FLAGS.clip_skip)
+    if FLAGS.freeu:
+      pipe = pipe.with_freeu(*check_freeu(FLAGS.freeu))
     for spec in FLAGS.embedding or ():  # FILE or FILE:TOKEN
       path, token = (spec, None) if spec.endswith(".safetensors") else spec.rsplit(":", 1)
       pipe = pipe.with_textual_inversion(path, token)
@@ -136,6 +139,8 @@ if __name__ == "__main__":
                      "conditional one's std (Lin et al. 2024; e.g. 0.7; 0: off).")
   flags.DEFINE_integer("clip_skip", 0, "Read the prompts' text states this many layers "
                        "earlier (diffusers' clip_skip; A1111's 'clip skip 2' is 1).")
+  flags.DEFINE_list("freeu", None, "FreeU's s1,s2,b1,b2 (diffusers' enable_freeu), e.g. "
+                    "0.9,0.2,1.2,1.4 for SD 1.x, 0.9,0.2,1.1,1.2 for 2.x, 0.6,0.4,1.1,1.2 for XL.")
   flags.DEFINE_integer("seed", 0, "Random seed of the starting latents.")
   flags.DEFINE_integer("height", None, "Image height (default: the U-Net's native size).")
   flags.DEFINE_integer("width", None, "Image width.")

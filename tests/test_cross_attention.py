@@ -30,8 +30,10 @@ def perturbed(params, scale=0.05, seed=2):
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("layout", ["sd1", "sd2"])
-def test_unet_matches_diffusers_unet2d_condition_model(layout, tmp_path):
+@pytest.mark.parametrize("layout,freeu", [("sd1", ()), ("sd2", ()), ("sd1", (0.9, 0.2, 1.2, 1.4))])
+def test_unet_matches_diffusers_unet2d_condition_model(layout, freeu, tmp_path):
+  """freeu: diffusers' unet.enable_freeu(s1, s2, b1, b2) (models/freeu.py), at a power-of-two
+  size and at another (whose FFT diffusers runs in float32)."""
   torch = pytest.importorskip("torch")
   diffusers = pytest.importorskip("diffusers")
   from diffusion_jax.convert_diffusers import load_diffusers_unet, unet_fields
@@ -41,7 +43,9 @@ def test_unet_matches_diffusers_unet2d_condition_model(layout, tmp_path):
   fields, params = load_diffusers_unet(str(tmp_path))  # a pipeline directory: its unet/
   assert fields["attn_levels"] == (0, 1) and fields["context_dim"] == 24
   assert (fields["num_heads"], fields["head_channels"]) == ((4, 0) if layout == "sd1" else (1, 16))
-  ours = UNet(**unet_fields(fields))
+  ours = UNet(**unet_fields(fields), freeu=freeu)
+  if freeu:
+    ref.enable_freeu(*freeu)
   rng = np.random.default_rng(0)
   for size in (16, 24):  # attention stays at its levels at another input size
     x = rng.normal(size=(2, 4, size, size)).astype(np.float32)
@@ -53,9 +57,15 @@ def test_unet_matches_diffusers_unet2d_condition_model(layout, tmp_path):
     got = ours.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t),
                      context=jnp.asarray(ctx))
     diff = np.abs(np.asarray(got).transpose(0, 3, 1, 2) - want).max()
-    print(f"{layout} {size}x{size}: max |ours - diffusers| = {diff:.3g} "
+    print(f"{layout} {size}x{size} freeu={freeu}: max |ours - diffusers| = {diff:.3g} "
           f"(output scale {np.abs(want).max():.3g})")
     assert diff < 1e-4
+    if freeu:  # FreeU changes the output
+      plain = ours.clone(freeu=()).apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)),
+                                         jnp.asarray(t), context=jnp.asarray(ctx))
+      moved = np.abs(np.asarray(plain) - np.asarray(got)).max()
+      print(f"  FreeU moves the output by {moved:.3g}")
+      assert moved > 0.05
 
 
 @pytest.mark.parity

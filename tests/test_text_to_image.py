@@ -182,7 +182,7 @@ def test_the_command_writes_a_grid(epsilon_pipeline_dir, tmp_path):
   Image.fromarray(np.full((20, 18, 3), 200, np.uint8)).save(tmp_path / "init.png")
   proc = text_to_image_command(f"--src={src}", "--prompt=a cat", "--steps=4",
                                f"--init_image={tmp_path / 'init.png'}", "--strength=0.5",
-                               f"--out={tmp_path / 'edit.png'}")
+                               "--freeu=0.9,0.2,1.2,1.4", f"--out={tmp_path / 'edit.png'}")
   assert proc.returncode == 0, proc.stderr[-2000:]
   # 20 x 18 rounded down to multiples of 4 (the decoder's f 2 x the U-Net's 2 levels)
   assert np.load(str(tmp_path / "edit.npz"))["arr_0"].shape == (1, 20, 16, 3)
@@ -393,6 +393,36 @@ def test_dpm_solver_gives_diffusers_multistep_scheduler_latents(epsilon_pipeline
   diff_k = np.abs(got_k - want_k.numpy().transpose(0, 2, 3, 1)).max()
   print(f"DPM++ 2M Karras latents: max |ours - diffusers| = {diff_k:.3g}")
   assert diff_k < 1e-4 < np.abs(got_k - got).max()
+
+
+def test_freeu_gives_diffusers_latents(epsilon_pipeline_dir):
+  """with_freeu(s1, s2, b1, b2) against pipe.enable_freeu (models/freeu.py); the pipeline it
+  was called on is left as it was."""
+  from diffusion_jax.models.freeu import check_freeu
+  src, pipe = epsilon_pipeline_dir
+  ours = StableDiffusion.load(str(src))
+  factors = (0.9, 0.2, 1.2, 1.4)
+  free = ours.with_freeu(*factors)
+  assert free.unet.freeu == factors and ours.unet.freeu == ()
+  assert free.with_freeu(0, 0, 0, 0).unet.freeu == ()  # diffusers: a 0 turns it off
+  for bad in ((0.9, 0.2), ("a", 1, 1, 1)):
+    with pytest.raises(ValueError, match="four numbers"):
+      check_freeu(bad)
+  prompts = ["the man on a photo", "an orange cat!"]
+  latents = np.random.default_rng(1).normal(size=(2, 8, 8, 4)).astype(np.float32)
+  pipe.enable_freeu(*factors)
+  try:
+    want = pipe(prompts, num_inference_steps=3, guidance_scale=5.0, output_type="latent",
+                latents=torch.from_numpy(latents.transpose(0, 3, 1, 2))).images
+  finally:
+    pipe.disable_freeu()
+  want = want.numpy().transpose(0, 2, 3, 1)
+  got = free.generate(prompts, num_steps=3, guidance_scale=5.0, latents=latents, decode=False)
+  plain = ours.generate(prompts, num_steps=3, guidance_scale=5.0, latents=latents,
+                        decode=False)
+  diff, moved = np.abs(got - want).max(), np.abs(plain - got).max()
+  print(f"FreeU latents: max |ours - diffusers| = {diff:.3g} (FreeU moves them {moved:.3g})")
+  assert diff < 1e-4 and moved > 0.01
 
 
 def test_zero_terminal_snr_gives_diffusers_latents(pipeline_dir, tmp_path):

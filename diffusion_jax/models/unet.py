@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from diffusion_jax.models import onednn_conv
+from diffusion_jax.models.freeu import apply_freeu, check_freeu
 from diffusion_jax.models.layers import (AttnBlock, Downsample, ResBlock, Upsample, conv,
                                          default_init, group_norm, num_heads,
                                          timestep_embedding, use_subpixel, zero_init)
@@ -75,6 +76,7 @@ class UNet(nn.Module):
   added_time_dim: int = 0
   time_cond_dim: int = 0  # LCM-distilled: context["timestep_cond"], the guidance's embedding
   output_channels: int = 0
+  freeu: Sequence[float] = ()  # (s1, s2, b1, b2): FreeU at inference (models/freeu.py)
 
   @property
   def out_channels(self) -> int:
@@ -154,9 +156,11 @@ class UNet(nn.Module):
       h = h + middle.astype(h.dtype)
     onednn = onednn_conv.use_onednn(self.conv, self.dtype)
     subpixel = use_subpixel(self.upsample_conv)
+    freeu = check_freeu(self.freeu)
     for i, mult in reversed(list(enumerate(self.ch_mult))):  # up path, skips concatenated
       for j in range(self.num_res_blocks + 1):
-        h = jnp.concatenate([h, hs.pop()], axis=-1)
+        h, skip = apply_freeu(len(self.ch_mult) - 1 - i, h, hs.pop(), freeu)
+        h = jnp.concatenate([h, skip], axis=-1)
         h = self._res_block(self.ch * mult, f"up_{i}_block_{j}")(h, temb, train)
         if self._has_attention(i, h.shape[1]):
           h = self._attend(h, i, f"up_{i}_attn_{j}", context)
