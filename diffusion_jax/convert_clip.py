@@ -1,6 +1,7 @@
 """transformers `CLIPTextModel` weights (config.json + model.safetensors, e.g. a Stable
 Diffusion pipeline's text_encoder/; or `CLIPTextModelWithProjection`'s, SDXL's text_encoder_2/)
--> models.clip_text.CLIPTextEncoder's fields and parameters.
+-> models.clip_text.CLIPTextEncoder's fields and parameters; `CLIPVisionModelWithProjection`'s
+(IP-Adapter's image_encoder/) -> models.clip_vision.CLIPVisionEncoder's.
 
 Pure numpy (no torch, no transformers); keys with or without the "text_model." prefix.
 """
@@ -52,16 +53,75 @@ def text_encoder_params(state: Mapping[str, np.ndarray]) -> dict:
     if name == "text_projection.weight":  # CLIPTextModelWithProjection's (no bias)
       params["text_projection"] = {"kernel": value.T}
       continue
-    m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
+    target = _layer_target(name)
     n = re.fullmatch(r"final_layer_norm\.(weight|bias)", name)
-    if m and m.group(2) in LAYER_RENAMES:
-      module, leaf = f"layer_{m.group(1)}_{LAYER_RENAMES[m.group(2)]}", m.group(3)
+    if target:
+      module, leaf = target
     elif n:
       module, leaf = "final_norm", n.group(1)
     else:
       raise ConversionError(f"unexpected parameter {key!r} in the CLIP text encoder")
     put_torch_tensor(params, [module], leaf, key, value)  # Dense kernel / LayerNorm scale
   return params
+
+
+def _layer_target(name: str):
+  """(module, leaf) of an encoder layer's parameter (encoder.layers.i.*), else None."""
+  m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", name)
+  if m and m.group(2) in LAYER_RENAMES:
+    return f"layer_{m.group(1)}_{LAYER_RENAMES[m.group(2)]}", m.group(3)
+  return None
+
+
+def vision_encoder_fields(cfg: Mapping[str, Any]) -> dict:
+  """CLIPVisionEncoder's fields from a CLIPVisionConfig's config.json (or a CLIPConfig's
+  vision_config)."""
+  cfg = cfg.get("vision_config", cfg)
+  act = cfg.get("hidden_act", "quick_gelu")
+  if act not in ("quick_gelu", "gelu"):
+    raise ConversionError(f"hidden_act={act!r} is not supported (quick_gelu or gelu)")
+  return {"width": int(cfg["hidden_size"]), "layers": int(cfg["num_hidden_layers"]),
+          "heads": int(cfg["num_attention_heads"]), "mlp_width": int(cfg["intermediate_size"]),
+          "image_size": int(cfg.get("image_size", 224)),
+          "patch_size": int(cfg.get("patch_size", 32)), "activation": act,
+          "layer_norm_eps": float(cfg.get("layer_norm_eps", 1e-5)),
+          "projection_dim": int(cfg.get("projection_dim", 512))}
+
+
+def vision_encoder_params(state: Mapping[str, np.ndarray]) -> dict:
+  """Flax parameters of CLIPVisionEncoder from a CLIPVisionModelWithProjection state dict."""
+  params: dict = {}
+  fixed = {"embeddings.patch_embedding": "patch_embedding", "pre_layrnorm": "pre_norm",
+           "post_layernorm": "post_norm", "visual_projection": "visual_projection"}
+  for key, value in state.items():
+    name = key.removeprefix("vision_model.")
+    if name == "embeddings.position_ids":
+      continue
+    if name in ("embeddings.class_embedding", "embeddings.position_embedding.weight"):
+      params[name.split(".")[1]] = np.asarray(value, np.float32)
+      continue
+    target = _layer_target(name)
+    module, _, leaf = name.rpartition(".")
+    if target is None and module in fixed:
+      target = fixed[module], leaf
+    if target is None:
+      raise ConversionError(f"unexpected parameter {key!r} in the CLIP image encoder")
+    put_torch_tensor(params, [target[0]], target[1], key, value)
+  return params
+
+
+def load_vision_encoder(directory: str) -> tuple[dict, dict]:
+  """(CLIPVisionEncoder fields, parameters) from a local CLIPVisionModelWithProjection
+  directory (e.g. IP-Adapter's models/image_encoder/)."""
+  from safetensors.numpy import load_file
+  cfg_path = os.path.join(directory, "config.json")
+  weights = os.path.join(directory, "model.safetensors")
+  require_files((cfg_path, weights), "point at a transformers CLIPVisionModelWithProjection "
+                "directory (config.json, model.safetensors), e.g. IP-Adapter's "
+                "models/image_encoder/")
+  with open(cfg_path) as f:
+    fields = vision_encoder_fields(json.load(f))
+  return fields, vision_encoder_params(load_file(weights))
 
 
 def load_text_encoder(directory: str) -> tuple[dict, dict]:

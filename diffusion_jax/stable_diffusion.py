@@ -24,6 +24,7 @@ from diffusion_jax import parallel, schedulers, sdxl, xla_options
 from diffusion_jax.control import control_inputs, controlled_unet
 from diffusion_jax.convert_clip import clip_token_ids
 from diffusion_jax.images import binary_masks
+from diffusion_jax.models.ip_adapter import with_ip_context
 from diffusion_jax.stable_diffusion_variants import PipelineVariants
 
 
@@ -47,6 +48,8 @@ class StableDiffusion(PipelineVariants):
   controlnet: Any = None  # ControlNets, a tuple (their parameters: params["controlnet"])
   aesthetic: bool = False  # the SDXL refiner: size ids end with an aesthetic score
   clip_skip: int = 0  # the prompts' text states this many layers earlier (with_clip_skip)
+  image_encoder: Any = None  # IP-Adapter's CLIP image encoder and projection (with_ip_adapter;
+  image_projection: Any = None  # their parameters: params["image_encoder"], ["image_proj"])
 
   def __post_init__(self):
     self._run = xla_options.jit(self._chain, static_argnames=(
@@ -106,8 +109,8 @@ class StableDiffusion(PipelineVariants):
     return self.unet.in_channels != self.first_stage.model.embed_dim
 
   def _chain(self, params, vae_params, scaling, ids, null_ids, time_ids, null_time_ids, x_T,
-             key, init, inpaint, hint, *, num_steps, guidance, method, eta, decode, span, zero_null,
-             control):
+             key, init, inpaint, hint, ip, *, num_steps, guidance, method, eta, decode, span,
+             zero_null, control):
     """Text encodings, the sampler, the decoder; span = (skip, stop, add_noise, strength): the
     chain's steps [skip, stop) run (schedulers.span; strength: LCM's); with `init` (img2img:
     clean latents, or images [B, H, W, 3] in [-1, 1] to encode; add_noise False: latents at the
@@ -116,10 +119,17 @@ class StableDiffusion(PipelineVariants):
     unused);
     zero_null: the unconditional context zeros (SDXL's default); inpaint: (mask [B, h, w, 1],
     masked images [B, H, W, 3] to encode, or their latents), the inpainting U-Net's inputs (a
-    plain U-Net's: the whole images, the known region)."""
+    plain U-Net's: the whole images, the known region); ip: IP-Adapter's (image prompts'
+    normalised pixels, scales [B]), the unconditional half's tokens those of zero embeddings,
+    as diffusers'."""
     from diffusion_jax.models import denoiser
     context = self._encode(params, ids, time_ids, skip=self.clip_skip)
     null = self._encode(params, null_ids, null_time_ids, zero_null)
+    if ip is not None:
+      embeds = self.image_encoder.apply({"params": params["image_encoder"]}, ip[0])[0]
+      tokens = lambda e: self.image_projection.apply({"params": params["image_proj"]}, e)
+      context = with_ip_context(context, tokens(embeds), ip[1])
+      null = with_ip_context(null, tokens(jnp.zeros_like(embeds)), ip[1])
     if self.unet.time_cond_dim:  # LCM-distilled: the guidance scale embedded, no guidance
       from diffusion_jax.models.layers import timestep_embedding
       w = jnp.full((x_T.shape[0],), (guidance[0] - 1.0) * 1000.0)
@@ -172,7 +182,8 @@ class StableDiffusion(PipelineVariants):
                width: int | None = None, method: str | None = None, eta: float = 0.0,
                latents=None, decode: bool = True, control_image=None,
                control_scale: float = 1.0, control_guidance=(0.0, 1.0), guess_mode: bool = False,
-               guidance_rescale: float = 0.0, denoising_end: float | None = None, **sizes):
+               guidance_rescale: float = 0.0, denoising_end: float | None = None,
+               ip_adapter_image=None, ip_adapter_scale: float = 1.0, **sizes):
     """Images (uint8 [B, H, W, 3]) for `prompts`; latents: x_T [B, h, w, 4] to start from
     (else drawn from `seed`); decode=False: the final latents [B, h, w, 4] as the U-Net sees
     them (float32; diffusers' output_type="latent") instead of images. negative_prompt: one for
@@ -183,7 +194,9 @@ class StableDiffusion(PipelineVariants):
     a ControlNet pipeline's hint, uint8 [B or 1, H, W, 3] at the output's size (its residuals
     times control_scale; with several ControlNets a list of hints, and of scales or one);
     control_guidance: diffusers' (control_guidance_start, _end), guess_mode (control.py).
-    guidance_rescale: models.denoiser's (diffusers'; e.g. 0.7).
+    guidance_rescale: models.denoiser's (diffusers'; e.g. 0.7). ip_adapter_image: with an
+    IP-Adapter (with_ip_adapter), the image prompt, uint8 [H, W, 3] or one per prompt (or
+    CLIP-normalised pixels [B or 1, S, S, 3], float32), its tokens weighed by ip_adapter_scale.
     denoising_end f (with decode=False): stop at timestep round(T (1 - f)), the
     latents (in diffusers' scale) for a refiner's img2img(latents=, denoising_start=f)."""
     if self.aesthetic:
@@ -200,7 +213,8 @@ class StableDiffusion(PipelineVariants):
                            (guidance_scale, guidance_rescale), method, eta, decode,
                            span + (True, 1.0), sizes, control=self._control(
                                control_image, control_scale, control_guidance, guess_mode,
-                               shape))
+                               shape), ip=self._ip_inputs(ip_adapter_image, ip_adapter_scale,
+                                                          len(prompts)))
 
   def _control(self, image, scale, guidance, guess_mode, shape, inpaint: bool = False):
     if scale is None:  # diffusers' ControlNet inpainting pipelines' defaults
@@ -214,7 +228,8 @@ class StableDiffusion(PipelineVariants):
               decode: bool = True, control_image=None, control_scale: float | None = None,
               control_guidance=(0.0, 1.0), guess_mode: bool = False,
               guidance_rescale: float = 0.0, method: str | None = None,
-              denoising_start: float | None = None, **sizes):
+              denoising_start: float | None = None, ip_adapter_image=None,
+              ip_adapter_scale: float = 1.0, **sizes):
     """SDEdit (Meng et al. 2022) as diffusers' StableDiffusion(XL)Img2ImgPipeline: the inputs'
     latents noised to the int(num_steps * strength)-th last step's level, then those steps
     (by default with the scheduler's sampler, as diffusers' set_begin_index). images: uint8
@@ -224,9 +239,9 @@ class StableDiffusion(PipelineVariants):
     timestep round(T (1 - f)) without noising (strength ignored). control_image,
     control_scale, control_guidance (of the steps that run), guess_mode: generate's (diffusers'
     StableDiffusion(XL)ControlNetImg2ImgPipeline, whose default scale, 0.8, is None's);
-    guidance_rescale: generate's. sizes: SDXL's (generate's, as its img2img pipeline takes
-    them; the refiner's: aesthetic_score 6 and negative_aesthetic_score 2.5 by default, of the
-    prompts and the negative prompts)."""
+    guidance_rescale, ip_adapter_image, ip_adapter_scale: generate's. sizes: SDXL's
+    (generate's, as its img2img pipeline takes them; the refiner's: aesthetic_score 6 and
+    negative_aesthetic_score 2.5 by default, of the prompts and the negative prompts)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     shape, init = self._inputs(prompts, images, latents)
     method = schedulers.resolve_method(self.schedule, method, eta)
@@ -236,7 +251,8 @@ class StableDiffusion(PipelineVariants):
                            img2img=True,
                            control=self._control(control_image, 0.8 if control_scale is None
                                                  else control_scale, control_guidance,
-                                                 guess_mode, shape))
+                                                 guess_mode, shape),
+                           ip=self._ip_inputs(ip_adapter_image, ip_adapter_scale, len(prompts)))
 
   def inpaint(self, prompts, images, masks, masked_image_latents=None, strength: float = 1.0,
               negative_prompt: str | None = None, num_steps: int = 50,
@@ -244,7 +260,8 @@ class StableDiffusion(PipelineVariants):
               eta: float = 0.0, latents=None, decode: bool = True,
               guidance_rescale: float = 0.0, control_image=None,
               control_scale: float | None = None, control_guidance=(0.0, 1.0),
-              guess_mode: bool = False, **sizes):
+              guess_mode: bool = False, ip_adapter_image=None, ip_adapter_scale: float = 1.0,
+              **sizes):
     """Repaint the images where `masks` are set, as diffusers' StableDiffusion(XL)InpaintPipeline:
     an inpainting U-Net reads x_t, the mask at latent size (every f-th pixel, torch's nearest)
     and the masked image's latents (images where the mask is off, encoded: a posterior sample;
@@ -256,7 +273,7 @@ class StableDiffusion(PipelineVariants):
     below 1: from the images' latents noised as in img2img (latents: that noise).
     control_image, control_scale, control_guidance, guess_mode: img2img's (diffusers'
     StableDiffusion(XL)ControlNetInpaintPipeline: None is its default scale, 0.5 (SDXL: 1));
-    sizes: SDXL's, as img2img's."""
+    ip_adapter_image, ip_adapter_scale: generate's; sizes: SDXL's, as img2img's."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     shape, init = self._inputs(prompts, images, None)
     keep = ~binary_masks(masks, init.shape[:3])
@@ -278,7 +295,8 @@ class StableDiffusion(PipelineVariants):
                            (guidance_scale, guidance_rescale), method, eta, decode,
                            span, sizes, img2img=True, inpaint=(mask, masked),
                            control=self._control(control_image, control_scale, control_guidance,
-                                                 guess_mode, shape, inpaint=True))
+                                                 guess_mode, shape, inpaint=True),
+                           ip=self._ip_inputs(ip_adapter_image, ip_adapter_scale, len(prompts)))
 
   def _span(self, method, num_steps, strength, denoising_start=None) -> tuple:
     """(skip, stop, add_noise, LCM's strength) of img2img / inpaint (schedulers.span): LCM's
@@ -314,7 +332,7 @@ class StableDiffusion(PipelineVariants):
 
   def _run_batch(self, prompts, negative_prompt, shape, x_T, init, seed, num_steps,
                  guidance, method, eta, decode, span, sizes: dict, img2img: bool = False,
-                 inpaint=None, control=(None, None)):
+                 inpaint=None, control=(None, None), ip=None):
     n = len(prompts)
     hint, control = control
     if self.inpainting and inpaint is None:
@@ -349,7 +367,8 @@ class StableDiffusion(PipelineVariants):
                     put(self.tokenize(negatives)), put(time_ids), put(null_time_ids), put(x_T),
                     key, None if init is None else put(init),
                     None if inpaint is None else tuple(put(a) for a in inpaint),
-                    None if hint is None else tuple(put(h) for h in hint), control=control,
+                    None if hint is None else tuple(put(h) for h in hint),
+                    None if ip is None else tuple(put(a) for a in ip), control=control,
                     num_steps=num_steps,
                     guidance=tuple(map(float, guidance)), method=method, eta=float(eta),
                     decode=decode, span=span, zero_null=zero_null)[:n]

@@ -1,11 +1,18 @@
 """The with_* methods of the Stable Diffusion pipeline (stable_diffusion.StableDiffusion): each
-gives a new pipeline (LoRA, textual inversion, another scheduler config, clip skip, FreeU) and
-leaves the one it was called on as it was."""
+gives a new pipeline (LoRA, textual inversion, another scheduler config, clip skip, FreeU,
+IP-Adapter) and leaves the one it was called on as it was."""
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
-from diffusion_jax import schedulers
+import jax
+import numpy as np
+
+from diffusion_jax import parallel, schedulers
+
+if TYPE_CHECKING:
+  from diffusion_jax.stable_diffusion import StableDiffusion
 
 
 class PipelineVariants:
@@ -51,9 +58,63 @@ class PipelineVariants:
       raise ValueError(f"clip_skip={layers}: 0 or more layers")
     return dataclasses.replace(self, clip_skip=int(layers))
 
-  def with_freeu(self, s1: float, s2: float, b1: float, b2: float):
+  def with_freeu(self, s1: float, s2: float, b1: float, b2: float) -> "StableDiffusion":
     """This pipeline with FreeU (models/freeu.py) in its U-Net, as diffusers'
     pipe.enable_freeu(s1, s2, b1, b2); with_freeu(0, 0, 0, 0) turns it off."""
     from diffusion_jax.models.freeu import check_freeu
     factors = check_freeu((s1, s2, b1, b2))
     return dataclasses.replace(self, unet=self.unet.clone(freeu=factors if all(factors) else ()))
+
+  def with_ip_adapter(self, path: str, image_encoder: str) -> "StableDiffusion":
+    """This pipeline with an IP-Adapter (models/ip_adapter.py), as diffusers'
+    pipe.load_ip_adapter: `path` its .safetensors weights (e.g. h94/IP-Adapter's
+    models/ip-adapter_sd15.safetensors), `image_encoder` the CLIPVisionModelWithProjection
+    directory it was trained with (models/image_encoder/; SDXL's: sdxl_models/image_encoder/).
+    Image prompts then go to generate / img2img / inpaint as ip_adapter_image=."""
+    from diffusion_jax.convert_clip import load_vision_encoder
+    from diffusion_jax.convert_diffusers import ConversionError
+    from diffusion_jax.convert_ip_adapter import ip_adapter_params, read_ip_adapter
+    from diffusion_jax.models.clip_vision import CLIPVisionEncoder
+    from diffusion_jax.models.ip_adapter import ImageProjection
+    fields, encoder_params = load_vision_encoder(image_encoder)
+    projection, layers = ip_adapter_params(read_ip_adapter(path), self.unet)
+    embed_dim, out = projection["proj"]["kernel"].shape
+    if embed_dim != fields["projection_dim"] or out != 4 * self.unet.context_dim:
+      raise ConversionError(f"the IP-Adapter projects {embed_dim} image features to {out}; "
+                            f"the image encoder gives {fields['projection_dim']} and the U-Net "
+                            f"reads 4 tokens of {self.unet.context_dim}: another model's")
+    put = lambda tree: jax.device_put(tree, parallel.replicated(self.mesh))
+    unet = dict(self.params["unet"])  # copies along each path: this pipeline keeps its own
+    for path, layer in layers.items():
+      node = unet
+      for name in path:
+        node[name] = dict(node[name])
+        node = node[name]
+      node.update(put(layer))
+    params = dict(self.params, unet=unet, image_encoder=put(encoder_params),
+                  image_proj=put(projection))
+    return dataclasses.replace(
+        self, params=params, image_encoder=CLIPVisionEncoder(**fields, dtype=self.unet.dtype),
+        image_projection=ImageProjection(self.unet.context_dim))
+
+  def _ip_inputs(self, images, scale: float, n: int):
+    """(normalised pixels [n, S, S, 3], scales [n]) of generate's ip_adapter_image, or None."""
+    if images is None:
+      return None
+    if self.image_encoder is None:
+      raise ValueError("ip_adapter_image needs an IP-Adapter: pipe.with_ip_adapter(weights, "
+                       "image_encoder_dir) (command line: --ip_adapter, --image_encoder)")
+    from diffusion_jax.models.clip_vision import preprocess
+    size = self.image_encoder.image_size
+    if isinstance(images, np.ndarray) and images.dtype == np.float32 and images.ndim == 4:
+      pixels = images  # already CLIP-normalised, as diffusers takes a tensor
+      if pixels.shape[1:] != (size, size, 3):
+        raise ValueError(f"ip_adapter_image pixels [B, {size}, {size}, 3]; got {pixels.shape}")
+    else:
+      one = isinstance(images, np.ndarray) and images.ndim == 3
+      pixels = preprocess([images] if one else list(images), size)
+    if len(pixels) == 1:
+      pixels = np.repeat(pixels, n, axis=0)
+    if len(pixels) != n:
+      raise ValueError(f"{len(pixels)} image prompts for {n} prompts: give one, or one each")
+    return pixels, np.full((n,), scale, np.float32)

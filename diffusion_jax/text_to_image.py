@@ -57,6 +57,15 @@ def main(argv):
       pipe = pipe.with_clip_skip(FLAGS.clip_skip)
     if FLAGS.freeu:
       pipe = pipe.with_freeu(*check_freeu(FLAGS.freeu))
+    if bool(FLAGS.ip_adapter) != bool(FLAGS.ip_adapter_image) or (
+        FLAGS.ip_adapter and not FLAGS.image_encoder):
+      raise ValueError("an image prompt takes --ip_adapter=FILE.safetensors, --image_encoder=DIR "
+                       "and --ip_adapter_image=IMAGE")
+    ip = {}
+    if FLAGS.ip_adapter:
+      pipe = pipe.with_ip_adapter(FLAGS.ip_adapter, FLAGS.image_encoder)
+      ip = dict(ip_adapter_image=read_image(FLAGS.ip_adapter_image, 1),
+                ip_adapter_scale=FLAGS.ip_adapter_scale)
     for spec in FLAGS.embedding or ():  # FILE or FILE:TOKEN
       path, token = (spec, None) if spec.endswith(".safetensors") else spec.rsplit(":", 1)
       pipe = pipe.with_textual_inversion(path, token)
@@ -87,21 +96,22 @@ def main(argv):
       mask = rgb @ np.array([0.299, 0.587, 0.114]) >= 127.5  # PIL's "L", binarised
       images = pipe.inpaint(prompts, inits, np.stack([mask] * len(prompts)),
                             strength=1.0 if FLAGS.strength is None else FLAGS.strength,
-                            method=FLAGS.method, control_image=control, **controls, **common)
+                            method=FLAGS.method, control_image=control, **controls, **ip,
+                            **common)
     elif FLAGS.init_image:
       images = pipe.img2img(prompts, images=inits,
                             strength=0.8 if FLAGS.strength is None else FLAGS.strength,
-                            method=FLAGS.method, control_image=control, **controls,
+                            method=FLAGS.method, control_image=control, **controls, **ip,
                             **common)
     elif FLAGS.refiner:  # SDXL's ensemble of experts: the base, then the refiner
       refiner = StableDiffusion.load(FLAGS.refiner, FLAGS.dtype)
       z = pipe.generate(prompts, height=FLAGS.height, width=FLAGS.width, method=FLAGS.method,
-                        decode=False, denoising_end=FLAGS.refiner_start, **common)
+                        decode=False, denoising_end=FLAGS.refiner_start, **ip, **common)
       images = refiner.img2img(prompts, latents=z, denoising_start=FLAGS.refiner_start,
                                method=FLAGS.method, **common)
     else:
       images = pipe.generate(prompts, height=FLAGS.height, width=FLAGS.width,
-                             method=FLAGS.method, control_image=control, **controls,
+                             method=FLAGS.method, control_image=control, **controls, **ip,
                              **common)
   except (ConversionError, ValueError, OSError) as e:
     sys.exit(f"{type(e).__name__}: {e}")
@@ -141,6 +151,13 @@ if __name__ == "__main__":
                        "earlier (diffusers' clip_skip; A1111's 'clip skip 2' is 1).")
   flags.DEFINE_list("freeu", None, "FreeU's s1,s2,b1,b2 (diffusers' enable_freeu), e.g. "
                     "0.9,0.2,1.2,1.4 for SD 1.x, 0.9,0.2,1.1,1.2 for 2.x, 0.6,0.4,1.1,1.2 for XL.")
+  flags.DEFINE_string("ip_adapter", None, "IP-Adapter weights (.safetensors, e.g. "
+                      "h94/IP-Adapter's models/ip-adapter_sd15.safetensors).")
+  flags.DEFINE_string("image_encoder", None, "With --ip_adapter: its CLIP image encoder "
+                      "directory (CLIPVisionModelWithProjection, e.g. models/image_encoder/).")
+  flags.DEFINE_string("ip_adapter_image", None, "With --ip_adapter: the image prompt.")
+  flags.DEFINE_float("ip_adapter_scale", 1.0, "The image prompt's weight (diffusers' "
+                     "set_ip_adapter_scale; e.g. 0.5 to let the text speak more).")
   flags.DEFINE_integer("seed", 0, "Random seed of the starting latents.")
   flags.DEFINE_integer("height", None, "Image height (default: the U-Net's native size).")
   flags.DEFINE_integer("width", None, "Image width.")

@@ -23,6 +23,21 @@ ACTIVATIONS = {"quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
                "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
 
 
+def clip_layer(x, i: int, heads: int, mlp_width: int, act, eps: float, dtype, causal: bool):
+  """CLIP's i-th transformer layer on x [B, L, width] (pre-LayerNorm self-attention and MLP,
+  each residual), its parameters layer_{i}_* of the calling (compact) module."""
+  b, length, width = x.shape
+  norm = lambda name: nn.LayerNorm(epsilon=eps, dtype=dtype, name=name)
+  dense = lambda n, name: nn.Dense(n, dtype=dtype, name=name)
+  h = norm(f"layer_{i}_norm_1")(x)
+  q, k, v = (dense(width, f"layer_{i}_{n}")(h).reshape(b, length, heads, width // heads)
+             for n in ("q", "k", "v"))
+  h = jax.nn.dot_product_attention(q, k, v, is_causal=causal).reshape(b, length, width)
+  x = x + dense(width, f"layer_{i}_out")(h)
+  h = act(dense(mlp_width, f"layer_{i}_fc1")(norm(f"layer_{i}_norm_2")(x)))
+  return x + dense(width, f"layer_{i}_fc2")(h)
+
+
 class CLIPTextEncoder(nn.Module):
   vocab_size: int = 49408
   width: int = 768
@@ -45,7 +60,7 @@ class CLIPTextEncoder(nn.Module):
     projection_dim when there is a text_projection). skip k: the states k layers earlier
     (diffusers' clip_skip: SD's final_layer_norm(hidden_states[-(k + 1)]), SDXL's
     hidden_states[-(k + 2)])."""
-    b, length = ids.shape
+    length = ids.shape[1]
     if length > self.max_length:
       raise ValueError(f"{length} tokens; the text encoder has {self.max_length} positions")
     if self.activation not in ACTIVATIONS:
@@ -60,19 +75,12 @@ class CLIPTextEncoder(nn.Module):
                  name="token_embedding")(ids) + positions[:length]
     x = x.astype(self.dtype)
     norm = lambda name: nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype, name=name)
-    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, name=name)
-    d = self.width // self.heads
     hidden = None
     for i in range(self.layers if pooled else depth):
       if i == depth:
         hidden = x
-      h = norm(f"layer_{i}_norm_1")(x)
-      q, k, v = (dense(self.width, f"layer_{i}_{n}")(h).reshape(b, length, self.heads, d)
-                 for n in ("q", "k", "v"))
-      h = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal).reshape(b, length, self.width)
-      x = x + dense(self.width, f"layer_{i}_out")(h)
-      h = act(dense(self.mlp_width, f"layer_{i}_fc1")(norm(f"layer_{i}_norm_2")(x)))
-      x = x + dense(self.width, f"layer_{i}_fc2")(h)
+      x = clip_layer(x, i, self.heads, self.mlp_width, act, self.layer_norm_eps, self.dtype,
+                     self.causal)
     hidden = x if hidden is None else hidden
     final_norm = norm("final_norm")
     hidden = (hidden if penultimate else final_norm(hidden)).astype(jnp.float32)

@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.models.ip_adapter import split_ip_context
 from diffusion_jax.models.layers import default_init, zero_init
 from diffusion_jax.models.unet import UNet
 
@@ -94,7 +95,8 @@ class ControlledUNet(nn.Module):
     residuals = None
     for k, (net, hint, scale) in enumerate(zip(self.controlnets, hints, self.scales,
                                                strict=True)):
-      down, mid = net(x[..., :net.in_channels], t, y, train, inner, hint)  # (the latents)
+      # (the latents; the text alone, as diffusers' pipelines give it with an IP-Adapter)
+      down, mid = net(x[..., :net.in_channels], t, y, train, split_ip_context(inner)[0], hint)
       w = jnp.full((x.shape[0],), scale, jnp.float32)
       if step is not None:
         w = w * jnp.asarray(self.keep[k], jnp.float32)[step]

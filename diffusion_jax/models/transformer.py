@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.models.attention import dot_product_attention
+from diffusion_jax.models.ip_adapter import split_ip_context
 from diffusion_jax.models.layers import default_init, group_norm, zero_init
 
 Dtype = Any
@@ -25,7 +26,9 @@ Dtype = Any
 
 class MultiHeadAttention(nn.Module):
   """Attention of x [B, T, C] to context [B, L, d_c] (x itself when None), `heads` heads;
-  q, k, v without bias (as LDM's CrossAttention), the output projection with it."""
+  q, k, v without bias (as LDM's CrossAttention), the output projection with it. A context
+  {"text", "ip_tokens", "ip_scale"}: IP-Adapter's decoupled cross-attention
+  (models/ip_adapter.py), the image tokens through keys and values of their own, k_ip / v_ip."""
   heads: int
   dtype: Dtype = jnp.float32
   implementation: str = "auto"
@@ -33,14 +36,20 @@ class MultiHeadAttention(nn.Module):
   @nn.compact
   def __call__(self, x, context=None):
     b, t, c = x.shape
+    context, ip = split_ip_context(context)
     context = x if context is None else context.astype(self.dtype)
     n = self.heads
     proj = lambda name: nn.Dense(c, use_bias=False, kernel_init=default_init, dtype=self.dtype,
                                  name=name)
-    q = proj("q")(x).reshape(b, t, n, c // n)
-    k = proj("k")(context).reshape(b, context.shape[1], n, c // n)
-    v = proj("v")(context).reshape(b, context.shape[1], n, c // n)
+    heads = lambda a: a.reshape(b, a.shape[1], n, c // n)
+    q = heads(proj("q")(x))
+    k, v = heads(proj("k")(context)), heads(proj("v")(context))
     h = dot_product_attention(q, k, v, self.implementation)  # Eq. 3
+    if ip is not None:  # IP-Adapter's Eq. 5: + scale * Attn(Q, K', V') of the image tokens
+      tokens = ip["ip_tokens"].astype(self.dtype)
+      k_ip, v_ip = heads(proj("k_ip")(tokens)), heads(proj("v_ip")(tokens))
+      scale = ip["ip_scale"].astype(h.dtype)[:, None, None, None]
+      h = h + scale * dot_product_attention(q, k_ip, v_ip, self.implementation)
     return nn.Dense(c, kernel_init=default_init, dtype=self.dtype, name="proj_out")(
         h.reshape(b, t, c))
 
@@ -79,8 +88,9 @@ class SpatialTransformer(nn.Module):
   @nn.compact
   def __call__(self, x, context):
     b, hgt, wid, c = x.shape
-    if context.ndim != 3 or context.shape[0] != b:
-      raise ValueError(f"the context must be [B={b}, L, d]; got {context.shape}")
+    text = split_ip_context(context)[0]
+    if text.ndim != 3 or text.shape[0] != b:
+      raise ValueError(f"the context must be [B={b}, L, d]; got {text.shape}")
     h = group_norm("norm", self.dtype, native=self.native)(x).reshape(b, hgt * wid, c)
     h = nn.Dense(c, kernel_init=default_init, dtype=self.dtype, name="proj_in")(h)
     for i in range(self.depth):

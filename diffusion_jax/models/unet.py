@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from diffusion_jax.models import onednn_conv
 from diffusion_jax.models.freeu import apply_freeu, check_freeu
+from diffusion_jax.models.ip_adapter import split_ip_context, with_ip_context
 from diffusion_jax.models.layers import (AttnBlock, Downsample, ResBlock, Upsample, conv,
                                          default_init, group_norm, num_heads,
                                          timestep_embedding, use_subpixel, zero_init)
@@ -183,6 +184,7 @@ class UNet(nn.Module):
       raise ValueError(f"image size {height}x{width} is not divisible by 2^{levels - 1} "
                        f"(ch_mult has {levels} levels)")
     t = jnp.broadcast_to(jnp.asarray(t), (b,))
+    context, ip = split_ip_context(context)  # IP-Adapter's image tokens (models/ip_adapter.py)
 
     # timestep embedding -> Dense(4ch) -> swish -> Dense(4ch)
     temb = timestep_embedding(t, self.ch, flip_sin_to_cos=self.flip_sin_to_cos,
@@ -209,6 +211,11 @@ class UNet(nn.Module):
         y = jnp.full((b,), self.num_classes, dtype=jnp.int32)  # the null label
       temb = temb + nn.Embed(self.num_classes + 1, 4 * self.ch, dtype=self.dtype,
                              name="label_emb")(y)
+    if ip is not None:
+      if context is None:
+        raise ValueError("image prompt tokens need a cross-attention U-Net with a text context")
+      batch = lambda a: jnp.broadcast_to(a, (b,) + a.shape[1:])
+      context = with_ip_context(context, batch(ip["ip_tokens"]), batch(ip["ip_scale"]))
     return temb, context
 
   def _res_block(self, ch: int, name: str):
