@@ -24,10 +24,21 @@ def _path_str(path) -> str:
   return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
+def _serial_copies_on_cpu():
+  """On CPU, Orbax's replica-parallel saving (each replica of a replicated array copies a
+  slice, by default everywhere but GPU) compiles a slicing program per array shape: the first
+  save of a small U-Net's state over 8 CPU devices took 15 s instead of 0.1 s, and each later
+  one 4-5x as long. There one replica copies the whole array (Orbax's choice on GPU)."""
+  if jax.default_backend() == "cpu":
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+
+
 class Checkpointer:
   """An Orbax CheckpointManager for a train state pytree plus a small JSON metadata item."""
 
   def __init__(self, directory: str, max_to_keep: int = 3, async_save: bool = True):
+    _serial_copies_on_cpu()
     # Orbax's storage layer takes absolute paths only (a relative --workdir failed every save)
     directory = directory if "://" in directory else os.path.abspath(directory)
     self.directory = directory
