@@ -11,8 +11,6 @@ from typing import Sequence
 
 import jax.numpy as jnp
 
-NAMES = ("s1", "s2", "b1", "b2")
-
 
 def check_freeu(freeu: Sequence[float]) -> tuple[float, ...]:
   """The four factors (s1, s2, b1, b2) as floats, or () for none; anything else is refused."""
