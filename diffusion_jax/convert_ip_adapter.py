@@ -11,6 +11,8 @@ self-attention, then its cross-attention), so the cross-attentions are 1, 3, 5, 
 from __future__ import annotations
 
 import os
+import re
+from typing import Any
 
 import numpy as np
 
@@ -48,9 +50,9 @@ def read_ip_adapter(path: str) -> dict[str, np.ndarray]:
   return load_file(path)
 
 
-def ip_adapter_params(state: dict, unet) -> tuple[dict, dict[tuple[str, ...], dict]]:
-  """(ImageProjection parameters, {cross-attention path: {"k_ip": ..., "v_ip": ...}}) of an
-  IP-Adapter state dict for `unet` (a models.unet.UNet)."""
+def ip_adapter_params(state: dict, unet) -> tuple[Any, dict, dict[tuple[str, ...], dict]]:
+  """(the image projection module, its parameters, {cross-attention path: {"k_ip": ...,
+  "v_ip": ...}}) of an IP-Adapter state dict for `unet` (a models.unet.UNet)."""
   proj = {k.removeprefix("image_proj."): v for k, v in state.items()
           if k.startswith("image_proj.")}
   attn = {k.removeprefix("ip_adapter."): v for k, v in state.items()
@@ -58,14 +60,7 @@ def ip_adapter_params(state: dict, unet) -> tuple[dict, dict[tuple[str, ...], di
   if not proj or not attn or len(proj) + len(attn) != len(state):
     raise ConversionError("not an IP-Adapter file: expected image_proj.* and ip_adapter.* "
                           f"tensors; got e.g. {sorted(state)[:4]}")
-  if set(proj) != {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}:
-    raise ConversionError("only the plain IP-Adapter (image_proj.proj and .norm, e.g. "
-                          "ip-adapter_sd15, ip-adapter_sdxl) is supported, not the Plus, Full "
-                          f"Face or FaceID variants (image_proj has {sorted(proj)[:4]})")
-  projection: dict = {}
-  for key, value in proj.items():
-    module, leaf = key.split(".")
-    put_torch_tensor(projection, [module], leaf, key, value)
+  module, projection = image_projection(proj, unet.context_dim)
   paths = cross_attention_paths(unet)
   found = sorted({int(k.split(".")[0]) for k in attn})
   if found != [2 * n + 1 for n in range(len(paths))]:
@@ -85,4 +80,51 @@ def ip_adapter_params(state: dict, unet) -> tuple[dict, dict[tuple[str, ...], di
                               f"{unet.context_dim}")
       put_torch_tensor(layer, [name], "weight", key, weight)
     layers[path] = layer
-  return projection, layers
+  return module, projection, layers
+
+
+PLUS_RENAMES = {"0.norm1": "norm_states", "0.norm2": "norm_latents", "0.to_q": "q",
+                "0.to_kv": "kv", "0.to_out": "out", "1.0": "ff_norm", "1.1": "ff_in",
+                "1.3": "ff_out"}
+
+
+def image_projection(proj: dict, width: int) -> tuple[Any, dict]:
+  """(models.ip_adapter.ImageProjection or Resampler, its parameters) of the "image_proj.*"
+  tensors: the plain adapter's Dense + LayerNorm, or IP-Adapter Plus's perceiver ("latents",
+  "layers.{i}.0.to_q", ...)."""
+  from diffusion_jax.models.ip_adapter import ImageProjection, Resampler
+  params: dict = {}
+  if set(proj) == {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}:
+    for key, value in proj.items():
+      module, leaf = key.split(".")
+      put_torch_tensor(params, [module], leaf, key, value)
+    tokens, rest = divmod(proj["proj.weight"].shape[0], width)
+    if rest or proj["norm.weight"].shape[0] != width:
+      raise ConversionError(f"the IP-Adapter's projection gives {proj['proj.weight'].shape[0]} "
+                            f"features: not tokens of the U-Net's {width}")
+    return ImageProjection(width, tokens), params
+  if "latents" not in proj:
+    raise ConversionError("the plain IP-Adapter (image_proj.proj / .norm, e.g. ip-adapter_sd15) "
+                          "and IP-Adapter Plus (image_proj.latents, e.g. ip-adapter-plus_sd15) "
+                          "are supported, not the Full Face or FaceID variants (image_proj "
+                          f"has {sorted(proj)[:4]})")
+  depth = 0
+  for key, value in proj.items():
+    m = re.fullmatch(r"layers\.(\d+)\.(\d\.\w+)\.(weight|bias)", key)
+    if key == "latents":
+      params["latents"] = np.asarray(value, np.float32)
+    elif m and m.group(2) in PLUS_RENAMES:
+      depth = max(depth, int(m.group(1)) + 1)
+      put_torch_tensor(params, [f"layer_{m.group(1)}_{PLUS_RENAMES[m.group(2)]}"], m.group(3),
+                       key, value)
+    elif key.rsplit(".", 1)[0] in ("proj_in", "proj_out", "norm_out"):
+      put_torch_tensor(params, [key.rsplit(".", 1)[0]], key.rsplit(".", 1)[1], key, value)
+    else:
+      raise ConversionError(f"unexpected IP-Adapter Plus tensor image_proj.{key}")
+  _, queries, hidden = params["latents"].shape
+  heads, rest = divmod(proj["layers.0.0.to_q.weight"].shape[0], 64)
+  if rest or params["proj_out"]["kernel"].shape[1] != width:
+    raise ConversionError(f"the IP-Adapter Plus resampler gives "
+                          f"{params['proj_out']['kernel'].shape[1]} features (heads of 64); "
+                          f"the U-Net reads {width}")
+  return Resampler(width, hidden, depth, heads, queries), params

@@ -120,16 +120,12 @@ class StableDiffusion(PipelineVariants):
     zero_null: the unconditional context zeros (SDXL's default); inpaint: (mask [B, h, w, 1],
     masked images [B, H, W, 3] to encode, or their latents), the inpainting U-Net's inputs (a
     plain U-Net's: the whole images, the known region); ip: IP-Adapter's (image prompts'
-    normalised pixels, scales [B]), the unconditional half's tokens those of zero embeddings,
-    as diffusers'."""
+    normalised pixels, scales [B])."""
     from diffusion_jax.models import denoiser
     context = self._encode(params, ids, time_ids, skip=self.clip_skip)
     null = self._encode(params, null_ids, null_time_ids, zero_null)
     if ip is not None:
-      embeds = self.image_encoder.apply({"params": params["image_encoder"]}, ip[0])[0]
-      tokens = lambda e: self.image_projection.apply({"params": params["image_proj"]}, e)
-      context = with_ip_context(context, tokens(embeds), ip[1])
-      null = with_ip_context(null, tokens(jnp.zeros_like(embeds)), ip[1])
+      context, null = self._ip_contexts(params, context, null, *ip)
     if self.unet.time_cond_dim:  # LCM-distilled: the guidance scale embedded, no guidance
       from diffusion_jax.models.layers import timestep_embedding
       w = jnp.full((x_T.shape[0],), (guidance[0] - 1.0) * 1000.0)
@@ -172,6 +168,19 @@ class StableDiffusion(PipelineVariants):
                              num_steps, eta, *span[:2], callback=known, strength=span[3])
     z = z.astype(jnp.float32)
     return self.first_stage.decode_latents(vae_params, *scaling, z) if decode else z
+
+  def _ip_contexts(self, params, context, null, pixels, scale):
+    """The contexts with IP-Adapter's image tokens (the unconditional ones, as diffusers': of a
+    zero embedding; Plus: of the hidden states of zero pixels)."""
+    encode = lambda x: self.image_encoder.apply({"params": params["image_encoder"]}, x)
+    tokens = lambda e: self.image_projection.apply({"params": params["image_proj"]}, e)
+    if self.image_projection.reads_hidden_states:
+      states, null_states = encode(pixels)[1], encode(jnp.zeros_like(pixels))[1]
+    else:
+      states = encode(pixels)[0]
+      null_states = jnp.zeros_like(states)
+    return (with_ip_context(context, tokens(states), scale),
+            with_ip_context(null, tokens(null_states), scale))
 
   def default_method(self, eta: float = 0.0) -> str:
     """The sampler of the pipeline's scheduler class (schedulers.default_method)."""

@@ -68,21 +68,21 @@ class PipelineVariants:
   def with_ip_adapter(self, path: str, image_encoder: str) -> "StableDiffusion":
     """This pipeline with an IP-Adapter (models/ip_adapter.py), as diffusers'
     pipe.load_ip_adapter: `path` its .safetensors weights (e.g. h94/IP-Adapter's
-    models/ip-adapter_sd15.safetensors), `image_encoder` the CLIPVisionModelWithProjection
+    models/ip-adapter_sd15.safetensors or ip-adapter-plus_sd15.safetensors), `image_encoder` the CLIPVisionModelWithProjection
     directory it was trained with (models/image_encoder/; SDXL's: sdxl_models/image_encoder/).
     Image prompts then go to generate / img2img / inpaint as ip_adapter_image=."""
     from diffusion_jax.convert_clip import load_vision_encoder
     from diffusion_jax.convert_diffusers import ConversionError
     from diffusion_jax.convert_ip_adapter import ip_adapter_params, read_ip_adapter
     from diffusion_jax.models.clip_vision import CLIPVisionEncoder
-    from diffusion_jax.models.ip_adapter import ImageProjection
     fields, encoder_params = load_vision_encoder(image_encoder)
-    projection, layers = ip_adapter_params(read_ip_adapter(path), self.unet)
-    embed_dim, out = projection["proj"]["kernel"].shape
-    if embed_dim != fields["projection_dim"] or out != 4 * self.unet.context_dim:
-      raise ConversionError(f"the IP-Adapter projects {embed_dim} image features to {out}; "
-                            f"the image encoder gives {fields['projection_dim']} and the U-Net "
-                            f"reads 4 tokens of {self.unet.context_dim}: another model's")
+    module, projection, layers = ip_adapter_params(read_ip_adapter(path), self.unet)
+    hidden = module.reads_hidden_states  # Plus: the patch states; else the embedding
+    reads = projection["proj_in" if hidden else "proj"]["kernel"].shape[0]
+    gives = fields["width" if hidden else "projection_dim"]
+    if reads != gives:
+      raise ConversionError(f"the IP-Adapter reads {reads} image features; the image encoder "
+                            f"gives {gives}: it was trained with another image encoder")
     put = lambda tree: jax.device_put(tree, parallel.replicated(self.mesh))
     unet = dict(self.params["unet"])  # copies along each path: this pipeline keeps its own
     for path, layer in layers.items():
@@ -95,7 +95,7 @@ class PipelineVariants:
                   image_proj=put(projection))
     return dataclasses.replace(
         self, params=params, image_encoder=CLIPVisionEncoder(**fields, dtype=self.unet.dtype),
-        image_projection=ImageProjection(self.unet.context_dim))
+        image_projection=module)
 
   def _ip_inputs(self, images, scale: float, n: int):
     """(normalised pixels [n, S, S, 3], scales [n]) of generate's ip_adapter_image, or None."""

@@ -30,7 +30,8 @@ def perturbed(params, scale=0.05, seed=2):
 
 
 @pytest.mark.parity
-@pytest.mark.parametrize("layout,freeu", [("sd1", ()), ("sd2", ()), ("sd1", (0.9, 0.2, 1.2, 1.4))])
+@pytest.mark.parametrize("layout,freeu", [("sd1", ()), ("sd2", ()), ("sd1", (0.9, 0.2, 1.2, 1.4))],
+                         ids=["sd1", "sd2", "sd1_freeu"])
 def test_unet_matches_diffusers_unet2d_condition_model(layout, freeu, tmp_path):
   """freeu: diffusers' unet.enable_freeu(s1, s2, b1, b2) (models/freeu.py), at a power-of-two
   size and at another (whose FFT diffusers runs in float32)."""

@@ -60,14 +60,28 @@ def test_image_encoder_and_preprocessing_match_transformers(tmp_path):
     assert got.shape == (224, 224, 3) and diff.max() <= level * 1.01 and diff.mean() < 1e-3
 
 
-def ip_adapter_state(unet, embed_dim, seed=5):
-  """Random IP-Adapter tensors for a diffusers U-Net in h94/IP-Adapter's names (numpy)."""
+def ip_adapter_state(unet, embed_dim, seed=5, plus=False):
+  """Random IP-Adapter tensors for a diffusers U-Net in h94/IP-Adapter's names (numpy); plus:
+  IP-Adapter Plus's resampler (4 blocks, 1 head of 64, 6 queries 48 wide) of embed_dim-wide
+  image encoder states."""
   rng = np.random.default_rng(seed)
   d = unet.config.cross_attention_dim
-  state = {"image_proj.proj.weight": rng.normal(size=(4 * d, embed_dim)) * 0.3,
-           "image_proj.proj.bias": rng.normal(size=(4 * d,)) * 0.1,
-           "image_proj.norm.weight": 1 + rng.normal(size=(d,)) * 0.1,
-           "image_proj.norm.bias": rng.normal(size=(d,)) * 0.1}
+  r = lambda *shape, scale=0.3: rng.normal(size=shape) * scale
+  state = {"image_proj.proj.weight": r(4 * d, embed_dim), "image_proj.proj.bias": r(4 * d),
+           "image_proj.norm.weight": 1 + r(d), "image_proj.norm.bias": r(d)}
+  if plus:
+    h = 48
+    state = {"image_proj.latents": r(1, 6, h, scale=1.0), "image_proj.proj_in.weight":
+             r(h, embed_dim), "image_proj.proj_in.bias": r(h), "image_proj.proj_out.weight":
+             r(d, h), "image_proj.proj_out.bias": r(d), "image_proj.norm_out.weight": 1 + r(d),
+             "image_proj.norm_out.bias": r(d)}
+    for i in range(4):
+      for name, shape in (("0.to_q", (64, h)), ("0.to_kv", (128, h)), ("0.to_out", (h, 64)),
+                          ("1.1", (4 * h, h)), ("1.3", (h, 4 * h))):
+        state[f"image_proj.layers.{i}.{name}.weight"] = r(*shape, scale=h ** -0.5)
+      for norm in ("0.norm1", "0.norm2", "1.0"):
+        state[f"image_proj.layers.{i}.{norm}.weight"] = 1 + r(h, scale=0.1)
+        state[f"image_proj.layers.{i}.{norm}.bias"] = r(h, scale=0.1)
   key_id = 1  # the cross-attentions in diffusers' order of the attention processors: 1, 3, ...
   for name in unet.attn_processors:
     if name.endswith("attn2.processor"):
@@ -95,7 +109,7 @@ def test_unet_with_ip_adapter_matches_diffusers(layout):
   ref._load_ip_adapter_weights([{
       group: {k.removeprefix(group + "."): torch.from_numpy(v) for k, v in state.items()
               if k.startswith(group + ".")} for group in ("image_proj", "ip_adapter")}])
-  projection, layers = ip_adapter_params(state, ours)
+  module, projection, layers = ip_adapter_params(state, ours)
   # SD 2.x: 2 blocks x (2 down, 4 up attentions, the middle one); SDXL: 2 x (1 + 2 + 1)
   assert len(layers) == {"sd2": 14, "sdxl": 8}[layout]
   params = jax.tree.map(np.asarray, params)
@@ -118,7 +132,8 @@ def test_unet_with_ip_adapter_matches_diffusers(layout):
     want = ref(torch.from_numpy(x), torch.from_numpy(t), encoder_hidden_states=torch.from_numpy(
         ctx), added_cond_kwargs={"image_embeds": image_embeds, **{
             k: torch.from_numpy(v) for k, v in added.items()}}).sample.numpy()
-  tokens = ImageProjection(d).apply({"params": projection}, jnp.asarray(embeds, jnp.float32))
+  assert module == ImageProjection(d, 4)
+  tokens = module.apply({"params": projection}, jnp.asarray(embeds, jnp.float32))
   apply = lambda context: np.asarray(ours.apply(params, jnp.asarray(x.transpose(0, 2, 3, 1)),
                                                 jnp.asarray(t), context=context))
   text = {"text": jnp.asarray(ctx), **added} if added else jnp.asarray(ctx)
@@ -132,29 +147,36 @@ def test_unet_with_ip_adapter_matches_diffusers(layout):
 
 @pytest.fixture(scope="module")
 def ip_pipeline(tmp_path_factory):
-  """(the miniature SD pipeline's directory, the diffusers pipeline with an IP-Adapter loaded
-  from the file written there, the file)."""
+  """(the miniature SD pipeline's directory with an image encoder, the diffusers pipeline,
+  {"plain": an IP-Adapter file written there, "plus": an IP-Adapter Plus one})."""
+  from safetensors.numpy import save_file
   src, pipe = build_pipeline_dir("epsilon", tmp_path_factory)
   image_encoder(src / "image_encoder", projection=24)
-  state = ip_adapter_state(pipe.unet, 24)
-  from safetensors.torch import save_file
-  path = src / "ip-adapter.safetensors"
-  save_file({k: torch.tensor(v, dtype=torch.float32) for k, v in state.items()}, str(path))
+  files = {"plain": src / "ip-adapter.safetensors", "plus": src / "ip-adapter-plus.safetensors"}
+  save_file(ip_adapter_state(pipe.unet, 24), str(files["plain"]))
+  save_file(ip_adapter_state(pipe.unet, 32, plus=True), str(files["plus"]))
+  return src, pipe, files
+
+
+@pytest.mark.parametrize("variant,scale", [("plain", 1.0), ("plus", 0.5)])
+def test_ip_adapter_gives_diffusers_latents(ip_pipeline, variant, scale):
+  """The plain adapter (the projected embedding; scale 1) and IP-Adapter Plus (the resampled
+  patch states; scale 0.5), each loaded into both pipelines."""
+  src, pipe, files = ip_pipeline
+  path = files[variant]
+  ours = StableDiffusion.load(str(src)).with_ip_adapter(str(path), str(src / "image_encoder"))
   pipe.load_ip_adapter(str(src), subfolder="", weight_name=path.name,
                        image_encoder_folder="image_encoder")
-  return src, pipe, path
-
-
-@pytest.mark.parametrize("scale", [1.0, 0.5])
-def test_ip_adapter_gives_diffusers_latents(ip_pipeline, scale):
-  src, pipe, path = ip_pipeline
-  ours = StableDiffusion.load(str(src)).with_ip_adapter(str(path), str(src / "image_encoder"))
   pixels = np.random.default_rng(2).normal(size=(1, 28, 28, 3)).astype(np.float32)
   latents = np.random.default_rng(1).normal(size=(1, 8, 8, 4)).astype(np.float32)
   pipe.set_ip_adapter_scale(scale)
-  want = pipe("an orange cat!", num_inference_steps=3, guidance_scale=5.0, output_type="latent",
-              ip_adapter_image=torch.from_numpy(pixels.transpose(0, 3, 1, 2)),
-              latents=torch.from_numpy(latents.transpose(0, 3, 1, 2))).images
+  try:
+    want = pipe("an orange cat!", num_inference_steps=3, guidance_scale=5.0,
+                output_type="latent", ip_adapter_image=torch.from_numpy(
+                    pixels.transpose(0, 3, 1, 2)),
+                latents=torch.from_numpy(latents.transpose(0, 3, 1, 2))).images
+  finally:
+    pipe.unload_ip_adapter()
   want = want.numpy().transpose(0, 2, 3, 1)
   run = lambda pipeline, **kw: pipeline.generate(["an orange cat!"], num_steps=3,
                                                  guidance_scale=5.0, latents=latents,
@@ -162,10 +184,10 @@ def test_ip_adapter_gives_diffusers_latents(ip_pipeline, scale):
   got = run(ours, ip_adapter_image=pixels, ip_adapter_scale=scale)
   other = run(ours, ip_adapter_image=-pixels, ip_adapter_scale=scale)
   diff, moved = np.abs(got - want).max(), np.abs(other - want).max()
-  print(f"IP-Adapter (scale {scale}) latents: max |ours - diffusers| = {diff:.3g} (another "
+  print(f"IP-Adapter {variant} (scale {scale}) latents: max |ours - diffusers| = {diff:.3g} (another "
         f"image prompt: {moved:.3g})")
   assert diff < 1e-4 and moved > 0.01
-  if scale == 1.0:  # the pipeline without the adapter, and refusals
+  if variant == "plain":  # the pipeline without the adapter, and refusals
     plain = StableDiffusion.load(str(src))
     assert "image_encoder" not in plain.params
     with pytest.raises(ValueError, match="with_ip_adapter"):
@@ -178,11 +200,15 @@ def test_ip_adapter_gives_diffusers_latents(ip_pipeline, scale):
 
 def test_ip_adapter_files_for_another_model_are_refused(ip_pipeline, tmp_path):
   from safetensors.numpy import load_file, save_file
-  src, _, path = ip_pipeline
+  src, _, files = ip_pipeline
+  path = files["plain"]
   plain = StableDiffusion.load(str(src))
   state = load_file(str(path))
   cases = {"another model": {k: v for k, v in state.items() if not k.startswith("ip_adapter.7")},
-           "Plus": dict(state, **{"image_proj.latents": np.zeros((1, 16, 32), np.float32)}),
+           "Full Face": {k.replace("image_proj.proj.", "image_proj.proj.0."): v
+                         for k, v in state.items()},
+           "another image encoder": load_file(str(files["plus"])) | {
+               "image_proj.proj_in.weight": np.zeros((48, 24), np.float32)},
            "reads 16": {k: (v[:, :16] if ".to_" in k else v) for k, v in state.items()}}
   for message, bad in cases.items():
     save_file(bad, str(tmp_path / "bad.safetensors"))
@@ -192,7 +218,8 @@ def test_ip_adapter_files_for_another_model_are_refused(ip_pipeline, tmp_path):
 
 def test_the_command_takes_an_image_prompt(ip_pipeline, tmp_path):
   from PIL import Image
-  src, _, path = ip_pipeline
+  src, _, files = ip_pipeline
+  path = files["plain"]
   Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(
       tmp_path / "style.png")
   args = [f"--src={src}", "--prompt=a cat", "--steps=2", f"--out={tmp_path / 'grid.png'}"]
