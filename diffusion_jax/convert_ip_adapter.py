@@ -1,7 +1,7 @@
 """IP-Adapter weights (Ye et al. 2023; h94/IP-Adapter's ip-adapter_sd15.safetensors,
 ip-adapter_sdxl.safetensors, ...: "image_proj.*" and "ip_adapter.{k}.to_k_ip / to_v_ip.weight")
--> models.ip_adapter.ImageProjection's parameters and the k_ip / v_ip projections of the
-U-Net's cross-attentions.
+-> models.ip_adapter.ImageProjection's (or Resampler's) parameters and the k_ip_a / v_ip_a
+projections of the U-Net's cross-attentions (a: the adapter's index).
 
 "ip_adapter.{k}" numbers the U-Net's attention layers as diffusers' unet.attn_processors lists
 them (the down blocks', the up blocks', the middle block's; in each transformer block its
@@ -50,9 +50,11 @@ def read_ip_adapter(path: str) -> dict[str, np.ndarray]:
   return load_file(path)
 
 
-def ip_adapter_params(state: dict, unet) -> tuple[Any, dict, dict[tuple[str, ...], dict]]:
-  """(the image projection module, its parameters, {cross-attention path: {"k_ip": ...,
-  "v_ip": ...}}) of an IP-Adapter state dict for `unet` (a models.unet.UNet)."""
+def ip_adapter_params(state: dict, unet, index: int = 0
+                      ) -> tuple[Any, dict, dict[tuple[str, ...], dict]]:
+  """(the image projection module, its parameters, {cross-attention path: {"k_ip_{index}": ...,
+  "v_ip_{index}": ...}}) of an IP-Adapter state dict for `unet` (a models.unet.UNet), the
+  index-th of the adapters it runs."""
   proj = {k.removeprefix("image_proj."): v for k, v in state.items()
           if k.startswith("image_proj.")}
   attn = {k.removeprefix("ip_adapter."): v for k, v in state.items()
@@ -78,7 +80,7 @@ def ip_adapter_params(state: dict, unet) -> tuple[Any, dict, dict[tuple[str, ...
         raise ConversionError(f"ip_adapter.{key} has shape {weight.shape}: made for a U-Net "
                               f"whose cross-attention reads {weight.shape[1]} features, not "
                               f"{unet.context_dim}")
-      put_torch_tensor(layer, [name], "weight", key, weight)
+      put_torch_tensor(layer, [f"{name}_{index}"], "weight", key, weight)
     layers[path] = layer
   return module, projection, layers
 

@@ -48,8 +48,8 @@ class StableDiffusion(PipelineVariants):
   controlnet: Any = None  # ControlNets, a tuple (their parameters: params["controlnet"])
   aesthetic: bool = False  # the SDXL refiner: size ids end with an aesthetic score
   clip_skip: int = 0  # the prompts' text states this many layers earlier (with_clip_skip)
-  image_encoder: Any = None  # IP-Adapter's CLIP image encoder and projection (with_ip_adapter;
-  image_projection: Any = None  # their parameters: params["image_encoder"], ["image_proj"])
+  image_encoder: Any = None  # IP-Adapters' CLIP image encoder and projections, a tuple
+  image_projection: Any = None  # (with_ip_adapter; params["image_encoder"], ["image_proj"])
 
   def __post_init__(self):
     self._run = xla_options.jit(self._chain, static_argnames=(
@@ -170,17 +170,20 @@ class StableDiffusion(PipelineVariants):
     return self.first_stage.decode_latents(vae_params, *scaling, z) if decode else z
 
   def _ip_contexts(self, params, context, null, pixels, scale):
-    """The contexts with IP-Adapter's image tokens (the unconditional ones, as diffusers': of a
-    zero embedding; Plus: of the hidden states of zero pixels)."""
+    """The contexts with the IP-Adapters' image tokens (pixels [B, A, S, S, 3], scale [B, A];
+    the unconditional tokens, as diffusers': of a zero embedding; Plus: of zero pixels)."""
     encode = lambda x: self.image_encoder.apply({"params": params["image_encoder"]}, x)
-    tokens = lambda e: self.image_projection.apply({"params": params["image_proj"]}, e)
-    if self.image_projection.reads_hidden_states:
-      states, null_states = encode(pixels)[1], encode(jnp.zeros_like(pixels))[1]
-    else:
-      states = encode(pixels)[0]
-      null_states = jnp.zeros_like(states)
-    return (with_ip_context(context, tokens(states), scale),
-            with_ip_context(null, tokens(null_states), scale))
+    tokens, null_tokens = [], []
+    for a, module in enumerate(self.image_projection):
+      project = lambda e: module.apply({"params": params["image_proj"][a]}, e)
+      if module.reads_hidden_states:
+        states, null_states = encode(pixels[:, a])[1], encode(jnp.zeros_like(pixels[:, a]))[1]
+      else:
+        states = encode(pixels[:, a])[0]
+        null_states = jnp.zeros_like(states)
+      tokens.append(project(states))
+      null_tokens.append(project(null_states))
+    return with_ip_context(context, tokens, scale), with_ip_context(null, null_tokens, scale)
 
   def default_method(self, eta: float = 0.0) -> str:
     """The sampler of the pipeline's scheduler class (schedulers.default_method)."""
@@ -205,7 +208,8 @@ class StableDiffusion(PipelineVariants):
     control_guidance: diffusers' (control_guidance_start, _end), guess_mode (control.py).
     guidance_rescale: models.denoiser's (diffusers'; e.g. 0.7). ip_adapter_image: with an
     IP-Adapter (with_ip_adapter), the image prompt, uint8 [H, W, 3] or one per prompt (or
-    CLIP-normalised pixels [B or 1, S, S, 3], float32), its tokens weighed by ip_adapter_scale.
+    CLIP-normalised pixels [B or 1, S, S, 3], float32), its tokens weighed by ip_adapter_scale;
+    with several adapters a list of those, and of scales (or one).
     denoising_end f (with decode=False): stop at timestep round(T (1 - f)), the
     latents (in diffusers' scale) for a refiner's img2img(latents=, denoising_start=f)."""
     if self.aesthetic:

@@ -65,45 +65,71 @@ class PipelineVariants:
     factors = check_freeu((s1, s2, b1, b2))
     return dataclasses.replace(self, unet=self.unet.clone(freeu=factors if all(factors) else ()))
 
-  def with_ip_adapter(self, path: str, image_encoder: str) -> "StableDiffusion":
-    """This pipeline with an IP-Adapter (models/ip_adapter.py), as diffusers'
-    pipe.load_ip_adapter: `path` its .safetensors weights (e.g. h94/IP-Adapter's
-    models/ip-adapter_sd15.safetensors or ip-adapter-plus_sd15.safetensors), `image_encoder` the CLIPVisionModelWithProjection
-    directory it was trained with (models/image_encoder/; SDXL's: sdxl_models/image_encoder/).
-    Image prompts then go to generate / img2img / inpaint as ip_adapter_image=."""
+  def with_ip_adapter(self, paths, image_encoder: str) -> "StableDiffusion":
+    """This pipeline with IP-Adapters (models/ip_adapter.py), as diffusers'
+    pipe.load_ip_adapter: `paths` the .safetensors weights of one or several (e.g. h94/
+    IP-Adapter's models/ip-adapter_sd15.safetensors or ip-adapter-plus_sd15.safetensors; they
+    replace any loaded before), `image_encoder` the CLIPVisionModelWithProjection directory
+    they were trained with (models/image_encoder/; SDXL's: sdxl_models/image_encoder/). Image
+    prompts then go to generate / img2img / inpaint as ip_adapter_image=."""
     from diffusion_jax.convert_clip import load_vision_encoder
     from diffusion_jax.convert_diffusers import ConversionError
     from diffusion_jax.convert_ip_adapter import ip_adapter_params, read_ip_adapter
     from diffusion_jax.models.clip_vision import CLIPVisionEncoder
+    paths = [paths] if isinstance(paths, str) else list(paths)
     fields, encoder_params = load_vision_encoder(image_encoder)
-    module, projection, layers = ip_adapter_params(read_ip_adapter(path), self.unet)
-    hidden = module.reads_hidden_states  # Plus: the patch states; else the embedding
-    reads = projection["proj_in" if hidden else "proj"]["kernel"].shape[0]
-    gives = fields["width" if hidden else "projection_dim"]
-    if reads != gives:
-      raise ConversionError(f"the IP-Adapter reads {reads} image features; the image encoder "
-                            f"gives {gives}: it was trained with another image encoder")
     put = lambda tree: jax.device_put(tree, parallel.replicated(self.mesh))
     unet = dict(self.params["unet"])  # copies along each path: this pipeline keeps its own
-    for path, layer in layers.items():
-      node = unet
-      for name in path:
-        node[name] = dict(node[name])
-        node = node[name]
-      node.update(put(layer))
+    modules, projections = [], []
+    for a, path in enumerate(paths):
+      module, projection, layers = ip_adapter_params(read_ip_adapter(path), self.unet, a)
+      hidden = module.reads_hidden_states  # Plus: the patch states; else the embedding
+      reads = projection["proj_in" if hidden else "proj"]["kernel"].shape[0]
+      gives = fields["width" if hidden else "projection_dim"]
+      if reads != gives:
+        raise ConversionError(f"{path}: the IP-Adapter reads {reads} image features; the "
+                              f"image encoder gives {gives}: it was trained with another image "
+                              "encoder")
+      for attn_path, layer in layers.items():
+        node = unet
+        for name in attn_path:
+          node[name] = dict(node[name])
+          node = node[name]
+        if a == 0:  # the adapters loaded before
+          for name in [k for k in node if k.startswith(("k_ip_", "v_ip_"))]:
+            del node[name]
+        node.update(put(layer))
+      modules.append(module)
+      projections.append(put(projection))
     params = dict(self.params, unet=unet, image_encoder=put(encoder_params),
-                  image_proj=put(projection))
+                  image_proj=tuple(projections))
     return dataclasses.replace(
         self, params=params, image_encoder=CLIPVisionEncoder(**fields, dtype=self.unet.dtype),
-        image_projection=module)
+        image_projection=tuple(modules))
 
-  def _ip_inputs(self, images, scale: float, n: int):
-    """(normalised pixels [n, S, S, 3], scales [n]) of generate's ip_adapter_image, or None."""
+  def _ip_inputs(self, images, scale, n: int):
+    """(normalised pixels [n, adapters, S, S, 3], scales [n, adapters]) of generate's
+    ip_adapter_image (with several adapters a list, one entry each) and ip_adapter_scale (one,
+    or one per adapter), or None."""
     if images is None:
       return None
     if self.image_encoder is None:
       raise ValueError("ip_adapter_image needs an IP-Adapter: pipe.with_ip_adapter(weights, "
                        "image_encoder_dir) (command line: --ip_adapter, --image_encoder)")
+    count = len(self.image_projection)
+    if count > 1 and (not isinstance(images, (list, tuple)) or len(images) != count):
+      raise ValueError(f"{count} IP-Adapters: ip_adapter_image must be a list of {count} image "
+                       "prompts, one for each")
+    scales = np.asarray(scale, np.float32).reshape(-1)
+    scales = np.repeat(scales, count) if scales.size == 1 else scales
+    if scales.shape != (count,):
+      raise ValueError(f"ip_adapter_scale {scale}: one, or one per adapter ({count})")
+    each = images if count > 1 else [images]
+    pixels = np.stack([self._ip_pixels(image, n) for image in each], axis=1)
+    return pixels, np.tile(scales, (n, 1))
+
+  def _ip_pixels(self, images, n: int):
+    """One adapter's image prompt(s) as normalised pixels [n, S, S, 3]."""
     from diffusion_jax.models.clip_vision import preprocess
     size = self.image_encoder.image_size
     if isinstance(images, np.ndarray) and images.dtype == np.float32 and images.ndim == 4:
@@ -117,4 +143,4 @@ class PipelineVariants:
       pixels = np.repeat(pixels, n, axis=0)
     if len(pixels) != n:
       raise ValueError(f"{len(pixels)} image prompts for {n} prompts: give one, or one each")
-    return pixels, np.full((n,), scale, np.float32)
+    return pixels

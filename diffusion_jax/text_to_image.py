@@ -57,14 +57,15 @@ def main(argv):
       pipe = pipe.with_clip_skip(FLAGS.clip_skip)
     if FLAGS.freeu:
       pipe = pipe.with_freeu(*check_freeu(FLAGS.freeu))
-    if bool(FLAGS.ip_adapter) != bool(FLAGS.ip_adapter_image) or (
-        FLAGS.ip_adapter and not FLAGS.image_encoder):
-      raise ValueError("an image prompt takes --ip_adapter=FILE.safetensors, --image_encoder=DIR "
-                       "and --ip_adapter_image=IMAGE")
+    adapters, ip_images = FLAGS.ip_adapter or [], FLAGS.ip_adapter_image or []
+    if len(adapters) != len(ip_images) or (adapters and not FLAGS.image_encoder):
+      raise ValueError("image prompts take --ip_adapter=FILE.safetensors, --image_encoder=DIR "
+                       "and --ip_adapter_image=IMAGE (one image for each --ip_adapter)")
     ip = {}
-    if FLAGS.ip_adapter:
-      pipe = pipe.with_ip_adapter(FLAGS.ip_adapter, FLAGS.image_encoder)
-      ip = dict(ip_adapter_image=read_image(FLAGS.ip_adapter_image, 1),
+    if adapters:
+      pipe = pipe.with_ip_adapter(adapters, FLAGS.image_encoder)
+      images = [read_image(path, 1) for path in ip_images]
+      ip = dict(ip_adapter_image=images if len(images) > 1 else images[0],
                 ip_adapter_scale=FLAGS.ip_adapter_scale)
     for spec in FLAGS.embedding or ():  # FILE or FILE:TOKEN
       path, token = (spec, None) if spec.endswith(".safetensors") else spec.rsplit(":", 1)
@@ -151,13 +152,16 @@ if __name__ == "__main__":
                        "earlier (diffusers' clip_skip; A1111's 'clip skip 2' is 1).")
   flags.DEFINE_list("freeu", None, "FreeU's s1,s2,b1,b2 (diffusers' enable_freeu), e.g. "
                     "0.9,0.2,1.2,1.4 for SD 1.x, 0.9,0.2,1.1,1.2 for 2.x, 0.6,0.4,1.1,1.2 for XL.")
-  flags.DEFINE_string("ip_adapter", None, "IP-Adapter weights (.safetensors, e.g. "
-                      "h94/IP-Adapter's models/ip-adapter_sd15.safetensors).")
+  flags.DEFINE_multi_string("ip_adapter", None, "IP-Adapter weights (.safetensors, e.g. "
+                            "h94/IP-Adapter's models/ip-adapter_sd15.safetensors; repeat the "
+                            "flag for several).")
   flags.DEFINE_string("image_encoder", None, "With --ip_adapter: its CLIP image encoder "
                       "directory (CLIPVisionModelWithProjection, e.g. models/image_encoder/).")
-  flags.DEFINE_string("ip_adapter_image", None, "With --ip_adapter: the image prompt.")
-  flags.DEFINE_float("ip_adapter_scale", 1.0, "The image prompt's weight (diffusers' "
-                     "set_ip_adapter_scale; e.g. 0.5 to let the text speak more).")
+  flags.DEFINE_multi_string("ip_adapter_image", None, "With --ip_adapter: the image prompt "
+                            "(one for each --ip_adapter).")
+  flags.DEFINE_multi_float("ip_adapter_scale", [1.0], "The image prompts' weight (diffusers' "
+                           "set_ip_adapter_scale; e.g. 0.5 to let the text speak more): one, "
+                           "or one per adapter.")
   flags.DEFINE_integer("seed", 0, "Random seed of the starting latents.")
   flags.DEFINE_integer("height", None, "Image height (default: the U-Net's native size).")
   flags.DEFINE_integer("width", None, "Image width.")

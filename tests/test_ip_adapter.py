@@ -137,7 +137,8 @@ def test_unet_with_ip_adapter_matches_diffusers(layout):
   apply = lambda context: np.asarray(ours.apply(params, jnp.asarray(x.transpose(0, 2, 3, 1)),
                                                 jnp.asarray(t), context=context))
   text = {"text": jnp.asarray(ctx), **added} if added else jnp.asarray(ctx)
-  got = apply({"text": jnp.asarray(ctx), **added, "ip_tokens": tokens, "ip_scale": jnp.ones(2)})
+  got = apply({"text": jnp.asarray(ctx), **added, "ip_tokens": (tokens,),
+               "ip_scale": jnp.ones((2, 1))})
   diff = np.abs(got.transpose(0, 3, 1, 2) - want).max()
   moved = np.abs(apply(text) - got).max()
   print(f"{layout} U-Net with an IP-Adapter: max |ours - diffusers| = {diff:.3g} (the image "
@@ -158,22 +159,27 @@ def ip_pipeline(tmp_path_factory):
   return src, pipe, files
 
 
-@pytest.mark.parametrize("variant,scale", [("plain", 1.0), ("plus", 0.5)])
+@pytest.mark.parametrize("variant,scale", [("plain", 1.0), ("plus", 0.5),
+                                           ("plain+plus", (0.6, 0.8))])
 def test_ip_adapter_gives_diffusers_latents(ip_pipeline, variant, scale):
-  """The plain adapter (the projected embedding; scale 1) and IP-Adapter Plus (the resampled
-  patch states; scale 0.5), each loaded into both pipelines."""
+  """The plain adapter (the projected embedding; scale 1), IP-Adapter Plus (the resampled
+  patch states; scale 0.5) and both at once (an image prompt each), loaded into both
+  pipelines."""
   src, pipe, files = ip_pipeline
-  path = files[variant]
-  ours = StableDiffusion.load(str(src)).with_ip_adapter(str(path), str(src / "image_encoder"))
-  pipe.load_ip_adapter(str(src), subfolder="", weight_name=path.name,
+  paths = [files[v] for v in variant.split("+")]
+  ours = StableDiffusion.load(str(src)).with_ip_adapter([str(p) for p in paths],
+                                                        str(src / "image_encoder"))
+  pipe.load_ip_adapter(str(src), subfolder="", weight_name=[p.name for p in paths],
                        image_encoder_folder="image_encoder")
-  pixels = np.random.default_rng(2).normal(size=(1, 28, 28, 3)).astype(np.float32)
+  rng = np.random.default_rng(2)
+  pixels = [rng.normal(size=(1, 28, 28, 3)).astype(np.float32) for _ in paths]
   latents = np.random.default_rng(1).normal(size=(1, 8, 8, 4)).astype(np.float32)
-  pipe.set_ip_adapter_scale(scale)
+  pipe.set_ip_adapter_scale(list(scale) if len(paths) > 1 else scale)
+  images = lambda xs: xs if len(paths) > 1 else xs[0]
   try:
     want = pipe("an orange cat!", num_inference_steps=3, guidance_scale=5.0,
-                output_type="latent", ip_adapter_image=torch.from_numpy(
-                    pixels.transpose(0, 3, 1, 2)),
+                output_type="latent", ip_adapter_image=images(
+                    [torch.from_numpy(x.transpose(0, 3, 1, 2)) for x in pixels]),
                 latents=torch.from_numpy(latents.transpose(0, 3, 1, 2))).images
   finally:
     pipe.unload_ip_adapter()
@@ -181,13 +187,19 @@ def test_ip_adapter_gives_diffusers_latents(ip_pipeline, variant, scale):
   run = lambda pipeline, **kw: pipeline.generate(["an orange cat!"], num_steps=3,
                                                  guidance_scale=5.0, latents=latents,
                                                  decode=False, **kw)
-  got = run(ours, ip_adapter_image=pixels, ip_adapter_scale=scale)
-  other = run(ours, ip_adapter_image=-pixels, ip_adapter_scale=scale)
+  got = run(ours, ip_adapter_image=images(pixels), ip_adapter_scale=scale)
+  other = run(ours, ip_adapter_image=images([-x for x in pixels]), ip_adapter_scale=scale)
   diff, moved = np.abs(got - want).max(), np.abs(other - want).max()
-  print(f"IP-Adapter {variant} (scale {scale}) latents: max |ours - diffusers| = {diff:.3g} (another "
-        f"image prompt: {moved:.3g})")
+  print(f"IP-Adapter {variant} (scale {scale}) latents: max |ours - diffusers| = {diff:.3g} "
+        f"(other image prompts: {moved:.3g})")
   assert diff < 1e-4 and moved > 0.01
+  if variant == "plain+plus":
+    with pytest.raises(ValueError, match="a list of 2 image prompts"):
+      run(ours, ip_adapter_image=pixels[0])
+    with pytest.raises(ValueError, match="one per adapter"):
+      run(ours, ip_adapter_image=pixels, ip_adapter_scale=(1.0, 1.0, 1.0))
   if variant == "plain":  # the pipeline without the adapter, and refusals
+    pixels = pixels[0]
     plain = StableDiffusion.load(str(src))
     assert "image_encoder" not in plain.params
     with pytest.raises(ValueError, match="with_ip_adapter"):
@@ -195,7 +207,8 @@ def test_ip_adapter_gives_diffusers_latents(ip_pipeline, variant, scale):
     with pytest.raises(ValueError, match="2 image prompts for 1 prompts"):
       run(ours, ip_adapter_image=np.concatenate([pixels, pixels]))
     with pytest.raises(ConversionError, match="pickles"):
-      plain.with_ip_adapter(str(path).replace(".safetensors", ".bin"), str(src / "image_encoder"))
+      plain.with_ip_adapter(str(paths[0]).replace(".safetensors", ".bin"),
+                            str(src / "image_encoder"))
 
 
 def test_ip_adapter_files_for_another_model_are_refused(ip_pipeline, tmp_path):
@@ -216,21 +229,24 @@ def test_ip_adapter_files_for_another_model_are_refused(ip_pipeline, tmp_path):
       plain.with_ip_adapter(str(tmp_path / "bad.safetensors"), str(src / "image_encoder"))
 
 
-def test_the_command_takes_an_image_prompt(ip_pipeline, tmp_path):
+def test_the_command_takes_image_prompts(ip_pipeline, tmp_path):
+  """Two adapters (plain and Plus), an image prompt and a scale each."""
   from PIL import Image
   src, _, files = ip_pipeline
-  path = files["plain"]
-  Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)).save(
-      tmp_path / "style.png")
-  args = [f"--src={src}", "--prompt=a cat", "--steps=2", f"--out={tmp_path / 'grid.png'}"]
-  proc = text_to_image_command(*args, f"--ip_adapter={path}",
-                               f"--image_encoder={src / 'image_encoder'}",
-                               f"--ip_adapter_image={tmp_path / 'style.png'}",
-                               "--ip_adapter_scale=0.6")
+  rng = np.random.default_rng(0)
+  for name, size in (("style", (40, 30)), ("face", (20, 24))):
+    image = rng.integers(0, 256, size + (3,), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / f"{name}.png")
+  args = [f"--src={src}", "--prompt=a cat", "--steps=2", f"--out={tmp_path / 'grid.png'}",
+          f"--ip_adapter={files['plain']}", f"--image_encoder={src / 'image_encoder'}",
+          f"--ip_adapter_image={tmp_path / 'style.png'}"]
+  proc = text_to_image_command(*args, f"--ip_adapter={files['plus']}",
+                               f"--ip_adapter_image={tmp_path / 'face.png'}",
+                               "--ip_adapter_scale=0.6", "--ip_adapter_scale=0.4")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert np.load(str(tmp_path / "grid.npz"))["arr_0"].shape == (1, 16, 16, 3)
-  bad = text_to_image_command(*args, f"--ip_adapter={path}")
-  assert bad.returncode != 0 and "--ip_adapter_image" in bad.stderr
+  bad = text_to_image_command(*args, f"--ip_adapter={files['plus']}")
+  assert bad.returncode != 0 and "one image for each --ip_adapter" in bad.stderr
 
 
 def test_ip_adapter_with_a_controlnet_gives_diffusers_latents(tmp_path_factory):

@@ -5,8 +5,9 @@ Diffusion Models"): an image prompt's CLIP embedding projected to a few tokens
 and values of their own (Eq. 5: Z = Attn(Q, K, V) + scale * Attn(Q, K', V'); the k_ip / v_ip
 projections of models/transformer.MultiHeadAttention).
 
-The U-Net takes them in its context: {"text": [B, L, d], "ip_tokens": [B, N, d], "ip_scale":
-[B]} (SDXL's dict gains the two keys). Weights: convert_ip_adapter.py.
+The U-Net takes them in its context: {"text": [B, L, d], "ip_tokens": ([B, N_a, d] for each
+adapter a), "ip_scale": [B, A]} (SDXL's dict gains the two keys); several adapters add up, each
+through its own k_ip_a / v_ip_a. Weights: convert_ip_adapter.py.
 """
 from __future__ import annotations
 
@@ -71,12 +72,14 @@ def split_ip_context(context):
   if not (isinstance(context, dict) and "ip_tokens" in context):
     return context, None
   rest = {k: v for k, v in context.items() if k not in IP_KEYS}
-  if "ip_scale" not in context:
-    raise ValueError("an image prompt's context needs 'ip_scale' [B] beside 'ip_tokens'")
+  if "ip_scale" not in context or not isinstance(context["ip_tokens"], (tuple, list)):
+    raise ValueError("an image prompt's context: 'ip_tokens', one [B, N, d] per adapter (a "
+                     "tuple), and 'ip_scale' [B, adapters]")
   return (rest["text"] if set(rest) == {"text"} else rest), {k: context[k] for k in IP_KEYS}
 
 
 def with_ip_context(context, tokens, scale):
-  """The context with the image prompt's tokens [B, N, d] and scale [B] added."""
+  """The context with the image prompts' tokens (one [B, N_a, d] per adapter) and their scales
+  [B, A] added."""
   base = dict(context) if isinstance(context, dict) else {"text": context}
-  return dict(base, ip_tokens=tokens, ip_scale=scale)
+  return dict(base, ip_tokens=tuple(tokens), ip_scale=scale)

@@ -28,7 +28,8 @@ class MultiHeadAttention(nn.Module):
   """Attention of x [B, T, C] to context [B, L, d_c] (x itself when None), `heads` heads;
   q, k, v without bias (as LDM's CrossAttention), the output projection with it. A context
   {"text", "ip_tokens", "ip_scale"}: IP-Adapter's decoupled cross-attention
-  (models/ip_adapter.py), the image tokens through keys and values of their own, k_ip / v_ip."""
+  (models/ip_adapter.py), each adapter's image tokens through keys and values of their
+  own, k_ip_a / v_ip_a."""
   heads: int
   dtype: Dtype = jnp.float32
   implementation: str = "auto"
@@ -45,10 +46,11 @@ class MultiHeadAttention(nn.Module):
     q = heads(proj("q")(x))
     k, v = heads(proj("k")(context)), heads(proj("v")(context))
     h = dot_product_attention(q, k, v, self.implementation)  # Eq. 3
-    if ip is not None:  # IP-Adapter's Eq. 5: + scale * Attn(Q, K', V') of the image tokens
-      tokens = ip["ip_tokens"].astype(self.dtype)
-      k_ip, v_ip = heads(proj("k_ip")(tokens)), heads(proj("v_ip")(tokens))
-      scale = ip["ip_scale"].astype(h.dtype)[:, None, None, None]
+    for a, tokens in enumerate(() if ip is None else ip["ip_tokens"]):
+      # IP-Adapter's Eq. 5: + scale * Attn(Q, K', V') of each adapter's image tokens
+      tokens = tokens.astype(self.dtype)
+      k_ip, v_ip = heads(proj(f"k_ip_{a}")(tokens)), heads(proj(f"v_ip_{a}")(tokens))
+      scale = ip["ip_scale"][:, a].astype(h.dtype)[:, None, None, None]
       h = h + scale * dot_product_attention(q, k_ip, v_ip, self.implementation)
     return nn.Dense(c, kernel_init=default_init, dtype=self.dtype, name="proj_out")(
         h.reshape(b, t, c))

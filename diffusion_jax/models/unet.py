@@ -215,7 +215,8 @@ class UNet(nn.Module):
       if context is None:
         raise ValueError("image prompt tokens need a cross-attention U-Net with a text context")
       batch = lambda a: jnp.broadcast_to(a, (b,) + a.shape[1:])
-      context = with_ip_context(context, batch(ip["ip_tokens"]), batch(ip["ip_scale"]))
+      context = with_ip_context(context, [batch(a) for a in ip["ip_tokens"]],
+                                batch(ip["ip_scale"]))
     return temb, context
 
   def _res_block(self, ch: int, name: str):
