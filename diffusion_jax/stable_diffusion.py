@@ -24,7 +24,6 @@ from diffusion_jax import parallel, schedulers, sdxl, xla_options
 from diffusion_jax.control import control_inputs, controlled_unet
 from diffusion_jax.convert_clip import clip_token_ids
 from diffusion_jax.images import binary_masks
-from diffusion_jax.models.ip_adapter import with_ip_context
 from diffusion_jax.stable_diffusion_variants import PipelineVariants
 
 
@@ -132,7 +131,7 @@ class StableDiffusion(PipelineVariants):
       cond = timestep_embedding(w, self.unet.time_cond_dim)  # diffusers' guidance embedding
       context = dict(context if isinstance(context, dict) else {"text": context},
                      timestep_cond=cond)
-      guidance = (1.0, guidance[1])
+      guidance = (1.0,) + tuple(guidance[1:])
     x_cond = known = None
     if inpaint is not None:
       mask, masked = inpaint
@@ -157,7 +156,7 @@ class StableDiffusion(PipelineVariants):
     # diffusers' pipelines guide only above 1 (SDXL-Turbo's 0: the prompts' prediction alone)
     denoise = denoiser(model, model_params, guidance_scale=max(guidance[0], 1.0),
                        context=context, guidance_rescale=guidance[1], null_context=null,
-                       x_cond=x_cond)
+                       x_cond=x_cond, pag_scale=guidance[2], pag_adaptive_scale=guidance[3])
     if init is not None:
       if init.shape[1] != x_T.shape[1]:  # images: the posterior sampled, as diffusers does
         init = self.first_stage.encode_latents(vae_params, *scaling, init,
@@ -169,22 +168,6 @@ class StableDiffusion(PipelineVariants):
     z = z.astype(jnp.float32)
     return self.first_stage.decode_latents(vae_params, *scaling, z) if decode else z
 
-  def _ip_contexts(self, params, context, null, pixels, scale):
-    """The contexts with the IP-Adapters' image tokens (pixels [B, A, S, S, 3], scale [B, A];
-    the unconditional tokens, as diffusers': of a zero embedding; Plus: of zero pixels)."""
-    encode = lambda x: self.image_encoder.apply({"params": params["image_encoder"]}, x)
-    tokens, null_tokens = [], []
-    for a, module in enumerate(self.image_projection):
-      project = lambda e: module.apply({"params": params["image_proj"][a]}, e)
-      if module.reads_hidden_states:
-        states, null_states = encode(pixels[:, a])[1], encode(jnp.zeros_like(pixels[:, a]))[1]
-      else:
-        states = encode(pixels[:, a])[0]
-        null_states = jnp.zeros_like(states)
-      tokens.append(project(states))
-      null_tokens.append(project(null_states))
-    return with_ip_context(context, tokens, scale), with_ip_context(null, null_tokens, scale)
-
   def default_method(self, eta: float = 0.0) -> str:
     """The sampler of the pipeline's scheduler class (schedulers.default_method)."""
     return schedulers.default_method(self.schedule, eta)
@@ -195,7 +178,8 @@ class StableDiffusion(PipelineVariants):
                latents=None, decode: bool = True, control_image=None,
                control_scale: float = 1.0, control_guidance=(0.0, 1.0), guess_mode: bool = False,
                guidance_rescale: float = 0.0, denoising_end: float | None = None,
-               ip_adapter_image=None, ip_adapter_scale: float = 1.0, **sizes):
+               ip_adapter_image=None, ip_adapter_scale: float = 1.0, pag_scale: float = 0.0,
+               pag_adaptive_scale: float = 0.0, **sizes):
     """Images (uint8 [B, H, W, 3]) for `prompts`; latents: x_T [B, h, w, 4] to start from
     (else drawn from `seed`); decode=False: the final latents [B, h, w, 4] as the U-Net sees
     them (float32; diffusers' output_type="latent") instead of images. negative_prompt: one for
@@ -209,7 +193,9 @@ class StableDiffusion(PipelineVariants):
     guidance_rescale: models.denoiser's (diffusers'; e.g. 0.7). ip_adapter_image: with an
     IP-Adapter (with_ip_adapter), the image prompt, uint8 [H, W, 3] or one per prompt (or
     CLIP-normalised pixels [B or 1, S, S, 3], float32), its tokens weighed by ip_adapter_scale;
-    with several adapters a list of those, and of scales (or one).
+    with several adapters a list of those, and of scales (or one). pag_scale,
+    pag_adaptive_scale: perturbed-attention guidance of the layers with_pag chose (diffusers'
+    PAG pipelines; e.g. 3.0).
     denoising_end f (with decode=False): stop at timestep round(T (1 - f)), the
     latents (in diffusers' scale) for a refiner's img2img(latents=, denoising_start=f)."""
     if self.aesthetic:
@@ -223,8 +209,8 @@ class StableDiffusion(PipelineVariants):
     span = schedulers.span(self.schedule, self.diffusion, method, num_steps,
                            denoising_end=denoising_end)
     return self._run_batch(prompts, negative_prompt, shape, latents, None, seed, num_steps,
-                           (guidance_scale, guidance_rescale), method, eta, decode,
-                           span + (True, 1.0), sizes, control=self._control(
+                           (guidance_scale, guidance_rescale, pag_scale, pag_adaptive_scale),
+                           method, eta, decode, span + (True, 1.0), sizes, control=self._control(
                                control_image, control_scale, control_guidance, guess_mode,
                                shape), ip=self._ip_inputs(ip_adapter_image, ip_adapter_scale,
                                                           len(prompts)))
@@ -242,7 +228,8 @@ class StableDiffusion(PipelineVariants):
               control_guidance=(0.0, 1.0), guess_mode: bool = False,
               guidance_rescale: float = 0.0, method: str | None = None,
               denoising_start: float | None = None, ip_adapter_image=None,
-              ip_adapter_scale: float = 1.0, **sizes):
+              ip_adapter_scale: float = 1.0, pag_scale: float = 0.0,
+              pag_adaptive_scale: float = 0.0, **sizes):
     """SDEdit (Meng et al. 2022) as diffusers' StableDiffusion(XL)Img2ImgPipeline: the inputs'
     latents noised to the int(num_steps * strength)-th last step's level, then those steps
     (by default with the scheduler's sampler, as diffusers' set_begin_index). images: uint8
@@ -252,14 +239,15 @@ class StableDiffusion(PipelineVariants):
     timestep round(T (1 - f)) without noising (strength ignored). control_image,
     control_scale, control_guidance (of the steps that run), guess_mode: generate's (diffusers'
     StableDiffusion(XL)ControlNetImg2ImgPipeline, whose default scale, 0.8, is None's);
-    guidance_rescale, ip_adapter_image, ip_adapter_scale: generate's. sizes: SDXL's
+    guidance_rescale, ip_adapter_image, ip_adapter_scale, pag_*: generate's. sizes: SDXL's
     (generate's, as its img2img pipeline takes them; the refiner's: aesthetic_score 6 and
     negative_aesthetic_score 2.5 by default, of the prompts and the negative prompts)."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     shape, init = self._inputs(prompts, images, latents)
     method = schedulers.resolve_method(self.schedule, method, eta)
     return self._run_batch(prompts, negative_prompt, shape, noise, init, seed, num_steps,
-                           (guidance_scale, guidance_rescale), method, eta, decode,
+                           (guidance_scale, guidance_rescale, pag_scale, pag_adaptive_scale),
+                           method, eta, decode,
                            self._span(method, num_steps, strength, denoising_start), sizes,
                            img2img=True,
                            control=self._control(control_image, 0.8 if control_scale is None
@@ -274,7 +262,7 @@ class StableDiffusion(PipelineVariants):
               guidance_rescale: float = 0.0, control_image=None,
               control_scale: float | None = None, control_guidance=(0.0, 1.0),
               guess_mode: bool = False, ip_adapter_image=None, ip_adapter_scale: float = 1.0,
-              **sizes):
+              pag_scale: float = 0.0, pag_adaptive_scale: float = 0.0, **sizes):
     """Repaint the images where `masks` are set, as diffusers' StableDiffusion(XL)InpaintPipeline:
     an inpainting U-Net reads x_t, the mask at latent size (every f-th pixel, torch's nearest)
     and the masked image's latents (images where the mask is off, encoded: a posterior sample;
@@ -286,7 +274,7 @@ class StableDiffusion(PipelineVariants):
     below 1: from the images' latents noised as in img2img (latents: that noise).
     control_image, control_scale, control_guidance, guess_mode: img2img's (diffusers'
     StableDiffusion(XL)ControlNetInpaintPipeline: None is its default scale, 0.5 (SDXL: 1));
-    ip_adapter_image, ip_adapter_scale: generate's; sizes: SDXL's, as img2img's."""
+    ip_adapter_image, ip_adapter_scale, pag_*: generate's; sizes: SDXL's, as img2img's."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     shape, init = self._inputs(prompts, images, None)
     keep = ~binary_masks(masks, init.shape[:3])
@@ -305,8 +293,9 @@ class StableDiffusion(PipelineVariants):
     init = None if strength == 1.0 else init
     span = self._span(method, num_steps, strength)
     return self._run_batch(prompts, negative_prompt, shape, latents, init, seed, num_steps,
-                           (guidance_scale, guidance_rescale), method, eta, decode,
-                           span, sizes, img2img=True, inpaint=(mask, masked),
+                           (guidance_scale, guidance_rescale, pag_scale, pag_adaptive_scale),
+                           method, eta, decode, span, sizes, img2img=True,
+                           inpaint=(mask, masked),
                            control=self._control(control_image, control_scale, control_guidance,
                                                  guess_mode, shape, inpaint=True),
                            ip=self._ip_inputs(ip_adapter_image, ip_adapter_scale, len(prompts)))
@@ -352,6 +341,9 @@ class StableDiffusion(PipelineVariants):
       raise ValueError("this pipeline's U-Net is an inpainting one (latents, mask and masked "
                        "image as inputs): use inpaint(prompts, images, masks) (command line: "
                        "--init_image and --mask_image)")
+    if guidance[2] and not self.unet.pag_layers:
+      raise ValueError("pag_scale needs the layers to perturb: pipe.with_pag('mid') (command "
+                       "line: --pag_layers)")
     zero_null = negative_prompt is None and self.zero_negative
     f = self.first_stage.model.downsampling_factor
     sdxl.check_size_options(sizes)

@@ -7,9 +7,11 @@ import dataclasses
 from typing import TYPE_CHECKING
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import parallel, schedulers
+from diffusion_jax.models.ip_adapter import with_ip_context
 
 if TYPE_CHECKING:
   from diffusion_jax.stable_diffusion import StableDiffusion
@@ -65,6 +67,17 @@ class PipelineVariants:
     factors = check_freeu((s1, s2, b1, b2))
     return dataclasses.replace(self, unet=self.unet.clone(freeu=factors if all(factors) else ()))
 
+  def with_pag(self, applied_layers="mid") -> "StableDiffusion":
+    """This pipeline able to take perturbed-attention guidance (generate's pag_scale, e.g. 3) in
+    the self-attentions that `applied_layers` choose (models/pag.py: diffusers'
+    pag_applied_layers, regular expressions over its module names; "mid" by default, as its
+    PAG pipelines)."""
+    from diffusion_jax.models.pag import pag_layer_paths
+    if self.controlnet:
+      raise ValueError("perturbed-attention guidance with ControlNets is not supported")
+    return dataclasses.replace(self, unet=self.unet.clone(
+        pag_layers=pag_layer_paths(self.unet, applied_layers)))
+
   def with_ip_adapter(self, paths, image_encoder: str) -> "StableDiffusion":
     """This pipeline with IP-Adapters (models/ip_adapter.py), as diffusers'
     pipe.load_ip_adapter: `paths` the .safetensors weights of one or several (e.g. h94/
@@ -106,6 +119,22 @@ class PipelineVariants:
     return dataclasses.replace(
         self, params=params, image_encoder=CLIPVisionEncoder(**fields, dtype=self.unet.dtype),
         image_projection=tuple(modules))
+
+  def _ip_contexts(self, params, context, null, pixels, scale):
+    """The contexts with the IP-Adapters' image tokens (pixels [B, A, S, S, 3], scale [B, A];
+    the unconditional tokens, as diffusers': of a zero embedding; Plus: of zero pixels)."""
+    encode = lambda x: self.image_encoder.apply({"params": params["image_encoder"]}, x)
+    tokens, null_tokens = [], []
+    for a, module in enumerate(self.image_projection):
+      project = lambda e: module.apply({"params": params["image_proj"][a]}, e)
+      if module.reads_hidden_states:
+        states, null_states = encode(pixels[:, a])[1], encode(jnp.zeros_like(pixels[:, a]))[1]
+      else:
+        states = encode(pixels[:, a])[0]
+        null_states = jnp.zeros_like(states)
+      tokens.append(project(states))
+      null_tokens.append(project(null_states))
+    return with_ip_context(context, tokens, scale), with_ip_context(null, null_tokens, scale)
 
   def _ip_inputs(self, images, scale, n: int):
     """(normalised pixels [n, adapters, S, S, 3], scales [n, adapters]) of generate's

@@ -57,6 +57,8 @@ def main(argv):
       pipe = pipe.with_clip_skip(FLAGS.clip_skip)
     if FLAGS.freeu:
       pipe = pipe.with_freeu(*check_freeu(FLAGS.freeu))
+    if FLAGS.pag_scale:
+      pipe = pipe.with_pag(FLAGS.pag_layers)
     adapters, ip_images = FLAGS.ip_adapter or [], FLAGS.ip_adapter_image or []
     if len(adapters) != len(ip_images) or (adapters and not FLAGS.image_encoder):
       raise ValueError("image prompts take --ip_adapter=FILE.safetensors, --image_encoder=DIR "
@@ -74,7 +76,8 @@ def main(argv):
     start = time.perf_counter()
     common = dict(negative_prompt=FLAGS.negative_prompt, num_steps=FLAGS.steps,
                   guidance_scale=FLAGS.guidance, seed=FLAGS.seed, eta=FLAGS.eta,
-                  guidance_rescale=FLAGS.guidance_rescale)
+                  guidance_rescale=FLAGS.guidance_rescale, pag_scale=FLAGS.pag_scale,
+                  pag_adaptive_scale=FLAGS.pag_adaptive_scale)
     if FLAGS.mask_image and not FLAGS.init_image:
       raise ValueError("--mask_image needs --init_image, the image to repaint")
     f = pipe.first_stage.model.downsampling_factor
@@ -106,6 +109,7 @@ def main(argv):
                             **common)
     elif FLAGS.refiner:  # SDXL's ensemble of experts: the base, then the refiner
       refiner = StableDiffusion.load(FLAGS.refiner, FLAGS.dtype)
+      refiner = refiner.with_pag(FLAGS.pag_layers) if FLAGS.pag_scale else refiner
       z = pipe.generate(prompts, height=FLAGS.height, width=FLAGS.width, method=FLAGS.method,
                         decode=False, denoising_end=FLAGS.refiner_start, **ip, **common)
       images = refiner.img2img(prompts, latents=z, denoising_start=FLAGS.refiner_start,
@@ -152,6 +156,12 @@ if __name__ == "__main__":
                        "earlier (diffusers' clip_skip; A1111's 'clip skip 2' is 1).")
   flags.DEFINE_list("freeu", None, "FreeU's s1,s2,b1,b2 (diffusers' enable_freeu), e.g. "
                     "0.9,0.2,1.2,1.4 for SD 1.x, 0.9,0.2,1.1,1.2 for 2.x, 0.6,0.4,1.1,1.2 for XL.")
+  flags.DEFINE_float("pag_scale", 0.0, "Perturbed-attention guidance's scale (diffusers' PAG "
+                     "pipelines; e.g. 3.0; 0: none).")
+  flags.DEFINE_list("pag_layers", ["mid"], "With --pag_scale: the self-attentions to perturb, "
+                    "regular expressions over diffusers' module names (pag_applied_layers).")
+  flags.DEFINE_float("pag_adaptive_scale", 0.0, "With --pag_scale: PAG's scale lowered by this "
+                     "times (1000 - t) (diffusers' pag_adaptive_scale).")
   flags.DEFINE_multi_string("ip_adapter", None, "IP-Adapter weights (.safetensors, e.g. "
                             "h94/IP-Adapter's models/ip-adapter_sd15.safetensors; repeat the "
                             "flag for several).")

@@ -174,7 +174,7 @@ def test_the_command_writes_a_grid(epsilon_pipeline_dir, tmp_path):
   out = tmp_path / "grid.png"
   proc = text_to_image_command(f"--src={src}", "--prompt=the man", "--prompt=a cat",
                                "--num_images=2", "--steps=3", "--method=dpm_solver",
-                               f"--out={out}")
+                               "--pag_scale=2", "--pag_layers=mid,up_blocks", f"--out={out}")
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert os.path.getsize(out) > 0
   assert np.load(str(out).replace(".png", ".npz"))["arr_0"].shape == (4, 16, 16, 3)
@@ -423,6 +423,41 @@ def test_freeu_gives_diffusers_latents(epsilon_pipeline_dir):
   diff, moved = np.abs(got - want).max(), np.abs(plain - got).max()
   print(f"FreeU latents: max |ours - diffusers| = {diff:.3g} (FreeU moves them {moved:.3g})")
   assert diff < 1e-4 and moved > 0.01
+
+
+@pytest.mark.parametrize("layers,guidance,rescale,adaptive", [
+    ("mid", 5.0, 0.0, 0.0), (["down_blocks.0", "up_blocks.1.attentions.1"], 5.0, 0.7, 0.002),
+    ("mid", 1.0, 0.0, 0.0)], ids=["mid", "down_up_rescale_adaptive", "no_cfg"])
+def test_pag_gives_diffusers_pag_pipeline_latents(epsilon_pipeline_dir, layers, guidance,
+                                                  rescale, adaptive):
+  """Perturbed-attention guidance (models/pag.py) against StableDiffusionPAGPipeline: its
+  pag_applied_layers, with and without classifier-free guidance, guidance_rescale and the
+  adaptive scale."""
+  src, pipe = epsilon_pipeline_dir
+  ours = StableDiffusion.load(str(src))
+  pag = ours.with_pag(layers)
+  assert ours.unet.pag_layers == ()
+  assert len(pag.unet.pag_layers) == (1 if layers == "mid" else 2)
+  ref = diffusers.StableDiffusionPAGPipeline(**pipe.components, pag_applied_layers=layers)
+  prompts = ["the man on a photo", "an orange cat!"]
+  latents = np.random.default_rng(1).normal(size=(2, 8, 8, 4)).astype(np.float32)
+  kw = dict(guidance_scale=guidance, guidance_rescale=rescale)
+  want = ref(prompts, num_inference_steps=3, output_type="latent", pag_scale=3.0,
+             pag_adaptive_scale=adaptive, **kw,
+             latents=torch.from_numpy(latents.transpose(0, 3, 1, 2))).images
+  want = want.numpy().transpose(0, 2, 3, 1)
+  run = lambda p, **more: p.generate(prompts, num_steps=3, latents=latents, decode=False,
+                                     **kw, **more)
+  got = run(pag, pag_scale=3.0, pag_adaptive_scale=adaptive)
+  diff, moved = np.abs(got - want).max(), np.abs(run(ours) - want).max()
+  print(f"PAG {layers} (guidance {guidance}, rescale {rescale}, adaptive {adaptive}): latents "
+        f"max |ours - diffusers| = {diff:.3g} (PAG moves them {moved:.3g})")
+  assert diff < min(1e-4, moved / 20)
+  if layers == "mid" and guidance > 1:
+    with pytest.raises(ValueError, match="with_pag"):
+      run(ours, pag_scale=3.0)
+    with pytest.raises(ValueError, match="matches no self-attention"):
+      ours.with_pag("down_blocks.7")
 
 
 def test_zero_terminal_snr_gives_diffusers_latents(pipeline_dir, tmp_path):

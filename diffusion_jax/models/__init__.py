@@ -17,7 +17,8 @@ LAYOUT = {"context_dim": 0, "transformer_depth": 1, "attn_levels": (), "num_head
 
 
 def denoiser(model, params, y=None, guidance_scale: float = 1.0, context=None,
-             null_context=None, x_cond=None, guidance_rescale: float = 0.0):
+             null_context=None, x_cond=None, guidance_rescale: float = 0.0,
+             pag_scale: float = 0.0, pag_adaptive_scale: float = 0.0):
   """The network in inference mode as the diffusion sees it: denoise_fn(x_t, t).
 
   y: class labels [B] of a class-conditional model (None: its null label, unconditional).
@@ -31,12 +32,20 @@ def denoiser(model, params, y=None, guidance_scale: float = 1.0, context=None,
   guidance_rescale phi > 0: the guided output rescaled towards the conditional one's standard
   deviation per example (Lin et al. 2024, Sec. 3.4: phi * out * std(cond) / std(out) +
   (1 - phi) * out), against the over-exposure of strong guidance.
+  pag_scale > 0: perturbed-attention guidance (models/pag.py; the model's pag_layers perturbed
+  in a third pass), + s_pag (eps_c - eps_ptb), s_pag = max(pag_scale - pag_adaptive_scale
+  (1000 - t), 0) as diffusers'.
   """
   def apply(x, t, y, ctx, x_cond=x_cond):
     if x_cond is not None:
       x = jnp.concatenate([x, x_cond.astype(x.dtype)], axis=-1)
     return model.apply({"params": params}, x, t, y, context=ctx)
-  if (y is None and context is None) or guidance_scale == 1.0:
+  cfg = not (y is None and context is None) and guidance_scale != 1.0
+  if pag_scale:
+    if context is None or (cfg and null_context is None):
+      raise ValueError("perturbed-attention guidance needs a context (and with classifier-free "
+                       "guidance null_context)")
+  elif not cfg:
     return lambda x, t: apply(x, t, y, context)
   if context is not None and null_context is None:
     raise ValueError("guidance with a context needs null_context, the unconditional one "
@@ -45,14 +54,28 @@ def denoiser(model, params, y=None, guidance_scale: float = 1.0, context=None,
   def guided(x, t):
     b, c = x.shape[0], x.shape[-1]
     t = jnp.broadcast_to(jnp.asarray(t), (b,))
-    both = lambda cond, null: None if cond is None else jax.tree.map(  # SDXL's: a dict
-        lambda c, n: jnp.concatenate([c, jnp.broadcast_to(n, c.shape).astype(c.dtype)]),
-        cond, null)
-    out = apply(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                both(y, model.num_classes), both(context, null_context), both(x_cond, x_cond))
-    cond, uncond = out[:b], out[b:]
-    eps = uncond[..., :c] + guidance_scale * (cond[..., :c] - uncond[..., :c])
-    if guidance_rescale:
+    joined = lambda *parts: None if parts[0] is None else jax.tree.map(  # SDXL's: a dict
+        lambda a, *rest: jnp.concatenate([a] + [jnp.broadcast_to(r, a.shape).astype(a.dtype)
+                                                for r in rest]), *parts)
+    ys, contexts = [y, model.num_classes] if cfg else [y], [context, null_context][:1 + cfg]
+    if pag_scale:  # the conditional pass again, its chosen self-attentions perturbed
+      from diffusion_jax.models.pag import with_pag_mask
+      ys.append(y)
+      contexts = [with_pag_mask(ctx, jnp.zeros(b)) for ctx in contexts] + [
+          with_pag_mask(context, jnp.ones(b))]
+    n = len(contexts)
+    out = apply(jnp.concatenate([x] * n), jnp.concatenate([t] * n), joined(*ys),
+                joined(*contexts), joined(*[x_cond] * n))
+    cond = out[:b]
+    eps = cond[..., :c]
+    if cfg:
+      eps = out[b:2 * b, ..., :c] + guidance_scale * (eps - out[b:2 * b, ..., :c])
+    if pag_scale:
+      s = pag_scale
+      if pag_adaptive_scale:
+        s = jnp.maximum(pag_scale - pag_adaptive_scale * (1000.0 - t), 0.0)[:, None, None, None]
+      eps = eps + s * (cond[..., :c] - out[-b:, ..., :c])
+    if guidance_rescale and cfg:
       axes = tuple(range(1, eps.ndim))
       ratio = jnp.std(cond[..., :c], axis=axes, keepdims=True) / jnp.std(eps, axis=axes,
                                                                           keepdims=True)

@@ -11,7 +11,7 @@ ff_in, ff_out); convert_diffusers maps Stable Diffusion's and LDM's names onto t
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from diffusion_jax.models.attention import dot_product_attention
 from diffusion_jax.models.ip_adapter import split_ip_context
 from diffusion_jax.models.layers import default_init, group_norm, zero_init
+from diffusion_jax.models.pag import split_pag
 
 Dtype = Any
 
@@ -35,7 +36,8 @@ class MultiHeadAttention(nn.Module):
   implementation: str = "auto"
 
   @nn.compact
-  def __call__(self, x, context=None):
+  def __call__(self, x, context=None, perturb=None):
+    """perturb [B]: where 1, the identity as the attention map (models/pag.py)."""
     b, t, c = x.shape
     context, ip = split_ip_context(context)
     context = x if context is None else context.astype(self.dtype)
@@ -46,6 +48,8 @@ class MultiHeadAttention(nn.Module):
     q = heads(proj("q")(x))
     k, v = heads(proj("k")(context)), heads(proj("v")(context))
     h = dot_product_attention(q, k, v, self.implementation)  # Eq. 3
+    if perturb is not None:  # each token attends to itself alone: its value
+      h = jnp.where(perturb[:, None, None, None] > 0, v, h)
     for a, tokens in enumerate(() if ip is None else ip["ip_tokens"]):
       # IP-Adapter's Eq. 5: + scale * Attn(Q, K', V') of each adapter's image tokens
       tokens = tokens.astype(self.dtype)
@@ -58,17 +62,18 @@ class MultiHeadAttention(nn.Module):
 
 class BasicTransformerBlock(nn.Module):
   """Self-attention, cross-attention to the context, GEGLU feed-forward (4x), each pre-LayerNorm
-  and residual."""
+  and residual; pag: the self-attention perturbed where pag_mask [B] is 1 (models/pag.py)."""
   heads: int
   dtype: Dtype = jnp.float32
   implementation: str = "auto"
+  pag: bool = False
 
   @nn.compact
-  def __call__(self, x, context):
+  def __call__(self, x, context, pag_mask=None):
     c = x.shape[-1]
     norm = lambda name: nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name=name)
     attn = lambda name: MultiHeadAttention(self.heads, self.dtype, self.implementation, name=name)
-    x = x + attn("attn_1")(norm("norm_1")(x))
+    x = x + attn("attn_1")(norm("norm_1")(x), perturb=pag_mask if self.pag else None)
     x = x + attn("attn_2")(norm("norm_2")(x), context)
     h = nn.Dense(8 * c, kernel_init=default_init, dtype=self.dtype, name="ff_in")(
         norm("norm_3")(x))
@@ -86,10 +91,12 @@ class SpatialTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   implementation: str = "auto"
   native: bool = False  # GroupNorm by csrc/group_norm.cc
+  pag_blocks: Sequence[int] = ()  # the blocks whose self-attention PAG perturbs
 
   @nn.compact
   def __call__(self, x, context):
     b, hgt, wid, c = x.shape
+    context, pag_mask = split_pag(context)
     text = split_ip_context(context)[0]
     if text.ndim != 3 or text.shape[0] != b:
       raise ValueError(f"the context must be [B={b}, L, d]; got {text.shape}")
@@ -97,6 +104,6 @@ class SpatialTransformer(nn.Module):
     h = nn.Dense(c, kernel_init=default_init, dtype=self.dtype, name="proj_in")(h)
     for i in range(self.depth):
       h = BasicTransformerBlock(self.heads, self.dtype, self.implementation,
-                                name=f"block_{i}")(h, context)
+                                i in self.pag_blocks, name=f"block_{i}")(h, context, pag_mask)
     h = nn.Dense(c, kernel_init=zero_init, dtype=self.dtype, name="proj_out")(h)
     return x + h.reshape(b, hgt, wid, c)

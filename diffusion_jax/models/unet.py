@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from diffusion_jax.models import onednn_conv
 from diffusion_jax.models.freeu import apply_freeu, check_freeu
 from diffusion_jax.models.ip_adapter import split_ip_context, with_ip_context
+from diffusion_jax.models.pag import split_pag, with_pag_mask
 from diffusion_jax.models.layers import (AttnBlock, Downsample, ResBlock, Upsample, conv,
                                          default_init, group_norm, num_heads,
                                          timestep_embedding, use_subpixel, zero_init)
@@ -78,6 +79,7 @@ class UNet(nn.Module):
   time_cond_dim: int = 0  # LCM-distilled: context["timestep_cond"], the guidance's embedding
   output_channels: int = 0
   freeu: Sequence[float] = ()  # (s1, s2, b1, b2): FreeU at inference (models/freeu.py)
+  pag_layers: Sequence[tuple[str, int]] = ()  # PAG's self-attentions (models/pag.py)
 
   @property
   def out_channels(self) -> int:
@@ -184,6 +186,7 @@ class UNet(nn.Module):
       raise ValueError(f"image size {height}x{width} is not divisible by 2^{levels - 1} "
                        f"(ch_mult has {levels} levels)")
     t = jnp.broadcast_to(jnp.asarray(t), (b,))
+    context, pag = split_pag(context)  # perturbed-attention guidance's mask (models/pag.py)
     context, ip = split_ip_context(context)  # IP-Adapter's image tokens (models/ip_adapter.py)
 
     # timestep embedding -> Dense(4ch) -> swish -> Dense(4ch)
@@ -217,6 +220,8 @@ class UNet(nn.Module):
       batch = lambda a: jnp.broadcast_to(a, (b,) + a.shape[1:])
       context = with_ip_context(context, [batch(a) for a in ip["ip_tokens"]],
                                 batch(ip["ip_scale"]))
+    if pag is not None and context is not None:
+      context = with_pag_mask(context, jnp.broadcast_to(pag, (b,)))
     return temb, context
 
   def _res_block(self, ch: int, name: str):
@@ -232,7 +237,8 @@ class UNet(nn.Module):
       attn_cls = nn.remat(AttnBlock) if self.remat else AttnBlock
       return attn_cls(self.dtype, self.attention, onednn, heads, self.norm_eps, name=name)(h)
     xattn_cls = nn.remat(SpatialTransformer) if self.remat else SpatialTransformer
-    return xattn_cls(heads, self._depth(level), self.dtype, self.attention, onednn,
+    pag_blocks = tuple(block for module, block in self.pag_layers if module == name)
+    return xattn_cls(heads, self._depth(level), self.dtype, self.attention, onednn, pag_blocks,
                      name=name)(h, context)
 
   def _down_and_middle(self, x, temb, context, train, added_input=None):
