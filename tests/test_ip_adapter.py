@@ -96,7 +96,7 @@ def ip_adapter_state(unet, embed_dim, seed=5, plus=False):
 def test_unet_with_ip_adapter_matches_diffusers(layout):
   """SD 2.x's layout in miniature (two transformer blocks per attention) and SDXL's (its
   context a dict, blocks 1 and 2 deep): the numbering of the cross-attentions over blocks,
-  levels and the middle block."""
+  levels and the middle block (and the self-attentions' names, which PAG chooses by)."""
   import jax
   from diffusion_jax.convert_ip_adapter import ip_adapter_params
   from diffusion_jax.models.ip_adapter import ImageProjection
@@ -110,6 +110,10 @@ def test_unet_with_ip_adapter_matches_diffusers(layout):
       group: {k.removeprefix(group + "."): torch.from_numpy(v) for k, v in state.items()
               if k.startswith(group + ".")} for group in ("image_proj", "ip_adapter")}])
   module, projection, layers = ip_adapter_params(state, ours)
+  # PAG's names of the self-attentions (models/pag.py) are diffusers' too
+  from diffusion_jax.models.pag import self_attention_names
+  assert set(self_attention_names(ours)) == {
+      name for name, _ in ref.named_modules() if name.endswith(".attn1")}
   # SD 2.x: 2 blocks x (2 down, 4 up attentions, the middle one); SDXL: 2 x (1 + 2 + 1)
   assert len(layers) == {"sd2": 14, "sdxl": 8}[layout]
   params = jax.tree.map(np.asarray, params)
