@@ -15,7 +15,6 @@ shift_factor) and is checked for what our network hard-codes.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any, Mapping
@@ -24,7 +23,7 @@ import numpy as np
 
 from diffusion_jax.convert_diffusers import (ATTN_RENAMES, RESNET_RENAMES, ConversionError,
                                              check_diffusers_config, put_torch_tensor,
-                                             require_files)
+                                             read_model_dir)
 
 LDM_PREFIXES = ("first_stage_model.", "vae.")
 LDM_RENAMES = {"norm1": "norm_1", "conv1": "conv_1", "norm2": "norm_2", "conv2": "conv_2",
@@ -240,13 +239,9 @@ def load_autoencoder(src: str) -> tuple[dict, dict, dict]:
   if os.path.isdir(src):
     vae_dir = next((os.path.join(src, sub) for sub in ("vae", "vqvae")
                     if os.path.isdir(os.path.join(src, sub))), src)
-    cfg_path = os.path.join(vae_dir, "config.json")
-    weights = os.path.join(vae_dir, "diffusion_pytorch_model.safetensors")
-    require_files((cfg_path, weights), "point at a diffusers AutoencoderKL or VQModel "
-                  "directory (config.json + diffusion_pytorch_model.safetensors) or at one "
-                  ".safetensors file")
-    with open(cfg_path) as f:
-      diffusers_cfg = json.load(f)
+    diffusers_cfg, weights = read_model_dir(
+        vae_dir, "point at a diffusers AutoencoderKL or VQModel directory (config.json + "
+        "diffusion_pytorch_model.safetensors) or at one .safetensors file")
     scaling = latent_scaling_from_diffusers(diffusers_cfg)
   elif src.endswith(".safetensors") and os.path.isfile(src):
     weights, diffusers_cfg = src, {}

@@ -7,27 +7,32 @@ Pure numpy (no torch, no transformers); keys with or without the "text_model." p
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any, Mapping
 
 import numpy as np
 
-from diffusion_jax.convert_diffusers import ConversionError, put_torch_tensor, require_files
+from diffusion_jax.convert_diffusers import ConversionError, put_torch_tensor, read_model_dir
 
 LAYER_RENAMES = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v",
                  "self_attn.out_proj": "out", "layer_norm1": "norm_1", "layer_norm2": "norm_2",
                  "mlp.fc1": "fc1", "mlp.fc2": "fc2"}
 
 
+def _activation(cfg: Mapping[str, Any]) -> str:
+  """A CLIP tower config's hidden_act, one that models/clip_text.py computes."""
+  act = cfg.get("hidden_act", "quick_gelu")
+  if act not in ("quick_gelu", "gelu"):
+    raise ConversionError(f"hidden_act={act!r} is not supported (quick_gelu or gelu)")
+  return act
+
+
 def text_encoder_fields(cfg: Mapping[str, Any]) -> dict:
   """CLIPTextEncoder's fields from a CLIPTextConfig's config.json (or a CLIPConfig's
   text_config)."""
   cfg = cfg.get("text_config", cfg)
-  act = cfg.get("hidden_act", "quick_gelu")
-  if act not in ("quick_gelu", "gelu"):
-    raise ConversionError(f"hidden_act={act!r} is not supported (quick_gelu or gelu)")
+  act = _activation(cfg)
   return {"vocab_size": int(cfg["vocab_size"]), "width": int(cfg["hidden_size"]),
           "layers": int(cfg["num_hidden_layers"]), "heads": int(cfg["num_attention_heads"]),
           "mlp_width": int(cfg["intermediate_size"]),
@@ -77,9 +82,7 @@ def vision_encoder_fields(cfg: Mapping[str, Any]) -> dict:
   """CLIPVisionEncoder's fields from a CLIPVisionConfig's config.json (or a CLIPConfig's
   vision_config)."""
   cfg = cfg.get("vision_config", cfg)
-  act = cfg.get("hidden_act", "quick_gelu")
-  if act not in ("quick_gelu", "gelu"):
-    raise ConversionError(f"hidden_act={act!r} is not supported (quick_gelu or gelu)")
+  act = _activation(cfg)
   return {"width": int(cfg["hidden_size"]), "layers": int(cfg["num_hidden_layers"]),
           "heads": int(cfg["num_attention_heads"]), "mlp_width": int(cfg["intermediate_size"]),
           "image_size": int(cfg.get("image_size", 224)),
@@ -114,26 +117,20 @@ def load_vision_encoder(directory: str) -> tuple[dict, dict]:
   """(CLIPVisionEncoder fields, parameters) from a local CLIPVisionModelWithProjection
   directory (e.g. IP-Adapter's models/image_encoder/)."""
   from safetensors.numpy import load_file
-  cfg_path = os.path.join(directory, "config.json")
-  weights = os.path.join(directory, "model.safetensors")
-  require_files((cfg_path, weights), "point at a transformers CLIPVisionModelWithProjection "
-                "directory (config.json, model.safetensors), e.g. IP-Adapter's "
-                "models/image_encoder/")
-  with open(cfg_path) as f:
-    fields = vision_encoder_fields(json.load(f))
-  return fields, vision_encoder_params(load_file(weights))
+  cfg, weights = read_model_dir(directory, "point at a transformers "
+                                "CLIPVisionModelWithProjection directory (config.json, "
+                                "model.safetensors), e.g. IP-Adapter's models/image_encoder/",
+                                "model.safetensors")
+  return vision_encoder_fields(cfg), vision_encoder_params(load_file(weights))
 
 
 def load_text_encoder(directory: str) -> tuple[dict, dict]:
   """(CLIPTextEncoder fields, parameters) from a local CLIPTextModel directory."""
   from safetensors.numpy import load_file
-  cfg_path = os.path.join(directory, "config.json")
-  weights = os.path.join(directory, "model.safetensors")
-  require_files((cfg_path, weights), "point at a transformers CLIPTextModel directory "
-                "(config.json, model.safetensors), e.g. a Stable Diffusion pipeline's "
-                "text_encoder/")
-  with open(cfg_path) as f:
-    fields = text_encoder_fields(json.load(f))
+  cfg, weights = read_model_dir(directory, "point at a transformers CLIPTextModel directory "
+                                "(config.json, model.safetensors), e.g. a Stable Diffusion "
+                                "pipeline's text_encoder/", "model.safetensors")
+  fields = text_encoder_fields(cfg)
   params = text_encoder_params(load_file(weights))
   if "text_projection" in params:
     fields["projection_dim"] = int(params["text_projection"]["kernel"].shape[1])

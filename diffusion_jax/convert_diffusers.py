@@ -302,17 +302,18 @@ def load_diffusers_controlnet(directory: str) -> tuple[dict, dict]:
   """(ControlNet fields, parameters) from a local diffusers ControlNetModel directory (e.g.
   lllyasviel/sd-controlnet-canny: config.json, diffusion_pytorch_model.safetensors)."""
   from safetensors.numpy import load_file
-  cfg, weights = _model_dir(directory, "point at a diffusers ControlNetModel directory "
+  cfg, weights = read_model_dir(directory, "point at a diffusers ControlNetModel directory "
                             "holding config.json and diffusion_pytorch_model.safetensors")
   fields = controlnet_config_from_diffusers(cfg)
   return fields, unet_params_from_diffusers(load_file(weights), fields)
 
 
-def _model_dir(directory: str, hint: str) -> tuple[dict, str]:
-  """(its config.json, the path of its weights) of a diffusers model directory; `hint` says
-  what to point at where either is missing."""
+def read_model_dir(directory: str, hint: str,
+                   weights_name: str = "diffusion_pytorch_model.safetensors") -> tuple[dict, str]:
+  """(its config.json, the path of its weights) of a diffusers model directory (transformers':
+  weights_name="model.safetensors"); `hint` says what to point at where either is missing."""
   cfg_path = os.path.join(directory, "config.json")
-  weights = os.path.join(directory, "diffusion_pytorch_model.safetensors")
+  weights = os.path.join(directory, weights_name)
   require_files((cfg_path, weights), hint)
   with open(cfg_path) as f:
     return json.load(f), weights
@@ -330,7 +331,7 @@ def load_diffusers_unet(directory: str) -> tuple[dict, dict]:
       os.path.join(directory, "unet")):
     directory = os.path.join(directory, "unet")  # a whole pipeline directory
   from safetensors.numpy import load_file
-  cfg, weights = _model_dir(directory, "point at a diffusers U-Net directory holding "
+  cfg, weights = read_model_dir(directory, "point at a diffusers U-Net directory holding "
                             "config.json and diffusion_pytorch_model.safetensors (e.g. a local "
                             "copy of google/ddpm-cifar10-32; a .bin file can be re-saved with "
                             "safetensors)")

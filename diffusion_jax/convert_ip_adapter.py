@@ -21,21 +21,9 @@ from diffusion_jax.convert_diffusers import ConversionError, put_torch_tensor
 
 def cross_attention_paths(unet) -> list[tuple[str, ...]]:
   """Our module paths of the U-Net's cross-attentions in diffusers' attn_processors order."""
-  levels = len(unet.ch_mult)
   if not (unet.context_dim and unet.attn_levels):
     raise ConversionError("IP-Adapter needs a cross-attention U-Net (Stable Diffusion's)")
-  depth = unet._depth
-  blocks = lambda name, level: [(name, f"block_{d}", "attn_2") for d in range(depth(level))]
-  paths = []
-  for i in range(levels):
-    if i in unet.attn_levels:
-      for j in range(unet.num_res_blocks):
-        paths += blocks(f"down_{i}_attn_{j}", i)
-  for i in reversed(range(levels)):  # diffusers' up_blocks[0] is the deepest level
-    if i in unet.attn_levels:
-      for j in range(unet.num_res_blocks + 1):
-        paths += blocks(f"up_{i}_attn_{j}", i)
-  return paths + blocks("mid_attn", levels - 1)
+  return [(ours, f"block_{d}", "attn_2") for _, ours, d in unet.transformer_blocks()]
 
 
 def read_ip_adapter(path: str) -> dict[str, np.ndarray]:

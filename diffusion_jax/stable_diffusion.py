@@ -24,6 +24,7 @@ from diffusion_jax import parallel, schedulers, sdxl, xla_options
 from diffusion_jax.control import control_inputs, controlled_unet
 from diffusion_jax.convert_clip import clip_token_ids
 from diffusion_jax.images import binary_masks
+from diffusion_jax.models.context import add_to_context
 from diffusion_jax.stable_diffusion_variants import PipelineVariants
 
 
@@ -129,8 +130,7 @@ class StableDiffusion(PipelineVariants):
       from diffusion_jax.models.layers import timestep_embedding
       w = jnp.full((x_T.shape[0],), (guidance[0] - 1.0) * 1000.0)
       cond = timestep_embedding(w, self.unet.time_cond_dim)  # diffusers' guidance embedding
-      context = dict(context if isinstance(context, dict) else {"text": context},
-                     timestep_cond=cond)
+      context = add_to_context(context, timestep_cond=cond)
       guidance = (1.0,) + tuple(guidance[1:])
     x_cond = known = None
     if inpaint is not None:

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 from diffusion_jax.models import attention
 from diffusion_jax.models.autoencoder import AutoencoderKL
 from diffusion_jax.models.layers import UPSAMPLE_CONV
+from diffusion_jax.models.pag import with_pag_mask
 from diffusion_jax.models.unet import UNet
 
 MODELS = {"unet": UNet}
@@ -59,7 +60,6 @@ def denoiser(model, params, y=None, guidance_scale: float = 1.0, context=None,
                                                 for r in rest]), *parts)
     ys, contexts = [y, model.num_classes] if cfg else [y], [context, null_context][:1 + cfg]
     if pag_scale:  # the conditional pass again, its chosen self-attentions perturbed
-      from diffusion_jax.models.pag import with_pag_mask
       ys.append(y)
       contexts = [with_pag_mask(ctx, jnp.zeros(b)) for ctx in contexts] + [
           with_pag_mask(context, jnp.ones(b))]

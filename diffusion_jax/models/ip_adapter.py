@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.models.context import add_to_context, split_context
+
 IP_KEYS = ("ip_tokens", "ip_scale")
 
 
@@ -67,19 +69,16 @@ class Resampler(nn.Module):
 
 
 def split_ip_context(context):
-  """(the context without the image prompt's tokens, {"ip_tokens", "ip_scale"} or None); a
-  context left as {"text": ...} alone becomes that array."""
-  if not (isinstance(context, dict) and "ip_tokens" in context):
-    return context, None
-  rest = {k: v for k, v in context.items() if k not in IP_KEYS}
-  if "ip_scale" not in context or not isinstance(context["ip_tokens"], (tuple, list)):
+  """(the context without the image prompts' tokens, {"ip_tokens", "ip_scale"} or None)."""
+  context, ip = split_context(context, IP_KEYS)
+  if ip is not None and (set(ip) != set(IP_KEYS) or
+                         not isinstance(ip["ip_tokens"], (tuple, list))):
     raise ValueError("an image prompt's context: 'ip_tokens', one [B, N, d] per adapter (a "
                      "tuple), and 'ip_scale' [B, adapters]")
-  return (rest["text"] if set(rest) == {"text"} else rest), {k: context[k] for k in IP_KEYS}
+  return context, ip
 
 
 def with_ip_context(context, tokens, scale):
   """The context with the image prompts' tokens (one [B, N_a, d] per adapter) and their scales
   [B, A] added."""
-  base = dict(context) if isinstance(context, dict) else {"text": context}
-  return dict(base, ip_tokens=tuple(tokens), ip_scale=scale)
+  return add_to_context(context, ip_tokens=tuple(tokens), ip_scale=scale)

@@ -12,37 +12,26 @@ from __future__ import annotations
 
 import re
 
+from diffusion_jax.models.context import add_to_context, split_context
+
 PAG_KEY = "pag_mask"
 
 
 def split_pag(context):
   """(the context without the perturbation mask, the mask [B] or None)."""
-  if not (isinstance(context, dict) and PAG_KEY in context):
-    return context, None
-  rest = {k: v for k, v in context.items() if k != PAG_KEY}
-  return (rest["text"] if set(rest) == {"text"} else rest), context[PAG_KEY]
+  context, taken = split_context(context, (PAG_KEY,))
+  return context, None if taken is None else taken[PAG_KEY]
 
 
 def with_pag_mask(context, mask):
   """The context with the perturbation mask [B] added."""
-  base = dict(context) if isinstance(context, dict) else {"text": context}
-  return dict(base, **{PAG_KEY: mask})
+  return add_to_context(context, **{PAG_KEY: mask})
 
 
 def self_attention_names(unet) -> dict[str, tuple[str, int]]:
   """diffusers' module name of each self-attention of the U-Net -> (our SpatialTransformer's
   name, the block's index in it)."""
-  levels, names = len(unet.ch_mult), {}
-  blocks = lambda prefix, ours, level: {
-      f"{prefix}.transformer_blocks.{d}.attn1": (ours, d) for d in range(unet._depth(level))}
-  for i in range(levels):
-    if i in unet.attn_levels:
-      for j in range(unet.num_res_blocks):
-        names.update(blocks(f"down_blocks.{i}.attentions.{j}", f"down_{i}_attn_{j}", i))
-      for j in range(unet.num_res_blocks + 1):
-        names.update(blocks(f"up_blocks.{levels - 1 - i}.attentions.{j}", f"up_{i}_attn_{j}", i))
-  names.update(blocks("mid_block.attentions.0", "mid_attn", levels - 1))
-  return names
+  return {f"{name}.attn1": (ours, d) for name, ours, d in unet.transformer_blocks()}
 
 
 def pag_layer_paths(unet, applied_layers) -> tuple[tuple[str, int], ...]:

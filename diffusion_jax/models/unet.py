@@ -7,6 +7,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from diffusion_jax.models import onednn_conv
+from diffusion_jax.models.context import split_context
 from diffusion_jax.models.freeu import apply_freeu, check_freeu
 from diffusion_jax.models.ip_adapter import split_ip_context, with_ip_context
 from diffusion_jax.models.pag import split_pag, with_pag_mask
@@ -123,6 +124,24 @@ class UNet(nn.Module):
     depth = self.transformer_depth
     return depth if isinstance(depth, int) else depth[level]
 
+  def transformer_blocks(self) -> list[tuple[str, str, int]]:
+    """(diffusers' name of each transformer block, our SpatialTransformer's name, the block's
+    index in it) of an attn_levels layout, in diffusers' order of its attention processors: the
+    down blocks', the up blocks' (up_blocks[0]: the deepest level), the middle block's."""
+    levels, out = len(self.ch_mult), []
+    add = lambda prefix, ours, level: out.extend(
+        (f"{prefix}.transformer_blocks.{d}", ours, d) for d in range(self._depth(level)))
+    for i in range(levels):
+      if i in self.attn_levels:
+        for j in range(self.num_res_blocks):
+          add(f"down_blocks.{i}.attentions.{j}", f"down_{i}_attn_{j}", i)
+    for i in reversed(range(levels)):
+      if i in self.attn_levels:
+        for j in range(self.num_res_blocks + 1):
+          add(f"up_blocks.{levels - 1 - i}.attentions.{j}", f"up_{i}_attn_{j}", i)
+    add("mid_block.attentions.0", "mid_attn", levels - 1)
+    return out
+
   def _added_embedding(self, cond):
     """SDXL's text_time embedding [B, 4 ch] of the pooled text and the size/crop ids."""
     b = cond["text"].shape[0]
@@ -193,14 +212,12 @@ class UNet(nn.Module):
     temb = timestep_embedding(t, self.ch, flip_sin_to_cos=self.flip_sin_to_cos,
                               freq_shift=self.freq_shift)
     if self.time_cond_dim:  # diffusers' TimestepEmbedding(cond_proj): added to the sinusoids
-      if not (isinstance(context, dict) and "timestep_cond" in context):
+      context, taken = split_context(context, ("timestep_cond",))
+      if taken is None:
         raise ValueError("this U-Net (LCM-distilled) takes context={'text': ..., "
                          "'timestep_cond': [B, time_cond_dim]}")
-      context = dict(context)
-      cond = context.pop("timestep_cond")
-      context = context["text"] if set(context) == {"text"} else context
       temb = temb + nn.Dense(self.ch, use_bias=False, dtype=self.dtype,
-                             name="temb_cond_proj")(cond.astype(jnp.float32))
+                             name="temb_cond_proj")(taken["timestep_cond"].astype(jnp.float32))
     temb = nn.Dense(4 * self.ch, kernel_init=default_init, dtype=self.dtype,
                     name="temb_dense_0")(temb)
     temb = nn.Dense(4 * self.ch, kernel_init=default_init, dtype=self.dtype,
