@@ -30,8 +30,11 @@ demo: venv data
 # .pyc files are written: the tests start ~25 Python processes, and without them each one
 # compiles the sources of jax, flax and torch again (~4 s apiece).
 TEST_ENV := GLIBC_TUNABLES=$${GLIBC_TUNABLES-glibc.malloc.hugetlb=1} PYTHONDONTWRITEBYTECODE=
-# two pytest workers (pytest-xdist): much of a test is single-threaded tracing and compiling
-PYTEST := $(BIN)/python -m pytest -q -ra --durations=15 -n $${PYTEST_WORKERS-2}
+# two pytest workers (pytest-xdist): much of a test is single-threaded tracing and compiling;
+# a passing test's tmp_path is deleted when it ends (the suite writes model files, checkpoints
+# and runs: ~GBs kept otherwise, over pytest's three kept sessions)
+PYTEST := $(BIN)/python -m pytest -q -ra --durations=15 -n $${PYTEST_WORKERS-2} \
+	-o tmp_path_retention_policy=failed
 
 test: venv-test
 	$(TEST_ENV) $(PYTEST) tests
