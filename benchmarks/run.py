@@ -189,8 +189,8 @@ def bench_full_sampling(config, tr, params, n: int):
   t0 = time.perf_counter()
   x = jax.block_until_ready(run(params, key, None, None))
   dt = time.perf_counter() - t0
-  steps = tr.diffusion.num_timesteps if config.sampling.method == "ancestral" else (
-      config.sampling.num_steps)
+  steps = samplers.network_evaluations(config.sampling.method, tr.diffusion,
+                                       config.sampling.num_steps)
   return {"full_sample_batch": n, "full_sample_steps": steps, "full_sample_s": dt,
           "full_sample_compile_s": compile_s, "full_sample_finite": bool(np.isfinite(x).all()),
           "sample_50k_minutes": 50_000 / n * dt / 60,

@@ -20,7 +20,7 @@ def get_config():
   data.num_threads = 4             # reader threads (grain)
 
   c.model = model = ml_collections.ConfigDict()
-  model.name = "unet"
+  model.name = "unet"              # unet | dit (Peebles & Xie 2023's transformer, models/dit.py)
   model.ch = 128
   model.ch_mult = (1, 2, 2, 2)
   model.num_res_blocks = 2
@@ -44,6 +44,11 @@ def get_config():
   model.flip_sin_to_cos = False    # timestep embedding [cos, sin] (LDM: True)
   model.freq_shift = 1.0           # its frequencies 1e4^(-i / (ch/2 - shift)) (LDM: 0)
   model.downsample_padding = "same"  # same (TF: after) | symmetric (torch padding=1, LDM)
+  # DiT's (model.name = "dit"; with num_heads, norm_eps, freq_shift above; DiT-XL/2's values)
+  model.patch_size = 2             # p x p patches of the (latent) image are its tokens
+  model.hidden_size = 1152         # token width (DiT-L 1024, -B 768, -S 384)
+  model.depth = 28                 # DiT blocks (DiT-L 24, -B 12, -S 12)
+  model.mlp_ratio = 4.0            # the blocks' MLP width / hidden_size
 
   # what --mode=train trains: "diffusion" (model + diffusion), or "autoencoder": latent
   # diffusion's first stage (Rombach et al. 2022, Sec. 3.1), c.autoencoder below; the model.*
@@ -119,9 +124,10 @@ def get_config():
 
   c.sampling = sampling = ml_collections.ConfigDict()
   sampling.method = "ancestral"    # ancestral | ddim | dpm_solver
-  sampling.num_steps = 1000        # network evaluations for ddim / dpm_solver
+  sampling.num_steps = 1000        # network evaluations (ancestral: < T respaces the chain)
   sampling.eta = 0.0               # DDIM eta
-  sampling.spacing = placeholder(str)  # DDIM: uniform | quadratic; DPM-Solver: logsnr | uniform
+  sampling.spacing = placeholder(str)  # DDIM: uniform | quadratic; respaced ancestral: uniform
+  #                                  | linspace | trailing; DPM-Solver: logsnr | uniform
   #                                  | leading | linspace | trailing (diffusers' spacings) | karras
   sampling.steps_offset = 0        # DDIM, DPM-Solver "leading": timesteps shifted by this
   #                                  (diffusers' steps_offset)

@@ -22,6 +22,11 @@ ClassEmbedder, first stage) the same way, latent.autoencoder the same file:
   python -m diffusion_jax.convert --src=cin256-v2.safetensors \
       --config=configs/imagenet256_ldm.py --workdir=runs/cin256-imported \
       --config.latent.autoencoder=cin256-v2.safetensors
+DiT pipelines (facebook/DiT-XL-2-256's layout: transformer/, vae/, scheduler/; convert_dit)
+into a DiT config, latent.autoencoder its vae/:
+  python -m diffusion_jax.convert --src=/path/to/DiT-XL-2-256 \
+      --config=configs/imagenet256_dit.py --workdir=runs/dit-xl-2-256 \
+      --config.latent.autoencoder=/path/to/DiT-XL-2-256/vae
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from ml_collections import config_flags
 
 from diffusion_jax import checkpoints
 from diffusion_jax.convert_diffusers import ConversionError, load_diffusers_unet
+from diffusion_jax.convert_dit import is_dit_dir, load_diffusers_dit
 from diffusion_jax.schedulers import scheduler_settings_file
 
 FLAGS = flags.FLAGS
@@ -45,18 +51,20 @@ def config_mismatches(config, model_cfg: dict, schedule: dict | None = None) -> 
   diffusion of its pipeline's scheduler_config.json, when given)."""
   from diffusion_jax.latent import latent_shape, model_input_shape
   want = {f"model.{k}": v for k, v in model_cfg.items() if k in config.model
-          and k not in ("name", "dropout", "attn_resolutions", "attn_levels")}
+          and k not in ("dropout", "attn_resolutions", "attn_levels")}
   out = []
   size, channels = model_input_shape(config)
-  m, levels = config.model, len(model_cfg["ch_mult"])
-  ours = tuple(m.attn_levels) or tuple(i for i in range(len(m.ch_mult))
-                                       if size // 2 ** i in m.attn_resolutions)
-  theirs = tuple(model_cfg["attn_levels"]) or tuple(
-      i for i in range(levels)
-      if model_cfg["image_size"] // 2 ** i in model_cfg["attn_resolutions"])
-  if ours != theirs:  # where attention is, however the config says it
-    out.append(f"--config.model.attn_resolutions=() --config.model.attn_levels={theirs!r}"
-               .replace(", ", ","))
+  m = config.model
+  if "ch_mult" in model_cfg and m.name == "unet":
+    levels = len(model_cfg["ch_mult"])
+    ours = tuple(m.attn_levels) or tuple(i for i in range(len(m.ch_mult))
+                                         if size // 2 ** i in m.attn_resolutions)
+    theirs = tuple(model_cfg["attn_levels"]) or tuple(
+        i for i in range(levels)
+        if model_cfg["image_size"] // 2 ** i in model_cfg["attn_resolutions"])
+    if ours != theirs:  # where attention is, however the config says it
+      out.append(f"--config.model.attn_resolutions=() --config.model.attn_levels={theirs!r}"
+                 .replace(", ", ","))
   if latent_shape(config) is None:
     want.update({"data.image_size": model_cfg["image_size"],
                  "data.channels": model_cfg["in_channels"]})
@@ -122,12 +130,20 @@ def _ldm_single_file(src: str, config, ema: bool = False):
 
 
 def import_diffusers_unet(src: str, config, workdir: str, ema: bool = False) -> int:
-  """Write step 0 of `workdir/checkpoints` from the diffusers weights in `src`, or from a
-  class-conditional LDM single file (.safetensors, CompVis naming; convert_ldm; `ema`: its
+  """Write step 0 of `workdir/checkpoints` from the diffusers weights in `src` (a U-Net or a
+  DiT), or from a class-conditional LDM single file (.safetensors, CompVis naming; convert_ldm; `ema`: its
   model_ema.* copy of the U-Net instead of model.diffusion_model.*)."""
   from diffusion_jax.train import Trainer
   if src.endswith(".safetensors"):
     model_cfg, params, schedule = _ldm_single_file(src, config, ema)
+  elif is_dit_dir(src):
+    model_cfg, params = load_diffusers_dit(src)
+    model_cfg = dict(model_cfg, name="dit")
+    schedule = pipeline_schedule(src)
+    if os.path.isdir(os.path.join(src, "vae")) and not config.get("latent", {}).get(
+        "autoencoder"):
+      raise ConversionError("this DiT denoises a VAE's latents: name the VAE, "
+                            f"--config.latent.autoencoder={os.path.join(src, 'vae')}")
   else:
     model_cfg, params = load_diffusers_unet(src)
     kind = None
@@ -188,8 +204,9 @@ def main(argv):
 
 if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "The experiment config of the network.")
-  flags.DEFINE_string("src", None, "Local diffusers UNet2DModel (or pipeline) directory, or a "
-                      "class-conditional LDM single file (.safetensors, CompVis naming).")
+  flags.DEFINE_string("src", None, "Local diffusers UNet2DModel (or pipeline) directory, a DiT "
+                      "pipeline directory, or a class-conditional LDM single file "
+                      "(.safetensors, CompVis naming).")
   flags.DEFINE_bool("ema", False, "With a single file: its model_ema.* copy of the U-Net.")
   flags.DEFINE_string("workdir", None, "New workdir to write the checkpoint into.")
   flags.mark_flags_as_required(["config", "src", "workdir"])

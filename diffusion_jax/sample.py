@@ -221,7 +221,7 @@ def run_sample_mode(config, workdir: str) -> str:
   os.makedirs(out_dir, exist_ok=True)
   logging.info("Sampling %d images with %s (%s network evaluations each) from step %d",
                s.num_samples, s.method,
-               trainer.diffusion.num_timesteps if s.method == "ancestral" else s.num_steps, step)
+               samplers.network_evaluations(s.method, trainer.diffusion, s.num_steps), step)
   sampler = Sampler(config, trainer.model, trainer.diffusion, trainer.mesh,
                     min(s.batch_size, s.num_samples), trainer.first_stage, trainer.text)
   images = sampler(params, s.num_samples, s.seed)

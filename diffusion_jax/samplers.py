@@ -7,6 +7,7 @@ on the [-1, 1] scale. Wrap them in `jax.jit` with the parameters as an argument 
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import jax
@@ -15,10 +16,11 @@ import numpy as np
 
 from diffusion_jax.diffusion import DenoiseFn, GaussianDiffusion
 from diffusion_jax.noise_levels import (after_step, alphas_cumprod, ddim_update,
-                                        karras_timesteps, start_at_level)
+                                        diffusers_timesteps, karras_timesteps, start_at_level)
 
 METHODS = ("ancestral", "ddim", "dpm_solver")
 SPACINGS = ("uniform", "quadratic")  # DDIM's (DPM-Solver's: DPM_SPACINGS)
+ANCESTRAL_SPACINGS = ("uniform", "linspace", "trailing")  # a respaced chain's (num_steps < T)
 
 
 def _batch_t(t, x):
@@ -56,10 +58,38 @@ def reverse_chain(diffusion: GaussianDiffusion, denoise_fn: DenoiseFn, x_t, key,
   return x0, (buf if record_steps else None)
 
 
-def ancestral_sample(diffusion, denoise_fn, x_T, key, clip_denoised: bool = True):
-  """Algorithm 2 from pure noise x_T ~ N(0, I): T network evaluations."""
-  return reverse_chain(diffusion, denoise_fn, x_T, key, diffusion.num_timesteps - 1,
-                       clip_denoised)[0]
+def respaced(diffusion: GaussianDiffusion, timesteps) -> GaussianDiffusion:
+  """The process on the increasing `timesteps` alone, its index i standing for timestep t_i
+  (Nichol & Dhariwal 2021, Sec. 4's respacing): beta_i = 1 - alphabar_{t_i} / alphabar_{t_{i-1}}
+  (alphabar = 1 before t_0), so that q(x_{t_i} | x_0) is unchanged, and p's mean, its fixed
+  variances and the learned range between them all follow from these betas."""
+  ab = diffusion.coefs["alphas_cumprod"][np.asarray(timesteps)]
+  return dataclasses.replace(diffusion, betas=1.0 - ab / np.append(1.0, ab[:-1]))
+
+
+def ancestral_timesteps(num_timesteps: int, num_steps: int, spacing: str = "uniform"):
+  """The increasing timesteps of a respaced chain: "uniform" k * (T // n) (diffusers'
+  "leading"), or diffusers' "linspace" (the n rounded points over [0, T - 1]: IDDPM's and DiT's
+  respacing) or "trailing"."""
+  if spacing not in ANCESTRAL_SPACINGS:
+    raise ValueError(f"ancestral spacing {spacing!r}: one of {ANCESTRAL_SPACINGS}")
+  ts = diffusers_timesteps(num_timesteps, num_steps, "leading" if spacing == "uniform" else
+                           spacing)
+  return ts.round().astype(np.int32)[::-1]
+
+
+def ancestral_sample(diffusion, denoise_fn, x_T, key, clip_denoised: bool = True,
+                     num_steps: int | None = None, spacing: str = "uniform"):
+  """Algorithm 2 from pure noise x_T ~ N(0, I): T network evaluations, or num_steps < T on the
+  respaced process (`respaced`: IDDPM's and DiT's 250 steps with their learned variance;
+  diffusers' DDPMScheduler with num_inference_steps)."""
+  T = diffusion.num_timesteps
+  if num_steps is None or num_steps >= T:
+    return reverse_chain(diffusion, denoise_fn, x_T, key, T - 1, clip_denoised)[0]
+  ts = ancestral_timesteps(T, num_steps, spacing)
+  table = jnp.asarray(ts)
+  return reverse_chain(respaced(diffusion, ts), lambda x, i: denoise_fn(x, table[i]), x_T, key,
+                       num_steps - 1, clip_denoised)[0]
 
 
 def progressive_sample(diffusion, denoise_fn, x_T, key, record_steps: Sequence[int],
@@ -276,16 +306,23 @@ def dpm_solver_sample(diffusion, denoise_fn, x_T, key=None, num_steps: int = 20,
 
 
 # ----------------------------------------------------------------------------- one entry
+def network_evaluations(method: str, diffusion, num_steps: int) -> int:
+  """The chain's steps: num_steps, or all T for an ancestral chain of num_steps >= T."""
+  return min(num_steps, diffusion.num_timesteps) if method == "ancestral" else num_steps
+
+
 def sample(method: str, diffusion, denoise_fn, x_T, key, num_steps: int | None = None,
            eta: float = 0.0, spacing: str | None = None, clip_denoised: bool = True,
            steps_offset: int = 0, alpha_one_at_end: bool = True):
   """Dispatch to one sampler by name (`config.sampling.method`).
 
-  spacing=None takes each method's default: "uniform" for DDIM, "logsnr" for DPM-Solver.
+  spacing=None takes each method's default: "uniform" for DDIM and a respaced ancestral chain
+  (num_steps < T), "logsnr" for DPM-Solver.
   steps_offset: DDIM's, and DPM-Solver's with "leading" spacing; alpha_one_at_end: DDIM's.
   """
   if method == "ancestral":
-    return ancestral_sample(diffusion, denoise_fn, x_T, key, clip_denoised)
+    return ancestral_sample(diffusion, denoise_fn, x_T, key, clip_denoised, num_steps,
+                            spacing or "uniform")
   if method == "ddim":
     return ddim_sample(diffusion, denoise_fn, x_T, key, num_steps or 50, eta,
                        spacing or "uniform", clip_denoised, steps_offset, alpha_one_at_end)

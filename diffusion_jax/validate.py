@@ -70,7 +70,8 @@ def validate_config(config, mode: str = "train") -> None:
     _check_eval(e, stage, n_dev)
     return
   _check(m.name in MODELS, "model.name", m.name, f"one of {tuple(MODELS)}")
-  if not config.get("latent", {}).get("autoencoder"):  # else _check_latent
+  dit = m.name == "dit"
+  if not dit and not config.get("latent", {}).get("autoencoder"):  # else _check_latent
     _check_levels("model", m.ch, m.ch_mult, d.image_size)
     sizes = [d.image_size // 2 ** i for i in range(len(m.ch_mult))]
     for r in m.attn_resolutions:
@@ -79,7 +80,10 @@ def validate_config(config, mode: str = "train") -> None:
   _check(0.0 <= m.dropout < 1.0, "model.dropout", m.dropout, "in [0, 1)")
   _check(m.num_classes >= 0, "model.num_classes", m.num_classes, ">= 0")
   from diffusion_jax.latent import model_input_shape
-  _check_layout(m, model_input_shape(config)[0], config.get("text", {}).get("encoder"))
+  if dit:
+    _check_dit(m, model_input_shape(config)[0], config.get("text", {}).get("encoder"))
+  else:
+    _check_layout(m, model_input_shape(config)[0], config.get("text", {}).get("encoder"))
   _check(0.0 <= m.get("label_dropout", 0.0) < 1.0, "model.label_dropout",
          m.get("label_dropout"), "in [0, 1)")
   _check(-1 <= s.get("class_label", -1) < max(m.num_classes, 0), "sampling.class_label",
@@ -160,18 +164,35 @@ def _check_layout(m, size: int, text_encoder=None):
          get("downsample_padding"), f"one of {DOWNSAMPLE_PADDING}")
 
 
+def _check_dit(m, size: int, text_encoder=None):
+  """DiT's keys (models/dit.py); `size`: its input's side (image or latents)."""
+  _check(m.patch_size >= 1 and size % m.patch_size == 0, "model.patch_size", m.patch_size,
+         f"a divisor of the {size}x{size} input (data.image_size, or its latents' side)")
+  _check(m.depth >= 1, "model.depth", m.depth, ">= 1")
+  _check(m.num_heads >= 1 and m.hidden_size % 4 == 0 and m.hidden_size % m.num_heads == 0,
+         "model.hidden_size", m.hidden_size,
+         f"a multiple of 4 (the 2-D positions' sin-cos halves) and of model.num_heads="
+         f"{m.num_heads}")
+  _check(m.mlp_ratio > 0, "model.mlp_ratio", m.mlp_ratio, "> 0")
+  _check(m.norm_eps > 0, "model.norm_eps", m.norm_eps, "> 0")
+  _check(m.get("context_dim", 0) == 0 and not text_encoder, "model.name", m.name,
+         "'unet' for cross-attention (model.context_dim, text.encoder); DiT is conditioned on "
+         "class labels (model.num_classes) through adaLN")
+
+
 def _check_latent(config):
   """Latent diffusion: the latents the U-Net must halve, and what makes no sense for them."""
   a, m = config.autoencoder, config.model
   _check_levels("autoencoder", a.ch, a.ch_mult, config.data.image_size)
   size = config.data.image_size // 2 ** (len(a.ch_mult) - 1)
-  down = 2 ** (len(m.ch_mult) - 1)
-  _check(size % down == 0, "model.ch_mult", tuple(m.ch_mult),
-         f"levels that halve the {size}x{size} latents (image_size / f) evenly: at most "
-         f"{(size & -size).bit_length()} levels")
-  sizes = [size // 2 ** i for i in range(len(m.ch_mult))]
-  _check(all(r in sizes for r in m.attn_resolutions), "model.attn_resolutions",
-         tuple(m.attn_resolutions), f"latent resolutions the U-Net visits: {sizes}")
+  if m.name != "dit":
+    down = 2 ** (len(m.ch_mult) - 1)
+    _check(size % down == 0, "model.ch_mult", tuple(m.ch_mult),
+           f"levels that halve the {size}x{size} latents (image_size / f) evenly: at most "
+           f"{(size & -size).bit_length()} levels")
+    sizes = [size // 2 ** i for i in range(len(m.ch_mult))]
+    _check(all(r in sizes for r in m.attn_resolutions), "model.attn_resolutions",
+           tuple(m.attn_resolutions), f"latent resolutions the U-Net visits: {sizes}")
   _check(not config.sampling.clip_denoised, "sampling.clip_denoised", True,
          "False for latent diffusion: latents are not bounded to [-1, 1]")
   _check("nll" not in parse_metrics(config.eval.metrics), "eval.metrics", config.eval.metrics,
@@ -233,13 +254,16 @@ def _check_training(t, n_dev: int, n_proc: int):
 
 def _check_sampling(s, f, n_dev: int):
   _check(s.method in samplers.METHODS, "sampling.method", s.method, f"one of {samplers.METHODS}")
-  spacings = {"ddim": ("uniform", "quadratic"),
-              "dpm_solver": samplers.DPM_SPACINGS}.get(s.method)
-  _check(s.spacing is None or spacings is None or s.spacing in spacings, "sampling.spacing",
+  spacings = {"ddim": ("uniform", "quadratic"), "dpm_solver": samplers.DPM_SPACINGS,
+              "ancestral": samplers.ANCESTRAL_SPACINGS}[s.method]
+  _check(s.spacing is None or s.spacing in spacings, "sampling.spacing",
          s.spacing, f"for {s.method}: one of {spacings}")
   if s.method != "ancestral":
     _check(1 <= s.num_steps < f.num_timesteps + (s.method == "ddim"), "sampling.num_steps",
            s.num_steps, f"in [1, {f.num_timesteps}] for {s.method}")
+  else:
+    _check(s.num_steps >= 1, "sampling.num_steps", s.num_steps, ">= 1 for ancestral (< "
+           f"diffusion.num_timesteps={f.num_timesteps}: a respaced chain; more: all of them)")
   if s.method == "dpm_solver" and s.spacing == "karras":
     _check(f.mean_type in ("eps", "v", "x0") and s.num_steps >= 2, "sampling.spacing",
            s.spacing, "for a model predicting eps, v or x0, with sampling.num_steps >= 2")

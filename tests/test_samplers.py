@@ -34,6 +34,8 @@ def run(method, d, fn, key=0, **kw):
 
 CASES = {  # (sampler, relative tolerance on the std)
     "ancestral": (dict(method="ancestral"), 0.03),
+    # respaced: under-dispersed as DDIM eta 1 is with few steps (0.467 at 100 steps; below)
+    "ancestral_250": (dict(method="ancestral", num_steps=250), 0.03),
     "ddim_eta1_all": (dict(method="ddim", num_steps=1000, eta=1.0), 0.03),
     "ddim_eta0_all": (dict(method="ddim", num_steps=1000), 0.03),
     "ddim_eta0_100": (dict(method="ddim", num_steps=100), 0.04),  # first order: 1/S error
@@ -431,3 +433,73 @@ def test_lcm_is_diffusers_lcm_scheduler(num_steps, mean_type):
   assert diff < 1e-4
   with pytest.raises(ValueError, match="original_inference_steps=50"):
     lcm.lcm_timesteps(1000, 51)
+
+
+@pytest.mark.parity
+@pytest.mark.parametrize("spacing,var_type", [("uniform", "learned_range"),
+                                              ("linspace", "learned_range"),
+                                              ("uniform", "fixedlarge"), ("trailing", "fixedsmall")])
+def test_respaced_ancestral_is_ddpm_scheduler(spacing, var_type):
+  """The ancestral chain of num_steps < T (IDDPM's respacing, DiT's sampler) is diffusers'
+  DDPMScheduler with num_inference_steps, step for step on the same noise: each step's beta from
+  the alphabars of its timestep and the next, the learned range between that beta and the
+  posterior variance, the fixed variances."""
+  torch = pytest.importorskip("torch")
+  diffusers = pytest.importorskip("diffusers")
+  from diffusers.utils.torch_utils import randn_tensor
+  d = dm.GaussianDiffusion(dm.get_beta_schedule("linear", 1000), var_type=var_type)
+  learned = var_type == "learned_range"
+  sched = diffusers.DDPMScheduler(
+      beta_schedule="linear", clip_sample=False,
+      variance_type={"learned_range": "learned_range", "fixedlarge": "fixed_large",
+                     "fixedsmall": "fixed_small"}[var_type],
+      timestep_spacing="leading" if spacing == "uniform" else spacing)
+  n = 9
+  sched.set_timesteps(n)
+  ts = samplers.ancestral_timesteps(1000, n, spacing)
+  np.testing.assert_array_equal(ts[::-1], sched.timesteps.numpy())
+  sub = samplers.respaced(d, ts)
+  x = torch.from_numpy(np.asarray(jax.random.normal(jax.random.PRNGKey(0), (4, 2, 4, 4)),
+                                  np.float64))
+  nhwc = lambda a: jnp.asarray(np.asarray(a).transpose(0, 2, 3, 1), jnp.float32)
+  worst = 0.0
+  for i, t in zip(range(n - 1, -1, -1), sched.timesteps):
+    eps = optimal_eps(d, nhwc(x), jnp.full((4,), int(t)))
+    out = jnp.concatenate([eps, 0.9 * jnp.tanh(3 * eps)], -1) if learned else eps
+    noise = randn_tensor((4, 2, 4, 4), generator=torch.Generator().manual_seed(i),
+                         dtype=torch.float64)
+    ours, _ = sub.p_sample(out, nhwc(x), jnp.full((4,), i), nhwc(noise))
+    x = sched.step(torch.from_numpy(np.asarray(out, np.float64).transpose(0, 3, 1, 2)), t, x,
+                   generator=torch.Generator().manual_seed(i)).prev_sample
+    worst = max(worst, float(np.abs(np.asarray(ours) - nhwc(x)).max()))
+  print(f"respaced ancestral, {spacing}, {var_type}: max |ours - DDPMScheduler| {worst:.3g}")
+  assert worst < 1e-4
+
+
+def test_respaced_ancestral_is_ddim_eta1(setup):
+  """With the posterior variance, the respaced chain's step is DDIM's with eta = 1 (Song et al.
+  2021, eq. 16): the same samples from the same key."""
+  d, fn = setup
+  anc = run("ancestral", d, fn, key=3, num_steps=100)
+  ddim = run("ddim", d, fn, key=3, num_steps=100, eta=1.0)
+  np.testing.assert_allclose(anc, ddim, atol=2e-5)
+  assert abs(anc.std() / S - 1) > 0.05  # and far from the full chain's spread at 100 steps
+
+
+def test_respaced_ancestral_runs_the_config_chain(tmp_path):
+  """sampling.num_steps < T makes the ancestral sampler respaced (and main's log and the
+  benchmark count its steps); >= T runs all T."""
+  d = dm.GaussianDiffusion(dm.get_beta_schedule("linear", 1000), var_type="fixedsmall")
+  assert samplers.network_evaluations("ancestral", d, 250) == 250
+  assert samplers.network_evaluations("ancestral", d, 5000) == 1000
+  sub = samplers.respaced(d, samplers.ancestral_timesteps(1000, 250, "linspace"))
+  np.testing.assert_allclose(sub.coefs["alphas_cumprod"],
+                             d.coefs["alphas_cumprod"][np.round(np.linspace(0, 999, 250))
+                                                       .astype(int)], rtol=1e-12)
+  calls = []
+  fn = lambda x, t: (calls.append(t.shape), jnp.zeros_like(x))[1]
+  samplers.sample("ancestral", d, fn, jnp.zeros((2, 4, 4, 1)), jax.random.PRNGKey(0),
+                  num_steps=7)
+  assert calls == [(2,)]  # one traced step, scanned
+  with pytest.raises(ValueError, match="ancestral spacing 'quadratic'"):
+    samplers.ancestral_timesteps(1000, 7, "quadratic")

@@ -4,11 +4,12 @@ import jax.numpy as jnp
 
 from diffusion_jax.models import attention
 from diffusion_jax.models.autoencoder import AutoencoderKL
+from diffusion_jax.models.dit import DiT
 from diffusion_jax.models.layers import UPSAMPLE_CONV
 from diffusion_jax.models.pag import with_pag_mask
 from diffusion_jax.models.unet import UNet
 
-MODELS = {"unet": UNet}
+MODELS = {"unet": UNet, "dit": DiT}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 ATTENTION = attention.IMPLEMENTATIONS
 # config.model keys of the LDM / Stable Diffusion layouts (UNet's docstring), with DDPM's values
@@ -102,7 +103,17 @@ def build_model(config):
     from diffusion_jax.models.text_unet import text_conditioned_unet
     return text_conditioned_unet(_unet(config), text.layers, text.max_length,
                                  LearnedText.vocab_size)
-  return _unet(config)
+  return _dit(config) if config.model.name == "dit" else _unet(config)
+
+
+def _dit(config):
+  from diffusion_jax.latent import model_input_shape
+  m = config.model
+  return DiT(patch_size=m.patch_size, hidden_size=m.hidden_size, depth=m.depth,
+             num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, in_channels=model_input_shape(config)[1],
+             learned_variance=config.diffusion.var_type in ("learned", "learned_range"),
+             num_classes=m.num_classes, dropout=m.dropout, dtype=DTYPES[m.dtype],
+             attention=m.attention, remat=m.remat, norm_eps=m.norm_eps, freq_shift=m.freq_shift)
 
 
 def _unet(config):
