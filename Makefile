@@ -32,7 +32,7 @@ demo: venv data
 TEST_ENV := GLIBC_TUNABLES=$${GLIBC_TUNABLES-glibc.malloc.hugetlb=1} PYTHONDONTWRITEBYTECODE=
 # two pytest workers (pytest-xdist): much of a test is single-threaded tracing and compiling;
 # a passing test's tmp_path is deleted when it ends (the suite writes model files, checkpoints
-# and runs: ~GBs kept otherwise, over pytest's three kept sessions)
+# and runs: 1.1 GB a session under /tmp/pytest-of-$USER otherwise, and pytest keeps three)
 PYTEST := $(BIN)/python -m pytest -q -ra --durations=15 -n $${PYTEST_WORKERS-2} \
 	-o tmp_path_retention_policy=failed
 
