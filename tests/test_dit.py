@@ -180,6 +180,17 @@ def test_dit_pipeline_imports_and_samples_like_diffusers(tmp_path):
   diff = np.abs(images - want).max()
   print(f"DiT pipeline (guidance 4, 4 DDIM steps): max |ours - diffusers| = {diff:.3g}")
   assert diff < 1e-4
+  # exported back (diffusion_jax/export.py): the same tensors, the VAE and its scale
+  from diffusion_jax.export import export_workdir
+  export_workdir(config, workdir, str(tmp_path / "exported"))
+  again = diffusers.DiTPipeline.from_pretrained(str(tmp_path / "exported"))
+  for key, value in pipe.transformer.state_dict().items():
+    np.testing.assert_array_equal(again.transformer.state_dict()[key].numpy(), value.numpy())
+  assert again.vae.config.scaling_factor == 0.5 and isinstance(again.scheduler,
+                                                               diffusers.DDIMScheduler)
+  again_images = again(class_labels=labels, guidance_scale=4.0, num_inference_steps=4,
+                       generator=torch.Generator().manual_seed(0), output_type="np").images
+  np.testing.assert_allclose(again_images, want, atol=1e-6)
 
 
 def test_dit_trains_and_samples_through_main(tmp_path):

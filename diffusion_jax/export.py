@@ -1,0 +1,247 @@
+"""Export a trained workdir as a diffusers pipeline directory (the reverse of convert.py):
+
+  python -m diffusion_jax.export --config=configs/cifar10_ddpm.py --workdir=runs/cifar10 \
+      --out=exported/ddpm-cifar10
+  # then, in PyTorch: diffusers.DDPMPipeline.from_pretrained("exported/ddpm-cifar10")
+
+What is written (safetensors and JSON only; the EMA parameters, or --noema the raw ones):
+- a pixel-space DDPM U-Net: unet/ (UNet2DModel) + scheduler/ (DDPMScheduler) + model_index.json
+  of a DDPMPipeline;
+- a DiT: transformer/ (DiTTransformer2DModel) + scheduler/ (DDIMScheduler) + model_index.json
+  of a DiTPipeline,
+  with vae/ when config.latent.autoencoder is a diffusers AutoencoderKL directory (copied, its
+  scaling_factor the run's latent scale); a first stage trained here is not exported.
+
+The U-Net's diffusers names come from convert_diffusers' own mapping, run backwards and checked
+key by key against it. Class-conditional and cross-attention U-Nets have no UNet2DModel
+equivalent in this layout and are refused, as are models whose heads diffusers cannot describe.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+from typing import Any, Mapping
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from diffusion_jax.convert_diffusers import (DOWNSAMPLE_PADDING, RESNET_RENAMES,
+                                             ConversionError, _target)
+from diffusion_jax.schedulers import BETA_SCHEDULES, PREDICTION_TYPES
+
+FLAGS = flags.FLAGS
+DIFFUSERS_VERSION = "0.30.0"  # the config format written; read by 0.30 and later
+_FIXED = {"conv_in": "conv_in", "conv_out": "conv_out", "norm_out": "conv_norm_out",
+          "temb_dense_0": "time_embedding.linear_1", "temb_dense_1": "time_embedding.linear_2",
+          "mid_block_1": "mid_block.resnets.0", "mid_block_2": "mid_block.resnets.1",
+          "mid_attn": "mid_block.attentions.0"}
+_INNER = {**{ours: theirs for theirs, ours in RESNET_RENAMES.items()},
+          **{"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v",
+             "proj_out": "to_out.0"}}
+
+
+def _module_name(path: tuple[str, ...], levels: int) -> str:
+  """Our module path (without the parameter's name) -> diffusers' module name."""
+  top, inner = path[0], list(path[1:])
+  if top in _FIXED:
+    head = _FIXED[top]
+  else:
+    m = re.fullmatch(r"(down|up)_(\d+)_(block|attn|downsample|upsample)(?:_(\d+))?", top)
+    if not m:
+      raise ConversionError(f"{'/'.join(path)}: no UNet2DModel module holds it")
+    side, level, kind, j = m.groups()
+    block = int(level) if side == "down" else levels - 1 - int(level)
+    if kind in ("downsample", "upsample"):
+      return f"{side}_blocks.{block}.{kind}rs.0.conv"
+    head = f"{side}_blocks.{block}.{'resnets' if kind == 'block' else 'attentions'}.{j}"
+  return ".".join([head] + [_INNER[p] for p in inner])
+
+
+def unet_state_dict(params: Mapping[str, Any], levels: int) -> dict:
+  """diffusers' UNet2DModel state dict (numpy, float32) of our DDPM-layout U-Net's parameters;
+  each key mapped back by convert_diffusers' import mapping to the same parameter."""
+  state = {}
+
+  def visit(node, path):
+    if not isinstance(node, Mapping):
+      leaf, value = path[-1], np.asarray(node, np.float32)
+      name = _module_name(path[:-1], levels)
+      if leaf == "kernel":
+        value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+      key = f"{name}.{'bias' if leaf == 'bias' else 'weight'}"
+      if _target(key, levels)[0] != list(path[:-1]):
+        raise ConversionError(f"{'/'.join(path)} -> {key} does not map back")
+      state[key] = np.ascontiguousarray(value)
+      return
+    for k, v in node.items():
+      visit(v, path + (k,))
+  visit(params, ())
+  return state
+
+
+def unet_config(config) -> dict:
+  """The config.json of the UNet2DModel that `config.model` describes."""
+  from diffusion_jax.latent import model_input_shape
+  from diffusion_jax.models import LAYOUT
+  m = config.model
+  get = lambda key: m.get(key, LAYOUT[key])
+  size, channels = model_input_shape(config)
+  levels = len(m.ch_mult)
+  attn = set(get("attn_levels")) or {i for i in range(levels)
+                                     if size // 2 ** i in m.attn_resolutions}
+  if m.num_classes or get("context_dim"):
+    raise ConversionError("a class-conditional or cross-attention U-Net: diffusers' UNet2DModel "
+                          "in the DDPM layout has no such inputs; only unconditional U-Nets and "
+                          "DiTs are exported")
+  heads = {m.ch * m.ch_mult[i] // get("num_heads") for i in sorted(attn | {levels - 1})}
+  if get("head_channels"):
+    head_dim = get("head_channels")
+  elif get("num_heads") == 1:
+    head_dim = None  # one head over all channels
+  elif len(heads) == 1:
+    head_dim = heads.pop()
+  else:
+    raise ConversionError(f"model.num_heads={get('num_heads')} gives heads of {sorted(heads)} "
+                          "channels; UNet2DModel has one head size (model.head_channels)")
+  out = channels * (2 if config.diffusion.var_type.startswith("learned") else 1)
+  return {"_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION,
+          "sample_size": size, "in_channels": channels, "out_channels": out,
+          "block_out_channels": [m.ch * k for k in m.ch_mult],
+          "layers_per_block": m.num_res_blocks,
+          "down_block_types": ["AttnDownBlock2D" if i in attn else "DownBlock2D"
+                               for i in range(levels)],
+          "up_block_types": ["AttnUpBlock2D" if i in attn else "UpBlock2D"
+                             for i in reversed(range(levels))],
+          "attention_head_dim": head_dim, "dropout": float(m.dropout),
+          "norm_eps": float(get("norm_eps")), "flip_sin_to_cos": bool(get("flip_sin_to_cos")),
+          "freq_shift": float(get("freq_shift")),
+          "downsample_padding": {v: k for k, v in DOWNSAMPLE_PADDING.items()}[
+              get("downsample_padding")],
+          "act_fn": "silu", "norm_num_groups": 32, "time_embedding_type": "positional",
+          "resnet_time_scale_shift": "default", "center_input_sample": False,
+          "add_attention": True, "mid_block_scale_factor": 1}
+
+
+def scheduler_config(config, ddim: bool = False) -> dict:
+  """A DDPMScheduler (or DDIMScheduler) config.json of `config.diffusion` and its sampler's
+  clipping. diffusers' DiTPipeline gives its scheduler eps alone (a learned variance split
+  off), as DDPMScheduler's learned range cannot take: DiTs get DDIM, as diffusers' DiT
+  conversion writes it."""
+  d = config.diffusion
+  schedules = {ours: theirs for theirs, ours in BETA_SCHEDULES.items()}
+  schedules["quadratic"] = "scaled_linear"  # the same betas
+  predictions = {ours: theirs for theirs, ours in PREDICTION_TYPES.items()}
+  if d.mean_type not in predictions:
+    raise ConversionError(f"diffusion.mean_type={d.mean_type!r}: diffusers' schedulers take "
+                          f"one of {tuple(predictions)}")
+  variance = {"fixedlarge": "fixed_large", "fixedsmall": "fixed_small", "learned": "learned",
+              "learned_range": "learned_range"}[d.var_type]
+  out = {"_class_name": "DDIMScheduler" if ddim else "DDPMScheduler",
+         "_diffusers_version": DIFFUSERS_VERSION, "num_train_timesteps": int(d.num_timesteps),
+         "beta_schedule": schedules[d.beta_schedule], "beta_start": float(d.beta_start),
+         "beta_end": float(d.beta_end), "prediction_type": predictions[d.mean_type],
+         "clip_sample": bool(config.sampling.clip_denoised), "clip_sample_range": 1.0,
+         "timestep_spacing": "leading", "steps_offset": 0}
+  return dict(out, set_alpha_to_one=True) if ddim else dict(out, variance_type=variance)
+
+
+def _write_model(directory: str, cfg: dict, state: dict) -> None:
+  from safetensors.numpy import save_file
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, "config.json"), "w") as f:
+    json.dump(cfg, f, indent=2)
+  save_file(state, os.path.join(directory, "diffusion_pytorch_model.safetensors"))
+
+
+def export_workdir(config, workdir: str, out: str, step: int | None = None,
+                   ema: bool = True) -> str:
+  """Write `out` (a new directory): the diffusers pipeline of the workdir's checkpoint."""
+  import jax
+  from diffusion_jax import checkpoints, parallel
+  from diffusion_jax.convert_dit import dit_state_dict
+  from diffusion_jax.latent import model_input_shape
+  from diffusion_jax.train import Trainer
+  if os.path.exists(out) and os.listdir(out):
+    raise ConversionError(f"{out} exists and is not empty: export into a new directory")
+  dit = config.model.name == "dit"
+  latent = config.get("latent", {}).get("autoencoder")
+  if not dit:
+    if latent:
+      raise ConversionError("a latent U-Net: diffusers' DDPMPipeline is pixel-space; only "
+                            "pixel-space U-Nets and DiTs are exported")
+    model_cfg = unet_config(config)  # refusals before anything is read
+  vae_dir = None
+  if dit and latent:
+    vae_dir = latent if os.path.isfile(os.path.join(latent, "config.json")) else None
+  scheduler = scheduler_config(config, ddim=dit)
+  trainer = Trainer(config)
+  step, state, meta = checkpoints.restore_trained(
+      workdir, trainer.abstract_state, step, "train first (--mode=train with this --workdir)")
+  trainer.use_latent_scale(meta)
+  params = jax.tree.map(parallel.to_host, state.ema_params if ema else state.params)
+  if dit:
+    m = config.model
+    fields = {"hidden_size": m.hidden_size, "depth": m.depth}
+    size, channels = model_input_shape(config)
+    learned = config.diffusion.var_type.startswith("learned")
+    model_cfg = {"_class_name": "DiTTransformer2DModel", "_diffusers_version": DIFFUSERS_VERSION,
+                 "num_attention_heads": m.num_heads,
+                 "attention_head_dim": m.hidden_size // m.num_heads, "in_channels": channels,
+                 "out_channels": channels * (2 if learned else 1), "num_layers": m.depth,
+                 "sample_size": size, "patch_size": m.patch_size,
+                 "num_embeds_ada_norm": m.num_classes, "norm_eps": float(m.norm_eps),
+                 "norm_type": "ada_norm_zero", "activation_fn": "gelu-approximate",
+                 "attention_bias": True, "norm_elementwise_affine": False, "dropout": 0.0}
+    if m.num_classes == 0 or m.mlp_ratio != 4.0 or m.freq_shift != 1.0:
+      raise ConversionError("diffusers' DiT is class-conditional (model.num_classes > 0) with "
+                            "mlp_ratio 4 and freq_shift 1; this DiT is not")
+    _write_model(os.path.join(out, "transformer"), model_cfg, dit_state_dict(params, fields))
+    index = {"transformer": ["diffusers", "DiTTransformer2DModel"]}
+  else:
+    _write_model(os.path.join(out, "unet"), model_cfg,
+                 unet_state_dict(params, len(config.model.ch_mult)))
+    index = {"unet": ["diffusers", "UNet2DModel"]}
+  os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
+  with open(os.path.join(out, "scheduler", "scheduler_config.json"), "w") as f:
+    json.dump(scheduler, f, indent=2)
+  index["scheduler"] = ["diffusers", scheduler["_class_name"]]
+  if vae_dir:
+    shutil.copytree(vae_dir, os.path.join(out, "vae"))
+    with open(os.path.join(vae_dir, "config.json")) as f:
+      vae_cfg = json.load(f)
+    vae_cfg["scaling_factor"] = trainer.first_stage.scaling()[0]
+    with open(os.path.join(out, "vae", "config.json"), "w") as f:
+      json.dump(vae_cfg, f, indent=2)
+    index["vae"] = ["diffusers", "AutoencoderKL"]
+  pipeline = "DiTPipeline" if dit else "DDPMPipeline"
+  with open(os.path.join(out, "model_index.json"), "w") as f:
+    json.dump({"_class_name": pipeline, "_diffusers_version": DIFFUSERS_VERSION, **index}, f,
+              indent=2)
+  print(f"Exported step {step} ({'EMA' if ema else 'raw'} parameters) of {workdir} as a "
+        f"diffusers {pipeline}: {out}" + ("" if vae_dir or not dit else
+                                          " (no vae/: the first stage is not a diffusers "
+                                          "directory)"))
+  return out
+
+
+def main(argv):
+  del argv
+  from diffusion_jax import checkpoints
+  try:
+    export_workdir(FLAGS.config, FLAGS.workdir, FLAGS.out, FLAGS.step, FLAGS.ema)
+  except (ConversionError, checkpoints.CheckpointError) as e:
+    sys.exit(f"{type(e).__name__}: {e}")
+
+
+if __name__ == "__main__":
+  config_flags.DEFINE_config_file("config", None, "The experiment config of the workdir.")
+  flags.DEFINE_string("workdir", None, "The trained run's workdir.")
+  flags.DEFINE_string("out", None, "New directory for the diffusers pipeline.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
+  flags.DEFINE_bool("ema", True, "The EMA parameters (--noema: the raw ones).")
+  flags.mark_flags_as_required(["config", "workdir", "out"])
+  app.run(main)

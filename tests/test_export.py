@@ -1,0 +1,84 @@
+"""Exporting a workdir as a diffusers pipeline (diffusion_jax/export.py): a U-Net trained here,
+loaded by diffusers' own DDPMPipeline, gives our outputs; its scheduler is ours; importing the
+export gives back the same parameters; what diffusers cannot hold is refused."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from diffusion_jax import diffusion as dm  # noqa: E402
+from diffusion_jax.convert_diffusers import ConversionError  # noqa: E402
+from diffusion_jax.export import export_workdir  # noqa: E402
+
+pytestmark = pytest.mark.parity
+
+
+def test_trained_unet_exports_to_diffusers_ddpm_pipeline(tmp_path):
+  from helpers import tiny_config
+  from diffusion_jax.convert import import_diffusers_unet
+  from diffusion_jax.sample import restore_ema_params
+  from diffusion_jax.train import train_and_evaluate
+  config = tiny_config(tmp_path, num_steps=2, checkpoint_every=2)  # 16x16x1, attention at 8
+  config.diffusion.var_type, config.diffusion.loss_type = "learned_range", "hybrid"
+  config.diffusion.beta_schedule = "cosine"
+  config.model.num_heads = 2
+  config.training.ema_decay = 0.5  # EMA != raw parameters after 2 steps
+  config.training.sample_every = 100
+  workdir, out = str(tmp_path / "run"), str(tmp_path / "exported")
+  train_and_evaluate(config, workdir)
+  trainer, step, params = restore_ema_params(config, workdir)
+  export_workdir(config, workdir, out)
+  with pytest.raises(ConversionError, match="not empty"):
+    export_workdir(config, workdir, out)
+
+  pipe = diffusers.DDPMPipeline.from_pretrained(out)
+  unet, sched = pipe.unet.eval(), pipe.scheduler
+  assert unet.config.attention_head_dim == 32 and unet.config.out_channels == 2
+  from safetensors.numpy import load_file
+  assert set(unet.state_dict()) == set(load_file(f"{out}/unet/diffusion_pytorch_model.safetensors"))
+  x = np.random.default_rng(0).normal(size=(3, 1, 16, 16)).astype(np.float32)
+  t = np.array([0, 40, 99])
+  with torch.no_grad():
+    want = unet(torch.from_numpy(x), torch.from_numpy(t)).sample.numpy().transpose(0, 2, 3, 1)
+  got = np.asarray(trainer.model.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)),
+                                       jnp.asarray(t)))
+  diff = np.abs(got - want).max()
+  print(f"exported U-Net in diffusers vs ours: max |diff| {diff:.3g} (scale "
+        f"{np.abs(want).max():.3g})")
+  assert diff < 1e-4
+  d = dm.from_config(config.diffusion)
+  np.testing.assert_allclose(sched.betas.numpy(), d.betas, rtol=1e-6)
+  assert (sched.config.variance_type, sched.config.prediction_type, sched.config.clip_sample) == (
+      "learned_range", "epsilon", True)
+  # and back: the export imports as the same parameters (the heads as the import names them)
+  config.model.num_heads, config.model.head_channels = 1, 32
+  import_diffusers_unet(out, config, str(tmp_path / "reimported"))
+  _, _, back = restore_ema_params(config, str(tmp_path / "reimported"))
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, back),
+               jax.tree.map(np.asarray, params))
+  # the raw parameters differ from the EMA ones
+  export_workdir(config, workdir, str(tmp_path / "raw"), ema=False)
+  raw = diffusers.UNet2DModel.from_pretrained(str(tmp_path / "raw" / "unet"))
+  assert not torch.equal(raw.conv_out.weight, unet.conv_out.weight)
+  assert json.loads((tmp_path / "raw" / "model_index.json").read_text())["_class_name"] == (
+      "DDPMPipeline")
+
+
+def test_what_diffusers_cannot_hold_is_refused(tmp_path):
+  from helpers import tiny_config
+  config = tiny_config(tmp_path)
+  config.model.num_classes = 10
+  with pytest.raises(ConversionError, match="class-conditional or cross-attention U-Net"):
+    export_workdir(config, str(tmp_path / "run"), str(tmp_path / "a"))
+  config.model.num_classes, config.model.num_heads = 0, 3
+  config.model.attn_resolutions = (16, 8)  # 32 and 64 channels: heads of 10 and 21
+  with pytest.raises(ConversionError, match="one head size"):
+    export_workdir(config, str(tmp_path / "run"), str(tmp_path / "b"))
+  config.model.num_heads, config.diffusion.mean_type = 1, "mean"
+  with pytest.raises(ConversionError, match="mean_type='mean'"):
+    export_workdir(config, str(tmp_path / "run"), str(tmp_path / "c"))
