@@ -18,7 +18,7 @@ def get_config():
   m = c.model
   m.name = "dit"
   m.patch_size, m.hidden_size, m.depth, m.num_heads, m.mlp_ratio = 2, 192, 8, 3, 4.0
-  m.norm_eps, m.freq_shift = 1e-6, 0.0  # the paper's constants (a model of our own)
+  m.norm_eps, m.freq_shift = 1e-5, 1.0  # diffusers' constants: exports as a DiTPipeline
   c.diffusion.var_type, c.diffusion.loss_type = "learned_range", "hybrid"
   c.training.lr = 3e-4
   c.training.grad_clip = 1.0

@@ -174,6 +174,10 @@ def export_workdir(config, workdir: str, out: str, step: int | None = None,
       raise ConversionError("a latent U-Net: diffusers' DDPMPipeline is pixel-space; only "
                             "pixel-space U-Nets and DiTs are exported")
     model_cfg = unet_config(config)  # refusals before anything is read
+  elif (config.model.num_classes == 0 or config.model.mlp_ratio != 4.0
+        or config.model.freq_shift != 1.0):
+    raise ConversionError("diffusers' DiT is class-conditional (model.num_classes > 0) with "
+                          "model.mlp_ratio 4 and model.freq_shift 1; this DiT is not")
   vae_dir = None
   if dit and latent:
     vae_dir = latent if os.path.isfile(os.path.join(latent, "config.json")) else None
@@ -196,9 +200,6 @@ def export_workdir(config, workdir: str, out: str, step: int | None = None,
                  "num_embeds_ada_norm": m.num_classes, "norm_eps": float(m.norm_eps),
                  "norm_type": "ada_norm_zero", "activation_fn": "gelu-approximate",
                  "attention_bias": True, "norm_elementwise_affine": False, "dropout": 0.0}
-    if m.num_classes == 0 or m.mlp_ratio != 4.0 or m.freq_shift != 1.0:
-      raise ConversionError("diffusers' DiT is class-conditional (model.num_classes > 0) with "
-                            "mlp_ratio 4 and freq_shift 1; this DiT is not")
     _write_model(os.path.join(out, "transformer"), model_cfg, dit_state_dict(params, fields))
     index = {"transformer": ["diffusers", "DiTTransformer2DModel"]}
   else:

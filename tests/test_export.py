@@ -82,3 +82,6 @@ def test_what_diffusers_cannot_hold_is_refused(tmp_path):
   config.model.num_heads, config.diffusion.mean_type = 1, "mean"
   with pytest.raises(ConversionError, match="mean_type='mean'"):
     export_workdir(config, str(tmp_path / "run"), str(tmp_path / "c"))
+  config.model.name, config.model.num_classes, config.model.freq_shift = "dit", 10, 0.0
+  with pytest.raises(ConversionError, match="model.freq_shift 1; this DiT is not"):
+    export_workdir(config, str(tmp_path / "run"), str(tmp_path / "d"))
