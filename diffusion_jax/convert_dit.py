@@ -149,9 +149,13 @@ def _at(tree, path):
 
 def is_dit_dir(directory: str) -> bool:
   """Whether `directory` is a DiT pipeline (transformer/ inside) or a DiT model folder."""
-  return os.path.isdir(os.path.join(directory, "transformer")) or (
-      os.path.isfile(os.path.join(directory, "config.json"))
-      and '"patch_size"' in open(os.path.join(directory, "config.json")).read())
+  if os.path.isdir(os.path.join(directory, "transformer")):
+    return True
+  path = os.path.join(directory, "config.json")
+  if not os.path.isfile(path):
+    return False
+  with open(path) as f:
+    return '"patch_size"' in f.read()
 
 
 def load_diffusers_dit(directory: str) -> tuple[dict, dict]:
