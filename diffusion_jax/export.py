@@ -7,21 +7,21 @@
 What is written (safetensors and JSON only; the EMA parameters, or --noema the raw ones):
 - a pixel-space DDPM U-Net: unet/ (UNet2DModel) + scheduler/ (DDPMScheduler) + model_index.json
   of a DDPMPipeline;
-- a DiT: transformer/ (DiTTransformer2DModel) + scheduler/ (DDIMScheduler) + model_index.json
-  of a DiTPipeline,
-  with vae/ when config.latent.autoencoder is a diffusers AutoencoderKL directory (copied, its
-  scaling_factor the run's latent scale); a first stage trained here is not exported.
+- a DiT: transformer/ (DiTTransformer2DModel) + scheduler/ (DDIMScheduler) + vae/ (its KL first
+  stage, a diffusers VAE's or one trained here, scaling_factor the run's latent scale) +
+  model_index.json of a DiTPipeline;
+- an autoencoder run (stage "autoencoder", a KL first stage): its AutoencoderKL directory.
 
-The U-Net's diffusers names come from convert_diffusers' own mapping, run backwards and checked
-key by key against it. Class-conditional and cross-attention U-Nets have no UNet2DModel
-equivalent in this layout and are refused, as are models whose heads diffusers cannot describe.
+The diffusers names come from the import's own mappings (convert_diffusers, convert_autoencoder)
+run backwards, each key checked to map back to its parameter. Class-conditional and
+cross-attention U-Nets have no UNet2DModel equivalent in this layout and are refused, as are
+models whose heads diffusers cannot describe and VQ autoencoders.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
 import sys
 from typing import Any, Mapping
 
@@ -61,19 +61,18 @@ def _module_name(path: tuple[str, ...], levels: int) -> str:
   return ".".join([head] + [_INNER[p] for p in inner])
 
 
-def unet_state_dict(params: Mapping[str, Any], levels: int) -> dict:
-  """diffusers' UNet2DModel state dict (numpy, float32) of our DDPM-layout U-Net's parameters;
-  each key mapped back by convert_diffusers' import mapping to the same parameter."""
+def _state_dict(params: Mapping[str, Any], name, target) -> dict:
+  """A torch state dict (numpy, float32) of `params`: each module path through name(path), each
+  key checked to come back to its path through the import's target(key)."""
   state = {}
 
   def visit(node, path):
     if not isinstance(node, Mapping):
       leaf, value = path[-1], np.asarray(node, np.float32)
-      name = _module_name(path[:-1], levels)
       if leaf == "kernel":
         value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
-      key = f"{name}.{'bias' if leaf == 'bias' else 'weight'}"
-      if _target(key, levels)[0] != list(path[:-1]):
+      key = f"{name(path[:-1])}.{'bias' if leaf == 'bias' else 'weight'}"
+      if target(key) != list(path[:-1]):
         raise ConversionError(f"{'/'.join(path)} -> {key} does not map back")
       state[key] = np.ascontiguousarray(value)
       return
@@ -81,6 +80,45 @@ def unet_state_dict(params: Mapping[str, Any], levels: int) -> dict:
       visit(v, path + (k,))
   visit(params, ())
   return state
+
+
+def unet_state_dict(params: Mapping[str, Any], levels: int) -> dict:
+  """diffusers' UNet2DModel state dict of our DDPM-layout U-Net's parameters."""
+  return _state_dict(params, lambda path: _module_name(path, levels),
+                     lambda key: _target(key, levels)[0])
+
+
+def autoencoder_state_dict(params: Mapping[str, Any], levels: int) -> dict:
+  """diffusers' AutoencoderKL state dict of our KL autoencoder's parameters (its encoder and
+  decoder name their modules as the U-Net does)."""
+  from diffusion_jax.convert_autoencoder import _diffusers_target
+  if "codebook" in params:
+    raise ConversionError("a VQ autoencoder: only KL autoencoders are exported")
+  name = lambda path: path[0] if path[0] in ("quant_conv", "post_quant_conv") else (
+      f"{path[0]}.{_module_name(path[1:], levels)}")
+  return _state_dict(params, name, lambda key: _diffusers_target(key, levels)[0])
+
+
+def autoencoder_config(model, sample_size: int, scale: float, shift: float = 0.0) -> dict:
+  """The config.json of the diffusers AutoencoderKL that our `model` is."""
+  levels = len(model.ch_mult)
+  attn = set(model.attn_levels)
+  if model.z_channels != model.embed_dim:
+    raise ConversionError(f"z_channels {model.z_channels} != embed_dim {model.embed_dim}: "
+                          "diffusers' AutoencoderKL has one latent width")
+  return {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION,
+          "in_channels": model.in_channels, "out_channels": model.out_channels,
+          "down_block_types": ["AttnDownEncoderBlock2D" if i in attn else "DownEncoderBlock2D"
+                               for i in range(levels)],
+          "up_block_types": ["AttnUpDecoderBlock2D" if i in attn else "UpDecoderBlock2D"
+                             for i in reversed(range(levels))],
+          "block_out_channels": [model.ch * k for k in model.ch_mult],
+          "layers_per_block": model.num_res_blocks, "act_fn": "silu",
+          "latent_channels": model.z_channels, "norm_num_groups": 32,
+          "sample_size": sample_size, "scaling_factor": scale, "shift_factor": shift or None,
+          "mid_block_add_attention": bool(model.mid_attn),
+          "use_quant_conv": bool(model.use_quant_conv),
+          "use_post_quant_conv": bool(model.use_post_quant_conv)}
 
 
 def unet_config(config) -> dict:
@@ -159,14 +197,23 @@ def _write_model(directory: str, cfg: dict, state: dict) -> None:
 
 def export_workdir(config, workdir: str, out: str, step: int | None = None,
                    ema: bool = True) -> str:
-  """Write `out` (a new directory): the diffusers pipeline of the workdir's checkpoint."""
+  """Write `out` (a new directory): the diffusers pipeline of the workdir's checkpoint (an
+  autoencoder run's: its AutoencoderKL directory)."""
   import jax
   from diffusion_jax import checkpoints, parallel
   from diffusion_jax.convert_dit import dit_state_dict
   from diffusion_jax.latent import model_input_shape
-  from diffusion_jax.train import Trainer
   if os.path.exists(out) and os.listdir(out):
     raise ConversionError(f"{out} exists and is not empty: export into a new directory")
+  host = lambda tree: jax.tree.map(parallel.to_host, tree)
+  if config.get("stage", "diffusion") == "autoencoder":
+    from diffusion_jax.train_autoencoder import restore_autoencoder
+    trainer, step, params = restore_autoencoder(config, workdir, step)
+    scale = config.get("latent", {}).get("scale_factor") or 1.0
+    _write_vae(out, trainer.model, host(params), config.data.image_size, scale)
+    print(f"Exported step {step} of {workdir} as a diffusers AutoencoderKL: {out} "
+          f"(scaling_factor {scale}: the latent diffusion run's is in its own config)")
+    return out
   dit = config.model.name == "dit"
   latent = config.get("latent", {}).get("autoencoder")
   if not dit:
@@ -178,18 +225,15 @@ def export_workdir(config, workdir: str, out: str, step: int | None = None,
         or config.model.freq_shift != 1.0):
     raise ConversionError("diffusers' DiT is class-conditional (model.num_classes > 0) with "
                           "model.mlp_ratio 4 and model.freq_shift 1; this DiT is not")
-  vae_dir = None
-  if dit and latent:
-    vae_dir = latent if os.path.isfile(os.path.join(latent, "config.json")) else None
   scheduler = scheduler_config(config, ddim=dit)
+  from diffusion_jax.train import Trainer
   trainer = Trainer(config)
   step, state, meta = checkpoints.restore_trained(
       workdir, trainer.abstract_state, step, "train first (--mode=train with this --workdir)")
   trainer.use_latent_scale(meta)
-  params = jax.tree.map(parallel.to_host, state.ema_params if ema else state.params)
+  params = host(state.ema_params if ema else state.params)
   if dit:
     m = config.model
-    fields = {"hidden_size": m.hidden_size, "depth": m.depth}
     size, channels = model_input_shape(config)
     learned = config.diffusion.var_type.startswith("learned")
     model_cfg = {"_class_name": "DiTTransformer2DModel", "_diffusers_version": DIFFUSERS_VERSION,
@@ -200,7 +244,8 @@ def export_workdir(config, workdir: str, out: str, step: int | None = None,
                  "num_embeds_ada_norm": m.num_classes, "norm_eps": float(m.norm_eps),
                  "norm_type": "ada_norm_zero", "activation_fn": "gelu-approximate",
                  "attention_bias": True, "norm_elementwise_affine": False, "dropout": 0.0}
-    _write_model(os.path.join(out, "transformer"), model_cfg, dit_state_dict(params, fields))
+    _write_model(os.path.join(out, "transformer"), model_cfg,
+                 dit_state_dict(params, {"hidden_size": m.hidden_size, "depth": m.depth}))
     index = {"transformer": ["diffusers", "DiTTransformer2DModel"]}
   else:
     _write_model(os.path.join(out, "unet"), model_cfg,
@@ -210,23 +255,26 @@ def export_workdir(config, workdir: str, out: str, step: int | None = None,
   with open(os.path.join(out, "scheduler", "scheduler_config.json"), "w") as f:
     json.dump(scheduler, f, indent=2)
   index["scheduler"] = ["diffusers", scheduler["_class_name"]]
-  if vae_dir:
-    shutil.copytree(vae_dir, os.path.join(out, "vae"))
-    with open(os.path.join(vae_dir, "config.json")) as f:
-      vae_cfg = json.load(f)
-    vae_cfg["scaling_factor"] = trainer.first_stage.scaling()[0]
-    with open(os.path.join(out, "vae", "config.json"), "w") as f:
-      json.dump(vae_cfg, f, indent=2)
+  fs, note = trainer.first_stage, ""
+  if fs is not None and fs.model.codebook_size:
+    note = " (no vae/: a VQ first stage, which diffusers' DiT pipeline does not take)"
+  elif fs is not None:
+    _write_vae(os.path.join(out, "vae"), fs.model, host(fs.params), config.data.image_size,
+               *fs.scaling())
     index["vae"] = ["diffusers", "AutoencoderKL"]
   pipeline = "DiTPipeline" if dit else "DDPMPipeline"
   with open(os.path.join(out, "model_index.json"), "w") as f:
     json.dump({"_class_name": pipeline, "_diffusers_version": DIFFUSERS_VERSION, **index}, f,
               indent=2)
   print(f"Exported step {step} ({'EMA' if ema else 'raw'} parameters) of {workdir} as a "
-        f"diffusers {pipeline}: {out}" + ("" if vae_dir or not dit else
-                                          " (no vae/: the first stage is not a diffusers "
-                                          "directory)"))
+        f"diffusers {pipeline}: {out}{note}")
   return out
+
+
+def _write_vae(directory: str, model, params, image_size: int, scale: float,
+               shift: float = 0.0) -> None:
+  _write_model(directory, autoencoder_config(model, image_size, scale, shift),
+               autoencoder_state_dict(params, len(model.ch_mult)))
 
 
 def main(argv):

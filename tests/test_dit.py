@@ -184,8 +184,10 @@ def test_dit_pipeline_imports_and_samples_like_diffusers(tmp_path):
   from diffusion_jax.export import export_workdir
   export_workdir(config, workdir, str(tmp_path / "exported"))
   again = diffusers.DiTPipeline.from_pretrained(str(tmp_path / "exported"))
-  for key, value in pipe.transformer.state_dict().items():
-    np.testing.assert_array_equal(again.transformer.state_dict()[key].numpy(), value.numpy())
+  for module in ("transformer", "vae"):  # the VAE written from our parameters
+    theirs = getattr(again, module).state_dict()
+    for key, value in getattr(pipe, module).state_dict().items():
+      np.testing.assert_array_equal(theirs[key].numpy(), value.numpy(), err_msg=key)
   assert again.vae.config.scaling_factor == 0.5 and isinstance(again.scheduler,
                                                                diffusers.DDIMScheduler)
   again_images = again(class_labels=labels, guidance_scale=4.0, num_inference_steps=4,

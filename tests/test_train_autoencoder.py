@@ -4,6 +4,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -47,6 +48,22 @@ def test_autoencoder_trains_resumes_exactly_and_is_evaluated(tmp_path):
   assert result["step"] == 4 and result["num_examples"] == 12
   assert 5.0 < result["psnr"] < 60.0 and "rfid" not in result and "lpips" not in result
   assert os.path.exists(os.path.join(straight, "eval", "4_reconstructions.png"))
+
+  # exported (diffusion_jax/export.py), diffusers' AutoencoderKL decodes as ours
+  diffusers, torch = pytest.importorskip("diffusers"), pytest.importorskip("torch")
+  from diffusion_jax.export import export_workdir
+  from diffusion_jax.train_autoencoder import restore_autoencoder
+  export_workdir(config, straight, str(tmp_path / "vae"))
+  vae = diffusers.AutoencoderKL.from_pretrained(str(tmp_path / "vae")).eval()
+  trainer, _, params = restore_autoencoder(config, straight)
+  z = np.random.default_rng(0).normal(size=(2, 4, 8, 8)).astype(np.float32)
+  with torch.no_grad():
+    want = vae.decode(torch.from_numpy(z)).sample.numpy().transpose(0, 2, 3, 1)
+  got = np.asarray(trainer.model.apply({"params": params}, jnp.asarray(z.transpose(0, 2, 3, 1)),
+                                       method=trainer.model.decode))
+  diff = np.abs(got - want).max()
+  print(f"exported autoencoder, decoder: max |ours - diffusers| {diff:.3g}")
+  assert diff < 1e-4
 
 
 def test_eight_devices_give_the_autoencoder_step_of_one(tmp_path):
