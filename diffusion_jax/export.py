@@ -6,16 +6,17 @@
 
 What is written (safetensors and JSON only; the EMA parameters, or --noema the raw ones):
 - a pixel-space DDPM U-Net: unet/ (UNet2DModel) + scheduler/ (DDPMScheduler) + model_index.json
-  of a DDPMPipeline;
+  of a DDPMPipeline (a class-conditional one: no model_index.json, since DDPMPipeline passes no
+  labels; its label table is the UNet2DModel's class_embedding, the null label last);
 - a DiT: transformer/ (DiTTransformer2DModel) + scheduler/ (DDIMScheduler) + vae/ (its KL first
   stage, a diffusers VAE's or one trained here, scaling_factor the run's latent scale) +
   model_index.json of a DiTPipeline;
 - an autoencoder run (stage "autoencoder", a KL first stage): its AutoencoderKL directory.
 
 The diffusers names come from the import's own mappings (convert_diffusers, convert_autoencoder)
-run backwards, each key checked to map back to its parameter. Class-conditional and
-cross-attention U-Nets have no UNet2DModel equivalent in this layout and are refused, as are
-models whose heads diffusers cannot describe and VQ autoencoders.
+run backwards, each key checked to map back to its parameter. Cross-attention and latent U-Nets
+have no UNet2DModel equivalent in this layout and are refused, as are models whose heads
+diffusers cannot describe and VQ autoencoders.
 """
 from __future__ import annotations
 
@@ -83,9 +84,15 @@ def _state_dict(params: Mapping[str, Any], name, target) -> dict:
 
 
 def unet_state_dict(params: Mapping[str, Any], levels: int) -> dict:
-  """diffusers' UNet2DModel state dict of our DDPM-layout U-Net's parameters."""
-  return _state_dict(params, lambda path: _module_name(path, levels),
-                     lambda key: _target(key, levels)[0])
+  """diffusers' UNet2DModel state dict of our DDPM-layout U-Net's parameters (a class-conditional
+  one's label table as its class_embedding: both add the label's row to the time embedding)."""
+  params = dict(params)
+  labels = params.pop("label_emb", None)
+  state = _state_dict(params, lambda path: _module_name(path, levels),
+                      lambda key: _target(key, levels)[0])
+  if labels is not None:
+    state["class_embedding.weight"] = np.ascontiguousarray(labels["embedding"], np.float32)
+  return state
 
 
 def autoencoder_state_dict(params: Mapping[str, Any], levels: int) -> dict:
@@ -131,9 +138,9 @@ def unet_config(config) -> dict:
   levels = len(m.ch_mult)
   attn = set(get("attn_levels")) or {i for i in range(levels)
                                      if size // 2 ** i in m.attn_resolutions}
-  if m.num_classes or get("context_dim"):
-    raise ConversionError("a class-conditional or cross-attention U-Net: diffusers' UNet2DModel "
-                          "in the DDPM layout has no such inputs; only unconditional U-Nets and "
+  if get("context_dim"):
+    raise ConversionError("a cross-attention U-Net: diffusers' UNet2DModel has no context input; "
+                          "pixel-space U-Nets (unconditional or with a label embedding) and "
                           "DiTs are exported")
   heads = {m.ch * m.ch_mult[i] // get("num_heads") for i in sorted(attn | {levels - 1})}
   if get("head_channels"):
@@ -161,7 +168,9 @@ def unet_config(config) -> dict:
               get("downsample_padding")],
           "act_fn": "silu", "norm_num_groups": 32, "time_embedding_type": "positional",
           "resnet_time_scale_shift": "default", "center_input_sample": False,
-          "add_attention": True, "mid_block_scale_factor": 1}
+          "add_attention": True, "mid_block_scale_factor": 1,
+          # the label table: num_classes + 1 rows, the null label (guidance's) last
+          "num_class_embeds": m.num_classes + 1 if m.num_classes else None}
 
 
 def scheduler_config(config, ddim: bool = False) -> dict:
@@ -263,11 +272,14 @@ def export_workdir(config, workdir: str, out: str, step: int | None = None,
                *fs.scaling())
     index["vae"] = ["diffusers", "AutoencoderKL"]
   pipeline = "DiTPipeline" if dit else "DDPMPipeline"
-  with open(os.path.join(out, "model_index.json"), "w") as f:
-    json.dump({"_class_name": pipeline, "_diffusers_version": DIFFUSERS_VERSION, **index}, f,
-              indent=2)
-  print(f"Exported step {step} ({'EMA' if ema else 'raw'} parameters) of {workdir} as a "
-        f"diffusers {pipeline}: {out}{note}")
+  if dit or not config.model.num_classes:
+    with open(os.path.join(out, "model_index.json"), "w") as f:
+      json.dump({"_class_name": pipeline, "_diffusers_version": DIFFUSERS_VERSION, **index}, f,
+                indent=2)
+  else:  # DDPMPipeline passes no labels: the U-Net and scheduler, for the user's own loop
+    pipeline = "UNet2DModel (class_labels; label num_classes is the null one) and DDPMScheduler"
+  print(f"Exported step {step} ({'EMA' if ema else 'raw'} parameters) of {workdir} as "
+        f"diffusers' {pipeline}: {out}{note}")
   return out
 
 

@@ -69,13 +69,52 @@ def test_trained_unet_exports_to_diffusers_ddpm_pipeline(tmp_path):
       "DDPMPipeline")
 
 
+def test_class_conditional_unet_exports_its_label_table(tmp_path):
+  """A class-conditional U-Net: UNet2DModel's class_embedding is our label table (both add the
+  label's row to the time embedding), the null label last; no DDPMPipeline (it passes no
+  labels)."""
+  from helpers import small_graph, tiny_config
+  from diffusion_jax.sample import restore_ema_params
+  from diffusion_jax.train import train_and_evaluate
+  config = small_graph(tiny_config(tmp_path, num_steps=1, checkpoint_every=1))
+  config.model.num_classes, config.model.label_dropout = 10, 0.1
+  config.training.sample_every = 100
+  workdir, out = str(tmp_path / "run"), str(tmp_path / "exported")
+  train_and_evaluate(config, workdir)
+  trainer, _, params = restore_ema_params(config, workdir)
+  rng = np.random.default_rng(1)  # every weight far from its (zero) initialisation
+  params = jax.tree.map(lambda p: jnp.asarray(
+      np.asarray(p) + 0.1 * rng.standard_normal(p.shape).astype(np.float32)), params)
+  from diffusion_jax import checkpoints
+  ckpt = checkpoints.Checkpointer(str(tmp_path / "edited" / "checkpoints"))
+  state = trainer.init().replace(ema_params=params)
+  ckpt.save(0, state, {"config": config.to_json_best_effort()}, force=True)
+  ckpt.wait()
+  ckpt.close()
+  export_workdir(config, str(tmp_path / "edited"), out)
+  assert not (tmp_path / "exported" / "model_index.json").exists()
+  unet = diffusers.UNet2DModel.from_pretrained(out + "/unet").eval()
+  assert unet.config.num_class_embeds == 11
+  x = rng.normal(size=(3, 1, 16, 16)).astype(np.float32)
+  t, y = np.array([3, 50, 99]), np.array([0, 7, 10])  # 10: the null label
+  with torch.no_grad():
+    want = unet(torch.from_numpy(x), torch.from_numpy(t),
+                class_labels=torch.from_numpy(y)).sample.numpy().transpose(0, 2, 3, 1)
+  got = np.asarray(trainer.model.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)),
+                                       jnp.asarray(t), jnp.asarray(y)))
+  diff = np.abs(got - want).max()
+  print(f"exported class-conditional U-Net: max |ours - diffusers| {diff:.3g} (scale "
+        f"{np.abs(want).max():.3g})")
+  assert diff < 1e-4 and np.abs(want).max() > 0.01
+
+
 def test_what_diffusers_cannot_hold_is_refused(tmp_path):
   from helpers import tiny_config
   config = tiny_config(tmp_path)
-  config.model.num_classes = 10
-  with pytest.raises(ConversionError, match="class-conditional or cross-attention U-Net"):
+  config.model.num_classes, config.model.context_dim = 10, 32
+  with pytest.raises(ConversionError, match="a cross-attention U-Net"):
     export_workdir(config, str(tmp_path / "run"), str(tmp_path / "a"))
-  config.model.num_classes, config.model.num_heads = 0, 3
+  config.model.num_classes, config.model.context_dim, config.model.num_heads = 0, 0, 3
   config.model.attn_resolutions = (16, 8)  # 32 and 64 channels: heads of 10 and 21
   with pytest.raises(ConversionError, match="one head size"):
     export_workdir(config, str(tmp_path / "run"), str(tmp_path / "b"))
