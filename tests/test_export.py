@@ -124,3 +124,32 @@ def test_what_diffusers_cannot_hold_is_refused(tmp_path):
   config.model.name, config.model.num_classes, config.model.freq_shift = "dit", 10, 0.0
   with pytest.raises(ConversionError, match="model.freq_shift 1; this DiT is not"):
     export_workdir(config, str(tmp_path / "run"), str(tmp_path / "d"))
+
+
+def test_autoencoder_with_attention_levels_round_trips(tmp_path):
+  """diffusers' AutoencoderKL with attention in its down and up blocks (and no quant convs):
+  imported by our loader, written back by the export, the same config and tensors."""
+  from diffusion_jax.convert_autoencoder import load_autoencoder
+  from diffusion_jax.export import _write_vae
+  from diffusion_jax.models.autoencoder import AutoencoderKL
+  from test_parity import randomise
+  ref = randomise(diffusers.AutoencoderKL(
+      in_channels=3, out_channels=3, block_out_channels=(32, 64, 64), layers_per_block=1,
+      down_block_types=("DownEncoderBlock2D", "AttnDownEncoderBlock2D", "DownEncoderBlock2D"),
+      up_block_types=("UpDecoderBlock2D", "AttnUpDecoderBlock2D", "UpDecoderBlock2D"),
+      latent_channels=4, norm_num_groups=32, scaling_factor=0.3, use_quant_conv=False,
+      use_post_quant_conv=False), 4)
+  ref.save_pretrained(str(tmp_path / "ref"))
+  fields, params, scaling = load_autoencoder(str(tmp_path / "ref"))
+  assert fields["attn_levels"] == (1,) and not fields["use_quant_conv"]
+  _write_vae(str(tmp_path / "out"), AutoencoderKL(**fields), params, 32,
+             scaling["scale_factor"])
+  again = diffusers.AutoencoderKL.from_pretrained(str(tmp_path / "out"))
+  for key in ("down_block_types", "up_block_types", "block_out_channels", "scaling_factor",
+              "use_quant_conv", "use_post_quant_conv"):
+    norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v
+    assert norm(again.config[key]) == norm(ref.config[key]), key
+  theirs = again.state_dict()
+  assert sorted(theirs) == sorted(ref.state_dict())
+  for key, value in ref.state_dict().items():
+    np.testing.assert_array_equal(theirs[key].numpy(), value.detach().numpy(), err_msg=key)
