@@ -11,6 +11,9 @@
 #                                     # (T2I_WARM=1: text_to_image's too), then timed one by one
 #   bash benchmarks/gpu.sh collect    # the lever runs' JSON as one file
 #   bash benchmarks/gpu.sh text_to_image  # SD 1.5's layout, random weights, ours vs diffusers
+#   bash benchmarks/gpu.sh dit        # DiT-XL/2 on 32x32x4 latents, bf16, batch DIT_BATCH (64: both
+#                                     # frameworks' states share the card),
+#                                     # ours vs diffusers' DiTTransformer2DModel + torch.compile
 # LEVERS="args;args;..." picks the lever runs (run.py arguments; leading VAR=value words are
 # set in the run's environment, e.g. XLA_FLAGS=...); TAGS="a b" runs only those --tag=s.
 # Results go to $OUT (or benchmarks/results).
@@ -140,6 +143,12 @@ torch.__version__, jax.devices())" 2>&1 | tail -1
     text_to_image)  # needs transformers beside diffusers (a wheel in .whl/ if absent)
       timeout ${T2I_TIMEOUT:-560} $PY benchmarks/text_to_image.py $T2I --out=$OUT 2>&1 | grep -E "^RESULT|^ours|^diffusers|Error" \
         | tail -5 ;;
+    dit)  # configs/imagenet256_dit.py measured in latent space (no VAE needed); DDIM-10 to
+      # keep the slot: 2 x 10 DiT-XL/2 steps per round and side
+      timeout ${DIT_TIMEOUT:-560} $PY benchmarks/run.py --config=configs/imagenet256_dit.py \
+        --batch_size=${DIT_BATCH:-64} --precision=bf16 --ddim_steps=10 --rounds=3 \
+        ${DIT_ARGS:-} --out=$OUT 2>&1 | grep -E "^RESULT|^train|^ddim|^one_step|Error|error:" \
+        | tail -8 ;;
     collect)  # the lever runs' JSON, one file
       $PY -c "import glob, json; json.dump([json.load(open(p)) for p in sorted(glob.glob(
 '/tmp/levers/*.json'))], open('$OUT/levers.json', 'w'), indent=1)" ;;

@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from benchmarks import peer  # noqa: E402
 from diffusion_jax import parallel, train  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -80,6 +81,7 @@ def main(argv):
   batch = FLAGS.batch_size or config.training.batch_size
   config.training.batch_size = batch
   config.model.dtype = "bfloat16" if FLAGS.precision == "bf16" else "float32"
+  peer.measured_space(config)  # latent configs: the network on latents, as run.py measures
   tr = train.Trainer(config)
   state = tr.init()
   shape = (batch, config.data.image_size, config.data.image_size, config.data.channels)

@@ -6,11 +6,13 @@
 Measures, after compilation and blocking on results: training images/s (loss, grads, Adam,
 EMA), sampling images/s for one denoising step and for DDIM-50, first-step compile time, peak
 memory, FLOPs per image from XLA's cost analysis, achieved TFLOP/s and the share of the
-device's peak. The same model in PyTorch (diffusers UNet2DModel in the same layout, same
-batch, Adam, same precision; torch.compile where it works: GPU, and CPU with a C++ compiler)
+device's peak. The same model in PyTorch (diffusers' UNet2DModel or DiTTransformer2DModel in
+the same layout: the one diffusion_jax.export writes; same batch, labels, loss, Adam, same
+precision; torch.compile where it works: GPU, and CPU with a C++ compiler)
 is measured in the same run, the two taking turns (benchmarks/timing.py: rounds in ABBA order,
 medians; on CPU each side's own peak RSS). Writes benchmarks/results/<device>_<config>.json
 (first with one round of ours alone, marked provisional, in case the peer takes the process down).
+Latent configs are measured in latent space (measured_space).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import timing  # noqa: E402
+from benchmarks import peer, timing  # noqa: E402
 from diffusion_jax import huge_pages  # noqa: E402
 
 huge_pages.reexec_if_useful()  # as main.py: both frameworks then run with malloc on huge pages
@@ -38,7 +40,7 @@ from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from diffusion_jax import parallel, samplers, summary, train, xla_options  # noqa: E402
-from diffusion_jax.models import DTYPES, denoiser, fast_ops, onednn_conv  # noqa: E402
+from diffusion_jax.models import DTYPES, build_model, denoiser, fast_ops, onednn_conv  # noqa: E402
 from diffusion_jax.sample import Sampler  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -172,9 +174,10 @@ def training_timer(tr, state, host):
 
 def _sampling_fns(tr, host):
   """One denoising step and DDIM, jitted, with their inputs."""
-  apply = xla_options.jit(lambda p, x, t: denoiser(tr.model, p)(x, t))
+  apply = xla_options.jit(lambda p, x, t: denoiser(tr.model, p)(x, t), tr.model)
   ddim = xla_options.jit(lambda p, x, k: samplers.ddim_sample(
-      tr.diffusion, denoiser(tr.model, p), x, k, FLAGS.ddim_steps, 0.0, clip_denoised=True))
+      tr.diffusion, denoiser(tr.model, p), x, k, FLAGS.ddim_steps, 0.0, clip_denoised=True),
+      tr.model)
   x = jax.device_put(jnp.asarray(host["image"]), parallel.batch_sharding(tr.mesh))
   return apply, ddim, x, jnp.full((x.shape[0],), 500, jnp.int32)
 
@@ -197,20 +200,6 @@ def bench_full_sampling(config, tr, params, n: int):
           "network_img_per_s_in_sampling": n * steps / dt}
 
 
-def diffusers_unet(config):
-  from diffusers import UNet2DModel
-  m, d = config.model, config.data
-  sizes = [d.image_size // 2 ** i for i in range(len(m.ch_mult))]
-  attn = [s in m.attn_resolutions for s in sizes]
-  return UNet2DModel(
-      sample_size=d.image_size, in_channels=d.channels, out_channels=d.channels,
-      block_out_channels=tuple(m.ch * k for k in m.ch_mult), layers_per_block=m.num_res_blocks,
-      down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-      up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-      attention_head_dim=None, norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False,
-      freq_shift=1, dropout=m.dropout)
-
-
 def bench_peer(config, batch, precision):
   """bench_ours for diffusers/PyTorch: its untimed figures and its timers."""
   import torch
@@ -228,27 +217,42 @@ def _peer(torch, DDIMScheduler, dev, config, batch, precision):  # noqa: N803 - 
   torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
   torch.backends.cudnn.benchmark = True
   torch.manual_seed(0)
-  net = diffusers_unet(config).to(dev).to(memory_format=torch.channels_last)
+  net = peer.diffusers_model(config).to(dev).to(memory_format=torch.channels_last)
   ema = [p.detach().clone() for p in net.parameters()]
   opt = torch.optim.Adam(net.parameters(), lr=config.training.lr)
   use_compile = FLAGS.torch_compile == "on" or (
       FLAGS.torch_compile == "auto" and (dev == "cuda" or shutil.which("c++") is not None))
-  fwd = torch.compile(net) if use_compile else net
+  fwd = peer.forward(torch.compile(net) if use_compile else net, config)
   amp = torch.autocast(dev, dtype=torch.bfloat16, enabled=precision == "bf16")
-  shape = (batch, config.data.channels, config.data.image_size, config.data.image_size)
+  c = config.data.channels
+  shape = (batch, c, config.data.image_size, config.data.image_size)
   x0 = torch.rand(shape, device=dev) * 2 - 1
   abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, device=dev), 0)
+  m = config.model
+  # labels as _host_batch's; the null label (num_classes) for label dropout and for sampling.
+  # diffusers' DiT drops labels itself in train mode (10 %); the U-Net's are dropped here.
+  labels = torch.zeros((batch,), dtype=torch.long, device=dev) if m.num_classes else None
+  null = torch.full((batch,), m.num_classes, device=dev) if m.num_classes else None
+  drop = m.get("label_dropout", 0.0) if m.name != "dit" and m.num_classes else 0.0
+  learned = config.diffusion.var_type.startswith("learned")
 
   def step():
     t = torch.randint(0, 1000, (batch,), device=dev)
     noise = torch.randn_like(x0)
     a = abar[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    y = labels if not drop else torch.where(torch.rand(batch, device=dev) < drop, null, labels)
     with amp:
-      out = fwd(a.sqrt() * x0 + (1 - a).sqrt() * noise, t).sample
-    loss = torch.mean((out.float() - noise) ** 2)
+      out = fwd(x_t, t, y).float()
+    loss = torch.mean((out[:, :c] - noise) ** 2)
+    if learned:
+      d = config.diffusion  # ours: mse + lambda T L_vlb (diffusion.py)
+      loss = loss + d.hybrid_lambda * d.num_timesteps * peer.vlb_term(
+          torch, out, x0, x_t, t, abar, c)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(net.parameters(), config.training.grad_clip)
+    if config.training.grad_clip > 0:  # as ours: 0 is no clipping
+      torch.nn.utils.clip_grad_norm_(net.parameters(), config.training.grad_clip)
     opt.step()
     with torch.no_grad():
       torch._foreach_lerp_(ema, [p.detach() for p in net.parameters()],
@@ -274,7 +278,7 @@ def _peer(torch, DDIMScheduler, dev, config, batch, precision):  # noqa: N803 - 
   def one():
     net.eval()
     with amp:
-      return fwd(x0, torch.full((batch,), 500, device=dev)).sample
+      return fwd(x0, torch.full((batch,), 500, device=dev), null)
 
   @torch.no_grad()
   def ddim():
@@ -283,7 +287,7 @@ def _peer(torch, DDIMScheduler, dev, config, batch, precision):  # noqa: N803 - 
     x = torch.randn(shape, device=dev)
     for t in sched.timesteps:
       with amp:
-        eps = fwd(x, t.to(dev).expand(batch)).sample
+        eps = fwd(x, t.to(dev).expand(batch), null)[:, :c]
       x = sched.step(eps.float(), t, x).prev_sample
     return x
 
@@ -315,6 +319,10 @@ def main(argv):
     config.model.conv = FLAGS.conv
   if FLAGS.upsample_conv is not None:
     config.model.upsample_conv = FLAGS.upsample_conv
+  try:
+    space = peer.measured_space(config)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   jax.config.update("jax_default_prng_impl", FLAGS.prng)
   xla_options.ENABLED = FLAGS.xla_options
   fast_ops.FAST_GROUP_NORM = FLAGS.fast_group_norm
@@ -325,11 +333,13 @@ def main(argv):
   cfg_name = timing.config_name(FLAGS["config"].config_filename)
   res = {"device": kind, "platform": device.platform, "num_devices": jax.device_count(),
          "config": cfg_name, "batch_size": batch, "precision": FLAGS.precision,
+         "model": config.model.name, "space": space,
+         "input_shape": [config.data.image_size, config.data.image_size, config.data.channels],
          "attention": config.model.attention, "remat": config.model.remat,
          "conv": config.model.conv, "conv_kernels": conv_kernels(config),
          "upsample_conv": config.model.upsample_conv,
          "donate": FLAGS.donate, "steps_per_dispatch": FLAGS.steps_per_dispatch,
-         "prng": FLAGS.prng, "xla_options": xla_options.compiler_options(),
+         "prng": FLAGS.prng, "xla_options": xla_options.compiler_options(build_model(config)),
          "fast_group_norm": FLAGS.fast_group_norm, "gn_swish_vjp": FLAGS.gn_swish_vjp,
          "native_group_norm": FLAGS.native_group_norm,
          "xla_flags": os.environ.get("XLA_FLAGS", ""), "jax_version": jax.__version__,
@@ -352,8 +362,8 @@ def main(argv):
       _write(path, dict(res, **timed_rounds(sides, batch, 1), provisional=True))
   if FLAGS.peer:
     try:
-      peer, sides["peer"] = bench_peer(config, batch, FLAGS.precision)
-      res.update(peer)
+      theirs, sides["peer"] = bench_peer(config, batch, FLAGS.precision)
+      res.update(theirs)
     except Exception:  # noqa: BLE001 -- record why, keep our figures
       res["peer_error"] = traceback.format_exc(limit=3)
       print(res["peer_error"], file=sys.stderr)

@@ -23,7 +23,7 @@ def make_bpd_fn(model, diffusion, mesh, clip_denoised: bool = False):
   def run(params, x0, key):
     return diffusion.calc_bpd_loop(denoiser(model, params), x0, key, clip_denoised)
 
-  return xla_options.jit(run, in_shardings=(None, sharding, None))
+  return xla_options.jit(run, model, in_shardings=(None, sharding, None))
 
 
 def nll_bits_per_dim(config, model, diffusion, params, mesh, num_examples: int | None = None):

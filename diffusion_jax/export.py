@@ -173,6 +173,24 @@ def unet_config(config) -> dict:
           "num_class_embeds": m.num_classes + 1 if m.num_classes else None}
 
 
+def dit_config(config) -> dict:
+  """The config.json of the DiTTransformer2DModel that `config.model` (a DiT) describes."""
+  from diffusion_jax.latent import model_input_shape
+  m = config.model
+  if m.num_classes == 0 or m.mlp_ratio != 4.0 or m.freq_shift != 1.0:
+    raise ConversionError("diffusers' DiT is class-conditional (model.num_classes > 0) with "
+                          "model.mlp_ratio 4 and model.freq_shift 1; this DiT is not")
+  size, channels = model_input_shape(config)
+  learned = config.diffusion.var_type.startswith("learned")
+  return {"_class_name": "DiTTransformer2DModel", "_diffusers_version": DIFFUSERS_VERSION,
+          "num_attention_heads": m.num_heads, "attention_head_dim": m.hidden_size // m.num_heads,
+          "in_channels": channels, "out_channels": channels * (2 if learned else 1),
+          "num_layers": m.depth, "sample_size": size, "patch_size": m.patch_size,
+          "num_embeds_ada_norm": m.num_classes, "norm_eps": float(m.norm_eps),
+          "norm_type": "ada_norm_zero", "activation_fn": "gelu-approximate",
+          "attention_bias": True, "norm_elementwise_affine": False, "dropout": 0.0}
+
+
 def scheduler_config(config, ddim: bool = False) -> dict:
   """A DDPMScheduler (or DDIMScheduler) config.json of `config.diffusion` and its sampler's
   clipping. diffusers' DiTPipeline gives its scheduler eps alone (a learned variance split
@@ -211,7 +229,6 @@ def export_workdir(config, workdir: str, out: str, step: int | None = None,
   import jax
   from diffusion_jax import checkpoints, parallel
   from diffusion_jax.convert_dit import dit_state_dict
-  from diffusion_jax.latent import model_input_shape
   if os.path.exists(out) and os.listdir(out):
     raise ConversionError(f"{out} exists and is not empty: export into a new directory")
   host = lambda tree: jax.tree.map(parallel.to_host, tree)
@@ -230,10 +247,8 @@ def export_workdir(config, workdir: str, out: str, step: int | None = None,
       raise ConversionError("a latent U-Net: diffusers' DDPMPipeline is pixel-space; only "
                             "pixel-space U-Nets and DiTs are exported")
     model_cfg = unet_config(config)  # refusals before anything is read
-  elif (config.model.num_classes == 0 or config.model.mlp_ratio != 4.0
-        or config.model.freq_shift != 1.0):
-    raise ConversionError("diffusers' DiT is class-conditional (model.num_classes > 0) with "
-                          "model.mlp_ratio 4 and model.freq_shift 1; this DiT is not")
+  else:
+    model_cfg = dit_config(config)
   scheduler = scheduler_config(config, ddim=dit)
   from diffusion_jax.train import Trainer
   trainer = Trainer(config)
@@ -243,16 +258,6 @@ def export_workdir(config, workdir: str, out: str, step: int | None = None,
   params = host(state.ema_params if ema else state.params)
   if dit:
     m = config.model
-    size, channels = model_input_shape(config)
-    learned = config.diffusion.var_type.startswith("learned")
-    model_cfg = {"_class_name": "DiTTransformer2DModel", "_diffusers_version": DIFFUSERS_VERSION,
-                 "num_attention_heads": m.num_heads,
-                 "attention_head_dim": m.hidden_size // m.num_heads, "in_channels": channels,
-                 "out_channels": channels * (2 if learned else 1), "num_layers": m.depth,
-                 "sample_size": size, "patch_size": m.patch_size,
-                 "num_embeds_ada_norm": m.num_classes, "norm_eps": float(m.norm_eps),
-                 "norm_type": "ada_norm_zero", "activation_fn": "gelu-approximate",
-                 "attention_bias": True, "norm_elementwise_affine": False, "dropout": 0.0}
     _write_model(os.path.join(out, "transformer"), model_cfg,
                  dit_state_dict(params, {"hidden_size": m.hidden_size, "depth": m.depth}))
     index = {"transformer": ["diffusers", "DiTTransformer2DModel"]}

@@ -58,7 +58,7 @@ class Sampler:
         x = first_stage.decode_latents(*first_stage_args, x)
       return x
 
-    self._run = xla_options.jit(run, out_shardings=sharding)
+    self._run = xla_options.jit(run, model, out_shardings=sharding)
 
   def first_stage_args(self):
     """The decoder's weights and scaling as arguments of `_run` (None in pixel space)."""
@@ -160,7 +160,7 @@ def progressive_figure(config, model, diffusion, params, mesh, path: str, num: i
   if sampler is not None and sampler.text is not None:
     context = sampler.text.contexts(sampler.prompts(0, n))
 
-  @xla_options.jit
+  @functools.partial(xla_options.jit, model=model)
   def run(params, key, fs_args, context):
     k1, k2 = jax.random.split(key)
     x_T = jax.lax.with_sharding_constraint(
@@ -184,7 +184,7 @@ def interpolation_figure(config, model, diffusion, params, mesh, path: str, x_a,
   lam = tuple(float(v) for v in s.interp_lambdas)
   fs_args = _first_stage_args(first_stage)
 
-  @xla_options.jit
+  @functools.partial(xla_options.jit, model=model)
   def run(params, a, b, key, fs_args, context):
     if fs_args is not None:
       a, b = (first_stage.encode_latents(*fs_args, v) for v in (a, b))  # the means

@@ -164,7 +164,7 @@ class Trainer:
       fn = functools.partial(scan_steps, self.train_step)
       batch_sharding = parallel.stacked_batch_sharding(self.mesh)
     return xla_options.jit(
-        fn, in_shardings=(self.state_sharding, batch_sharding),
+        fn, self.model, in_shardings=(self.state_sharding, batch_sharding),
         out_shardings=(self.state_sharding, None), donate_argnums=(0,) if donate else ())
 
   @functools.cached_property

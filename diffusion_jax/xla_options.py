@@ -7,6 +7,11 @@ Fashion-MNIST config, 2 cores: training 12.6 -> 62.9 images/s, DDIM sampling 2.4
 (`--noxla_options` measures the lever). With Eigen convolutions, XLA's own kernel gradient is
 faster than the per-tap matmuls this library used to hand-write for the YNNPACK ones.
 
+The DiT (models/dit.py: dense layers, no convolutions) keeps its dots in YNNPACK, one library
+call each ("INDIVIDUAL_DOT"): its training step on 2 cores, batch 64, 434-466 -> 504-538
+images/s against Eigen's dots; the same option cost the U-Net 4-10 % (275/252 -> 247/241),
+so it is chosen by the model (`jit(..., model=...)`).
+
 GPU/TPU: none. A flag the user sets in XLA_FLAGS wins; a jaxlib without these flags gets XLA's
 defaults and a warning.
 """
@@ -21,17 +26,22 @@ from absl import logging
 
 # YNNPACK keeps the reductions (its default list, less convolutions and dots)
 CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+# by the model's class: its dots too, each its own YNNPACK call
+MODEL_CPU_OPTIONS = {"DiT": {"xla_cpu_experimental_ynn_fusion_type":
+                             "LIBRARY_FUSION_TYPE_REDUCE,LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}}
 # off: XLA's defaults everywhere (benchmarks/run.py --noxla_options measures the lever)
 ENABLED = True
 
 
-def compiler_options() -> dict | None:
-  """The options for jax.jit(compiler_options=...) on the default backend (None: XLA's)."""
+def compiler_options(model=None) -> dict | None:
+  """The options for jax.jit(compiler_options=...) on the default backend (None: XLA's), for
+  a function that runs `model` (a flax module; None: the U-Net's)."""
   if not ENABLED or jax.default_backend() != "cpu":
     return None
-  if any(name in os.environ.get("XLA_FLAGS", "") for name in CPU_OPTIONS):
+  options = MODEL_CPU_OPTIONS.get(type(model).__name__, CPU_OPTIONS)
+  if any(name in os.environ.get("XLA_FLAGS", "") for name in options):
     return None
-  return _supported(tuple(CPU_OPTIONS.items()))
+  return _supported(tuple(options.items()))
 
 
 @functools.cache
@@ -57,6 +67,7 @@ def scan_unroll() -> bool:
   return jax.default_backend() == "cpu"
 
 
-def jit(fun, **kwargs):
-  """jax.jit with the backend's compiler options (resolved now: call it after choosing devices)."""
-  return jax.jit(fun, compiler_options=compiler_options(), **kwargs)
+def jit(fun, model=None, **kwargs):
+  """jax.jit with the backend's compiler options for `model` (resolved now: call it after
+  choosing devices)."""
+  return jax.jit(fun, compiler_options=compiler_options(model), **kwargs)

@@ -80,3 +80,17 @@ def test_gradient_loops_are_unrolled_on_cpu(tmp_path):
       lambda c, x: (c + jax.grad(lambda w: jnp.sum(jnp.sin(_conv(x, w))))(w), None), w, xs)[0])
   w, xs = jnp.ones((3, 3, 4, 4)), jnp.ones((2, 1, 8, 8, 4))
   assert _loops_with_convolutions(rolled.lower(w, xs).compile().as_text())
+
+
+def test_the_dit_keeps_its_dots_in_ynnpack_and_the_unet_does_not():
+  from diffusion_jax.models.dit import DiT
+  from diffusion_jax.models.unet import UNet
+  dense = lambda x, w: jnp.tanh(x @ w) @ w.T
+  args = jnp.ones((64, 32)), jnp.ones((32, 48))
+  fused = lambda model: _ynn_fused_ops(
+      xla_options.jit(dense, model).lower(*args).compile().as_text())
+  assert xla_options.compiler_options(DiT()) == xla_options.MODEL_CPU_OPTIONS["DiT"]
+  assert "dot_general" in fused(DiT())
+  assert "dot_general" not in fused(UNet()) | fused(None)
+  np.testing.assert_allclose(xla_options.jit(dense, DiT())(*args), jax.jit(dense)(*args),
+                             rtol=1e-5)

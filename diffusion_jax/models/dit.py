@@ -52,6 +52,11 @@ def sincos_2d(dim: int, grid: int) -> np.ndarray:
   return np.concatenate([sincos_1d(dim // 2, col), sincos_1d(dim // 2, row)], axis=1)
 
 
+def dense(features: int, name: str, dtype: Dtype, init=xavier) -> nn.Dense:
+  """A linear layer of the DiT (Xavier-uniform unless told, zero bias)."""
+  return nn.Dense(features, kernel_init=init, dtype=dtype, name=name)
+
+
 def modulate(x, shift, scale):
   """adaLN: x (1 + scale) + shift, per example ([B, T, D] and [B, D])."""
   return x * (1 + scale[:, None]) + shift[:, None]
@@ -69,21 +74,19 @@ class DiTBlock(nn.Module):
   @nn.compact
   def __call__(self, x, c, train: bool = False):
     b, t, d = x.shape
-    dense = lambda features, name, init=xavier: nn.Dense(
-        features, kernel_init=init, dtype=self.dtype, name=name)
-    mod = dense(6 * d, "ada_ln", zeros)(nn.silu(c))
+    mod = dense(6 * d, "ada_ln", self.dtype, zeros)(nn.silu(c))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
     norm = lambda eps, h: nn.LayerNorm(epsilon=eps, use_bias=False, use_scale=False,
                                        dtype=self.dtype)(h)
     h = modulate(norm(1e-6, x), shift_msa, scale_msa)
-    q, k, v = jnp.split(dense(3 * d, "qkv")(h).reshape(b, t, 3 * self.heads, d // self.heads),
-                        3, axis=2)
+    qkv = dense(3 * d, "qkv", self.dtype)(h).reshape(b, t, 3 * self.heads, d // self.heads)
+    q, k, v = jnp.split(qkv, 3, axis=2)
     h = dot_product_attention(q, k, v, self.attention).reshape(b, t, d)
-    h = nn.Dropout(self.dropout, deterministic=not train)(dense(d, "proj")(h))
+    h = nn.Dropout(self.dropout, deterministic=not train)(dense(d, "proj", self.dtype)(h))
     x = x + gate_msa[:, None] * h
     h = modulate(norm(self.norm_eps, x), shift_mlp, scale_mlp)
-    h = nn.gelu(dense(int(d * self.mlp_ratio), "mlp_in")(h), approximate=True)
-    h = dense(d, "mlp_out")(nn.Dropout(self.dropout, deterministic=not train)(h))
+    h = nn.gelu(dense(int(d * self.mlp_ratio), "mlp_in", self.dtype)(h), approximate=True)
+    h = dense(d, "mlp_out", self.dtype)(nn.Dropout(self.dropout, deterministic=not train)(h))
     return x + gate_mlp[:, None] * h
 
 
@@ -124,11 +127,10 @@ class DiT(nn.Module):
                 dtype=self.dtype, name="patch_embed")(x.astype(self.dtype))
     h = h.reshape(b, grid * grid, d) + jnp.asarray(sincos_2d(d, grid), h.dtype)
 
-    dense = lambda features, name, init=xavier: nn.Dense(
-        features, kernel_init=init, dtype=self.dtype, name=name)
     temb = timestep_embedding(jnp.broadcast_to(jnp.asarray(t), (b,)), TIME_FREQUENCIES,
                               flip_sin_to_cos=True, freq_shift=self.freq_shift)
-    c = dense(d, "t_embed_2", normal)(nn.silu(dense(d, "t_embed_1", normal)(temb)))
+    c = dense(d, "t_embed_2", self.dtype, normal)(
+        nn.silu(dense(d, "t_embed_1", self.dtype, normal)(temb)))
     if self.num_classes:
       labels = jnp.full((b,), self.num_classes, jnp.int32) if y is None else y
       c = c + nn.Embed(self.num_classes + 1, d, embedding_init=normal, dtype=self.dtype,
@@ -139,10 +141,11 @@ class DiT(nn.Module):
       h = block(self.num_heads, self.mlp_ratio, self.norm_eps, self.dropout, self.dtype,
                 self.attention, name=f"block_{i}")(h, c, train)
 
-    shift, scale = jnp.split(dense(2 * d, "final_ada_ln", zeros)(nn.silu(c)), 2, axis=-1)
+    ada = dense(2 * d, "final_ada_ln", self.dtype, zeros)(nn.silu(c))
+    shift, scale = jnp.split(ada, 2, axis=-1)
     h = modulate(nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=self.dtype)(h),
                  shift, scale)
     out_ch = self.in_channels * (2 if self.learned_variance else 1)
-    h = dense(p * p * out_ch, "final_proj", zeros)(h).astype(jnp.float32)
+    h = dense(p * p * out_ch, "final_proj", self.dtype, zeros)(h).astype(jnp.float32)
     h = h.reshape(b, grid, grid, p, p, out_ch)
     return jnp.einsum("nhwpqc->nhpwqc", h).reshape(b, height, width, out_ch)
