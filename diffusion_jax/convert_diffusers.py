@@ -28,8 +28,9 @@ RESNET_RENAMES = {"norm1": "norm_1", "conv1": "conv_1", "time_emb_proj": "temb_p
 # what our U-Net hard-codes, and the diffusers config values that agree with it
 REQUIRED = {"act_fn": "silu", "norm_num_groups": 32, "time_embedding_type": "positional",
             "resnet_time_scale_shift": "default", "center_input_sample": False,
-            "class_embed_type": None, "num_class_embeds": None, "mid_block_scale_factor": 1,
+            "class_embed_type": None, "mid_block_scale_factor": 1,
             "add_attention": True, "attn_norm_num_groups": None}
+LABEL_TABLE = "class_embedding.weight"  # a UNet2DModel's num_class_embeds rows: our label_emb
 REQUIRED_CONDITIONAL = {
     "act_fn": "silu", "norm_num_groups": 32, "time_embedding_type": "positional",
     "resnet_time_scale_shift": "default", "center_input_sample": False,
@@ -118,7 +119,19 @@ def model_config_from_diffusers(cfg: Mapping[str, Any]) -> dict:
       raise ConversionError(f"attention_head_dim={head_dim} does not divide the "
                             f"{ch * ch_mult[i]} channels of level {i}")
   return dict(out, attn_resolutions=(), attn_levels=tuple(attn_levels), num_heads=1,
-              head_channels=int(head_dim or 0))
+              head_channels=int(head_dim or 0), num_classes=_num_classes(cfg))
+
+
+def _num_classes(cfg: Mapping[str, Any]) -> int:
+  """Our model.num_classes for a UNet2DModel's num_class_embeds: one row fewer, since our
+  table's last row is the null label of classifier-free guidance (as export.py writes it)."""
+  rows = cfg.get("num_class_embeds")
+  if rows is None:
+    return 0
+  if rows < 2:
+    raise ConversionError(f"num_class_embeds={rows}: a label table needs at least two rows "
+                          "(classes, then the null label)")
+  return int(rows) - 1
 
 
 def conditional_model_config_from_diffusers(cfg: Mapping[str, Any]) -> dict:
@@ -267,6 +280,14 @@ def unet_params_from_diffusers(state: Mapping[str, np.ndarray], model_cfg: Mappi
   """Flax parameter tree of `UNet` from a diffusers state dict (numpy arrays)."""
   levels = len(model_cfg["ch_mult"])
   params: dict = {}
+  state = dict(state)
+  table = state.pop(LABEL_TABLE, None)
+  rows = model_cfg.get("num_classes", 0) + 1 if model_cfg.get("num_classes") else 0
+  if (table is None) != (rows == 0) or (table is not None and len(table) != rows):
+    raise ConversionError(f"{LABEL_TABLE}: {'absent' if table is None else len(table)} rows, "
+                          f"the config.json's num_class_embeds says {rows or 'none'}")
+  if table is not None:
+    params["label_emb"] = {"embedding": np.asarray(table, np.float32)}
   for key, value in state.items():
     path, leaf = _target(key, levels)
     put_torch_tensor(params, path, leaf, key, value)

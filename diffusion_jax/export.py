@@ -30,7 +30,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from diffusion_jax.convert_diffusers import (DOWNSAMPLE_PADDING, RESNET_RENAMES,
+from diffusion_jax.convert_diffusers import (DOWNSAMPLE_PADDING, LABEL_TABLE, RESNET_RENAMES,
                                              ConversionError, _target)
 from diffusion_jax.schedulers import BETA_SCHEDULES, PREDICTION_TYPES
 
@@ -91,7 +91,7 @@ def unet_state_dict(params: Mapping[str, Any], levels: int) -> dict:
   state = _state_dict(params, lambda path: _module_name(path, levels),
                       lambda key: _target(key, levels)[0])
   if labels is not None:
-    state["class_embedding.weight"] = np.ascontiguousarray(labels["embedding"], np.float32)
+    state[LABEL_TABLE] = np.ascontiguousarray(labels["embedding"], np.float32)
   return state
 
 

@@ -69,10 +69,10 @@ def test_trained_unet_exports_to_diffusers_ddpm_pipeline(tmp_path):
       "DDPMPipeline")
 
 
-def test_class_conditional_unet_exports_its_label_table(tmp_path):
+def test_class_conditional_unet_exports_its_label_table_and_imports_back(tmp_path):
   """A class-conditional U-Net: UNet2DModel's class_embedding is our label table (both add the
   label's row to the time embedding), the null label last; no DDPMPipeline (it passes no
-  labels)."""
+  labels). Importing it gives back the same parameters, num_classes from num_class_embeds."""
   from helpers import small_graph, tiny_config
   from diffusion_jax.sample import restore_ema_params
   from diffusion_jax.train import train_and_evaluate
@@ -106,6 +106,24 @@ def test_class_conditional_unet_exports_its_label_table(tmp_path):
   print(f"exported class-conditional U-Net: max |ours - diffusers| {diff:.3g} (scale "
         f"{np.abs(want).max():.3g})")
   assert diff < 1e-4 and np.abs(want).max() > 0.01
+
+  from diffusion_jax.convert import import_diffusers_unet
+  config.model.num_heads, config.model.head_channels = 1, 0  # one head, as the import names it
+  config.model.num_classes = 0
+  with pytest.raises(ConversionError, match="--config.model.num_classes=10"):
+    import_diffusers_unet(out, config, str(tmp_path / "refused"))
+  config.model.num_classes = 10
+  import_diffusers_unet(out, config, str(tmp_path / "reimported"))
+  _, _, back = restore_ema_params(config, str(tmp_path / "reimported"))
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, back),
+               jax.tree.map(np.asarray, params))
+  # a table whose rows disagree with num_class_embeds is refused
+  from diffusion_jax.convert_diffusers import load_diffusers_unet
+  cfg = json.loads((tmp_path / "exported" / "unet" / "config.json").read_text())
+  (tmp_path / "exported" / "unet" / "config.json").write_text(
+      json.dumps(dict(cfg, num_class_embeds=12)))
+  with pytest.raises(ConversionError, match="11 rows, the config.json's num_class_embeds says 12"):
+    load_diffusers_unet(out)
 
 
 def test_what_diffusers_cannot_hold_is_refused(tmp_path):
