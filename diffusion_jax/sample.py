@@ -145,10 +145,20 @@ def _first_stage_args(first_stage):
   return first_stage.params, jnp.float32(scale), jnp.float32(shift)
 
 
+def figure_chain(config) -> tuple[int | None, str]:
+  """(num_steps, spacing) of the figures' ancestral chain: config.sampling.num_steps, when fewer
+  than T, on the respaced process (its spacing where an ancestral one, else "uniform"); None:
+  all T steps."""
+  s, T = config.sampling, config.diffusion.num_timesteps
+  num_steps = int(s.num_steps) if s.get("num_steps") and s.num_steps < T else None
+  spacing = s.get("spacing") if s.get("spacing") in samplers.ANCESTRAL_SPACINGS else "uniform"
+  return num_steps, spacing
+
+
 def progressive_figure(config, model, diffusion, params, mesh, path: str, num: int = 8,
                        first_stage=None, sampler=None):
-  """Rows: samples; columns: x^_0 predicted at config.sampling.progressive_steps (Fig. 6);
-  for latent diffusion, the predicted latents decoded; a text-conditional model's rows follow
+  """Rows: samples; columns: x^_0 predicted at config.sampling.progressive_steps (Fig. 6) along
+  `figure_chain`'s ancestral chain (respaced when sampling.num_steps < T); for latent diffusion, the predicted latents decoded; a text-conditional model's rows follow
   `sampler`'s first prompts (unguided)."""
   s = config.sampling
   size, channels = model_input_shape(config)
@@ -166,7 +176,7 @@ def progressive_figure(config, model, diffusion, params, mesh, path: str, num: i
     x_T = jax.lax.with_sharding_constraint(
         jax.random.normal(k1, (n, size, size, channels)), sharding)
     _, rec = samplers.progressive_sample(diffusion, denoiser(model, params, context=context),
-                                         x_T, k2, steps, s.clip_denoised)
+                                         x_T, k2, steps, s.clip_denoised, *figure_chain(config))
     return _decoded(first_stage, fs_args, rec)
 
   rec = parallel.to_host(run(params, jax.random.PRNGKey(s.seed + 1),
@@ -189,7 +199,7 @@ def interpolation_figure(config, model, diffusion, params, mesh, path: str, x_a,
     if fs_args is not None:
       a, b = (first_stage.encode_latents(*fs_args, v) for v in (a, b))  # the means
     out = samplers.interpolate(diffusion, denoiser(model, params, context=context), a, b, key,
-                               int(s.interp_t), lam, s.clip_denoised)
+                               int(s.interp_t), lam, s.clip_denoised, *figure_chain(config))
     return _decoded(first_stage, fs_args, out)
 
   rep = NamedSharding(mesh, P())

@@ -83,39 +83,64 @@ def ancestral_sample(diffusion, denoise_fn, x_T, key, clip_denoised: bool = True
   """Algorithm 2 from pure noise x_T ~ N(0, I): T network evaluations, or num_steps < T on the
   respaced process (`respaced`: IDDPM's and DiT's 250 steps with their learned variance;
   diffusers' DDPMScheduler with num_inference_steps)."""
+  chain, fn, ts = ancestral_chain(diffusion, denoise_fn, num_steps, spacing)
+  return reverse_chain(chain, fn, x_T, key, len(ts) - 1, clip_denoised)[0]
+
+
+def ancestral_chain(diffusion, denoise_fn, num_steps: int | None = None,
+                    spacing: str = "uniform"):
+  """(process, denoise_fn, timesteps) of Algorithm 2: all T steps (num_steps None or >= T), or
+  the respaced process on `ancestral_timesteps` with denoise_fn called at their timesteps (the
+  chain's index i stands for timestep timesteps[i])."""
   T = diffusion.num_timesteps
   if num_steps is None or num_steps >= T:
-    return reverse_chain(diffusion, denoise_fn, x_T, key, T - 1, clip_denoised)[0]
+    return diffusion, denoise_fn, np.arange(T)
   ts = ancestral_timesteps(T, num_steps, spacing)
   table = jnp.asarray(ts)
-  return reverse_chain(respaced(diffusion, ts), lambda x, i: denoise_fn(x, table[i]), x_T, key,
-                       num_steps - 1, clip_denoised)[0]
+  return respaced(diffusion, ts), lambda x, i: denoise_fn(x, table[i]), ts
+
+
+def chain_index(timesteps: np.ndarray, t: int) -> int:
+  """The index of the chain's timestep nearest to `t`."""
+  return int(np.abs(np.asarray(timesteps) - int(t)).argmin())
 
 
 def progressive_sample(diffusion, denoise_fn, x_T, key, record_steps: Sequence[int],
-                       clip_denoised: bool = True):
-  """Algorithm 2 that also returns x^_0 predicted at `record_steps` (Fig. 6)."""
-  return reverse_chain(diffusion, denoise_fn, x_T, key, diffusion.num_timesteps - 1,
-                       clip_denoised, record_steps)
+                       clip_denoised: bool = True, num_steps: int | None = None,
+                       spacing: str = "uniform"):
+  """Algorithm 2 that also returns x^_0 predicted at `record_steps` (Fig. 6); with num_steps < T
+  on the respaced chain, each recorded at the chain's nearest timestep."""
+  T = diffusion.num_timesteps
+  if any(not 0 <= int(s) < T for s in record_steps):
+    raise ValueError(f"record_steps {list(record_steps)} must lie in [0, {T - 1}]")
+  chain, fn, ts = ancestral_chain(diffusion, denoise_fn, num_steps, spacing)
+  index = [chain_index(ts, s) for s in record_steps]
+  recorded = sorted(set(index), reverse=True)  # a short chain may give two steps one index
+  x0, rec = reverse_chain(chain, fn, x_T, key, len(ts) - 1, clip_denoised, recorded)
+  return x0, rec[np.asarray([recorded.index(i) for i in index], np.int32)]
 
 
 def interpolate(diffusion, denoise_fn, x0_a, x0_b, key, t_interp: int, lambdas: Sequence[float],
-                clip_denoised: bool = True):
+                clip_denoised: bool = True, num_steps: int | None = None,
+                spacing: str = "uniform"):
   """Interpolation in the noised space (Sec. 4.3, Fig. 8).
 
   Encode both images with q(x_t | x_0) at t = `t_interp` (the stochastic encoder, eq. 4),
-  mix the latents (1 - lambda) x_t + lambda x_t', and decode each mix with the reverse chain.
+  mix the latents (1 - lambda) x_t + lambda x_t', and decode each mix with the reverse chain
+  (with num_steps < T the respaced one, from its timestep nearest to t_interp).
   Returns [B, len(lambdas), H, W, C].
   """
+  chain, fn, ts = ancestral_chain(diffusion, denoise_fn, num_steps, spacing)
+  start = chain_index(ts, t_interp)
   k_a, k_b, k_rev = jax.random.split(key, 3)
-  t = _batch_t(t_interp, x0_a)
+  t = _batch_t(ts[start], x0_a)
   xt_a = diffusion.q_sample(x0_a, t, jax.random.normal(k_a, x0_a.shape, x0_a.dtype))
   xt_b = diffusion.q_sample(x0_b, t, jax.random.normal(k_b, x0_b.shape, x0_b.dtype))
   lam = jnp.asarray(lambdas, x0_a.dtype).reshape((1, -1) + (1,) * (x0_a.ndim - 1))
   mixed = (1.0 - lam) * xt_a[:, None] + lam * xt_b[:, None]
   b, n = mixed.shape[:2]
   flat = mixed.reshape((b * n,) + x0_a.shape[1:])
-  out, _ = reverse_chain(diffusion, denoise_fn, flat, k_rev, t_interp, clip_denoised)
+  out, _ = reverse_chain(chain, fn, flat, k_rev, start, clip_denoised)
   return out.reshape(mixed.shape)
 
 

@@ -110,6 +110,31 @@ def test_progressive_records_predicted_x0(setup):
     samplers.progressive_sample(d, fn, x_T, jax.random.PRNGKey(1), [1000])
 
 
+def test_progressive_and_interpolation_run_the_respaced_chain(setup):
+  """With num_steps < T the figures' chain is the sampler's respaced one: the same sample from
+  the same key, each recorded step at the chain's nearest timestep (two steps on one timestep
+  share it), the interpolation decoded from the timestep nearest to t_interp."""
+  d, fn = setup
+  x_T = jax.random.normal(jax.random.PRNGKey(0), (16, 4, 4, 2))
+  key = jax.random.PRNGKey(1)
+  x0, rec = jax.jit(lambda x, k: samplers.progressive_sample(
+      d, fn, x, k, [999, 990, 500, 0], False, 5, "linspace"))(x_T, key)
+  want = jax.jit(lambda x, k: samplers.ancestral_sample(d, fn, x, k, False, 5, "linspace"))(
+      x_T, key)
+  np.testing.assert_allclose(x0, want, atol=1e-6)
+  np.testing.assert_allclose(rec[-1], x0, atol=1e-6)
+  np.testing.assert_array_equal(rec[0], rec[1])  # 999 and 990: the chain's 999
+  assert not np.allclose(rec[1], rec[2])
+  full = samplers.progressive_sample(d, fn, x_T, key, [999, 0], False)[0]
+  assert np.abs(np.asarray(full) - np.asarray(x0)).max() > 0.1  # 1000 steps: another sample
+  lam = [0.0, 1.0]
+  xa, xb = jnp.full((2, 4, 4, 2), -0.5), jnp.full((2, 4, 4, 2), 0.8)
+  out = samplers.interpolate(d, fn, xa, xb, key, 12, lam, False, 100, "uniform")  # from t = 10
+  m = np.asarray(out).mean(axis=(0, 2, 3, 4))
+  assert abs(m[0] + 0.5) < 0.15 and abs(m[1] - 0.8) < 0.15
+  assert samplers.chain_index(samplers.ancestral_timesteps(1000, 100, "uniform"), 12) == 1
+
+
 def test_interpolation(setup):
   d, fn = setup
   xa = jnp.full((2, 4, 4, 2), -0.5)
@@ -503,3 +528,12 @@ def test_respaced_ancestral_runs_the_config_chain(tmp_path):
   assert calls == [(2,)]  # one traced step, scanned
   with pytest.raises(ValueError, match="ancestral spacing 'quadratic'"):
     samplers.ancestral_timesteps(1000, 7, "quadratic")
+  # the sample mode's figures take the config's chain
+  from configs import cifar10_ddpm, imagenet256_dit
+  from diffusion_jax.sample import figure_chain
+  assert figure_chain(imagenet256_dit.get_config()) == (250, "linspace")
+  config = cifar10_ddpm.get_config()
+  assert figure_chain(config) == (None, "uniform")
+  s = config.sampling
+  s.method, s.num_steps, s.spacing = "ddim", 50, "quadratic"
+  assert figure_chain(config) == (50, "uniform")
