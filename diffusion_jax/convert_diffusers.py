@@ -322,11 +322,9 @@ def controlnet_config_from_diffusers(cfg: Mapping[str, Any]) -> dict:
 def load_diffusers_controlnet(directory: str) -> tuple[dict, dict]:
   """(ControlNet fields, parameters) from a local diffusers ControlNetModel directory (e.g.
   lllyasviel/sd-controlnet-canny: config.json, diffusion_pytorch_model.safetensors)."""
-  from safetensors.numpy import load_file
-  cfg, weights = read_model_dir(directory, "point at a diffusers ControlNetModel directory "
-                            "holding config.json and diffusion_pytorch_model.safetensors")
-  fields = controlnet_config_from_diffusers(cfg)
-  return fields, unet_params_from_diffusers(load_file(weights), fields)
+  return load_model_dir(directory, None, "point at a diffusers ControlNetModel directory "
+                        "holding config.json and diffusion_pytorch_model.safetensors",
+                        controlnet_config_from_diffusers, unet_params_from_diffusers)
 
 
 def read_model_dir(directory: str, hint: str,
@@ -340,6 +338,20 @@ def read_model_dir(directory: str, hint: str,
     return json.load(f), weights
 
 
+def load_model_dir(directory: str, subfolder: str | None, hint: str, fields_from_config,
+                   params_from_state) -> tuple[dict, dict]:
+  """(fields, parameters) of a diffusers model directory, or of a pipeline directory's
+  `subfolder`: fields_from_config(config.json) checks the layout before the weights are read,
+  then params_from_state(safetensors state, fields)."""
+  if subfolder and not os.path.exists(os.path.join(directory, "config.json")) and os.path.isdir(
+      os.path.join(directory, subfolder)):
+    directory = os.path.join(directory, subfolder)  # a whole pipeline directory
+  from safetensors.numpy import load_file
+  cfg, weights = read_model_dir(directory, hint)
+  fields = fields_from_config(cfg)
+  return fields, params_from_state(load_file(weights), fields)
+
+
 def load_diffusers_unet(directory: str) -> tuple[dict, dict]:
   """(our model config fields, parameters) from a local diffusers UNet2DModel or
   UNet2DConditionModel directory (or a pipeline directory with a unet/ folder).
@@ -348,13 +360,7 @@ def load_diffusers_unet(directory: str) -> tuple[dict, dict]:
     unet = UNet(**unet_fields(fields))
     eps = unet.apply({"params": params}, z_t, t, context=text_embeddings)  # NHWC latents
   """
-  if not os.path.exists(os.path.join(directory, "config.json")) and os.path.exists(
-      os.path.join(directory, "unet")):
-    directory = os.path.join(directory, "unet")  # a whole pipeline directory
-  from safetensors.numpy import load_file
-  cfg, weights = read_model_dir(directory, "point at a diffusers U-Net directory holding "
-                            "config.json and diffusion_pytorch_model.safetensors (e.g. a local "
-                            "copy of google/ddpm-cifar10-32; a .bin file can be re-saved with "
-                            "safetensors)")
-  model_cfg = model_config_from_diffusers(cfg)  # checked before the weights are read
-  return model_cfg, unet_params_from_diffusers(load_file(weights), model_cfg)
+  return load_model_dir(directory, "unet", "point at a diffusers U-Net directory holding "
+                        "config.json and diffusion_pytorch_model.safetensors (e.g. a local copy "
+                        "of google/ddpm-cifar10-32; a .bin file can be re-saved with safetensors)",
+                        model_config_from_diffusers, unet_params_from_diffusers)

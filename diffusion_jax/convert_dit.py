@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from diffusion_jax.convert_diffusers import ConversionError, read_model_dir
+from diffusion_jax.convert_diffusers import ConversionError, load_model_dir
 
 CLASS_NAMES = ("DiTTransformer2DModel", "Transformer2DModel")
 # the values our DiT hard-codes: adaLN-Zero blocks, tanh GELU MLPs, biased attention
@@ -161,12 +161,8 @@ def is_dit_dir(directory: str) -> bool:
 def load_diffusers_dit(directory: str) -> tuple[dict, dict]:
   """(fields, parameters) of a local diffusers DiT: a pipeline directory (its transformer/) or
   the transformer's own folder, config.json and diffusion_pytorch_model.safetensors."""
-  if os.path.isdir(os.path.join(directory, "transformer")):
-    directory = os.path.join(directory, "transformer")
-  from safetensors.numpy import load_file
-  cfg, weights = read_model_dir(directory, "point at a diffusers DiT pipeline (transformer/, "
-                                "vae/, scheduler/; e.g. a local copy of facebook/DiT-XL-2-256) "
-                                "or its transformer/ folder; a .bin file can be re-saved with "
-                                "safetensors")
-  fields = dit_fields_from_diffusers(cfg)  # checked before the weights are read
-  return fields, dit_params_from_diffusers(load_file(weights), fields)
+  return load_model_dir(directory, "transformer", "point at a diffusers DiT pipeline "
+                        "(transformer/, vae/, scheduler/; e.g. a local copy of "
+                        "facebook/DiT-XL-2-256) or its transformer/ folder; a .bin file can be "
+                        "re-saved with safetensors", dit_fields_from_diffusers,
+                        dit_params_from_diffusers)
