@@ -90,6 +90,14 @@ def small_graph(config):
   return config
 
 
+def tiny_dit(config, hidden_size: int = 32):
+  """`config` with a miniature DiT (2x2 patches, 2 blocks, 2 heads) as its network."""
+  m = config.model
+  m.name, m.patch_size, m.hidden_size, m.depth, m.num_heads = "dit", 2, hidden_size, 2, 2
+  m.norm_eps, m.dropout = 1e-5, 0.0
+  return config
+
+
 def main_py(*args, env=None, **kw):
   """Start main.py in a subprocess (returns the Popen)."""
   e = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")

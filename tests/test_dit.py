@@ -126,11 +126,9 @@ def dit_pipeline(directory, scaling_factor=0.5):
 
 def dit_config(tmp_path, **kw):
   """The tiny Fashion-MNIST config with the miniature DiT as its network."""
-  from helpers import tiny_config
-  config = tiny_config(tmp_path, **kw)
-  m = config.model
-  m.name, m.patch_size, m.hidden_size, m.depth, m.num_heads = "dit", 2, 32, 2, 2
-  m.num_classes, m.norm_eps, m.dropout = 10, 1e-5, 0.0
+  from helpers import tiny_config, tiny_dit
+  config = tiny_dit(tiny_config(tmp_path, **kw))
+  config.model.num_classes = 10
   d = config.diffusion
   d.num_timesteps, d.var_type, d.loss_type = 1000, "learned_range", "hybrid"
   config.sampling.clip_denoised = False

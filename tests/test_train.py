@@ -10,7 +10,7 @@ import pytest
 
 from diffusion_jax import checkpoints, data, parallel
 from diffusion_jax.train import Trainer, TrainingError, train_and_evaluate
-from helpers import REPO, small_graph, tiny_config
+from helpers import REPO, small_graph, tiny_config, tiny_dit
 
 
 def batch_for(config, step=0):
@@ -84,9 +84,12 @@ def test_steps_per_dispatch_gives_the_single_steps_and_keeps_every_event(tmp_pat
                state4.params)
 
 
-def test_bfloat16_compute_keeps_float32_parameters_and_tracks_float32(tmp_path):
+@pytest.mark.parametrize("network", ["unet", "dit"])
+def test_bfloat16_compute_keeps_float32_parameters_and_tracks_float32(tmp_path, network):
   config = tiny_config(tmp_path)
   config.model.dropout = 0.0
+  if network == "dit":
+    tiny_dit(config)
   f32 = Trainer(config, mesh=parallel.make_mesh(1))
   config.model.dtype = "bfloat16"
   bf16 = Trainer(config, mesh=parallel.make_mesh(1))
@@ -106,8 +109,11 @@ def test_bfloat16_compute_keeps_float32_parameters_and_tracks_float32(tmp_path):
   assert losses[16] != losses[32]  # the compute really ran in bfloat16
 
 
-def test_fsdp_shards_large_parameters(tmp_path):
+@pytest.mark.parametrize("network", ["unet", "dit"])
+def test_fsdp_shards_large_parameters(tmp_path, network):
   config = tiny_config(tmp_path)
+  if network == "dit":
+    tiny_dit(config, hidden_size=64)  # its MLP kernels, 64 x 256, are large enough to shard
   config.training.fsdp = True
   tr = Trainer(config, mesh=parallel.make_mesh(8))
   state = tr.init()
