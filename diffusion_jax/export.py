@@ -8,15 +8,17 @@ What is written (safetensors and JSON only; the EMA parameters, or --noema the r
 - a pixel-space DDPM U-Net: unet/ (UNet2DModel) + scheduler/ (DDPMScheduler) + model_index.json
   of a DDPMPipeline (a class-conditional one: no model_index.json, since DDPMPipeline passes no
   labels; its label table is the UNet2DModel's class_embedding, the null label last);
+- a latent U-Net (no cross-attention): unet/ on the latents + scheduler/ + vae/ (its KL first
+  stage, as for a DiT), no model_index.json (diffusers' LDMPipeline takes a VQModel);
 - a DiT: transformer/ (DiTTransformer2DModel) + scheduler/ (DDIMScheduler) + vae/ (its KL first
   stage, a diffusers VAE's or one trained here, scaling_factor the run's latent scale) +
   model_index.json of a DiTPipeline;
 - an autoencoder run (stage "autoencoder", a KL first stage): its AutoencoderKL directory.
 
 The diffusers names come from the import's own mappings (convert_diffusers, convert_autoencoder)
-run backwards, each key checked to map back to its parameter. Cross-attention and latent U-Nets
-have no UNet2DModel equivalent in this layout and are refused, as are models whose heads
-diffusers cannot describe and VQ autoencoders.
+run backwards, each key checked to map back to its parameter. Cross-attention U-Nets have no
+UNet2DModel equivalent and are refused, as are models whose heads diffusers cannot describe and
+VQ autoencoders (a VQ first stage: the U-Net is written without vae/).
 """
 from __future__ import annotations
 
@@ -241,11 +243,8 @@ def export_workdir(config, workdir: str, out: str, step: int | None = None,
           f"(scaling_factor {scale}: the latent diffusion run's is in its own config)")
     return out
   dit = config.model.name == "dit"
-  latent = config.get("latent", {}).get("autoencoder")
+  latent = bool(config.get("latent", {}).get("autoencoder"))
   if not dit:
-    if latent:
-      raise ConversionError("a latent U-Net: diffusers' DDPMPipeline is pixel-space; only "
-                            "pixel-space U-Nets and DiTs are exported")
     model_cfg = unet_config(config)  # refusals before anything is read
   else:
     model_cfg = dit_config(config)
@@ -277,7 +276,10 @@ def export_workdir(config, workdir: str, out: str, step: int | None = None,
                *fs.scaling())
     index["vae"] = ["diffusers", "AutoencoderKL"]
   pipeline = "DiTPipeline" if dit else "DDPMPipeline"
-  if dit or not config.model.num_classes:
+  if latent and not dit:  # no diffusers pipeline pairs UNet2DModel with an AutoencoderKL
+    pipeline = ("UNet2DModel on the latents, AutoencoderKL vae/ (its scaling_factor the run's) "
+                "and DDPMScheduler")
+  elif dit or not config.model.num_classes:
     with open(os.path.join(out, "model_index.json"), "w") as f:
       json.dump({"_class_name": pipeline, "_diffusers_version": DIFFUSERS_VERSION, **index}, f,
                 indent=2)

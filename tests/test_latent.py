@@ -64,6 +64,34 @@ def test_conditional_latent_diffusion_trains_keeps_its_scale_and_samples_images(
   for figure in ("samples.png", "progressive.png", "interpolation.png"):  # decoded figures
     assert os.path.getsize(os.path.join(out, figure)) > 0
 
+  # exported for diffusers: the U-Net on the latents (labels, null label included) and the
+  # autoencoder as AutoencoderKL with the run's scale (diffusion_jax/export.py)
+  torch, diffusers = pytest.importorskip("torch"), pytest.importorskip("diffusers")
+  from diffusion_jax.export import export_workdir
+  from diffusion_jax.sample import restore_ema_params
+  exported = str(tmp_path / "exported")
+  export_workdir(config, workdir, exported)
+  assert sorted(os.listdir(exported)) == ["scheduler", "unet", "vae"]  # no pipeline pairs them
+  unet = diffusers.UNet2DModel.from_pretrained(exported + "/unet").eval()
+  vae = diffusers.AutoencoderKL.from_pretrained(exported + "/vae").eval()
+  assert (unet.config.sample_size, unet.config.in_channels, unet.config.num_class_embeds) == (
+      8, 4, 11)
+  assert vae.config.scaling_factor == pytest.approx(scale)
+  _, _, params = restore_ema_params(config, workdir)
+  z = np.random.default_rng(0).standard_normal((3, 8, 8, 4)).astype(np.float32)
+  t, y = np.array([0, 500, 999]), np.array([0, 9, 10])
+  with torch.no_grad():
+    want = unet(torch.from_numpy(z.transpose(0, 3, 1, 2)), torch.from_numpy(t),
+                class_labels=torch.from_numpy(y)).sample.numpy().transpose(0, 2, 3, 1)
+  got = np.asarray(tr.model.apply({"params": params}, z, t, y))
+  scale_out = np.abs(want).max()  # small after 2 steps from a zero-initialised conv_out
+  assert np.abs(got - want).max() < 1e-3 * scale_out and scale_out > 1e-5
+  with torch.no_grad():
+    decoded = vae.decode(torch.from_numpy(z.transpose(0, 3, 1, 2))).sample.numpy()
+  ours = np.asarray(tr.first_stage.model.apply({"params": tr.first_stage.params}, z,
+                                               method=tr.first_stage.model.decode))
+  np.testing.assert_allclose(decoded.transpose(0, 2, 3, 1), ours, atol=1e-4)
+
 
 def test_latent_scale_comes_from_the_config_else_the_checkpoint(autoencoder_run):
   from diffusion_jax.train import Trainer
