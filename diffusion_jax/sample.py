@@ -158,8 +158,9 @@ def figure_chain(config) -> tuple[int | None, str]:
 def progressive_figure(config, model, diffusion, params, mesh, path: str, num: int = 8,
                        first_stage=None, sampler=None):
   """Rows: samples; columns: x^_0 predicted at config.sampling.progressive_steps (Fig. 6) along
-  `figure_chain`'s ancestral chain (respaced when sampling.num_steps < T); for latent diffusion, the predicted latents decoded; a text-conditional model's rows follow
-  `sampler`'s first prompts (unguided)."""
+  `figure_chain`'s ancestral chain (respaced when sampling.num_steps < T); for latent
+  diffusion, the predicted latents decoded; a text-conditional model's rows follow `sampler`'s
+  first prompts (unguided)."""
   s = config.sampling
   size, channels = model_input_shape(config)
   n = _per_device_multiple(num, mesh)
