@@ -41,21 +41,38 @@ def forward(net, config):
   return lambda x, t, y: net(x, t, class_labels=y).sample
 
 
-def vlb_term(torch, out, x0, x_t, t, abar, channels: int):
+SCHEDULE_KEYS = ("sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod", "posterior_mean_coef1",
+                 "posterior_log_variance_clipped")
+
+
+def schedule_tables(torch, config, device, dtype=None) -> dict:
+  """Our process's coefficients (diffusion.py's, of config.diffusion) that the peer's step reads,
+  as torch tensors on `device`, computed once outside the timed step; with log(beta_t)."""
+  from diffusion_jax import diffusion as dm
+  coefs = dm.from_config(config.diffusion).coefs
+  tables = {k: np.asarray(coefs[k]) for k in SCHEDULE_KEYS}
+  tables["log_betas"] = np.log(np.asarray(coefs["betas"]))
+  return {k: torch.tensor(v, dtype=dtype or torch.float32, device=device)
+          for k, v in tables.items()}
+
+
+def q_sample(tables, x0, t, noise):
+  """x_t = sqrt(alphabar_t) x_0 + sqrt(1 - alphabar_t) eps (eq. 4), NCHW."""
+  view = lambda k: tables[k][t].view(-1, 1, 1, 1)
+  return view("sqrt_alphas_cumprod") * x0 + view("sqrt_one_minus_alphas_cumprod") * noise
+
+
+def vlb_term(torch, out, x0, x_t, t, tables, channels: int):
   """The hybrid loss's bound term for a learned (range) variance, as ours computes it: the KL
   of q(x_{t-1} | x_t, x_0) from the model's Gaussian, its mean from the stopped eps (t = 0's
-  decoder term aside: the cost is the same)."""
+  decoder term aside: the cost is the same). tables: `schedule_tables`."""
   eps, v = out[:, :channels].detach(), out[:, channels:]
-  abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
-  beta = 1 - abar / abar_prev
-  post_var = beta * (1 - abar_prev) / (1 - abar)
-  log_post = torch.log(torch.cat([post_var[1:2], post_var[1:]]))
-  view = lambda a: a[t].view(-1, 1, 1, 1)
-  c0 = view(beta * abar_prev.sqrt() / (1 - abar))  # x_0's weight in the posterior mean
-  x0_pred = (x_t - view((1 - abar).sqrt()) * eps) / view(abar.sqrt())
+  view = lambda k: tables[k][t].view(-1, 1, 1, 1)
+  log_post = view("posterior_log_variance_clipped")
+  x0_pred = (x_t - view("sqrt_one_minus_alphas_cumprod") * eps) / view("sqrt_alphas_cumprod")
   frac = (v + 1) / 2
-  log_var = frac * view(torch.log(beta)) + (1 - frac) * view(log_post)
-  diff = c0 * (x0 - x0_pred)  # the posterior mean minus the model's
-  kl = 0.5 * (-1 + log_var - view(log_post) + torch.exp(view(log_post) - log_var)
+  log_var = frac * view("log_betas") + (1 - frac) * log_post
+  diff = view("posterior_mean_coef1") * (x0 - x0_pred)  # the posterior mean minus the model's
+  kl = 0.5 * (-1 + log_var - log_post + torch.exp(log_post - log_var)
               + diff ** 2 * torch.exp(-log_var))
   return kl.mean() / float(np.log(2.0))

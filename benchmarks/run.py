@@ -227,7 +227,7 @@ def _peer(torch, DDIMScheduler, dev, config, batch, precision):  # noqa: N803 - 
   c = config.data.channels
   shape = (batch, c, config.data.image_size, config.data.image_size)
   x0 = torch.rand(shape, device=dev) * 2 - 1
-  abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, device=dev), 0)
+  tables = peer.schedule_tables(torch, config, dev)
   m = config.model
   # labels as _host_batch's; the null label (num_classes) for label dropout and for sampling.
   # diffusers' DiT drops labels itself in train mode (10 %); the U-Net's are dropped here.
@@ -237,10 +237,9 @@ def _peer(torch, DDIMScheduler, dev, config, batch, precision):  # noqa: N803 - 
   learned = config.diffusion.var_type.startswith("learned")
 
   def step():
-    t = torch.randint(0, 1000, (batch,), device=dev)
+    t = torch.randint(0, config.diffusion.num_timesteps, (batch,), device=dev)
     noise = torch.randn_like(x0)
-    a = abar[t].view(-1, 1, 1, 1)
-    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    x_t = peer.q_sample(tables, x0, t, noise)
     y = labels if not drop else torch.where(torch.rand(batch, device=dev) < drop, null, labels)
     with amp:
       out = fwd(x_t, t, y).float()
@@ -248,7 +247,7 @@ def _peer(torch, DDIMScheduler, dev, config, batch, precision):  # noqa: N803 - 
     if learned:
       d = config.diffusion  # ours: mse + lambda T L_vlb (diffusion.py)
       loss = loss + d.hybrid_lambda * d.num_timesteps * peer.vlb_term(
-          torch, out, x0, x_t, t, abar, c)
+          torch, out, x0, x_t, t, tables, c)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     if config.training.grad_clip > 0:  # as ours: 0 is no clipping

@@ -282,10 +282,11 @@ def unet_params_from_diffusers(state: Mapping[str, np.ndarray], model_cfg: Mappi
   params: dict = {}
   state = dict(state)
   table = state.pop(LABEL_TABLE, None)
-  rows = model_cfg.get("num_classes", 0) + 1 if model_cfg.get("num_classes") else 0
-  if (table is None) != (rows == 0) or (table is not None and len(table) != rows):
-    raise ConversionError(f"{LABEL_TABLE}: {'absent' if table is None else len(table)} rows, "
-                          f"the config.json's num_class_embeds says {rows or 'none'}")
+  classes = model_cfg.get("num_classes", 0)
+  rows, have = classes + 1 if classes else 0, 0 if table is None else len(table)
+  if have != rows:
+    raise ConversionError(f"{LABEL_TABLE}: {have or 'absent'} rows, the config.json's "
+                          f"num_class_embeds says {rows or 'none'}")
   if table is not None:
     params["label_emb"] = {"embedding": np.asarray(table, np.float32)}
   for key, value in state.items():

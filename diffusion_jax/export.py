@@ -270,15 +270,15 @@ def export_workdir(config, workdir: str, out: str, step: int | None = None,
   index["scheduler"] = ["diffusers", scheduler["_class_name"]]
   fs, note = trainer.first_stage, ""
   if fs is not None and fs.model.codebook_size:
-    note = " (no vae/: a VQ first stage, which diffusers' DiT pipeline does not take)"
+    note = " (no vae/: a VQ first stage; only KL autoencoders are exported)"
   elif fs is not None:
     _write_vae(os.path.join(out, "vae"), fs.model, host(fs.params), config.data.image_size,
                *fs.scaling())
     index["vae"] = ["diffusers", "AutoencoderKL"]
   pipeline = "DiTPipeline" if dit else "DDPMPipeline"
   if latent and not dit:  # no diffusers pipeline pairs UNet2DModel with an AutoencoderKL
-    pipeline = ("UNet2DModel on the latents, AutoencoderKL vae/ (its scaling_factor the run's) "
-                "and DDPMScheduler")
+    pipeline = "UNet2DModel on the latents and DDPMScheduler" + (
+        ", AutoencoderKL vae/ (its scaling_factor the run's)" if "vae" in index else "")
   elif dit or not config.model.num_classes:
     with open(os.path.join(out, "model_index.json"), "w") as f:
       json.dump({"_class_name": pipeline, "_diffusers_version": DIFFUSERS_VERSION, **index}, f,

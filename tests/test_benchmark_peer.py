@@ -80,20 +80,23 @@ def test_benchmark_peer_refuses_text_conditional_configs():
 
 
 def test_benchmark_peer_vlb_term_is_our_bound_term():
-  d = dm.GaussianDiffusion(dm.get_beta_schedule("linear", 1000), var_type="learned_range",
-                           loss_type="hybrid")
+  config = small("fashion_mnist_dit")  # linear betas, learned range, hybrid loss
+  d = dm.from_config(config.diffusion)
   rng = np.random.default_rng(0)
   x0 = rng.uniform(-1, 1, (4, 6, 6, 2)).astype(np.float32)
   noise = rng.standard_normal(x0.shape).astype(np.float32)
   t = np.array([1, 10, 400, 999])
   x_t = np.asarray(d.q_sample(jnp.asarray(x0), jnp.asarray(t), jnp.asarray(noise)))
+  tables = peer.schedule_tables(torch, config, "cpu", torch.float64)
   out = np.concatenate([noise + 0.3 * rng.standard_normal(x0.shape),
                         rng.uniform(-1, 1, x0.shape)], -1).astype(np.float32)
   ours = float(jnp.mean(d.vb_terms_bpd(jnp.asarray(out), jnp.asarray(x0), jnp.asarray(x_t),
                                        jnp.asarray(t))[0]))
   nchw = lambda a: torch.from_numpy(np.ascontiguousarray(a.transpose(0, 3, 1, 2)))
-  abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64), 0)
+  np.testing.assert_allclose(  # and the peer's x_t is ours
+      peer.q_sample(tables, nchw(x0).double(), torch.from_numpy(t), nchw(noise).double()),
+      nchw(x_t).double(), atol=1e-6)
   theirs = float(peer.vlb_term(torch, nchw(out).double(), nchw(x0).double(),
-                               nchw(x_t).double(), torch.from_numpy(t), abar, 2))
+                               nchw(x_t).double(), torch.from_numpy(t), tables, 2))
   print(f"bound term: ours {ours:.6f} bits/dim, the peer's {theirs:.6f}")
   assert ours > 0.01 and theirs == pytest.approx(ours, rel=1e-4)
