@@ -8,17 +8,24 @@ What is written (safetensors and JSON only; the EMA parameters, or --noema the r
 - a pixel-space DDPM U-Net: unet/ (UNet2DModel) + scheduler/ (DDPMScheduler) + model_index.json
   of a DDPMPipeline (a class-conditional one: no model_index.json, since DDPMPipeline passes no
   labels; its label table is the UNet2DModel's class_embedding, the null label last);
-- a latent U-Net (no cross-attention): unet/ on the latents + scheduler/ + vae/ (its KL first
-  stage, as for a DiT), no model_index.json (diffusers' LDMPipeline takes a VQModel);
+- a latent U-Net (no cross-attention) on a VQ first stage (LDM's, e.g. configs/celebahq256_ldm.py):
+  unet/ + scheduler/ (DDIMScheduler) + vqvae/ (VQModel, scaling_factor the run's latent scale) +
+  model_index.json of an LDMPipeline, as CompVis/ldm-celebahq-256 is laid out; on a KL first
+  stage: unet/ + scheduler/ (DDPMScheduler) + vae/ (AutoencoderKL), no model_index.json (no
+  diffusers pipeline pairs a UNet2DModel with an AutoencoderKL); class-conditional or with a
+  learned variance: the parts, no model_index.json (LDMPipeline passes no labels and takes eps
+  alone);
 - a DiT: transformer/ (DiTTransformer2DModel) + scheduler/ (DDIMScheduler) + vae/ (its KL first
   stage, a diffusers VAE's or one trained here, scaling_factor the run's latent scale) +
   model_index.json of a DiTPipeline;
-- an autoencoder run (stage "autoencoder", a KL first stage): its AutoencoderKL directory.
+- a text-conditional (cross-attention) U-Net on a frozen CLIP text encoder, e.g. a Stable
+  Diffusion fine-tune (configs/sd15_finetune.py): a StableDiffusionPipeline (export_text.py);
+- an autoencoder run (stage "autoencoder"): its AutoencoderKL (VQ: VQModel) directory.
 
 The diffusers names come from the import's own mappings (convert_diffusers, convert_autoencoder)
-run backwards, each key checked to map back to its parameter. Cross-attention U-Nets have no
-UNet2DModel equivalent and are refused, as are models whose heads diffusers cannot describe and
-VQ autoencoders (a VQ first stage: the U-Net is written without vae/).
+run backwards, each key checked to map back to its parameter. Refused, with a message: what
+diffusers cannot describe (heads of several widths in a UNet2DModel, class labels as a
+cross-attention context, LDM's learned text transformer) and parameters that are not finite.
 """
 from __future__ import annotations
 
@@ -98,40 +105,55 @@ def unet_state_dict(params: Mapping[str, Any], levels: int) -> dict:
 
 
 def autoencoder_state_dict(params: Mapping[str, Any], levels: int) -> dict:
-  """diffusers' AutoencoderKL state dict of our KL autoencoder's parameters (its encoder and
-  decoder name their modules as the U-Net does)."""
+  """diffusers' AutoencoderKL (or, with a codebook, VQModel) state dict of our autoencoder's
+  parameters (its encoder and decoder name their modules as the U-Net does)."""
   from diffusion_jax.convert_autoencoder import _diffusers_target
-  if "codebook" in params:
-    raise ConversionError("a VQ autoencoder: only KL autoencoders are exported")
+  params = dict(params)
+  codebook = params.pop("codebook", None)
+  if codebook is not None and not {"quant_conv", "post_quant_conv"} <= set(params):
+    raise ConversionError("a VQ autoencoder without quant_conv and post_quant_conv: diffusers' "
+                          "VQModel always has both")
   name = lambda path: path[0] if path[0] in ("quant_conv", "post_quant_conv") else (
       f"{path[0]}.{_module_name(path[1:], levels)}")
-  return _state_dict(params, name, lambda key: _diffusers_target(key, levels)[0])
+  state = _state_dict(params, name, lambda key: _diffusers_target(key, levels)[0])
+  if codebook is not None:  # [codebook_size, embed_dim] in both
+    state["quantize.embedding.weight"] = np.ascontiguousarray(codebook, np.float32)
+  return state
 
 
 def autoencoder_config(model, sample_size: int, scale: float, shift: float = 0.0) -> dict:
-  """The config.json of the diffusers AutoencoderKL that our `model` is."""
+  """The config.json of the diffusers AutoencoderKL (a VQ model: VQModel) that our `model` is."""
   levels = len(model.ch_mult)
   attn = set(model.attn_levels)
+  common = {"_diffusers_version": DIFFUSERS_VERSION,
+            "in_channels": model.in_channels, "out_channels": model.out_channels,
+            "down_block_types": ["AttnDownEncoderBlock2D" if i in attn else "DownEncoderBlock2D"
+                                 for i in range(levels)],
+            "up_block_types": ["AttnUpDecoderBlock2D" if i in attn else "UpDecoderBlock2D"
+                               for i in reversed(range(levels))],
+            "block_out_channels": [model.ch * k for k in model.ch_mult],
+            "layers_per_block": model.num_res_blocks, "act_fn": "silu",
+            "latent_channels": model.z_channels, "norm_num_groups": 32,
+            "sample_size": sample_size, "scaling_factor": scale,
+            "mid_block_add_attention": bool(model.mid_attn)}
+  if model.codebook_size:
+    if shift:
+      raise ConversionError(f"latent shift {shift}: diffusers' VQModel and LDMPipeline only "
+                            "divide by a scaling_factor")
+    return {"_class_name": "VQModel", **common, "num_vq_embeddings": model.codebook_size,
+            "vq_embed_dim": model.embed_dim, "norm_type": "group",
+            "lookup_from_codebook": False, "force_upcast": False}
   if model.z_channels != model.embed_dim:
     raise ConversionError(f"z_channels {model.z_channels} != embed_dim {model.embed_dim}: "
                           "diffusers' AutoencoderKL has one latent width")
-  return {"_class_name": "AutoencoderKL", "_diffusers_version": DIFFUSERS_VERSION,
-          "in_channels": model.in_channels, "out_channels": model.out_channels,
-          "down_block_types": ["AttnDownEncoderBlock2D" if i in attn else "DownEncoderBlock2D"
-                               for i in range(levels)],
-          "up_block_types": ["AttnUpDecoderBlock2D" if i in attn else "UpDecoderBlock2D"
-                             for i in reversed(range(levels))],
-          "block_out_channels": [model.ch * k for k in model.ch_mult],
-          "layers_per_block": model.num_res_blocks, "act_fn": "silu",
-          "latent_channels": model.z_channels, "norm_num_groups": 32,
-          "sample_size": sample_size, "scaling_factor": scale, "shift_factor": shift or None,
-          "mid_block_add_attention": bool(model.mid_attn),
+  return {"_class_name": "AutoencoderKL", **common, "shift_factor": shift or None,
           "use_quant_conv": bool(model.use_quant_conv),
           "use_post_quant_conv": bool(model.use_post_quant_conv)}
 
 
 def unet_config(config) -> dict:
-  """The config.json of the UNet2DModel that `config.model` describes."""
+  """The config.json of the UNet2DModel that `config.model` describes (a cross-attention one:
+  the UNet2DConditionModel, export_text)."""
   from diffusion_jax.latent import model_input_shape
   from diffusion_jax.models import LAYOUT
   m = config.model
@@ -140,10 +162,9 @@ def unet_config(config) -> dict:
   levels = len(m.ch_mult)
   attn = set(get("attn_levels")) or {i for i in range(levels)
                                      if size // 2 ** i in m.attn_resolutions}
-  if get("context_dim"):
-    raise ConversionError("a cross-attention U-Net: diffusers' UNet2DModel has no context input; "
-                          "pixel-space U-Nets (unconditional or with a label embedding) and "
-                          "DiTs are exported")
+  if get("context_dim"):  # cross-attention: a Stable Diffusion U-Net
+    from diffusion_jax.export_text import conditional_unet_config
+    return conditional_unet_config(config, attn)
   heads = {m.ch * m.ch_mult[i] // get("num_heads") for i in sorted(attn | {levels - 1})}
   if get("head_channels"):
     head_dim = get("head_channels")
@@ -213,7 +234,11 @@ def scheduler_config(config, ddim: bool = False) -> dict:
          "beta_end": float(d.beta_end), "prediction_type": predictions[d.mean_type],
          "clip_sample": bool(config.sampling.clip_denoised), "clip_sample_range": 1.0,
          "timestep_spacing": "leading", "steps_offset": 0}
-  return dict(out, set_alpha_to_one=True) if ddim else dict(out, variance_type=variance)
+  if not ddim:
+    return dict(out, variance_type=variance)
+  s = config.sampling  # DDIM's own settings, as the run samples with them (SD's: 1, False)
+  return dict(out, steps_offset=int(s.get("steps_offset", 0)),
+              set_alpha_to_one=bool(s.get("alpha_one_at_end", True)))
 
 
 def _write_model(directory: str, cfg: dict, state: dict) -> None:
@@ -224,42 +249,65 @@ def _write_model(directory: str, cfg: dict, state: dict) -> None:
   save_file(state, os.path.join(directory, "diffusion_pytorch_model.safetensors"))
 
 
+def _finite(params, step: int):
+  """`params` on the host, refused if a value is not finite (a diverged run is not written)."""
+  import jax
+  from diffusion_jax import parallel
+  params = jax.tree.map(parallel.to_host, params)
+  bad = [jax.tree_util.keystr(path) for path, v in jax.tree_util.tree_leaves_with_path(params)
+         if not np.isfinite(v).all()]
+  if bad:
+    raise ConversionError(f"step {step} has non-finite parameters ({len(bad)} arrays, e.g. "
+                          f"{bad[0]}): export an earlier checkpoint with --step")
+  return params
+
+
 def export_workdir(config, workdir: str, out: str, step: int | None = None,
                    ema: bool = True) -> str:
   """Write `out` (a new directory): the diffusers pipeline of the workdir's checkpoint (an
   autoencoder run's: its AutoencoderKL directory)."""
-  import jax
-  from diffusion_jax import checkpoints, parallel
+  from diffusion_jax import checkpoints
   from diffusion_jax.convert_dit import dit_state_dict
   if os.path.exists(out) and os.listdir(out):
     raise ConversionError(f"{out} exists and is not empty: export into a new directory")
-  host = lambda tree: jax.tree.map(parallel.to_host, tree)
   if config.get("stage", "diffusion") == "autoencoder":
     from diffusion_jax.train_autoencoder import restore_autoencoder
     trainer, step, params = restore_autoencoder(config, workdir, step)
     scale = config.get("latent", {}).get("scale_factor") or 1.0
-    _write_vae(out, trainer.model, host(params), config.data.image_size, scale)
-    print(f"Exported step {step} of {workdir} as a diffusers AutoencoderKL: {out} "
+    kind = _write_vae(out, trainer.model, _finite(params, step), config.data.image_size,
+                      scale)
+    print(f"Exported step {step} of {workdir} as a diffusers {kind}: {out} "
           f"(scaling_factor {scale}: the latent diffusion run's is in its own config)")
     return out
   dit = config.model.name == "dit"
-  latent = bool(config.get("latent", {}).get("autoencoder"))
-  if not dit:
-    model_cfg = unet_config(config)  # refusals before anything is read
-  else:
-    model_cfg = dit_config(config)
-  scheduler = scheduler_config(config, ddim=dit)
+  model_cfg = dit_config(config) if dit else unet_config(config)
+  scheduler_config(config)  # refusals before anything is read
   from diffusion_jax.train import Trainer
   trainer = Trainer(config)
+  fs = trainer.first_stage
+  vq = fs is not None and bool(fs.model.codebook_size)
+  # LDMPipeline: unconditional, eps alone out of the U-Net, DDIM (as CompVis/ldm-celebahq-256)
+  ldm = vq and not dit and not config.model.num_classes and not (
+      config.diffusion.var_type.startswith("learned"))
+  text = model_cfg["_class_name"] == "UNet2DConditionModel"  # Stable Diffusion's layout
+  if text and (fs is None or vq):
+    raise ConversionError("a text-conditional U-Net is exported as a StableDiffusionPipeline, "
+                          "which needs a KL first stage (latent.autoencoder)")
+  scheduler = scheduler_config(config, ddim=dit or ldm or text)
   step, state, meta = checkpoints.restore_trained(
       workdir, trainer.abstract_state, step, "train first (--mode=train with this --workdir)")
   trainer.use_latent_scale(meta)
-  params = host(state.ema_params if ema else state.params)
+  params = _finite(state.ema_params if ema else state.params, step)
   if dit:
     m = config.model
     _write_model(os.path.join(out, "transformer"), model_cfg,
                  dit_state_dict(params, {"hidden_size": m.hidden_size, "depth": m.depth}))
     index = {"transformer": ["diffusers", "DiTTransformer2DModel"]}
+  elif text:
+    from diffusion_jax.export_text import conditional_unet_state_dict
+    _write_model(os.path.join(out, "unet"), model_cfg, conditional_unet_state_dict(
+        params, len(config.model.ch_mult), model_cfg["use_linear_projection"]))
+    index = {"unet": ["diffusers", "UNet2DConditionModel"]}
   else:
     _write_model(os.path.join(out, "unet"), model_cfg,
                  unet_state_dict(params, len(config.model.ch_mult)))
@@ -268,32 +316,44 @@ def export_workdir(config, workdir: str, out: str, step: int | None = None,
   with open(os.path.join(out, "scheduler", "scheduler_config.json"), "w") as f:
     json.dump(scheduler, f, indent=2)
   index["scheduler"] = ["diffusers", scheduler["_class_name"]]
-  fs, note = trainer.first_stage, ""
-  if fs is not None and fs.model.codebook_size:
-    note = " (no vae/: a VQ first stage; only KL autoencoders are exported)"
-  elif fs is not None:
-    _write_vae(os.path.join(out, "vae"), fs.model, host(fs.params), config.data.image_size,
-               *fs.scaling())
-    index["vae"] = ["diffusers", "AutoencoderKL"]
-  pipeline = "DiTPipeline" if dit else "DDPMPipeline"
-  if latent and not dit:  # no diffusers pipeline pairs UNet2DModel with an AutoencoderKL
-    pipeline = "UNet2DModel on the latents and DDPMScheduler" + (
-        ", AutoencoderKL vae/ (its scaling_factor the run's)" if "vae" in index else "")
-  elif dit or not config.model.num_classes:
+  if fs is not None:  # the first stage with the run's latent scale
+    sub = "vqvae" if vq else "vae"
+    kind = _write_vae(os.path.join(out, sub), fs.model, _finite(fs.params, step),
+                      config.data.image_size, *fs.scaling())
+    index[sub] = ["diffusers", kind]
+  if text:  # its frozen CLIP text encoder and tokenizer as they were
+    from diffusion_jax.export_text import copy_text_encoder, text_encoder_directory
+    index.update(copy_text_encoder(text_encoder_directory(config), out))
+    index["requires_safety_checker"] = False
+    pipeline = "StableDiffusionPipeline"
+  elif ldm:
+    pipeline = "LDMPipeline"
+  elif dit and not vq:
+    pipeline = "DiTPipeline"
+  elif fs is None and not config.model.num_classes:
+    pipeline = "DDPMPipeline"
+  else:  # no diffusers pipeline takes these parts together: they are written for a user's loop
+    pipeline = None
+  if pipeline:
     with open(os.path.join(out, "model_index.json"), "w") as f:
       json.dump({"_class_name": pipeline, "_diffusers_version": DIFFUSERS_VERSION, **index}, f,
                 indent=2)
-  else:  # DDPMPipeline passes no labels: the U-Net and scheduler, for the user's own loop
-    pipeline = "UNet2DModel (class_labels; label num_classes is the null one) and DDPMScheduler"
+  else:
+    pipeline = "parts no pipeline takes together: " + ", ".join(
+        f"{sub}/ {cls}" for sub, (_, cls) in index.items())
+    if config.model.num_classes:
+      pipeline += f" (class_labels; label {config.model.num_classes} is the null one)"
   print(f"Exported step {step} ({'EMA' if ema else 'raw'} parameters) of {workdir} as "
-        f"diffusers' {pipeline}: {out}{note}")
+        f"diffusers' {pipeline}: {out}")
   return out
 
 
 def _write_vae(directory: str, model, params, image_size: int, scale: float,
-               shift: float = 0.0) -> None:
-  _write_model(directory, autoencoder_config(model, image_size, scale, shift),
-               autoencoder_state_dict(params, len(model.ch_mult)))
+               shift: float = 0.0) -> str:
+  """Write the first stage's diffusers directory; return its class (AutoencoderKL, VQModel)."""
+  cfg = autoencoder_config(model, image_size, scale, shift)
+  _write_model(directory, cfg, autoencoder_state_dict(params, len(model.ch_mult)))
+  return cfg["_class_name"]
 
 
 def main(argv):

@@ -129,9 +129,13 @@ def test_class_conditional_unet_exports_its_label_table_and_imports_back(tmp_pat
 def test_what_diffusers_cannot_hold_is_refused(tmp_path):
   from helpers import tiny_config
   config = tiny_config(tmp_path)
-  config.model.num_classes, config.model.context_dim = 10, 32
-  with pytest.raises(ConversionError, match="a cross-attention U-Net"):
+  config.model.num_classes, config.model.context_dim = 10, 32  # LDM's class context
+  with pytest.raises(ConversionError, match="num_classes=10: class labels as the cross-att"):
     export_workdir(config, str(tmp_path / "run"), str(tmp_path / "a"))
+  config.model.num_classes, config.text.encoder = 0, "learned"  # LDM's own text transformer
+  with pytest.raises(ConversionError, match="text.encoder='learned'.*StableDiffusionPipeline"):
+    export_workdir(config, str(tmp_path / "run"), str(tmp_path / "a"))
+  config.text.encoder = None
   config.model.num_classes, config.model.context_dim, config.model.num_heads = 0, 0, 3
   config.model.attn_resolutions = (16, 8)  # 32 and 64 channels: heads of 10 and 21
   with pytest.raises(ConversionError, match="one head size"):
@@ -171,3 +175,41 @@ def test_autoencoder_with_attention_levels_round_trips(tmp_path):
   assert sorted(theirs) == sorted(ref.state_dict())
   for key, value in ref.state_dict().items():
     np.testing.assert_array_equal(theirs[key].numpy(), value.detach().numpy(), err_msg=key)
+
+
+def test_sd2_layout_unet_exports_as_it_was_imported(tmp_path):
+  """Stable Diffusion 2.x's U-Net layout (linear proj_in/proj_out, one width per head, two
+  transformer blocks per level, v-prediction): imported, then written back by the export's own
+  functions: the same config and the same tensors, bit for bit."""
+  from helpers import tiny_config
+  from diffusion_jax.convert_diffusers import load_diffusers_unet
+  from diffusion_jax.export import unet_config
+  from diffusion_jax.export_text import conditional_unet_state_dict
+  from test_parity import randomise
+  ref = randomise(diffusers.UNet2DConditionModel(
+      sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+      layers_per_block=1, cross_attention_dim=24, attention_head_dim=[2, 4],
+      use_linear_projection=True, transformer_layers_per_block=2, upcast_attention=True,
+      down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+      up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")), 3)
+  ref.save_pretrained(str(tmp_path / "sd2" / "unet"))
+  fields, params = load_diffusers_unet(str(tmp_path / "sd2"))
+  config = tiny_config(tmp_path)
+  config.text.encoder = str(tmp_path / "sd2")  # its unet/config.json: the projections' form
+  config.latent.autoencoder = "vae"  # latents of 8x8x4 (a f2 first stage)
+  config.autoencoder.ch_mult, config.autoencoder.z_channels = (1, 2), 4
+  config.diffusion.mean_type = "v"
+  for key, value in fields.items():
+    if key in config.model:
+      config.model[key] = value
+  cfg = unet_config(config)
+  for key in ("attention_head_dim", "use_linear_projection", "upcast_attention",
+              "transformer_layers_per_block", "cross_attention_dim", "down_block_types",
+              "up_block_types", "block_out_channels", "sample_size", "in_channels"):
+    norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v
+    assert norm(cfg[key]) == norm(ref.config[key]), (key, cfg[key], ref.config[key])
+  state = conditional_unet_state_dict(params, 2, cfg["use_linear_projection"])
+  want = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+  assert sorted(state) == sorted(want)
+  for key, value in want.items():
+    np.testing.assert_array_equal(state[key], value, err_msg=key)

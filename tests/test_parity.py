@@ -255,3 +255,18 @@ def test_ldm_pipeline_imports_and_samples_like_diffusers(tmp_path):
   diff = np.abs(images - want).max()
   print(f"LDM pipeline (VQ, 4 DDIM steps): max |ours - diffusers| = {diff:.3g}")
   assert diff < 1e-4
+  # exported back (diffusion_jax/export.py): an LDMPipeline of the same tensors and images
+  from diffusion_jax.export import export_workdir
+  export_workdir(config, workdir, str(tmp_path / "exported"))
+  again = diffusers.LDMPipeline.from_pretrained(str(tmp_path / "exported"))
+  assert isinstance(again.scheduler, diffusers.DDIMScheduler)
+  for module in ("unet", "vqvae"):
+    theirs, ref = getattr(again, module), getattr(pipe, module)
+    assert sorted(theirs.state_dict()) == sorted(ref.state_dict())
+    for key, value in ref.state_dict().items():
+      np.testing.assert_array_equal(theirs.state_dict()[key].numpy(), value.numpy(), err_msg=key)
+  for key in ("num_vq_embeddings", "vq_embed_dim", "latent_channels", "scaling_factor"):
+    assert again.vqvae.config[key] == (pipe.vqvae.config[key] or 3), key
+  again_images = again(batch_size=2, generator=torch.Generator().manual_seed(0),
+                       num_inference_steps=4, output_type="np").images
+  np.testing.assert_allclose(again_images, want, atol=1e-6)

@@ -361,6 +361,41 @@ def test_pipeline_imports_and_fine_tunes_on_captioned_images(epsilon_pipeline_di
   assert 0 < max(moved) < 1e-3  # fine-tuned (lr 1e-5), not re-initialised
   assert os.path.exists(os.path.join(work, "train_samples", "step_00000002.png"))
 
+  # exported (diffusion_jax/export.py): a StableDiffusionPipeline of the fine-tuned U-Net, the
+  # source's text encoder, tokenizer and VAE, and the config's DDIM settings
+  from diffusion_jax.export import export_workdir
+  from diffusion_jax.sample import restore_ema_params
+  exported = str(tmp_path / "exported")
+  export_workdir(c, work, exported)
+  again = diffusers.StableDiffusionPipeline.from_pretrained(exported).to(torch.float32)
+  src_pipe = epsilon_pipeline_dir[1]
+  for module in ("unet", "text_encoder", "vae"):  # SD 1.x's layout: 1x1-conv projections
+    theirs, ref = getattr(again, module).state_dict(), getattr(src_pipe, module).state_dict()
+    assert {k: v.shape for k, v in theirs.items()} == {k: v.shape for k, v in ref.items()}
+  for module in ("text_encoder", "vae"):  # frozen: as they were
+    for key, value in getattr(src_pipe, module).state_dict().items():
+      np.testing.assert_array_equal(getattr(again, module).state_dict()[key].numpy(),
+                                    value.numpy(), err_msg=key)
+  sched = again.scheduler.config
+  assert isinstance(again.scheduler, diffusers.DDIMScheduler)
+  assert (sched.steps_offset, sched.set_alpha_to_one, sched.beta_schedule) == (
+      1, False, "scaled_linear")
+  _, _, ema = restore_ema_params(c, work)
+  _, back = load_diffusers_unet(exported)  # the import reads the export as our parameters
+  jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, ema))
+  rng = np.random.default_rng(0)
+  z, ctx = rng.standard_normal((2, 8, 8, 4)), rng.standard_normal((2, 5, 32))
+  z, ctx, t = z.astype(np.float32), ctx.astype(np.float32), np.array([10, 900])
+  with torch.no_grad():
+    want = again.unet(torch.from_numpy(z.transpose(0, 3, 1, 2)), torch.from_numpy(t),
+                      torch.from_numpy(ctx)).sample.numpy().transpose(0, 2, 3, 1)
+  got = np.asarray(Trainer(c).model.apply({"params": ema}, z, t, context=ctx))
+  diff = np.abs(got - want).max()
+  print(f"exported SD U-Net: max |ours - diffusers| {diff:.3g} (scale {np.abs(want).max():.3g})")
+  assert diff < 1e-4 * np.abs(want).max()
+  images = again("the shade 1", num_inference_steps=2, output_type="np").images
+  assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all()
+
 
 def test_dpm_solver_gives_diffusers_multistep_scheduler_latents(epsilon_pipeline_dir):
   """--method=dpm_solver against the pipeline with DPMSolverMultistepScheduler read from its

@@ -181,6 +181,17 @@ def test_vq_autoencoder_trains_and_latent_diffusion_runs_on_it(tmp_path):
   assert step == 4 and params["codebook"].shape == (32, 4)
   assert np.abs(params["codebook"] - init["codebook"]).max() > 1e-4
   assert json.load(open(run_eval_mode(config, vq_run)))["psnr"] > 5.0
+  diffusers, torch = pytest.importorskip("diffusers"), pytest.importorskip("torch")
+  from diffusion_jax.export import export_workdir
+  from diffusion_jax.train_autoencoder import restore_autoencoder
+  export_workdir(config, vq_run, str(tmp_path / "vqvae"))  # as diffusers' VQModel
+  vq = diffusers.VQModel.from_pretrained(str(tmp_path / "vqvae")).eval()
+  trainer, _, params = restore_autoencoder(config, vq_run)
+  h = np.random.default_rng(0).normal(size=(2, 8, 8, 4)).astype(np.float32)
+  with torch.no_grad():  # both quantise h to the codebook, then decode
+    want = vq.decode(torch.from_numpy(h.transpose(0, 3, 1, 2))).sample.numpy()
+  got = trainer.model.apply({"params": params}, jnp.asarray(h), method=trainer.model.decode)
+  np.testing.assert_allclose(np.asarray(got), want.transpose(0, 2, 3, 1), atol=1e-4)
 
   config.stage, config.latent.autoencoder = "diffusion", vq_run
   small_graph(config)
@@ -191,3 +202,11 @@ def test_vq_autoencoder_trains_and_latent_diffusion_runs_on_it(tmp_path):
   train_and_evaluate(config, ldm)
   images = np.load(os.path.join(run_sample_mode(config, ldm), "samples.npz"))["arr_0"]
   assert images.shape == (10, 16, 16, 1) and len(np.unique(images)) > 10
+  export_workdir(config, ldm, str(tmp_path / "pipeline"))  # LDM's layout: LDMPipeline
+  pipe = diffusers.LDMPipeline.from_pretrained(str(tmp_path / "pipeline"))
+  images = pipe(batch_size=1, num_inference_steps=2, output_type="np").images
+  assert images.shape == (1, 16, 16, 1) and np.isfinite(images).all()
+  from diffusion_jax import checkpoints, latent
+  from diffusion_jax.train import Trainer
+  meta = checkpoints.restore_trained(ldm, Trainer(config).abstract_state)[2]
+  assert pipe.vqvae.config.scaling_factor == pytest.approx(meta[latent.SCALE_KEY])  # 1/std(h)
