@@ -146,6 +146,10 @@ def test_what_diffusers_cannot_hold_is_refused(tmp_path):
   config.model.name, config.model.num_classes, config.model.freq_shift = "dit", 10, 0.0
   with pytest.raises(ConversionError, match="model.freq_shift 1; this DiT is not"):
     export_workdir(config, str(tmp_path / "run"), str(tmp_path / "d"))
+  from diffusion_jax.export import _finite  # a diverged checkpoint is not written
+  with pytest.raises(ConversionError, match=r"step 7 has non-finite parameters \(1 arrays, "
+                     r"e.g. \['b'\]\['kernel'\]\): export an earlier checkpoint with --step"):
+    _finite({"a": {"bias": np.zeros(2)}, "b": {"kernel": np.array([1.0, np.nan])}}, 7)
 
 
 def test_autoencoder_with_attention_levels_round_trips(tmp_path):
