@@ -16,6 +16,14 @@ scheduler/) imports as step 0:
   python main.py --config=configs/imagenet256_dit.py --workdir=runs/dit-xl-2-256 \
       --config.latent.autoencoder=DiT-XL-2-256/vae --mode=sample --config.sampling.class_label=207
 
+The paper's own checkpoint (facebookresearch/DiT's DiT-XL-2-256x256.pt, re-saved as
+.safetensors; README "Public DiT weights") imports with its constants, below:
+
+  python -m diffusion_jax.convert --src=DiT-XL-2-256x256.safetensors \
+      --config=configs/imagenet256_dit.py --workdir=runs/dit-xl-2-256-paper \
+      --config.model.freq_shift=0 --config.model.norm_eps=1e-6 \
+      --config.latent.autoencoder=sd-vae-ft-ema
+
 The paper's steps: 7M for FID 2.27 (400k for the scaling study); ours are set to 400k.
 diffusers' DiT differs from the paper's code in two constants, kept here as diffusers has them
 so that its weights import unchanged: model.freq_shift 1 (the paper's timestep frequencies:

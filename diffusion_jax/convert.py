@@ -27,6 +27,12 @@ into a DiT config, latent.autoencoder its vae/:
   python -m diffusion_jax.convert --src=/path/to/DiT-XL-2-256 \
       --config=configs/imagenet256_dit.py --workdir=runs/dit-xl-2-256 \
       --config.latent.autoencoder=/path/to/DiT-XL-2-256/vae
+The paper's own DiT checkpoints (facebookresearch/DiT's DiT-XL-2-256x256.pt, re-saved once as
+.safetensors with torch) with the paper's constants and its VAE:
+  python -m diffusion_jax.convert --src=DiT-XL-2-256x256.safetensors \
+      --config=configs/imagenet256_dit.py --workdir=runs/dit-xl-2-256-paper \
+      --config.model.freq_shift=0 --config.model.norm_eps=1e-6 \
+      --config.latent.autoencoder=/path/to/sd-vae-ft-ema
 """
 from __future__ import annotations
 
@@ -115,27 +121,36 @@ def pipeline_schedule(src: str) -> dict | None:
   return None
 
 
-def _ldm_single_file(src: str, config, ema: bool = False):
-  """(model fields, parameters, None) of a class-conditional LDM checkpoint; the heads, which
-  the weights do not record, are the config's."""
+def _single_file(src: str, config, ema: bool = False):
+  """(model fields, parameters, None) of one .safetensors file: the paper's DiT (a re-saved
+  DiT-XL-2-*.pt) or a class-conditional LDM checkpoint; the heads, which the weights do not
+  record, are the config's."""
   from diffusion_jax.convert_autoencoder import _read_safetensors
+  from diffusion_jax.convert_dit import dit_from_original, is_original_dit
   from diffusion_jax.convert_ldm import class_conditional_unet
   from diffusion_jax.latent import model_input_shape
   if not os.path.isfile(src):
     raise ConversionError(f"{src} not found")
-  m = config.model
+  m, state = config.model, _read_safetensors(src)
+  if is_original_dit(state):
+    if not config.get("latent", {}).get("autoencoder"):
+      raise ConversionError("this DiT denoises a VAE's latents: name the VAE, e.g. "
+                            "--config.latent.autoencoder=/path/to/sd-vae-ft-ema (the paper's)")
+    fields, params = dit_from_original(state, m.num_heads)
+    return dict(fields, name="dit"), params, None
   fields, params = class_conditional_unet(
-      _read_safetensors(src), {"num_heads": m.num_heads, "head_channels": m.head_channels}, ema)
+      state, {"num_heads": m.num_heads, "head_channels": m.head_channels}, ema)
   return dict(fields, image_size=model_input_shape(config)[0]), params, None
 
 
 def import_diffusers_unet(src: str, config, workdir: str, ema: bool = False) -> int:
   """Write step 0 of `workdir/checkpoints` from the diffusers weights in `src` (a U-Net or a
-  DiT), or from a class-conditional LDM single file (.safetensors, CompVis naming; convert_ldm; `ema`: its
-  model_ema.* copy of the U-Net instead of model.diffusion_model.*)."""
+  DiT), or from one .safetensors file: a class-conditional LDM checkpoint (CompVis naming;
+  convert_ldm; `ema`: its model_ema.* copy of the U-Net instead of model.diffusion_model.*) or
+  the paper's DiT (facebookresearch/DiT naming; convert_dit)."""
   from diffusion_jax.train import Trainer
   if src.endswith(".safetensors"):
-    model_cfg, params, schedule = _ldm_single_file(src, config, ema)
+    model_cfg, params, schedule = _single_file(src, config, ema)
   elif is_dit_dir(src):
     model_cfg, params = load_diffusers_dit(src)
     model_cfg = dict(model_cfg, name="dit")
@@ -205,8 +220,8 @@ def main(argv):
 if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "The experiment config of the network.")
   flags.DEFINE_string("src", None, "Local diffusers UNet2DModel (or pipeline) directory, a DiT "
-                      "pipeline directory, or a class-conditional LDM single file "
-                      "(.safetensors, CompVis naming).")
+                      "pipeline directory, or one .safetensors file: a class-conditional LDM "
+                      "checkpoint (CompVis naming) or the paper's DiT (facebookresearch/DiT).")
   flags.DEFINE_bool("ema", False, "With a single file: its model_ema.* copy of the U-Net.")
   flags.DEFINE_string("workdir", None, "New workdir to write the checkpoint into.")
   flags.mark_flags_as_required(["config", "src", "workdir"])

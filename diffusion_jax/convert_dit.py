@@ -1,5 +1,6 @@
 """diffusers' DiT (DiTTransformer2DModel, or the Transformer2DModel of older DiT pipelines such as
-facebook/DiT-XL-2-256) -> models/dit.py's DiT, and back.
+facebook/DiT-XL-2-256) -> models/dit.py's DiT, and back; and the paper's own checkpoints
+(facebookresearch/DiT's DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt, re-saved as .safetensors).
 
   fields, params = load_diffusers_dit("DiT-XL-2-256")   # a pipeline or its transformer/ folder
   model = DiT(**dit_fields(fields))
@@ -13,6 +14,7 @@ block 0's.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Mapping
 
 import numpy as np
@@ -166,3 +168,73 @@ def load_diffusers_dit(directory: str) -> tuple[dict, dict]:
                         "facebook/DiT-XL-2-256) or its transformer/ folder; a .bin file can be "
                         "re-saved with safetensors", dit_fields_from_diffusers,
                         dit_params_from_diffusers)
+
+
+ORIGINAL_KEY = "x_embedder.proj.weight"  # the paper's code's naming (its models.py)
+
+
+def is_original_dit(keys) -> bool:
+  """Whether a state dict's keys are facebookresearch/DiT's (x_embedder, blocks.N, ...)."""
+  return ORIGINAL_KEY in keys
+
+
+def dit_from_original(state: Mapping[str, Any], num_heads: int) -> tuple[dict, dict]:
+  """(fields, parameters) of our DiT from a state dict in the paper's code's naming, the
+  released DiT-XL-2-*.pt files' (EMA weights; a training checkpoint's "ema" entry).
+
+  The paper's constants become fields: timestep frequencies with freq_shift 0 and both
+  LayerNorms' epsilon 1e-6 (diffusers' DiT: 1 and 1e-5). The heads are not in the weights:
+  num_heads is the config's (Table 1: DiT-XL and -L 16, -B 12, -S 6)."""
+  arr = lambda key: np.asarray(state[key], np.float32)
+  lin = lambda prefix: {"kernel": arr(prefix + ".weight").T, "bias": arr(prefix + ".bias")}
+  patch = arr(ORIGINAL_KEY)  # [D, C, p, p]
+  d, c_in, p, _ = patch.shape
+  depth = 1 + max((int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))),
+                  default=-1)
+  needed = ["pos_embed", "final_layer.linear.weight", "y_embedder.embedding_table.weight",
+            "t_embedder.mlp.0.weight"]
+  if depth == 0 or any(k not in state for k in needed):
+    raise ConversionError("not a whole DiT in the paper's naming: needs blocks.N.* and "
+                          + ", ".join(needed))
+  if d % num_heads:
+    raise ConversionError(f"model.num_heads={num_heads} does not divide the width {d}")
+  pos = arr("pos_embed").reshape(-1, d)
+  grid = int(round(np.sqrt(len(pos))))
+  from diffusion_jax.models.dit import sincos_2d
+  if grid * grid != len(pos) or not np.allclose(pos, sincos_2d(d, grid), atol=1e-5):
+    raise ConversionError("pos_embed is not the fixed 2-D sin-cos table of a square patch grid, "
+                          "which our DiT computes: not a DiT of the paper's code")
+  c_out = arr("final_layer.linear.weight").shape[0] // (p * p)
+  if c_out not in (c_in, 2 * c_in):
+    raise ConversionError(f"the last layer gives {c_out} channels per pixel: a DiT predicts eps "
+                          f"({c_in}) or eps and its variance ({2 * c_in})")
+  fields = {"patch_size": p, "hidden_size": d, "depth": depth, "num_heads": num_heads,
+            "mlp_ratio": arr("blocks.0.mlp.fc1.weight").shape[0] / d, "in_channels": c_in,
+            "learned_variance": c_out == 2 * c_in,
+            # the table's last row is the null label of guidance (class_dropout_prob > 0)
+            "num_classes": arr("y_embedder.embedding_table.weight").shape[0] - 1,
+            "norm_eps": 1e-6, "freq_shift": 0.0, "image_size": grid * p}
+  params = {"patch_embed": {"kernel": patch.transpose(2, 3, 1, 0),
+                            "bias": arr("x_embedder.proj.bias")},
+            "t_embed_1": lin("t_embedder.mlp.0"), "t_embed_2": lin("t_embedder.mlp.2"),
+            "y_embed": {"embedding": arr("y_embedder.embedding_table.weight")},
+            "final_ada_ln": lin("final_layer.adaLN_modulation.1"),
+            "final_proj": lin("final_layer.linear")}
+  names = {"ada_ln": "adaLN_modulation.1", "qkv": "attn.qkv", "proj": "attn.proj",
+           "mlp_in": "mlp.fc1", "mlp_out": "mlp.fc2"}  # timm's qkv: [q; k; v], heads inside
+  try:
+    for i in range(depth):
+      params[f"block_{i}"] = {ours: lin(f"blocks.{i}.{theirs}") for ours, theirs in names.items()}
+  except KeyError as e:
+    raise ConversionError(f"{e.args[0]} is missing: not a whole DiT in the paper's naming")
+  used = {"pos_embed", ORIGINAL_KEY, "x_embedder.proj.bias", "y_embedder.embedding_table.weight"}
+  used |= {f"{prefix}.{leaf}" for prefix in ["t_embedder.mlp.0", "t_embedder.mlp.2",
+                                              "final_layer.adaLN_modulation.1",
+                                              "final_layer.linear"] + [
+      f"blocks.{i}.{theirs}" for i in range(depth) for theirs in names.values()]
+           for leaf in ("weight", "bias")}
+  unknown = sorted(set(state) - used)
+  if unknown:
+    raise ConversionError(f"{len(unknown)} tensors that a DiT of the paper's code does not have, "
+                          f"e.g. {unknown[:3]}")
+  return fields, params

@@ -226,3 +226,73 @@ def test_dit_trains_and_samples_through_main(tmp_path):
   config.model.patch_size, config.model.context_dim = 2, 16
   with pytest.raises(ConfigError, match="DiT is conditioned on class labels"):
     validate_config(config)
+
+
+def test_the_papers_checkpoint_imports_as_the_papers_model(tmp_path):
+  """facebookresearch/DiT's own naming (the released DiT-XL-2-*.pt, re-saved as safetensors) in
+  miniature, written from a diffusers DiT by diffusers' DiT conversion mapping run backwards:
+  imported by our command (the paper's constants named as overrides), it gives the outputs of
+  that diffusers model set to the paper's constants (frequency shift 0, MLP LayerNorm eps 1e-6)."""
+  from safetensors.numpy import save_file
+  from diffusion_jax.convert import import_diffusers_unet
+  from diffusion_jax.sample import restore_ema_params
+  from diffusion_jax.train import Trainer
+  pipe = dit_pipeline(tmp_path / "dit-mini")  # for its VAE; its transformer is the reference
+  ref = pipe.transformer
+  sd = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+  emb = "transformer_blocks.0.norm1.emb."
+  renames = {"x_embedder.proj": "pos_embed.proj", "final_layer.linear": "proj_out_2",
+             "final_layer.adaLN_modulation.1": "proj_out_1",
+             "t_embedder.mlp.0": emb + "timestep_embedder.linear_1",
+             "t_embedder.mlp.2": emb + "timestep_embedder.linear_2"}
+  for i in range(2):
+    b = f"transformer_blocks.{i}."
+    renames.update({f"blocks.{i}.adaLN_modulation.1": b + "norm1.linear",
+                    f"blocks.{i}.attn.proj": b + "attn1.to_out.0",
+                    f"blocks.{i}.mlp.fc1": b + "ff.net.0.proj",
+                    f"blocks.{i}.mlp.fc2": b + "ff.net.2"})
+    for leaf in ("weight", "bias"):
+      sd[f"blocks.{i}.attn.qkv.{leaf}"] = np.concatenate([sd[f"{b}attn1.to_{x}.{leaf}"]
+                                                          for x in "qkv"])
+  paper = {f"{ours}.{leaf}": sd[f"{theirs}.{leaf}"] for ours, theirs in renames.items()
+           for leaf in ("weight", "bias")}
+  paper.update({k: v for k, v in sd.items() if k.startswith("blocks.")})
+  paper["y_embedder.embedding_table.weight"] = sd[emb + "class_embedder.embedding_table.weight"]
+  paper["pos_embed"] = ref.pos_embed.pos_embed.numpy()  # MAE's fixed table, [1, 16, 32]
+  src = str(tmp_path / "DiT-mini.safetensors")
+  save_file(paper, src)
+  for block in ref.transformer_blocks:  # diffusers' DiT set to the paper's constants
+    block.norm1.emb.time_proj.downscale_freq_shift = 0
+    block.norm3.eps = 1e-6
+
+  config = dit_config(tmp_path)
+  config.model.num_classes, config.model.hidden_size = 1000, 32
+  a = config.autoencoder  # the miniature VAE's layout: 16x16x1 images -> 8x8x4 latents
+  a.ch, a.ch_mult, a.num_res_blocks, a.z_channels = 32, (1, 2), 1, 4
+  with pytest.raises(ConversionError, match="--config.latent.autoencoder="):
+    import_diffusers_unet(src, config, str(tmp_path / "refused"))
+  config.latent.autoencoder = str(tmp_path / "dit-mini" / "vae")
+  with pytest.raises(ConversionError, match=r"--config.model.norm_eps=1e-06 "
+                     r"--config.model.freq_shift=0.0"):
+    import_diffusers_unet(src, config, str(tmp_path / "refused"))
+  config.model.norm_eps, config.model.freq_shift = 1e-6, 0.0
+  import_diffusers_unet(src, config, str(tmp_path / "paper"))
+  _, _, params = restore_ema_params(config, str(tmp_path / "paper"))
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(3, 4, 8, 8)).astype(np.float32)
+  t, y = np.array([1, 400, 999]), np.array([7, 1000, 999])
+  with torch.no_grad():
+    want = ref(torch.from_numpy(x), timestep=torch.from_numpy(t),
+               class_labels=torch.from_numpy(y)).sample.numpy().transpose(0, 2, 3, 1)
+  got = np.asarray(Trainer(config).model.apply({"params": params}, x.transpose(0, 2, 3, 1), t, y))
+  diff = np.abs(got - want).max()
+  print(f"the paper's DiT naming: max |ours - reference| {diff:.3g} "
+        f"(scale {np.abs(want).max():.3g})")
+  assert diff < 2e-5
+  from diffusion_jax.convert_dit import dit_from_original
+  with pytest.raises(ConversionError, match="pos_embed is not the fixed 2-D sin-cos"):
+    dit_from_original(dict(paper, pos_embed=paper["pos_embed"] * 2), 2)
+  with pytest.raises(ConversionError, match="1 tensors that a DiT of the paper's code does not"):
+    dit_from_original(dict(paper, extra=paper["pos_embed"]), 2)
+  with pytest.raises(ConversionError, match="num_heads=3 does not divide the width 32"):
+    dit_from_original(paper, 3)
