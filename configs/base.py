@@ -95,6 +95,15 @@ def get_config():
   text.caption_template = placeholder(str)  # labelled data: captions, e.g. "a photo of a {}"
   text.dropout = 0.1               # training: the empty caption instead (classifier-free guidance)
 
+  # DreamBooth (dreambooth.py): a text-to-image model fine-tuned on a few images of a subject
+  c.dreambooth = db = ml_collections.ConfigDict()
+  db.instance_prompt = placeholder(str)  # None: off; every training image's caption, with a
+  #                                  rare identifier: "a photo of sks dog"
+  db.class_prompt = placeholder(str)  # prior preservation, e.g. "a photo of dog"; None: off
+  db.class_data_dir = placeholder(str)  # its class images; the missing ones generated there
+  db.num_class_images = 200
+  db.prior_loss_weight = 1.0       # lambda of Eq. 2
+
   c.diffusion = diffusion = ml_collections.ConfigDict()
   diffusion.num_timesteps = 1000
   diffusion.beta_schedule = "linear"  # linear | cosine | quadratic | scaled_linear

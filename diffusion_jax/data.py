@@ -308,21 +308,65 @@ def train_batches(config, start_step: int = 0, process_index: int | None = None,
                     f"subfolder of {config.data.data_dir} (DIR/<class>/...), or set "
                     "--config.model.num_classes=0")
 
-  caption = caption_fn(config, source) if tokenize else None
+  from diffusion_jax import dreambooth
+  if dreambooth.enabled(config):
+    load = _dreambooth_loader(config, source, local, p, count, tokenize)
+  else:
+    caption = caption_fn(config, source) if tokenize else None
 
-  def load(k):  # k counts this process's examples from step 0 on
-    step, j = divmod(int(k), local)
-    index, flip = example_at(step * batch + p * local + j, n, seed)
-    ex = source[index]
-    out = {"image": to_float(np.asarray(ex["image"]), flip and flip_ok),
-           "label": np.int32(ex["label"])}
-    if caption is not None:
-      out["tokens"] = tokenize([caption(index, ex)])[0]
-    return out
+    def load(k):  # k counts this process's examples from step 0 on
+      step, j = divmod(int(k), local)
+      index, flip = example_at(step * batch + p * local + j, n, seed)
+      ex = source[index]
+      out = {"image": to_float(np.asarray(ex["image"]), flip and flip_ok),
+             "label": np.int32(ex["label"])}
+      if caption is not None:
+        out["tokens"] = tokenize([caption(index, ex)])[0]
+      return out
 
   ds = grain.MapDataset.range(start_step * local, 1 << 50).map(load).batch(local)
   opts = grain.ReadOptions(num_threads=max(1, config.data.num_threads), prefetch_buffer_size=2 * local)
   return iter(ds.to_iter_dataset(opts))
+
+
+def _dreambooth_loader(config, source, local: int, p: int, count: int, tokenize):
+  """load(k) of DreamBooth's batches (dreambooth.py): each process's share of a batch is its
+  instance images (captioned dreambooth.instance_prompt), then, with prior preservation, as
+  many class images (dreambooth.class_prompt, from dreambooth.class_data_dir) with their loss
+  weights; each half an endless stream in the order of (seed, position) as above."""
+  from diffusion_jax import dreambooth
+  if tokenize is None:
+    raise DataError("dreambooth.instance_prompt needs a text-conditional model (text.encoder)")
+  db, seed, flip_ok = config.dreambooth, config.training.seed, config.data.random_flip
+  halves = [(source, db.instance_prompt, None)]
+  if dreambooth.prior_preservation(config):
+    weights = dreambooth.loss_weights(config)
+    if local % 2:
+      raise DataError(f"prior preservation: each process's batch ({local}) must split into "
+                      "instance and class halves: make training.batch_size even per process")
+    halves = [(source, db.instance_prompt, weights[0]),
+              (load_source(class_data_config(config), "train"), db.class_prompt, weights[1])]
+  per = local // len(halves)  # this process's examples of each half
+  ids = [tokenize([prompt])[0] for _, prompt, _ in halves]
+
+  def load(k):
+    step, j = divmod(int(k), local)
+    h, jj = divmod(j, per)
+    src, _, weight = halves[h]
+    index, flip = example_at(step * per * count + p * per + jj, len(src), seed + h)
+    out = {"image": to_float(np.asarray(src[index]["image"]), flip and flip_ok),
+           "label": np.int32(0), "tokens": ids[h]}
+    if weight is not None:
+      out["loss_weight"] = np.float32(weight)
+    return out
+  return load
+
+
+def class_data_config(config):
+  """config.data with DreamBooth's class images folder as its data_dir."""
+  data_cfg = config.data.copy_and_resolve_references()
+  data_cfg.name, data_cfg.data_dir = "folder", config.dreambooth.class_data_dir
+  return data_cfg
 
 
 def eval_images(config, split: str, num_examples: int, batch_size: int):

@@ -21,7 +21,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from diffusion_jax import checkpoints, data, latent, parallel, xla_options
+from diffusion_jax import checkpoints, data, dreambooth, latent, parallel, xla_options
 from diffusion_jax import diffusion as dm
 from diffusion_jax.models import build_model, drop_labels
 from diffusion_jax.images import grid, save_curves, save_grid
@@ -67,7 +67,8 @@ def loss_fn(params, model, diffusion, batch, dropout_key, train: bool = True,
             label_dropout: float = 0.0):
   """Mean of `diffusion.training_losses` on a batch holding image, t, noise (and label; a
   class-conditional model sees the null label instead with probability label_dropout; and
-  context: a text-conditional model's text encodings)."""
+  context: a text-conditional model's text encodings; and loss_weight: each example's weight,
+  DreamBooth's prior preservation)."""
   y = batch.get("label") if model.num_classes else None
   if y is not None and train:
     y = drop_labels(jax.random.fold_in(dropout_key, 0xC1A55), y, model.num_classes,
@@ -75,8 +76,9 @@ def loss_fn(params, model, diffusion, batch, dropout_key, train: bool = True,
   context = batch.get("context")
   denoise_fn = lambda x, tt: model.apply({"params": params}, x, tt, y, train=train,
                                          context=context, rngs={"dropout": dropout_key})
-  return jnp.mean(diffusion.training_losses(denoise_fn, batch["image"], batch["t"],
-                                            batch["noise"]))
+  losses = diffusion.training_losses(denoise_fn, batch["image"], batch["t"], batch["noise"])
+  weights = batch.get("loss_weight")
+  return jnp.mean(losses if weights is None else weights * losses)
 
 
 def train_step(state: TrainState, batch, *, model, diffusion, tx, ema_decay: float,
@@ -311,6 +313,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer = None
   if jax.process_index() == 0:
     writer = summary_writer(os.path.join(workdir, "tensorboard"))
+  if dreambooth.prior_preservation(config):  # before the class images are read
+    dreambooth.ensure_class_images(config, trainer, state.ema_params, step, restored_meta)
   tokenize = trainer.text.tokenize if getattr(trainer, "text", None) is not None else None
   batches = data.train_batches(config, start_step=step, tokenize=tokenize)
   k = trainer.steps_per_dispatch

@@ -133,8 +133,33 @@ def validate_config(config, mode: str = "train") -> None:
 
   _check_sampling(s, f, n_dev)
   _check_eval(e, stage, n_dev)
+  if mode == "train":
+    _check_dreambooth(config, n_proc)
   if config.get("latent", {}).get("autoencoder"):
     _check_latent(config)
+
+
+def _check_dreambooth(config, n_proc: int):
+  db = config.get("dreambooth", {})
+  if not db.get("instance_prompt"):
+    _check(not db.get("class_prompt"), "dreambooth.class_prompt", db.get("class_prompt"),
+           "prior preservation is part of DreamBooth: set dreambooth.instance_prompt too")
+    return
+  _check(bool(config.get("text", {}).get("encoder")), "dreambooth.instance_prompt",
+         db.instance_prompt, "a text-conditional model (text.encoder), e.g. "
+         "configs/sd15_dreambooth.py")
+  _check(config.data.name == "folder", "data.name", config.data.name,
+         "'folder' for DreamBooth: the subject's images in data.data_dir")
+  if db.get("class_prompt"):
+    _check(bool(db.get("class_data_dir")), "dreambooth.class_data_dir", db.get("class_data_dir"),
+           "a folder for the class images (those missing are generated there first), e.g. "
+           "--config.dreambooth.class_data_dir=runs/class_dog")
+    _check(db.num_class_images >= 1, "dreambooth.num_class_images", db.num_class_images, ">= 1")
+    _check(db.prior_loss_weight >= 0, "dreambooth.prior_loss_weight", db.prior_loss_weight,
+           ">= 0")
+    per_process = config.training.batch_size // n_proc
+    _check(per_process % 2 == 0, "training.batch_size", config.training.batch_size,
+           f"even per process ({n_proc}): half instance images, half class images")
 
 
 def _check_layout(m, size: int, text_encoder=None):
