@@ -290,9 +290,10 @@ def export_workdir(config, workdir: str, out: str, step: int | None = None,
   ldm = vq and not dit and not config.model.num_classes and not (
       config.diffusion.var_type.startswith("learned"))
   text = model_cfg["_class_name"] == "UNet2DConditionModel"  # Stable Diffusion's layout
-  if text and (fs is None or vq):
+  if text and (fs is None or vq or config.diffusion.var_type.startswith("learned")):
     raise ConversionError("a text-conditional U-Net is exported as a StableDiffusionPipeline, "
-                          "which needs a KL first stage (latent.autoencoder)")
+                          "which needs a KL first stage (latent.autoencoder) and a fixed "
+                          "variance (its schedulers take eps alone)")
   scheduler = scheduler_config(config, ddim=dit or ldm or text)
   step, state, meta = checkpoints.restore_trained(
       workdir, trainer.abstract_state, step, "train first (--mode=train with this --workdir)")

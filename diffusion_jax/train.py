@@ -325,7 +325,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   meta = {"config": config.to_json_best_effort()}
   if getattr(trainer, "first_stage", None) is not None:
     meta[latent.SCALE_KEY] = trainer.use_latent_scale(
-        restored_meta, lambda: next(data.train_batches(config, start_step=0)))
+        restored_meta, lambda: next(data.train_batches(config, start_step=0, tokenize=tokenize)))
   last_saved = step if ckpt.latest_step() is not None else None
   window_loss, window_n, t0, t_start, step0 = jnp.zeros(()), 0, time.time(), time.time(), step
   result = {}
