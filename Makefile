@@ -30,10 +30,12 @@ demo: venv data
 # .pyc files are written: the tests start ~25 Python processes, and without them each one
 # compiles the sources of jax, flax and torch again (~4 s apiece).
 TEST_ENV := GLIBC_TUNABLES=$${GLIBC_TUNABLES-glibc.malloc.hugetlb=1} PYTHONDONTWRITEBYTECODE=
-# two pytest workers (pytest-xdist): much of a test is single-threaded tracing and compiling;
+# two pytest workers (pytest-xdist; worksteal: a worker that runs dry takes tests queued for the
+# other, so that minute-long tests do not leave it idle at the end): much of a test is
+# single-threaded tracing and compiling;
 # a passing test's tmp_path is deleted when it ends (the suite writes model files, checkpoints
 # and runs: 1.1 GB a session under /tmp/pytest-of-$USER otherwise, and pytest keeps three)
-PYTEST := $(BIN)/python -m pytest -q -ra --durations=15 -n $${PYTEST_WORKERS-2} \
+PYTEST := $(BIN)/python -m pytest -q -ra --durations=15 -n $${PYTEST_WORKERS-2} --dist worksteal \
 	-o tmp_path_retention_policy=failed
 
 test: venv-test
