@@ -344,8 +344,12 @@ def _dreambooth_loader(config, source, local: int, p: int, count: int, tokenize)
     if local % 2:
       raise DataError(f"prior preservation: each process's batch ({local}) must split into "
                       "instance and class halves: make training.batch_size even per process")
-    halves = [(source, db.instance_prompt, weights[0]),
-              (load_source(class_data_config(config), "train"), db.class_prompt, weights[1])]
+    paths = dreambooth.class_images(db.class_data_dir)[:int(db.num_class_images)]
+    if not paths:
+      raise DataError(f"no class images in dreambooth.class_data_dir={db.class_data_dir}")
+    classes = MappedSource(FolderSource(db.class_data_dir, paths), config.data.image_size,
+                           config.data.channels)  # the first num_class_images, as counted
+    halves = [(source, db.instance_prompt, weights[0]), (classes, db.class_prompt, weights[1])]
   per = local // len(halves)  # this process's examples of each half
   ids = [tokenize([prompt])[0] for _, prompt, _ in halves]
 
@@ -360,13 +364,6 @@ def _dreambooth_loader(config, source, local: int, p: int, count: int, tokenize)
       out["loss_weight"] = np.float32(weight)
     return out
   return load
-
-
-def class_data_config(config):
-  """config.data with DreamBooth's class images folder as its data_dir."""
-  data_cfg = config.data.copy_and_resolve_references()
-  data_cfg.name, data_cfg.data_dir = "folder", config.dreambooth.class_data_dir
-  return data_cfg
 
 
 def eval_images(config, split: str, num_examples: int, batch_size: int):

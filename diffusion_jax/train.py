@@ -313,7 +313,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer = None
   if jax.process_index() == 0:
     writer = summary_writer(os.path.join(workdir, "tensorboard"))
-  if dreambooth.prior_preservation(config):  # before the class images are read
+  if dreambooth.enabled(config):  # a pre-trained model; the class images before they are read
     dreambooth.ensure_class_images(config, trainer, state.ema_params, step, restored_meta)
   tokenize = trainer.text.tokenize if getattr(trainer, "text", None) is not None else None
   batches = data.train_batches(config, start_step=step, tokenize=tokenize)

@@ -3,6 +3,7 @@ naming the key and what is allowed."""
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 
@@ -154,6 +155,10 @@ def _check_dreambooth(config, n_proc: int):
     _check(bool(db.get("class_data_dir")), "dreambooth.class_data_dir", db.get("class_data_dir"),
            "a folder for the class images (those missing are generated there first), e.g. "
            "--config.dreambooth.class_data_dir=runs/class_dog")
+    inside = os.path.join(os.path.abspath(config.data.data_dir or ""), "")
+    _check(not os.path.join(os.path.abspath(db.class_data_dir), "").startswith(inside),
+           "dreambooth.class_data_dir", db.class_data_dir, "a folder outside data.data_dir "
+           "(whose subfolders are read as instance images)")
     _check(db.num_class_images >= 1, "dreambooth.num_class_images", db.num_class_images, ">= 1")
     _check(db.prior_loss_weight >= 0, "dreambooth.prior_loss_weight", db.prior_loss_weight,
            ">= 0")

@@ -660,6 +660,9 @@ def test_dreambooth_generates_class_images_and_weighs_the_prior_preservation_los
   c.training.num_train_samples, c.sampling.batch_size, c.sampling.num_steps = 8, 8, 2
   with pytest.raises(ConfigError, match="dreambooth.class_data_dir"):
     validate_config(c)
+  c.dreambooth.class_data_dir = str(images / "dog")  # inside: read as instance images too
+  with pytest.raises(ConfigError, match="class_data_dir=.* outside data.data_dir"):
+    validate_config(c)
   c.dreambooth.class_data_dir = str(tmp_path / "dog")
   validate_config(c)
   work = str(tmp_path / "work")
