@@ -185,7 +185,11 @@ def dit_from_original(state: Mapping[str, Any], num_heads: int) -> tuple[dict, d
   The paper's constants become fields: timestep frequencies with freq_shift 0 and both
   LayerNorms' epsilon 1e-6 (diffusers' DiT: 1 and 1e-5). The heads are not in the weights:
   num_heads is the config's (Table 1: DiT-XL and -L 16, -B 12, -S 6)."""
-  arr = lambda key: np.asarray(state[key], np.float32)
+  read = set()  # every key the mapping takes; the rest is refused below
+
+  def arr(key):
+    read.add(key)
+    return np.asarray(state[key], np.float32)
   lin = lambda prefix: {"kernel": arr(prefix + ".weight").T, "bias": arr(prefix + ".bias")}
   patch = arr(ORIGINAL_KEY)  # [D, C, p, p]
   d, c_in, p, _ = patch.shape
@@ -227,13 +231,7 @@ def dit_from_original(state: Mapping[str, Any], num_heads: int) -> tuple[dict, d
       params[f"block_{i}"] = {ours: lin(f"blocks.{i}.{theirs}") for ours, theirs in names.items()}
   except KeyError as e:
     raise ConversionError(f"{e.args[0]} is missing: not a whole DiT in the paper's naming")
-  used = {"pos_embed", ORIGINAL_KEY, "x_embedder.proj.bias", "y_embedder.embedding_table.weight"}
-  used |= {f"{prefix}.{leaf}" for prefix in ["t_embedder.mlp.0", "t_embedder.mlp.2",
-                                              "final_layer.adaLN_modulation.1",
-                                              "final_layer.linear"] + [
-      f"blocks.{i}.{theirs}" for i in range(depth) for theirs in names.values()]
-           for leaf in ("weight", "bias")}
-  unknown = sorted(set(state) - used)
+  unknown = sorted(set(state) - read)
   if unknown:
     raise ConversionError(f"{len(unknown)} tensors that a DiT of the paper's code does not have, "
                           f"e.g. {unknown[:3]}")
